@@ -1,0 +1,43 @@
+# Quick start: `make demo` (install + whole pipeline on the embedded demo dataset),
+# `make test` (install + test suite). Both need only python3 on the machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SNAKEMAKE := $(VENV)/bin/snakemake
+CORES ?= 2
+# Test-only reference implementation for the ResNet weight-conversion tests.
+# `make test TORCH=` skips it (those tests then skip).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint dry-run report clean-demo
+
+$(STAMP): pyproject.toml envs/requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r envs/requirements.lock
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(SNAKEMAKE) --configfile config/demo.yaml --cores $(CORES) --resources gpu=0 all
+
+test: install
+	@if [ -n "$(TORCH)" ]; then $(PIP) install -q "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(SNAKEMAKE) --lint --configfile config/demo.yaml
+	$(SNAKEMAKE) --lint
+
+dry-run: install
+	$(SNAKEMAKE) -n --configfile config/demo.yaml --cores $(CORES) all
+
+report: install
+	$(SNAKEMAKE) --configfile config/demo.yaml --report results/demo/report.html
+
+clean-demo:
+	rm -rf results/demo
