@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SNAKEMAKE := $(VENV)/bin/snakemake
+# Rules call `python scripts/...`: put the project environment first on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 CORES ?= 2
 # Test-only reference implementation for the ResNet weight-conversion tests.
 # `make test TORCH=` skips it (those tests then skip).

@@ -1,0 +1,19 @@
+# Fine-grained bird classification by transfer learning: table of contents.
+# Default configuration: config/config.yaml (real NABirds); the demo: --configfile config/demo.yaml.
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/weights.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.data.input,
+        rules.weights.input,

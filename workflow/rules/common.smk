@@ -1,0 +1,82 @@
+# Helpers shared by every stage: config validation, output paths, input functions.
+
+from pathlib import Path
+
+from finegrained.config import validate_config
+
+validate_config(config)
+
+# Rules run `python {SCRIPTS}/x.py`, so the workflow also runs from another --directory.
+SCRIPTS = Path(workflow.basedir) / "scripts"
+SPLITS = ["train", "val", "test"]
+DATASETS = ["target", "source"]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    split="|".join(SPLITS),
+    shard=r"\d{5}",
+
+
+def results(path):
+    """Path of an output of this run: results/<run_name>/<path>."""
+    return f"results/{config['run_name']}/{path}"
+
+
+def dataset_config(dataset):
+    """The config block of the target dataset or of the pretraining source dataset."""
+    return config["dataset"] if dataset == "target" else config["pretrain"]["dataset"]
+
+
+def dataset_root(wildcards):
+    """Where a dataset's annotation files are: generated for the demo, else dataset.root."""
+    cfg = dataset_config(wildcards.dataset)
+    if cfg["demo"] is not None:
+        return results(f"demo_data/{wildcards.dataset}")
+    return cfg["root"]
+
+
+def shard_ids(split):
+    return [f"{i:05d}" for i in range(config["shards"]["num_shards"][split])]
+
+
+def shard_outputs():
+    """Files one crop job writes: metadata + skipped report, and the pixels for npy shards."""
+    stem = results("data/{dataset}/shards/{split}/shard-{shard}")
+    outputs = {"meta": f"{stem}.parquet", "skipped": f"{stem}.skipped.json"}
+    if config["shards"]["format"] == "npy":
+        outputs["images"] = f"{stem}.npy"
+    return outputs
+
+
+def split_shard_metas(wildcards):
+    return expand(
+        results("data/{dataset}/shards/{split}/shard-{shard}.parquet"),
+        dataset=wildcards.dataset,
+        split=wildcards.split,
+        shard=shard_ids(wildcards.split),
+    )
+
+
+def data_resources(key):
+    return config["resources"]["data"][key]
+
+
+def train_resources(key):
+    return config["resources"]["train"][key]
+
+
+def uses_pretrain():
+    return config["backbone"]["weights"] == "pretrain"
+
+
+def backbone_weights_file():
+    """The weights file the target model starts from, or None for random init."""
+    weights = config["backbone"]["weights"]
+    if weights == "none":
+        return None
+    if weights == "pretrain":
+        return results("pretrain/weights.safetensors")
+    if weights.startswith(("http://", "https://")):
+        return f"resources/weights/{Path(weights.split('?')[0]).name}"
+    return weights

@@ -1,0 +1,129 @@
+# Phase 1 (CPU, once): dataset -> per-split manifests -> cropped shards -> colour statistics.
+
+
+rule demo_dataset:
+    output:
+        directory(results("demo_data/{dataset}")),
+    params:
+        demo=lambda wc: dataset_config(wc.dataset)["demo"],
+    log:
+        results("logs/demo_dataset/{dataset}.log"),
+    benchmark:
+        results("benchmarks/demo_dataset/{dataset}.tsv")
+    threads: 1
+    resources:
+        mem_mb=data_resources("mem_mb"),
+        gpu=0,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python {SCRIPTS}/make_demo_dataset.py --out {output} --variant {wildcards.dataset}"
+        " --num-classes {params.demo[num_classes]} --train-per-class {params.demo[train_per_class]}"
+        " --test-per-class {params.demo[test_per_class]} --min-side {params.demo[min_side]}"
+        " --max-side {params.demo[max_side]} --seed {params.demo[seed]} > {log} 2>&1"
+
+
+rule manifests:
+    input:
+        root=dataset_root,
+    output:
+        train=results("data/{dataset}/manifest/train.parquet"),
+        val=results("data/{dataset}/manifest/val.parquet"),
+        test=results("data/{dataset}/manifest/test.parquet"),
+        classes=results("data/{dataset}/manifest/classes.parquet"),
+        taxonomy=results("data/{dataset}/manifest/taxonomy.parquet"),
+        skipped=results("data/{dataset}/manifest/skipped.json"),
+    params:
+        cfg=lambda wc: dataset_config(wc.dataset),
+        out_dir=lambda wc, output: Path(output.train).parent,
+        check_files=lambda wc: "" if dataset_config(wc.dataset)["check_files"] else "--no-check-files",
+    log:
+        results("logs/manifests/{dataset}.log"),
+    benchmark:
+        results("benchmarks/manifests/{dataset}.tsv")
+    threads: 1
+    resources:
+        mem_mb=data_resources("mem_mb"),
+        gpu=0,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python {SCRIPTS}/prepare_manifests.py --format {params.cfg[format]} --root {input.root}"
+        " --out-dir {params.out_dir} --val-fraction {params.cfg[val_fraction]}"
+        " --seed {params.cfg[split_seed]} --on-bad-image {params.cfg[on_bad_image]}"
+        " {params.check_files} > {log} 2>&1"
+
+
+rule crop_shard:
+    input:
+        manifest=results("data/{dataset}/manifest/{split}.parquet"),
+        root=dataset_root,
+    output:
+        **shard_outputs(),
+    params:
+        crop=config["crop"],
+        shards=config["shards"],
+        num_shards=lambda wc: config["shards"]["num_shards"][wc.split],
+        on_bad_image=lambda wc: dataset_config(wc.dataset)["on_bad_image"],
+        images=lambda wc, output: f"--out-images {output.images}" if "images" in output.keys() else "",
+    log:
+        results("logs/crop_shard/{dataset}/{split}/{shard}.log"),
+    benchmark:
+        results("benchmarks/crop_shard/{dataset}/{split}/{shard}.tsv")
+    threads: data_resources("threads")
+    resources:
+        mem_mb=data_resources("mem_mb"),
+        gpu=0,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python {SCRIPTS}/crop_shard.py --manifest {input.manifest} --root {input.root}"
+        " --shard {wildcards.shard} --num-shards {params.num_shards} --size {params.crop[size]}"
+        " --margin {params.crop[margin]} --aspect {params.crop[aspect]}"
+        " --format {params.shards[format]} --codec {params.shards[codec]}"
+        " --on-bad-image {params.on_bad_image} --out-meta {output.meta} {params.images}"
+        " --out-skipped {output.skipped} > {log} 2>&1"
+
+
+rule shard_index:
+    input:
+        split_shard_metas,
+    output:
+        results("data/{dataset}/shards/{split}/index.json"),
+    log:
+        results("logs/shard_index/{dataset}/{split}.log"),
+    benchmark:
+        results("benchmarks/shard_index/{dataset}/{split}.tsv")
+    threads: 1
+    resources:
+        mem_mb=data_resources("mem_mb"),
+        gpu=0,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python {SCRIPTS}/index_shards.py --split {wildcards.split} --out {output} {input} > {log} 2>&1"
+
+
+rule channel_stats:
+    input:
+        results("data/{dataset}/shards/train/index.json"),
+    output:
+        results("data/{dataset}/stats.json"),
+    log:
+        results("logs/channel_stats/{dataset}.log"),
+    benchmark:
+        results("benchmarks/channel_stats/{dataset}.tsv")
+    threads: 1
+    resources:
+        mem_mb=data_resources("mem_mb"),
+        gpu=0,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python {SCRIPTS}/channel_stats.py --index {input} --out {output} > {log} 2>&1"
+
+
+rule data:
+    input:
+        expand(results("data/target/shards/{split}/index.json"), split=SPLITS),
+        results("data/target/stats.json"),

@@ -1,0 +1,99 @@
+# Backbone weights: download (URL + sha256), or pretrain on the source dataset, then
+# initialise the target model (new head, optionally name-matched rows) from them.
+
+
+rule fetch_weights:
+    output:
+        "resources/weights/{filename}",
+    params:
+        url=config["backbone"]["weights"],
+        sha256=config["backbone"]["weights_sha256"],
+    log:
+        "resources/weights/{filename}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        gpu=0,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python {SCRIPTS}/fetch_weights.py --url {params.url} --sha256 {params.sha256} --out {output} > {log} 2>&1"
+
+
+rule pretrain:
+    input:
+        train=results("data/source/shards/train/index.json"),
+        val=results("data/source/shards/val/index.json"),
+        stats=results("data/source/stats.json"),
+    output:
+        weights=results("pretrain/weights.safetensors"),
+        metrics=results("pretrain/metrics.json"),
+    params:
+        backbone=config["backbone"],
+        depths=(
+            "--stage-depths " + " ".join(map(str, config["backbone"]["stage_depths"]))
+            if config["backbone"]["stage_depths"]
+            else ""
+        ),
+        cfg=config["pretrain"],
+    log:
+        results("logs/pretrain.log"),
+    benchmark:
+        results("benchmarks/pretrain.tsv")
+    threads: train_resources("threads")
+    resources:
+        mem_mb=train_resources("mem_mb"),
+        gpu=train_resources("gpu"),
+    conda:
+        "../../envs/jax.yaml"
+    shell:
+        "python {SCRIPTS}/pretrain.py --train-index {input.train} --val-index {input.val}"
+        " --stats {input.stats} --arch {params.backbone[arch]} --width {params.backbone[width]}"
+        " {params.depths} --epochs {params.cfg[epochs]} --batch-size {params.cfg[batch_size]}"
+        " --lr {params.cfg[lr]} --weight-decay {params.cfg[weight_decay]}"
+        " --warmup-epochs {params.cfg[warmup_epochs]} --image-size {params.cfg[image_size]}"
+        " --compute-dtype {params.cfg[compute_dtype]} --seed {params.cfg[seed]}"
+        " --out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule init_target_model:
+    input:
+        classes=results("data/target/manifest/classes.parquet"),
+        weights=lambda wc: backbone_weights_file() or [],
+    output:
+        weights=results("weights/init.safetensors"),
+        report=results("weights/init_report.json"),
+    params:
+        backbone=config["backbone"],
+        depths=(
+            "--stage-depths " + " ".join(map(str, config["backbone"]["stage_depths"]))
+            if config["backbone"]["stage_depths"]
+            else ""
+        ),
+        weights=lambda wc, input: f"--weights {input.weights}" if input.weights else "",
+        names=(
+            f"--source-class-names {config['backbone']['source_class_names']}"
+            if config["backbone"]["source_class_names"]
+            else ""
+        ),
+        match="--init-from-source-names" if config["head"]["init_from_source_names"] else "",
+        seed=config["pretrain"]["seed"],
+    log:
+        results("logs/init_target_model.log"),
+    benchmark:
+        results("benchmarks/init_target_model.tsv")
+    threads: 1
+    resources:
+        mem_mb=data_resources("mem_mb"),
+        gpu=0,
+    conda:
+        "../../envs/jax.yaml"
+    shell:
+        "python {SCRIPTS}/init_model.py --arch {params.backbone[arch]} --width {params.backbone[width]}"
+        " {params.depths} --classes {input.classes} {params.weights} {params.names} {params.match}"
+        " --seed {params.seed} --out-weights {output.weights} --out-report {output.report} > {log} 2>&1"
+
+
+rule weights:
+    input:
+        results("weights/init.safetensors"),
