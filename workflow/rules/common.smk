@@ -6,8 +6,6 @@ from finegrained.config import validate_config
 
 validate_config(config)
 
-# Rules run `python {SCRIPTS}/x.py`, so the workflow also runs from another --directory.
-SCRIPTS = Path(workflow.basedir) / "scripts"
 SPLITS = ["train", "val", "test"]
 DATASETS = ["target", "source"]
 
@@ -21,6 +19,12 @@ wildcard_constraints:
 def results(path):
     """Path of an output of this run: results/<run_name>/<path>."""
     return f"results/{config['run_name']}/{path}"
+
+
+def script_path(name):
+    """A script under scripts/, as a rule input: the workflow also runs from another
+    --directory, and a changed script marks its outputs for rerun."""
+    return str(Path(workflow.basedir) / "scripts" / name)
 
 
 def dataset_config(dataset):

@@ -2,6 +2,8 @@
 
 
 rule demo_dataset:
+    input:
+        script=script_path("make_demo_dataset.py"),
     output:
         directory(results("demo_data/{dataset}")),
     params:
@@ -17,7 +19,7 @@ rule demo_dataset:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {SCRIPTS}/make_demo_dataset.py --out {output} --variant {wildcards.dataset}"
+        "python {input.script} --out {output} --variant {wildcards.dataset}"
         " --num-classes {params.demo[num_classes]} --train-per-class {params.demo[train_per_class]}"
         " --test-per-class {params.demo[test_per_class]} --min-side {params.demo[min_side]}"
         " --max-side {params.demo[max_side]} --seed {params.demo[seed]} > {log} 2>&1"
@@ -25,6 +27,7 @@ rule demo_dataset:
 
 rule manifests:
     input:
+        script=script_path("prepare_manifests.py"),
         root=dataset_root,
     output:
         train=results("data/{dataset}/manifest/train.parquet"),
@@ -48,7 +51,7 @@ rule manifests:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {SCRIPTS}/prepare_manifests.py --format {params.cfg[format]} --root {input.root}"
+        "python {input.script} --format {params.cfg[format]} --root {input.root}"
         " --out-dir {params.out_dir} --val-fraction {params.cfg[val_fraction]}"
         " --seed {params.cfg[split_seed]} --on-bad-image {params.cfg[on_bad_image]}"
         " {params.check_files} > {log} 2>&1"
@@ -56,6 +59,7 @@ rule manifests:
 
 rule crop_shard:
     input:
+        script=script_path("crop_shard.py"),
         manifest=results("data/{dataset}/manifest/{split}.parquet"),
         root=dataset_root,
     output:
@@ -77,7 +81,7 @@ rule crop_shard:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {SCRIPTS}/crop_shard.py --manifest {input.manifest} --root {input.root}"
+        "python {input.script} --manifest {input.manifest} --root {input.root}"
         " --shard {wildcards.shard} --num-shards {params.num_shards} --size {params.crop[size]}"
         " --margin {params.crop[margin]} --aspect {params.crop[aspect]}"
         " --format {params.shards[format]} --codec {params.shards[codec]}"
@@ -87,7 +91,8 @@ rule crop_shard:
 
 rule shard_index:
     input:
-        split_shard_metas,
+        script=script_path("index_shards.py"),
+        metas=split_shard_metas,
     output:
         results("data/{dataset}/shards/{split}/index.json"),
     log:
@@ -101,12 +106,13 @@ rule shard_index:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {SCRIPTS}/index_shards.py --split {wildcards.split} --out {output} {input} > {log} 2>&1"
+        "python {input.script} --split {wildcards.split} --out {output} {input.metas} > {log} 2>&1"
 
 
 rule channel_stats:
     input:
-        results("data/{dataset}/shards/train/index.json"),
+        script=script_path("channel_stats.py"),
+        index=results("data/{dataset}/shards/train/index.json"),
     output:
         results("data/{dataset}/stats.json"),
     log:
@@ -120,7 +126,7 @@ rule channel_stats:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {SCRIPTS}/channel_stats.py --index {input} --out {output} > {log} 2>&1"
+        "python {input.script} --index {input.index} --out {output} > {log} 2>&1"
 
 
 rule data:

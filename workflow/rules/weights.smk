@@ -3,6 +3,8 @@
 
 
 rule fetch_weights:
+    input:
+        script=script_path("fetch_weights.py"),
     output:
         "resources/weights/{filename}",
     params:
@@ -17,11 +19,12 @@ rule fetch_weights:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {SCRIPTS}/fetch_weights.py --url {params.url} --sha256 {params.sha256} --out {output} > {log} 2>&1"
+        "python {input.script} --url {params.url} --sha256 {params.sha256} --out {output} > {log} 2>&1"
 
 
 rule pretrain:
     input:
+        script=script_path("pretrain.py"),
         train=results("data/source/shards/train/index.json"),
         val=results("data/source/shards/val/index.json"),
         stats=results("data/source/stats.json"),
@@ -47,7 +50,7 @@ rule pretrain:
     conda:
         "../../envs/jax.yaml"
     shell:
-        "python {SCRIPTS}/pretrain.py --train-index {input.train} --val-index {input.val}"
+        "python {input.script} --train-index {input.train} --val-index {input.val}"
         " --stats {input.stats} --arch {params.backbone[arch]} --width {params.backbone[width]}"
         " {params.depths} --epochs {params.cfg[epochs]} --batch-size {params.cfg[batch_size]}"
         " --lr {params.cfg[lr]} --weight-decay {params.cfg[weight_decay]}"
@@ -58,6 +61,7 @@ rule pretrain:
 
 rule init_target_model:
     input:
+        script=script_path("init_model.py"),
         classes=results("data/target/manifest/classes.parquet"),
         weights=lambda wc: backbone_weights_file() or [],
     output:
@@ -89,7 +93,7 @@ rule init_target_model:
     conda:
         "../../envs/jax.yaml"
     shell:
-        "python {SCRIPTS}/init_model.py --arch {params.backbone[arch]} --width {params.backbone[width]}"
+        "python {input.script} --arch {params.backbone[arch]} --width {params.backbone[width]}"
         " {params.depths} --classes {input.classes} {params.weights} {params.names} {params.match}"
         " --seed {params.seed} --out-weights {output.weights} --out-report {output.report} > {log} 2>&1"
 

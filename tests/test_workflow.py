@@ -1,0 +1,115 @@
+"""The workflow's contract: config validation, schema documentation, dry-run and lint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finegrained.config import load_config, load_schema, validate_config
+from finegrained.config_reference import render_reference
+from finegrained.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def _snakemake(*args, cwd=REPO, check=True):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _walk(schema, node, prefix=""):
+    for name, prop in node.get("properties", {}).items():
+        if "$ref" in prop:
+            ref = schema["$defs"][prop["$ref"].split("/")[-1]]
+            prop = {**ref, **{k: v for k, v in prop.items() if k != "$ref"}}
+        yield prefix + name, prop
+        yield from _walk(schema, prop, prefix + name + ".")
+
+
+def test_every_config_key_is_described_and_has_a_default():
+    schema = load_schema()
+    keys = list(_walk(schema, schema))
+    assert len(keys) > 40
+    for key, prop in keys:
+        assert prop.get("description", "").strip(), f"{key} has no description"
+        assert "default" in prop, f"{key} has no default"
+
+
+def test_readme_config_reference_matches_schema():
+    readme = (REPO / "README.md").read_text()
+    assert render_reference() in readme, (
+        "README's configuration reference is stale: regenerate it with "
+        "`python scripts/config_reference.py`")
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(REPO / "config" / "config.yaml", REPO / "config" / name)
+    assert config["crop"]["size"] >= 16
+    assert set(config["shards"]["num_shards"]) == {"train", "val", "test"}
+
+
+def test_defaults_are_filled_in():
+    config = validate_config({"dataset": {"demo": {}}})
+    assert config["dataset"]["demo"]["num_classes"] == 10
+    assert config["dataset"]["val_fraction"] == 0.1
+    assert config["shards"]["num_shards"]["train"] == 16
+    assert config["pretrain"]["dataset"]["demo"] is None
+
+
+def test_wrong_key_and_wrong_value_are_named():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"dataset": {"fromat": "cub"}, "crop": {"aspect": "round"}})
+    text = str(err.value)
+    assert "fromat" in text and "dataset" in text
+    assert "crop.aspect" in text and "round" in text
+
+
+def test_url_weights_need_a_hash():
+    with pytest.raises(ConfigError, match="weights_sha256"):
+        validate_config({"backbone": {"weights": "https://example.org/w.safetensors"}})
+
+
+def test_dry_run_demo():
+    proc = _snakemake("-n", "--configfile", "config/demo.yaml", "--cores", "2", "all")
+    out = proc.stdout
+    for rule in ["demo_dataset", "manifests", "crop_shard", "shard_index", "channel_stats",
+                 "pretrain", "init_target_model"]:
+        assert f"rule {rule}:" in out or f"localrule {rule}:" in out, rule
+    # Target: 2 train + 1 val + 2 test shards; source: only train (2) + val (1) feed pretraining.
+    assert out.count("rule crop_shard:") == 8
+
+
+def test_dry_run_default_config(tmp_path):
+    # The real config reads dataset.root; a directory with the annotation files is enough
+    # for planning the jobs.
+    root = tmp_path / "nabirds"
+    root.mkdir()
+    proc = _snakemake("all", "-n", "--cores", "32", "--config", f"dataset={{root: {root}}}",
+                      "--resources", "gpu=4")
+    assert proc.stdout.count("rule crop_shard:") == 16 + 2 + 16
+    assert "rule pretrain:" not in proc.stdout
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"crop": {"size": "big"}}))
+    proc = _snakemake("all", "-n", "--configfile", str(bad), check=False)
+    assert proc.returncode != 0
+    assert "crop.size" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/demo.yaml"])
+def test_lint_is_clean(configfile):
+    proc = _snakemake("--lint", "--configfile", configfile)
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
