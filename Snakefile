@@ -5,6 +5,14 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    split="|".join(SPLITS),
+    shard=r"\d{5}",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/weights.smk"
 

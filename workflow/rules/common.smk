@@ -10,19 +10,13 @@ SPLITS = ["train", "val", "test"]
 DATASETS = ["target", "source"]
 
 
-wildcard_constraints:
-    dataset="|".join(DATASETS),
-    split="|".join(SPLITS),
-    shard=r"\d{5}",
-
-
 def results(path):
     """Path of an output of this run: results/<run_name>/<path>."""
     return f"results/{config['run_name']}/{path}"
 
 
 def script_path(name):
-    """A script under scripts/, as a rule input: the workflow also runs from another
+    """A script under scripts/, listed among the inputs. The workflow then also runs from another
     --directory, and a changed script marks its outputs for rerun."""
     return str(Path(workflow.basedir) / "scripts" / name)
 
