@@ -1,0 +1,463 @@
+"""Read NABirds and CUB-200-2011 annotation folders into one in-memory :class:`Dataset`.
+
+Both datasets ship the same family of space-separated text files (``images.txt``,
+``image_class_labels.txt``, ``train_test_split.txt``, ``classes.txt``, ...); they differ in
+id type (UUID strings vs integers), box type (integers vs floats), which files are
+optional, and whether a class hierarchy exists. One reader handles both, driven by a small
+:class:`FormatSpec`, so every check is written once.
+
+Every problem in the input is reported as a :class:`~finegrained.errors.DataError` naming
+the file, the 1-based line and the offending value: a dataset with 48k images is fixed by
+reading the message, not by bisecting the files.
+
+Only classes that label at least one image are *leaf labels* (NABirds: 555 of 1,011 class
+ids; the rest are taxonomy nodes). They are remapped to ``label`` 0..C-1 in numeric order of
+their original class id, which keeps the mapping stable and easy to reproduce by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from finegrained.errors import DataError
+
+# Both datasets keep the photos under <root>/images/ and list them relative to that folder.
+IMAGES_DIR = "images"
+ON_BAD_IMAGE_CHOICES = ("error", "skip")
+
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("path", pa.string()),            # relative to the dataset root, e.g. images/0817/x.jpg
+    ("class_id", pa.int64()),
+    ("label", pa.int32()),
+    ("is_train", pa.bool_()),
+    ("bbox_x", pa.float64()),         # null only when neither boxes nor sizes are known
+    ("bbox_y", pa.float64()),
+    ("bbox_w", pa.float64()),
+    ("bbox_h", pa.float64()),
+    ("width", pa.int32()),            # null when sizes.txt is absent
+    ("height", pa.int32()),
+    ("photographer", pa.string()),
+    ("images_line", pa.int32()),      # 1-based line in images.txt, for later error messages
+])
+
+CLASSES_SCHEMA = pa.schema([
+    ("label", pa.int32()),
+    ("class_id", pa.int64()),
+    ("name", pa.string()),
+    ("common_name", pa.string()),
+    ("ancestor_ids", pa.list_(pa.int64())),      # parent first, root last
+    ("ancestor_names", pa.list_(pa.string())),
+    ("depth", pa.int32()),                       # number of ancestors; 0 without a hierarchy
+])
+
+TAXONOMY_SCHEMA = pa.schema([
+    ("class_id", pa.int64()),
+    ("name", pa.string()),
+    ("parent_id", pa.int64()),        # null for the root
+])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One annotated dataset: images (one row each, images.txt order), leaf classes, taxonomy.
+
+    ``images`` follows :data:`IMAGES_SCHEMA`, ``classes`` :data:`CLASSES_SCHEMA` (row i has
+    label i) and ``taxonomy`` :data:`TAXONOMY_SCHEMA` (every class id; empty without a
+    hierarchy file).
+    """
+
+    format: str
+    root: Path
+    images: pa.Table
+    classes: pa.Table
+    taxonomy: pa.Table
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes.num_rows
+
+    @property
+    def images_file(self) -> Path:
+        return self.root / "images.txt"
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """What differs between the two on-disk formats."""
+
+    name: str
+    parse_image_id: Callable[[str], str]
+    parse_box_number: Callable[[str], float]
+    boxes_required: bool
+    sizes_required: bool
+    hierarchy_file: str | None
+    common_name: Callable[[str], str]
+
+
+def _uuid_id(token: str) -> str:
+    # NABirds ids are opaque UUID strings; checking the UUID grammar would add nothing,
+    # since every file is cross-checked against images.txt anyway.
+    return token
+
+
+def _integer_id(token: str) -> str:
+    # Canonical decimal text, so "007" in one file matches "7" in another.
+    return str(int(token))
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(token)
+    return value
+
+
+def _cub_common_name(name: str) -> str:
+    """``001.Black_footed_Albatross`` -> ``Black footed Albatross``."""
+    return re.sub(r"^\d+\.", "", name).replace("_", " ")
+
+
+FORMATS = {
+    "nabirds": FormatSpec("nabirds", _uuid_id, int, boxes_required=True, sizes_required=True,
+                          hierarchy_file="hierarchy.txt", common_name=lambda name: name),
+    "cub": FormatSpec("cub", _integer_id, _finite_float, boxes_required=False,
+                      sizes_required=False, hierarchy_file=None, common_name=_cub_common_name),
+}
+
+
+# --------------------------------------------------------------------------- line parsing
+
+def _lines(path: Path):
+    """Yield ``(line_no, text)`` for each non-blank line, without its newline only.
+
+    Trailing spaces are kept on purpose: class names such as 'Blue-winged Teal  (Male)'
+    are part of the released data and later files refer to them exactly.
+    """
+    # Decoded line by line (not by the text layer, which reads ahead in blocks) so that a
+    # byte that is not UTF-8 is reported on its own line.
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise DataError(path, "line is not UTF-8 text", line=line_no,
+                                value=raw[error.start:error.end]) from None
+            if text.strip():
+                yield line_no, text
+
+
+def _split_fields(path: Path, line_no: int, text: str, n_fields: int, *,
+                  rest_is_text: bool) -> list[str]:
+    """Split a line into exactly ``n_fields`` fields.
+
+    ``rest_is_text`` splits on the first space only, so the last field (a name or a path)
+    may contain spaces of its own.
+    """
+    fields = text.split(" ", 1) if rest_is_text else text.split()
+    if len(fields) != n_fields or (rest_is_text and not fields[1]):
+        raise DataError(path, f"expected {n_fields} space-separated fields, got {len(fields)}",
+                        line=line_no, value=text)
+    return fields
+
+
+def _convert(path: Path, line_no: int, token: str, convert: Callable, what: str):
+    try:
+        return convert(token)
+    except (ValueError, OverflowError):
+        raise DataError(path, f"invalid {what}", line=line_no, value=token) from None
+
+
+class _Record(NamedTuple):
+    """One parsed line: its 1-based number and converted values (a tuple is cheap at 48k rows)."""
+
+    line: int
+    values: tuple
+
+
+def _read_keyed(path: Path, parse_key: Callable, converters: list[tuple[str, Callable]], *,
+                rest_is_text: bool = False) -> dict:
+    """Read ``<key> <value>...`` lines into ``{key: _Record}``, rejecting duplicate keys."""
+    records: dict = {}
+    functions = [convert for _, convert in converters]
+    for line_no, text in _lines(path):
+        fields = _split_fields(path, line_no, text, 1 + len(converters), rest_is_text=rest_is_text)
+        try:
+            key = parse_key(fields[0])
+            values = tuple([convert(token) for token, convert in zip(fields[1:], functions)])
+        except (ValueError, OverflowError):
+            # Slow path only on failure: find which field is bad, for the message.
+            _convert(path, line_no, fields[0], parse_key, "id")
+            for token, (what, convert) in zip(fields[1:], converters):
+                _convert(path, line_no, token, convert, what)
+            raise
+        if key in records:
+            raise DataError(path, f"duplicate id (first seen on line {records[key].line})",
+                            line=line_no, value=fields[0])
+        records[key] = _Record(line_no, values)
+    return records
+
+
+def _text(token: str) -> str:
+    return token
+
+
+# --------------------------------------------------------------------------- cross-checks
+
+def _check_same_ids(images: dict, images_path: Path, other: dict, other_path: Path,
+                    *, every_image: bool) -> None:
+    """Every id in ``other`` must be an image; with ``every_image`` every image needs a record."""
+    for key, record in other.items():
+        if key not in images:
+            raise DataError(other_path, "image id is not listed in images.txt",
+                            line=record.line, value=key)
+    if every_image and len(other) != len(images):
+        for key, record in images.items():
+            if key not in other:
+                raise DataError(images_path, f"image has no record in {other_path.name}",
+                                line=record.line, value=key)
+
+
+def _check_box(path: Path, record: _Record, size: _Record | None) -> None:
+    x, y, w, h = record.values
+    if w <= 0 or h <= 0:
+        raise DataError(path, "bounding box has zero or negative area",
+                        line=record.line, value=f"{x} {y} {w} {h}")
+    # Boxes that only partly leave the image are real (201 in NABirds) and are clamped at
+    # crop time; a box with no pixel inside the image cannot be cropped at all.
+    if size is not None:
+        width, height = size.values
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            raise DataError(path, f"bounding box does not overlap the {width}x{height} image",
+                            line=record.line, value=f"{x} {y} {w} {h}")
+
+
+def _positive_int(token: str) -> int:
+    value = int(token)
+    if value <= 0:
+        raise ValueError(token)
+    return value
+
+
+# --------------------------------------------------------------------------- classes
+
+def _read_hierarchy(path: Path, class_names: dict[int, str]) -> dict[int, _Record]:
+    """Read ``<child> <parent>`` lines; both ids must exist in classes.txt."""
+    parents = _read_keyed(path, int, [("parent id", int)])
+    for child, record in parents.items():
+        if child not in class_names:
+            raise DataError(path, "child class id is not in classes.txt", line=record.line,
+                            value=child)
+        if record.values[0] not in class_names:
+            raise DataError(path, "parent class id is not in classes.txt", line=record.line,
+                            value=record.values[0])
+    return parents
+
+
+def _ancestor_chain(class_id: int, parents: dict[int, _Record], path: Path) -> list[int]:
+    """Parent, grandparent, ..., root of ``class_id``; a cycle is a DataError."""
+    chain: list[int] = []
+    seen = {class_id}
+    node = class_id
+    while node in parents:
+        record = parents[node]
+        parent = record.values[0]
+        if parent in seen:
+            loop = " -> ".join(str(c) for c in [class_id, *chain, parent])
+            raise DataError(path, "cycle in class hierarchy", line=record.line, value=loop)
+        chain.append(parent)
+        seen.add(parent)
+        node = parent
+    return chain
+
+
+def _build_class_tables(spec: FormatSpec, class_names: dict[int, str], leaf_ids: list[int],
+                        parents: dict[int, _Record], hierarchy_path: Path | None):
+    chains = {class_id: _ancestor_chain(class_id, parents, hierarchy_path)
+              for class_id in class_names}     # walking every node finds cycles off the leaves too
+    leaf_chains = [chains[c] for c in leaf_ids]
+    classes = pa.table({
+        "label": np.arange(len(leaf_ids), dtype=np.int32),
+        "class_id": leaf_ids,
+        "name": [class_names[c] for c in leaf_ids],
+        "common_name": [spec.common_name(class_names[c]) for c in leaf_ids],
+        "ancestor_ids": leaf_chains,
+        "ancestor_names": [[class_names[a] for a in chain] for chain in leaf_chains],
+        "depth": [len(chain) for chain in leaf_chains],
+    }, schema=CLASSES_SCHEMA)
+    if hierarchy_path is None:
+        taxonomy = TAXONOMY_SCHEMA.empty_table()
+    else:
+        ids = sorted(class_names)
+        taxonomy = pa.table({
+            "class_id": ids,
+            "name": [class_names[c] for c in ids],
+            "parent_id": [parents[c].values[0] if c in parents else None for c in ids],
+        }, schema=TAXONOMY_SCHEMA)
+    return classes, taxonomy
+
+
+# --------------------------------------------------------------------------- reader
+
+def read_dataset(fmt: str, root: str | os.PathLike) -> Dataset:
+    """Parse the annotation files of a ``'nabirds'`` or ``'cub'`` dataset folder.
+
+    Raises :class:`DataError` for malformed lines, duplicate ids, ids that do not match
+    across files, unknown class ids, split values other than 0/1, empty train or test
+    splits, boxes with no area or no overlap with the image, and hierarchy cycles.
+    Image files are not touched; see :func:`check_image_files`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {sorted(FORMATS)}")
+    spec = FORMATS[fmt]
+    root = Path(root)
+
+    def required(name: str) -> Path:
+        path = root / name
+        if not path.is_file():
+            raise DataError(path, f"required {spec.name} annotation file is missing")
+        return path
+
+    def optional(name: str | None) -> Path | None:
+        path = root / name if name else None
+        return path if path is not None and path.is_file() else None
+
+    images_path = required("images.txt")
+    labels_path = required("image_class_labels.txt")
+    split_path = required("train_test_split.txt")
+    classes_path = required("classes.txt")
+    boxes_path = required("bounding_boxes.txt") if spec.boxes_required else optional("bounding_boxes.txt")
+    sizes_path = required("sizes.txt") if spec.sizes_required else optional("sizes.txt")
+    hierarchy_path = required(spec.hierarchy_file) if spec.hierarchy_file else None
+    photographers_path = optional("photographers.txt")
+    # parts/ (part locations) is not used by this pipeline and is deliberately not read.
+
+    key = spec.parse_image_id
+    images = _read_keyed(images_path, key, [("path", _text)], rest_is_text=True)
+    if not images:
+        raise DataError(images_path, "no images listed")
+    labels = _read_keyed(labels_path, key, [("class id", int)])
+    split = _read_keyed(split_path, key, [("split flag", int)])
+    sizes = (_read_keyed(sizes_path, key, [("width (positive integer)", _positive_int),
+                                            ("height (positive integer)", _positive_int)])
+             if sizes_path else {})
+    boxes = (_read_keyed(boxes_path, key, [(f"box {n}", spec.parse_box_number) for n in "xywh"])
+             if boxes_path else {})
+    photographers = (_read_keyed(photographers_path, key, [("name", _text)], rest_is_text=True)
+                     if photographers_path else {})
+
+    _check_same_ids(images, images_path, labels, labels_path, every_image=True)
+    _check_same_ids(images, images_path, split, split_path, every_image=True)
+    if sizes_path:
+        _check_same_ids(images, images_path, sizes, sizes_path, every_image=True)
+    if boxes_path:
+        _check_same_ids(images, images_path, boxes, boxes_path, every_image=True)
+        for image_id, record in boxes.items():
+            _check_box(boxes_path, record, sizes.get(image_id))
+    if photographers_path:
+        # Credits may be incomplete; only ids that are not images are wrong.
+        _check_same_ids(images, images_path, photographers, photographers_path, every_image=False)
+
+    for record in split.values():
+        if record.values[0] not in (0, 1):
+            raise DataError(split_path, "split flag must be 1 (train) or 0 (test)",
+                            line=record.line, value=record.values[0])
+    n_train = sum(record.values[0] for record in split.values())
+    if n_train == 0 or n_train == len(split):
+        raise DataError(split_path, f"the {'train' if n_train == 0 else 'test'} split is empty")
+
+    class_names = {class_id: record.values[0] for class_id, record in
+                   _read_keyed(classes_path, int, [("name", _text)], rest_is_text=True).items()}
+    for record in labels.values():
+        if record.values[0] not in class_names:
+            raise DataError(labels_path, "class id is not in classes.txt", line=record.line,
+                            value=record.values[0])
+    parents = _read_hierarchy(hierarchy_path, class_names) if hierarchy_path else {}
+
+    leaf_ids = sorted({record.values[0] for record in labels.values()})
+    label_of = {class_id: label for label, class_id in enumerate(leaf_ids)}
+    classes, taxonomy = _build_class_tables(spec, class_names, leaf_ids, parents, hierarchy_path)
+
+    columns = defaultdict(list)
+    for image_id, record in images.items():
+        class_id = labels[image_id].values[0]
+        size = sizes[image_id].values if image_id in sizes else (None, None)
+        if image_id in boxes:
+            box = boxes[image_id].values
+        elif size[0] is not None:
+            box = (0.0, 0.0, size[0], size[1])      # no box: the whole image is the crop
+        else:
+            box = (None, None, None, None)          # whole image, size read at crop time
+        columns["image_id"].append(image_id)
+        columns["path"].append(f"{IMAGES_DIR}/{record.values[0]}")
+        columns["class_id"].append(class_id)
+        columns["label"].append(label_of[class_id])
+        columns["is_train"].append(split[image_id].values[0] == 1)
+        for name, value in zip(("bbox_x", "bbox_y", "bbox_w", "bbox_h"), box):
+            columns[name].append(None if value is None else float(value))
+        columns["width"].append(size[0])
+        columns["height"].append(size[1])
+        photographer = photographers.get(image_id)
+        columns["photographer"].append(photographer.values[0] if photographer else None)
+        columns["images_line"].append(record.line)
+    table = pa.table({name: columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA)
+    return Dataset(format=spec.name, root=root, images=table, classes=classes, taxonomy=taxonomy)
+
+
+# --------------------------------------------------------------------------- image files
+
+def _existing_files(directory: Path) -> set[str]:
+    """Names of the regular files in ``directory`` (empty if it does not exist)."""
+    try:
+        with os.scandir(directory) as entries:
+            return {entry.name for entry in entries if entry.is_file()}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def check_image_files(dataset: Dataset, root: str | os.PathLike | None = None, *,
+                      on_bad_image: str = "error") -> tuple[Dataset, list[dict]]:
+    """Confirm every listed image file exists under ``root`` (default: the dataset root).
+
+    Returns the dataset (minus missing images when ``on_bad_image='skip'``) and a list of
+    ``{image_id, path, reason}`` for each dropped image. With ``'error'`` the first missing
+    file raises a :class:`DataError` naming its images.txt line and path.
+
+    Each image folder is listed once instead of calling ``stat`` per image: 48k images live
+    in a few hundred folders, and on network file systems one listing is far cheaper than
+    hundreds of metadata round trips.
+    """
+    if on_bad_image not in ON_BAD_IMAGE_CHOICES:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE_CHOICES}, got {on_bad_image!r}")
+    root = Path(root) if root is not None else dataset.root
+    paths = dataset.images.column("path").to_pylist()
+    listings: dict[str, set[str]] = {}
+    present = np.ones(len(paths), dtype=bool)
+    for i, rel in enumerate(paths):
+        folder, _, name = rel.rpartition("/")
+        if folder not in listings:
+            listings[folder] = _existing_files(root / folder)
+        present[i] = name in listings[folder]
+    if present.all():
+        return dataset, []
+
+    missing = np.flatnonzero(~present)
+    image_ids = dataset.images.column("image_id").to_pylist()
+    if on_bad_image == "error":
+        first = int(missing[0])
+        line = dataset.images.column("images_line")[first].as_py()
+        raise DataError(dataset.images_file,
+                        f"image file not found: {root / paths[first]} "
+                        f"({len(missing)} missing in all)", line=line, value=paths[first])
+    skipped = [{"image_id": image_ids[i], "path": paths[i], "reason": "image file not found"}
+               for i in missing]
+    return replace(dataset, images=dataset.images.filter(pa.array(present))), skipped
