@@ -1,0 +1,363 @@
+"""Crop shards: write them once on CPU, index them per split, read them for training.
+
+A split's manifest is cut into ``N`` contiguous shards; shard ``i`` holds manifest rows
+``[i*n//N, (i+1)*n//N)``. Each shard is a set of files sharing one stem::
+
+    shard-00003.parquet       metadata: the manifest columns of the kept rows + ``row``
+    shard-00003.npy           (format 'npy') uint8 [count, S, S, 3], memory-mappable
+    shard-00003.skipped.json  images left out: [{image_id, path, reason}], always written
+
+In format ``'parquet'`` there is no ``.npy``: the metadata file carries an ``image`` column
+of PNG (lossless, default) or JPEG (q=95) bytes, a compact archive that is decoded on read.
+The crop settings travel in the Parquet schema metadata under :data:`SHARD_METADATA_KEY`,
+so :func:`write_split_index` can check that a split's shards agree.
+
+:class:`ShardReader` is the one reader the training code uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from finegrained.data.imageio import load_crop
+from finegrained.errors import DataError
+from finegrained.fileio import atomic_output, sha256_file, write_json
+
+SHARD_METADATA_KEY = b"finegrained.shard"
+FORMATS = ("npy", "parquet")
+CODECS = ("png", "jpeg")
+ON_BAD_IMAGE = ("error", "skip")
+#: PNG zlib level: crops of photos barely compress beyond level 1, and level 6 is ~3x slower.
+PNG_COMPRESS_LEVEL = 1
+JPEG_QUALITY = 95
+
+
+def shard_rows(num_rows: int, shard_index: int, num_shards: int) -> tuple[int, int]:
+    """Row range ``[start, stop)`` of shard ``shard_index`` out of ``num_shards``."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard {shard_index} out of range for {num_shards} shards")
+    return shard_index * num_rows // num_shards, (shard_index + 1) * num_rows // num_shards
+
+
+def sibling_paths(meta_path: str | os.PathLike) -> tuple[Path, Path]:
+    """The ``.npy`` images file and ``.skipped.json`` report that belong to a shard's metadata."""
+    meta_path = Path(meta_path)
+    stem = meta_path.with_suffix("")
+    return stem.with_suffix(".npy"), stem.with_name(stem.name + ".skipped.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLike,
+                shard_index: int, num_shards: int, *, size: int, margin: float, aspect: str,
+                fmt: str = "npy", codec: str = "png", on_bad_image: str = "error",
+                out_images: str | os.PathLike | None, out_meta: str | os.PathLike,
+                out_skipped: str | os.PathLike) -> dict:
+    """Crop one shard of a manifest and write its files atomically; return a small summary.
+
+    With ``on_bad_image='error'`` the first bad image raises :class:`DataError` and no output
+    file is created; with ``'skip'`` bad images are listed in ``out_skipped`` and left out.
+    ``out_images`` is required for ``fmt='npy'`` and must be ``None`` for ``fmt='parquet'``.
+    """
+    if fmt not in FORMATS or codec not in CODECS or on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"bad shard options: fmt={fmt!r} codec={codec!r} "
+                         f"on_bad_image={on_bad_image!r}")
+    if (fmt == "npy") != (out_images is not None):
+        raise ValueError("out_images is required for fmt='npy' and not used for 'parquet'")
+    manifest = _read_manifest(manifest_path)
+    start, stop = shard_rows(manifest.num_rows, shard_index, num_shards)
+    rows = manifest.slice(start, stop - start)
+    settings = {"size": int(size), "margin": float(margin), "aspect": aspect, "format": fmt,
+                "codec": codec if fmt == "parquet" else None, "shard_index": int(shard_index),
+                "num_shards": int(num_shards), "manifest_rows": [int(start), int(stop)]}
+
+    with contextlib.ExitStack() as stack:
+        # Every output goes to a temp file; all are renamed only after the last crop succeeds.
+        tmp_meta = stack.enter_context(atomic_output(out_meta))
+        tmp_skipped = stack.enter_context(atomic_output(out_skipped))
+        tmp_images = stack.enter_context(atomic_output(out_images)) if fmt == "npy" else None
+        array = (np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8,
+                                           shape=(rows.num_rows, size, size, 3))
+                 if fmt == "npy" else None)
+        kept, encoded, skipped = [], [], []
+        for i, row in enumerate(rows.to_pylist()):
+            try:
+                crop = _crop_row(row, dataset_root, size, margin, aspect)
+            except DataError as exc:
+                if on_bad_image == "error":
+                    raise
+                skipped.append({"image_id": row["image_id"], "path": row["path"],
+                                "reason": exc.reason})
+                continue
+            if array is not None:
+                array[len(kept)] = crop
+            else:
+                encoded.append(encode_image(crop, codec))
+            kept.append(i)
+
+        if array is not None:
+            array.flush()
+            del array
+            if len(kept) < rows.num_rows:
+                _truncate_npy(tmp_images, len(kept))
+        meta = rows.take(pa.array(kept, type=pa.int64()))
+        meta = meta.append_column("row", pa.array(np.arange(len(kept), dtype=np.int32)))
+        if fmt == "parquet":
+            meta = meta.append_column("image", pa.array(encoded, type=pa.binary()))
+        schema_meta = dict(meta.schema.metadata or {})
+        schema_meta[SHARD_METADATA_KEY] = json.dumps(settings).encode()
+        pq.write_table(meta.replace_schema_metadata(schema_meta), tmp_meta)
+        tmp_skipped.write_text(json.dumps(skipped, indent=2) + "\n")
+    return {"count": len(kept), "skipped": len(skipped), **settings}
+
+
+def _read_manifest(path: str | os.PathLike) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(path, f"cannot read manifest: {exc}") from exc
+    missing = {"image_id", "path", "label", "bbox_x", "bbox_y", "bbox_w", "bbox_h"} - set(
+        table.column_names)
+    if missing:
+        raise DataError(path, f"manifest lacks columns {sorted(missing)}")
+    return table
+
+
+def _crop_row(row: dict, dataset_root, size: int, margin: float, aspect: str) -> np.ndarray:
+    box = tuple(row[k] for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+    if any(v is None for v in box):
+        box = None
+    width, height = row.get("width"), row.get("height")
+    image_wh = (width, height) if width is not None and height is not None else None
+    return load_crop(Path(dataset_root) / row["path"], box, size, margin, aspect,
+                     image_wh=image_wh)
+
+
+def _truncate_npy(path: Path, count: int) -> None:
+    """Keep the first ``count`` images of an ``.npy`` written with room for more (skips)."""
+    full = np.load(path, mmap_mode="r")
+    with atomic_output(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(count,) + full.shape[1:])
+        if count:
+            out[:] = full[:count]
+        out.flush()
+        del out
+    del full
+
+
+def encode_image(pixels: np.ndarray, codec: str) -> bytes:
+    """Encode an ``H x W x 3`` uint8 array as PNG (lossless) or JPEG (q=95, 4:4:4)."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels, mode="RGB")
+    if codec == "png":
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif codec == "jpeg":
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    else:
+        raise ValueError(f"unknown codec {codec!r}")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode bytes written by :func:`encode_image` back to an RGB uint8 array."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexing
+
+
+def read_shard_settings(meta_path: str | os.PathLike) -> dict:
+    """The crop settings stored in a shard's Parquet schema metadata."""
+    try:
+        schema = pq.read_schema(meta_path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(meta_path, f"cannot read shard metadata: {exc}") from exc
+    raw = (schema.metadata or {}).get(SHARD_METADATA_KEY)
+    if raw is None:
+        raise DataError(meta_path, "not a shard: no finegrained.shard schema metadata")
+    return json.loads(raw)
+
+
+def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
+                      out_index: str | os.PathLike, split: str) -> dict:
+    """Write the JSON index of a split's shards and return it.
+
+    Paths in the index are relative to the index file's folder, so a results tree can move.
+    Each shard lists its files with their sha256, its image count and the skipped images
+    read from its ``.skipped.json`` (see :func:`sibling_paths`).
+    """
+    out_index = Path(out_index)
+    base = out_index.parent.resolve()
+    shards, skipped_all, common = [], [], None
+    for meta_path in shard_meta_paths:
+        meta_path = Path(meta_path)
+        settings = read_shard_settings(meta_path)
+        key = {k: settings[k] for k in ("size", "margin", "aspect", "format", "codec")}
+        if common is None:
+            common = key
+        elif key != common:
+            raise DataError(meta_path, f"shard settings {key} differ from the split's {common}")
+        images_path, skipped_path = sibling_paths(meta_path)
+        count = pq.read_metadata(meta_path).num_rows
+        entry = {"meta": _relative(meta_path, base), "meta_sha256": sha256_file(meta_path),
+                 "images": None, "images_sha256": None, "count": count}
+        if settings["format"] == "npy":
+            if not images_path.exists():
+                raise DataError(images_path, "shard images file not found")
+            entry["images"] = _relative(images_path, base)
+            entry["images_sha256"] = sha256_file(images_path)
+        if not skipped_path.exists():
+            raise DataError(skipped_path, "shard skipped report not found")
+        skipped = json.loads(skipped_path.read_text())
+        entry["skipped"] = len(skipped)
+        skipped_all.extend({**s, "shard": _relative(meta_path, base)} for s in skipped)
+        shards.append(entry)
+    if common is None:
+        raise DataError(out_index, f"no shards given for split {split!r}")
+    index = {"split": split, "image_size": common["size"], "margin": common["margin"],
+             "aspect": common["aspect"], "format": common["format"], "codec": common["codec"],
+             "count": sum(s["count"] for s in shards), "num_shards": len(shards),
+             "shards": shards, "num_skipped": len(skipped_all), "skipped": skipped_all}
+    write_json(out_index, index)
+    return index
+
+
+def _relative(path: Path, base: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class ShardReader:
+    """Read a split's shards through its index: labels, metadata, images and batches.
+
+    Images of format 'npy' are memory-mapped, so opening a split costs nothing and batches
+    read only the rows they need. Format 'parquet' shards are decoded in full on first use.
+    """
+
+    def __init__(self, index_path: str | os.PathLike, *, verify: bool = False):
+        self.index_path = Path(index_path)
+        try:
+            self.index = json.loads(self.index_path.read_text())
+        except FileNotFoundError:
+            raise DataError(self.index_path, "shard index not found") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(self.index_path, f"shard index is not JSON: {exc}") from exc
+        base = self.index_path.parent
+        self.image_size = int(self.index["image_size"])
+        self.format = self.index["format"]
+        self._meta_paths, self._image_paths = [], []
+        for shard in self.index["shards"]:
+            meta_path = base / shard["meta"]
+            image_path = base / shard["images"] if shard.get("images") else None
+            for path, digest in ((meta_path, shard["meta_sha256"]),
+                                 (image_path, shard.get("images_sha256"))):
+                if path is None:
+                    continue
+                if not path.exists():
+                    raise DataError(path, f"shard file listed in {self.index_path} not found")
+                if verify and sha256_file(path) != digest:
+                    raise DataError(path, "sha256 differs from the shard index")
+            self._meta_paths.append(meta_path)
+            self._image_paths.append(image_path)
+        counts = [int(s["count"]) for s in self.index["shards"]]
+        #: offsets[i] is the global index of shard i's first image; offsets[-1] == len(self).
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._decoded: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._meta_paths)
+
+    @cached_property
+    def meta(self) -> pa.Table:
+        """All shards' metadata in order (without the encoded ``image`` column)."""
+        tables = []
+        for path in self._meta_paths:
+            names = [n for n in pq.read_schema(path).names if n != "image"]
+            tables.append(pq.read_table(path, columns=names))
+        return pa.concat_tables(tables)
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """int32 labels of all images, in shard order."""
+        parts = [pq.read_table(p, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+                 for p in self._meta_paths]
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+    def shard_arrays(self, i: int) -> np.ndarray:
+        """uint8 ``[count, S, S, 3]`` images of shard ``i`` (memory-mapped for 'npy')."""
+        count = int(self.offsets[i + 1] - self.offsets[i])
+        if self.format == "npy":
+            if count == 0:
+                return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+            return np.load(self._image_paths[i], mmap_mode="r")
+        if i not in self._decoded:
+            column = pq.read_table(self._meta_paths[i], columns=["image"]).column("image")
+            out = np.empty((count, self.image_size, self.image_size, 3), np.uint8)
+            for j, data in enumerate(column.to_pylist()):
+                out[j] = decode_image(data)
+            self._decoded[i] = out
+        return self._decoded[i]
+
+    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """All images ``uint8 [N, S, S, 3]`` and labels ``int32 [N]`` in memory."""
+        return self.gather(np.arange(len(self))), self.labels
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Images at global ``indices`` (any order), read shard by shard in ascending order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        bounds = np.searchsorted(ordered, self.offsets)
+        for shard in range(self.num_shards):
+            lo, hi = bounds[shard], bounds[shard + 1]
+            if lo == hi:
+                continue
+            local = ordered[lo:hi] - self.offsets[shard]
+            images = self.shard_arrays(shard)
+            if local[-1] - local[0] == hi - lo - 1:  # a contiguous run: slice, no fancy index
+                out[order[lo:hi]] = images[local[0]:local[-1] + 1]
+            else:
+                out[order[lo:hi]] = images[local]
+        return out
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                     drop_remainder: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(images uint8 [B, S, S, 3], labels int32 [B])`` covering the split once.
+
+        With ``shuffle`` the order is a permutation drawn from ``seed`` (pass a new seed each
+        epoch); the last partial batch is dropped when ``drop_remainder``.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        n = len(self)
+        order = (np.random.default_rng(seed).permutation(n) if shuffle
+                 else np.arange(n, dtype=np.int64))
+        labels = self.labels
+        stop = n - n % batch_size if drop_remainder else n
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            yield self.gather(idx), labels[idx]

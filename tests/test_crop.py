@@ -1,0 +1,207 @@
+"""Crop geometry and the image decoder, on synthetic images with a known coloured box."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finegrained.data import imageio
+from finegrained.data.crop import PAD_VALUE, crop_window, letterbox_geometry
+from finegrained.data.imageio import load_crop
+from finegrained.errors import DataError
+
+RED, BLUE = (230, 20, 20), (20, 20, 230)
+
+
+def box_image(size=(400, 300), box=(100, 50, 120, 160), colour=RED, background=BLUE):
+    """An RGB image of ``background`` with ``box`` (x, y, w, h) filled with ``colour``."""
+    im = Image.new("RGB", size, background)
+    x, y, w, h = box
+    im.paste(colour, (x, y, x + w, y + h))
+    return im
+
+
+def fraction_of(pixels, colour, tol=40):
+    return float((np.abs(pixels.astype(int) - colour).max(axis=-1) < tol).mean())
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_window_margin_zero_is_the_box():
+    assert crop_window((10, 20, 30, 40), (100, 100), 0.0, "keep") == (10, 20, 40, 60)
+
+
+def test_window_margin_adds_fraction_each_side():
+    # 100 x 50 box, margin 0.1 -> 10 px left/right, 5 px top/bottom.
+    assert crop_window((100, 100, 100, 50), (400, 400), 0.1, "keep") == (90, 95, 210, 155)
+
+
+def test_square_window_centred_on_box():
+    left, top, right, bottom = crop_window((100, 100, 100, 50), (400, 400), 0.0, "square")
+    assert (right - left, bottom - top) == (100, 100)
+    assert (left + right) / 2 == 150 and (top + bottom) / 2 == 125
+
+
+def test_square_window_shifted_inside_image():
+    # A box at the right edge: the square keeps its side and moves left, not past the border.
+    assert crop_window((350, 10, 50, 20), (400, 300), 0.5, "square") == (300, 0, 400, 100)
+
+
+def test_square_larger_than_image_is_clamped():
+    assert crop_window((10, 10, 80, 30), (100, 50), 0.5, "square") == (0, 0, 100, 50)
+
+
+def test_box_partly_outside_is_clamped():
+    assert crop_window((-20, 80, 70, 50), (100, 100), 0.0, "keep") == (0, 80, 50, 100)
+
+
+@pytest.mark.parametrize("box", [(10, 10, 0, 5), (10, 10, 5, -1), (200, 10, 5, 5),
+                                 (-10, 10, 10, 5)])
+def test_degenerate_boxes_raise(box):
+    with pytest.raises(DataError, match="img.jpg"):
+        crop_window(box, (100, 100), 0.1, "square", source="img.jpg")
+
+
+def test_letterbox_geometry():
+    assert letterbox_geometry((200, 100), 64) == (64, 32, 0, 16)
+    assert letterbox_geometry((50, 50), 64) == (64, 64, 0, 0)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def test_margin_zero_crop_is_all_box_colour(tmp_path):
+    path = tmp_path / "a.png"
+    box_image().save(path)
+    out = load_crop(path, (100, 50, 120, 160), 64, 0.0, "keep")
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    # 'keep' on a 120x160 box letterboxes: 48 columns of box colour, 8 of grey each side.
+    assert fraction_of(out[:, 10:-10], RED) > 0.99
+    assert (out[:, :7] == PAD_VALUE).all() and (out[:, -7:] == PAD_VALUE).all()
+
+
+def test_margin_shows_background_in_proportion(tmp_path):
+    path = tmp_path / "a.png"
+    box_image(box=(100, 50, 100, 100)).save(path)
+    out = load_crop(path, (100, 50, 100, 100), 100, 0.25, "square")
+    # The window is 150 px: the box fills the middle 2/3 of each axis, 1/6 background each side.
+    assert abs(fraction_of(out, RED) - (2 / 3) ** 2) < 0.02
+    assert fraction_of(out[:, :15], BLUE) > 0.95 and fraction_of(out[:15], BLUE) > 0.95
+
+
+def test_square_vs_keep_on_wide_box(tmp_path):
+    path = tmp_path / "a.png"
+    box_image(size=(400, 300), box=(100, 100, 200, 50)).save(path)
+    square = load_crop(path, (100, 100, 200, 50), 80, 0.0, "square")
+    keep = load_crop(path, (100, 100, 200, 50), 80, 0.0, "keep")
+    # square: a 200x200 window, the box a band 1/4 high between background;
+    # keep: the box alone, letterboxed to 80x20 between grey bars.
+    assert abs(fraction_of(square, RED) - 0.25) < 0.02
+    assert abs(fraction_of(square, BLUE) - 0.75) < 0.02
+    assert abs(fraction_of(keep, RED) - 0.25) < 0.02 and fraction_of(keep, BLUE) < 0.01
+    assert (keep[:29] == PAD_VALUE).all() and (keep[-29:] == PAD_VALUE).all()
+
+
+def test_box_partly_outside_image(tmp_path):
+    path = tmp_path / "a.png"
+    box_image(size=(200, 200), box=(150, 0, 50, 100)).save(path)
+    out = load_crop(path, (150, -40, 90, 140), 50, 0.0, "keep")  # clamped to (150,0)-(200,100)
+    assert fraction_of(out[:, 15:-15], RED) > 0.99
+
+
+def test_exif_orientation_applied_to_crop(tmp_path):
+    # Stored 200x100: left half red, right half blue. Orientation 6 means the viewer rotates it
+    # 90 degrees clockwise, so the displayed crop has red on top and blue at the bottom.
+    stored = Image.new("RGB", (200, 100), BLUE)
+    stored.paste(RED, (0, 0, 100, 100))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, quality=95, exif=exif)
+    out = load_crop(path, (0, 0, 200, 100), 64, 0.0, "keep", image_wh=(200, 100))
+    # Displayed crop is 100x200 -> letterboxed to 32x64 in columns 16..47.
+    assert fraction_of(out[:28, 18:46], RED) > 0.99
+    assert fraction_of(out[36:, 18:46], BLUE) > 0.99
+    assert (out[:, :15] == PAD_VALUE).all() and (out[:, 49:] == PAD_VALUE).all()
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "LA", "I;16"])
+def test_any_mode_gives_rgb(tmp_path, mode):
+    # 204 is in Pillow's web palette, so 'P' holds it exactly instead of dithering.
+    rgb = Image.new("RGB", (60, 60), (204, 204, 204))
+    if mode == "I;16":
+        im = Image.fromarray(np.full((60, 60), 204 * 257, np.uint16))
+        assert im.mode == "I;16"
+    else:
+        im = rgb.convert(mode)
+    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
+    im.save(path)
+    out = load_crop(path, None, 32, 0.0, "square")
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - 204).max() <= 3
+
+
+def test_transparent_pixels_become_grey(tmp_path):
+    im = Image.new("RGBA", (20, 20), (255, 0, 0, 0))
+    path = tmp_path / "clear.png"
+    im.save(path)
+    assert (load_crop(path, None, 8, 0.0, "square") == PAD_VALUE).all()
+
+
+def test_png_named_jpg_decodes(tmp_path):
+    path = tmp_path / "actually_png.jpg"
+    box_image().save(path, format="PNG")
+    out = load_crop(path, (100, 50, 120, 160), 32, 0.0, "square")
+    assert fraction_of(out[:, 10:-10], RED) > 0.99
+
+
+def test_draft_mode_on_big_jpeg_matches_full_decode(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    # Smooth texture (upsampled noise) so the comparison measures resampling, not JPEG noise.
+    small = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    big = Image.fromarray(small).resize((2400, 1600), Image.Resampling.BICUBIC)
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=92)
+    box = (600, 300, 1200, 1000)
+
+    scales = []
+    original = imageio._draft_scale
+    monkeypatch.setattr(imageio, "_draft_scale",
+                        lambda *a: scales.append(original(*a)) or scales[-1])
+    drafted = load_crop(path, box, 128, 0.1, "square")
+    assert scales == [8]  # a 1320 px window into 128 px: decoded at 1/8
+
+    with Image.open(path) as im:
+        im.load()
+        window = crop_window(box, im.size, 0.1, "square")
+        full = np.asarray(im.crop(window).resize((128, 128), Image.Resampling.LANCZOS))
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 3.0
+
+
+def test_image_size_mismatch_raises(tmp_path):
+    path = tmp_path / "a.png"
+    box_image().save(path)
+    with pytest.raises(DataError, match="differs"):
+        load_crop(path, (0, 0, 10, 10), 16, 0.0, "square", image_wh=(300, 400))
+
+
+def test_missing_truncated_and_garbage_files_raise(tmp_path):
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(DataError, match="missing.jpg"):
+        load_crop(missing, None, 16, 0.0, "square")
+
+    rng = np.random.default_rng(1)
+    full = tmp_path / "full.jpg"
+    Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(full, quality=90)
+    data = full.read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated.jpg"):
+        load_crop(truncated, None, 16, 0.0, "square")
+
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match="garbage.jpg"):
+        load_crop(garbage, None, 16, 0.0, "square")

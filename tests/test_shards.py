@@ -1,0 +1,215 @@
+"""Shard writing, indexing and reading: round trips, hashes, bad inputs, empty shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from finegrained.data.imageio import load_crop
+from finegrained.data.shards import (ShardReader, shard_rows, sibling_paths, write_shard,
+                                     write_split_index)
+from finegrained.errors import DataError
+from finegrained.fileio import sha256_file
+
+SIZE, MARGIN = 32, 0.1
+
+
+def make_dataset(root, n=7, bad=None):
+    """``n`` small JPEG/PNG photos with boxes under ``root`` and their manifest (Parquet).
+
+    ``bad`` maps a row to 'missing', 'truncated' or 'garbage' to plant a broken file there.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        w, h = int(rng.integers(60, 120)), int(rng.integers(60, 120))
+        rel = f"{i % 3:04d}/img{i}.{'png' if i % 4 == 3 else 'jpg'}"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format="PNG" if rel.endswith("png") else "JPEG")
+        kind = (bad or {}).get(i)
+        if kind == "missing":
+            path.unlink()
+        elif kind == "truncated":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        elif kind == "garbage":
+            path.write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+        box = (float(rng.integers(-5, w // 2)), float(rng.integers(0, h // 2)),
+               float(rng.integers(20, w)), float(rng.integers(20, h)))
+        rows.append({"image_id": f"id-{i}", "path": rel, "label": i % 3, "class_id": 100 + i % 3,
+                     "class_name": f"bird {i % 3}", "bbox_x": box[0], "bbox_y": box[1],
+                     "bbox_w": box[2], "bbox_h": box[3], "width": w if i % 2 else None,
+                     "height": h if i % 2 else None, "photographer": None, "split": "train"})
+    schema = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("label", pa.int32()),
+                        ("class_id", pa.int64()), ("class_name", pa.string()),
+                        ("bbox_x", pa.float64()), ("bbox_y", pa.float64()),
+                        ("bbox_w", pa.float64()), ("bbox_h", pa.float64()),
+                        ("width", pa.int32()), ("height", pa.int32()),
+                        ("photographer", pa.string()), ("split", pa.string())])
+    manifest = root / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), manifest)
+    return manifest, rows
+
+
+def shard_files(out, i, fmt="npy"):
+    meta = out / f"shard-{i:05d}.parquet"
+    images, skipped = sibling_paths(meta)
+    return {"out_meta": meta, "out_images": images if fmt == "npy" else None,
+            "out_skipped": skipped}
+
+
+def write_split(root, manifest, out, num_shards, fmt="npy", **kw):
+    metas = []
+    for i in range(num_shards):
+        files = shard_files(out, i, fmt)
+        write_shard(manifest, root, i, num_shards, size=SIZE, margin=MARGIN, aspect="square",
+                    fmt=fmt, **kw, **files)
+        metas.append(files["out_meta"])
+    write_split_index(metas, out / "index.json", "train")
+    return out / "index.json"
+
+
+def direct_crops(root, rows):
+    return np.stack([load_crop(root / r["path"], (r["bbox_x"], r["bbox_y"], r["bbox_w"],
+                                                  r["bbox_h"]), SIZE, MARGIN, "square")
+                     for r in rows])
+
+
+def test_shard_rows_partition():
+    ranges = [shard_rows(10, i, 3) for i in range(3)]
+    assert ranges == [(0, 3), (3, 6), (6, 10)]
+    assert [shard_rows(2, i, 4) for i in range(4)] == [(0, 0), (0, 1), (1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_round_trip_matches_direct_crops(tmp_path, fmt):
+    root = tmp_path / "data"
+    manifest, rows = make_dataset(root)
+    index_path = write_split(root, manifest, tmp_path / "shards", 3, fmt=fmt, codec="png")
+    reader = ShardReader(index_path, verify=True)
+    images, labels = reader.load_all()
+    assert len(reader) == 7 and images.shape == (7, SIZE, SIZE, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, direct_crops(root, rows))  # PNG is lossless
+    np.testing.assert_array_equal(labels, np.array([r["label"] for r in rows], np.int32))
+    assert labels.dtype == np.int32
+    assert reader.meta.column("image_id").to_pylist() == [r["image_id"] for r in rows]
+    assert reader.meta.column("row").to_pylist() == [0, 1, 0, 1, 0, 1, 2]
+    assert "image" not in reader.meta.column_names
+    if fmt == "npy":
+        assert isinstance(reader.shard_arrays(0), np.memmap)
+    else:
+        assert not (tmp_path / "shards" / "shard-00000.npy").exists()
+
+
+def test_jpeg_codec_is_close(tmp_path):
+    root = tmp_path / "data"
+    manifest, rows = make_dataset(root)
+    reader = ShardReader(write_split(root, manifest, tmp_path / "s", 2, fmt="parquet",
+                                     codec="jpeg"))
+    diff = np.abs(reader.load_all()[0].astype(int) - direct_crops(root, rows).astype(int))
+    assert 0 < diff.mean() < 6
+
+
+def test_index_records_hashes_and_counts(tmp_path):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "shards"
+    index_path = write_split(root, manifest, out, 2)
+    index = json.loads(index_path.read_text())
+    assert (index["split"], index["image_size"], index["format"]) == ("train", SIZE, "npy")
+    assert index["count"] == 7 and [s["count"] for s in index["shards"]] == [3, 4]
+    for shard in index["shards"]:
+        assert shard["meta_sha256"] == sha256_file(out / shard["meta"])
+        assert shard["images_sha256"] == sha256_file(out / shard["images"])
+    np.save(out / "shard-00001.npy", np.zeros((4, SIZE, SIZE, 3), np.uint8))
+    ShardReader(index_path)  # existence only
+    with pytest.raises(DataError, match="sha256"):
+        ShardReader(index_path, verify=True)
+
+
+def test_iter_batches_shuffle_and_remainder(tmp_path):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    reader = ShardReader(write_split(root, manifest, tmp_path / "s", 3))
+    images, labels = reader.load_all()
+    batches = list(reader.iter_batches(3))
+    assert [len(b[1]) for b in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), images)
+    shuffled = list(reader.iter_batches(3, shuffle=True, seed=5, drop_remainder=True))
+    assert [len(b[1]) for b in shuffled] == [3, 3]
+    order = np.random.default_rng(5).permutation(7)[:6]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in shuffled]), images[order])
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in shuffled]), labels[order])
+
+
+def test_more_shards_than_images_gives_valid_empty_shards(tmp_path):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root, n=2)
+    out = tmp_path / "s"
+    reader = ShardReader(write_split(root, manifest, out, 4))
+    assert len(reader) == 2
+    assert np.load(out / "shard-00000.npy").shape == (0, SIZE, SIZE, 3)
+    assert pq.read_table(out / "shard-00000.parquet").num_rows == 0
+    assert json.loads((out / "shard-00000.skipped.json").read_text()) == []
+    assert reader.load_all()[0].shape == (2, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "garbage"])
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_bad_image_error_leaves_no_output(tmp_path, kind, fmt):
+    root = tmp_path / "data"
+    manifest, rows = make_dataset(root, n=4, bad={2: kind})
+    out = tmp_path / "s"
+    with pytest.raises(DataError, match=rows[2]["path"]):
+        write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square", fmt=fmt,
+                    **shard_files(out, 0, fmt))
+    assert list(out.iterdir()) == []
+
+
+def test_skip_mode_reports_and_keeps_the_rest(tmp_path):
+    root = tmp_path / "data"
+    manifest, rows = make_dataset(root, n=6, bad={1: "truncated", 4: "missing"})
+    out = tmp_path / "s"
+    index_path = write_split(root, manifest, out, 2, on_bad_image="skip")
+    skipped = json.loads((out / "shard-00000.skipped.json").read_text())
+    assert [(s["image_id"], s["path"]) for s in skipped] == [("id-1", rows[1]["path"])]
+    assert "truncated" in skipped[0]["reason"] or "decode" in skipped[0]["reason"]
+    index = json.loads(index_path.read_text())
+    assert index["count"] == 4 and index["num_skipped"] == 2
+    assert [s["image_id"] for s in index["skipped"]] == ["id-1", "id-4"]
+    reader = ShardReader(index_path)
+    kept = [r for i, r in enumerate(rows) if i not in (1, 4)]
+    assert np.load(out / "shard-00000.npy").shape[0] == 2
+    np.testing.assert_array_equal(reader.load_all()[0], direct_crops(root, kept))
+    assert reader.meta.column("image_id").to_pylist() == [r["image_id"] for r in kept]
+
+
+def test_scripts_end_to_end(tmp_path, repo_root):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root, n=4, bad={3: "garbage"})
+    out = tmp_path / "s"
+    files = shard_files(out, 0)
+    cmd = [sys.executable, str(repo_root / "scripts" / "crop_shard.py"), "--manifest",
+           str(manifest), "--root", str(root), "--shard", "0", "--num-shards", "1", "--size",
+           str(SIZE), "--margin", "0.1", "--aspect", "square", "--format", "npy",
+           "--out-meta", str(files["out_meta"]), "--out-images", str(files["out_images"]),
+           "--out-skipped", str(files["out_skipped"])]
+    failed = subprocess.run(cmd, capture_output=True, text=True)
+    assert failed.returncode != 0 and "img3" in failed.stderr
+    assert list(out.iterdir()) == []  # the folder may exist, no file in it
+    ok = subprocess.run(cmd + ["--on-bad-image", "skip"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    index = out / "index.json"
+    subprocess.run([sys.executable, str(repo_root / "scripts" / "index_shards.py"), "--split",
+                    "train", "--out", str(index), str(files["out_meta"])], check=True,
+                   capture_output=True)
+    assert len(ShardReader(index)) == 3
