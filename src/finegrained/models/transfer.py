@@ -1,0 +1,106 @@
+"""The target model at the start of transfer: a backbone with pretrained weights and a new
+classifier for the target classes, whose rows may be initialised from the source
+classifier where the class names match ("lucky break").
+
+Every weights source goes through the same path: ``weights.read_tensors`` ->
+``convert.to_flat`` -> ``weights.merge_params`` (via ``load_pretrained``), whether the file
+came from the pretrain rule, a download, or a user's torchvision/timm checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+from flax import nnx
+
+from finegrained.errors import WeightsError
+from finegrained.fileio import write_json
+from finegrained.models import head_init
+from finegrained.models.params import assign_state, flatten_state
+from finegrained.models.registry import build_model
+from finegrained.models.weights import (load_pretrained, read_metadata, read_tensors,
+                                        save_weights, weights_metadata)
+from finegrained.models.convert import to_flat
+
+log = logging.getLogger(__name__)
+
+
+def model_options(arch: str, weights: str | os.PathLike | None) -> dict:
+    """Constructor options implied by the weights: MobileNetV2 from scratch (or self
+    pretrained) trains with batch norm; the published TF weights have it folded away."""
+    if arch != "mobilenet_v2":
+        return {}
+    if weights is None:
+        return {"batch_norm": True}
+    meta = read_metadata(weights) if Path(weights).suffix == ".safetensors" else {}
+    return {"batch_norm": json.loads(meta.get("batch_norm", "false"))}
+
+
+def source_class_names(weights: str | os.PathLike,
+                       names_file: str | os.PathLike | None) -> list[tuple[str, ...]]:
+    """Names of the source classifier's outputs: from the label file if given (iNat
+    'Scientific (Common)' lines are split into both names), else from the weights' metadata."""
+    if names_file is not None:
+        return head_init.read_inat_labels(names_file)
+    meta = read_metadata(weights) if Path(weights).suffix == ".safetensors" else {}
+    if "class_names" not in meta:
+        raise WeightsError(f"{weights}: no class names in the weights' metadata; give "
+                           f"backbone.source_class_names to match classes by name")
+    return [(name,) for name in json.loads(meta["class_names"])]
+
+
+def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
+                      stage_depths: Sequence[int] | None = None,
+                      weights: str | os.PathLike | None = None,
+                      source_names_file: str | os.PathLike | None = None,
+                      init_from_source_names: bool = False, seed: int = 0):
+    """Build the target model and load ``weights`` into it. Returns ``(model, report)``."""
+    model = build_model(arch, len(class_names), width=width, stage_depths=stage_depths,
+                        rngs=nnx.Rngs(seed), **model_options(arch, weights))
+    report: dict = {"arch": arch, "width": width, "num_classes": len(class_names),
+                    "weights": None if weights is None else os.fspath(weights)}
+    if weights is None:
+        if init_from_source_names:
+            raise WeightsError("init_from_source_names needs source weights")
+        return model, report
+
+    tensors = to_flat(read_tensors(weights), arch)
+    report["load"] = load_pretrained(model, tensors, arch=arch, replace_head=True)
+    if init_from_source_names:
+        names = source_class_names(weights, source_names_file)
+        if len(names) != tensors["head/bias"].shape[0]:
+            raise WeightsError(f"{len(names)} source class names for a source classifier "
+                               f"with {tensors['head/bias'].shape[0]} outputs")
+        mapping = head_init.match_classes(list(class_names), names)
+        flat = flatten_state(model)
+        flat["head/kernel"], flat["head/bias"] = head_init.init_head_from_source(
+            flat["head/kernel"], flat["head/bias"], tensors["head/kernel"],
+            tensors["head/bias"], mapping)
+        assign_state(model, flat)
+        report["head_init"] = head_init.head_init_report(list(class_names), names, mapping)
+        log.info("head rows initialised from source names: %d of %d target classes",
+                 len(mapping), len(class_names))
+    return model, report
+
+
+def write_target_init(classes_path: str | os.PathLike, out_weights: str | os.PathLike,
+                      out_report: str | os.PathLike, **kwargs) -> dict:
+    """``init_target_model`` for the classes of a manifest's classes.parquet; writes the
+    initial weights (safetensors, with class names in the metadata) and a JSON report."""
+    classes = pq.read_table(classes_path).to_pydict()
+    order = np.argsort(classes["label"])
+    names = [classes["common_name"][i] for i in order]
+    model, report = init_target_model(class_names=names, **kwargs)
+    options = model_options(kwargs["arch"], kwargs.get("weights"))
+    save_weights(out_weights, flatten_state(model), metadata=weights_metadata(
+        arch=kwargs["arch"], num_classes=len(names), class_names=names,
+        input_recipe=model.input_recipe.name, source=report["weights"] or "random init",
+        width=kwargs.get("width", 64), stage_depths=kwargs.get("stage_depths"), **options))
+    write_json(out_report, report)
+    return report

@@ -1,0 +1,246 @@
+"""Training foundation: learning on a tiny synthetic problem, evaluation coverage, frozen
+groups, per-group learning rates, determinism, mixed precision, and pretraining end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from finegrained.errors import ConfigError
+from finegrained.train.augment import AugmentConfig
+from finegrained.train.loop import TrainConfig, evaluate, fit
+from finegrained.train.optim import build_optimizer
+from finegrained.train.steps import (StepConfig, create_train_state, make_eval_step,
+                                     make_train_step)
+
+
+class TinyNet(nnx.Module):
+    """stem -> stage1 -> head, with BatchNorm; takes uint8/float 0..255 NHWC pixels."""
+
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
+        self.dtype = jnp.float32
+        self.stem = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(8, rngs=rngs)
+        self.stage1 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+        self.stage1_bn = nnx.BatchNorm(16, rngs=rngs)
+        self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = (x.astype(jnp.float32) / 255.0 - 0.5) * 4.0
+        x = x.astype(self.dtype)
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        x = nnx.relu(self.stage1_bn(self.stage1(x)))
+        return self.head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+def coloured_squares(n: int, size: int = 24, classes: int = 4, seed: int = 0):
+    """Class k: a bright square of colour k at a random place on a noisy grey background."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 230], [230, 220, 40]])
+    images = rng.integers(90, 150, (n, size, size, 3)).astype(np.uint8)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    side = size // 2
+    for i, k in enumerate(labels):
+        y, x = rng.integers(0, size - side, 2)
+        images[i, y:y + side, x:x + side] = colours[k]
+    return images, labels
+
+
+SMALL = TrainConfig(epochs=3, batch_size=32, base_lr=0.05, schedule="cosine", warmup_epochs=0,
+                    weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
+                    augment=AugmentConfig(crop_area=(0.6, 1.0), flip=0.5), seed=0,
+                    num_devices=1)
+
+
+def test_learns_a_tiny_problem():
+    train = coloured_squares(320, seed=0)
+    val = coloured_squares(100, seed=1)
+    model = TinyNet(4, rngs=nnx.Rngs(0))
+    history = fit(model, train, val, SMALL, log_fn=None)
+    assert len(history) == 3
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], history
+    assert history[-1]["train_acc"] > history[0]["train_acc"]
+    assert history[-1]["val_top1"] > 0.6, history        # chance is 0.25
+    assert history[-1]["val_count"] == 100
+    # the trained state went back into the model: eval-mode logits agree with the history
+    images, labels = val
+    logits = model(jnp.asarray(images, jnp.float32))     # eval_crop_fraction 1.0, size 24->20
+    assert logits.shape == (100, 4)
+
+
+def test_eval_counts_every_example_once():
+    images, labels = coloured_squares(37, seed=3)
+    model = TinyNet(4, rngs=nnx.Rngs(1))
+    cfg = StepConfig(image_size=20, eval_crop_fraction=1.0)
+    state = create_train_state(model, base_lr=0.1)
+    eval_step = make_eval_step(cfg)
+    result = evaluate(state, (images, labels), eval_step, batch_size=8)   # 4 full + 5 of 8
+    assert result["count"] == 37
+    full = np.asarray(eval_step(state, {"image": images, "label": labels}))
+    assert result["top1"] == pytest.approx(np.mean(full.argmax(-1) == labels))
+    logp = full - full.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    assert result["loss"] == pytest.approx(-logp[np.arange(37), labels].mean(), rel=1e-4)
+
+
+def _steps(state, cfg, n, seed=0):
+    step = make_train_step(cfg)
+    images, labels = coloured_squares(16 * n, seed=seed)
+    for i in range(n):
+        batch = {"image": images[16 * i:16 * (i + 1)], "label": labels[16 * i:16 * (i + 1)]}
+        state, metrics = step(state, batch, jax.random.key(i))
+    return state, metrics
+
+
+def test_frozen_group_is_bit_identical_and_has_no_optimizer_state():
+    model = TinyNet(4, rngs=nnx.Rngs(2))
+    groups = ((r"stem/.*", 0.0), (r"stage1/.*", None))
+    state = create_train_state(model, base_lr=0.5, weight_decay=0.1, param_groups=groups)
+    frozen_before = jax.tree_util.tree_map(np.array, state.frozen)
+    trained_before = jax.tree_util.tree_map(np.array, state.params)
+    assert set(nnx.to_pure_dict(state.frozen)) == {"stem", "stage1"}
+    assert "stem" not in nnx.to_pure_dict(state.params)
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state))
+    n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    assert n_opt <= n_trainable + 4   # momentum for trainable leaves only (+ counters)
+    state, _ = _steps(state, StepConfig(image_size=20), 3)
+    for a, b in zip(jax.tree_util.tree_leaves(frozen_before),
+                    jax.tree_util.tree_leaves(state.frozen)):
+        assert np.array_equal(a, np.asarray(b)) and a.tobytes() == np.asarray(b).tobytes()
+    moved = [not np.array_equal(a, np.asarray(b)) for a, b in
+             zip(jax.tree_util.tree_leaves(trained_before), jax.tree_util.tree_leaves(state.params))]
+    assert all(moved)
+    # BatchNorm statistics still update in train mode (freezing is about parameters)
+    assert not np.allclose(np.asarray(state.rest["stem_bn"]["mean"][...]), 0.0)
+
+
+def test_lr_multiplier_scales_the_first_sgd_step():
+    params = {"head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+              "stem": {"kernel": jnp.ones((3, 3))}}
+    tx = build_optimizer(params, base_lr=0.1, schedule="constant", total_steps=10,
+                         optimizer="sgd", momentum=0.0, param_groups=[(r"stem/.*", 0.1)])
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    head_move = float(jnp.abs(new["head"]["kernel"] - params["head"]["kernel"]).mean())
+    stem_move = float(jnp.abs(new["stem"]["kernel"] - params["stem"]["kernel"]).mean())
+    assert head_move == pytest.approx(0.1)
+    assert stem_move / head_move == pytest.approx(0.1, rel=1e-5)
+    # Through the train step: the first momentum step is -lr * mult * grad, and the first
+    # gradient is the same from the same init, so the stem moves exactly 0.1x as far.
+    cfg = StepConfig(image_size=20, augment=AugmentConfig.none())
+    moves = []
+    for groups in ((), ((r"stem/.*", 0.1),)):
+        state = create_train_state(TinyNet(4, rngs=nnx.Rngs(3)), base_lr=0.1,
+                                   schedule="constant", weight_decay=0.0, param_groups=groups)
+        new_state, _ = _steps(state, cfg, 1)
+        before, after = nnx.to_pure_dict(state.params), nnx.to_pure_dict(new_state.params)
+        moves.append({k: np.asarray(after[k]["kernel"]) - np.asarray(before[k]["kernel"])
+                      for k in ("stem", "head")})
+    # (two compiled programs: float rounding differs slightly, hence the tolerance)
+    scale = np.abs(moves[0]["stem"]).max()
+    np.testing.assert_allclose(moves[1]["stem"], 0.1 * moves[0]["stem"], atol=1e-3 * 0.1 * scale)
+    np.testing.assert_allclose(moves[1]["head"], moves[0]["head"], rtol=1e-3,
+                               atol=1e-3 * np.abs(moves[0]["head"]).max())
+    assert np.abs(moves[0]["stem"]).max() > 0
+
+
+def test_unmatched_group_regex_is_an_error():
+    with pytest.raises(ConfigError, match="match no parameter"):
+        create_train_state(TinyNet(4, rngs=nnx.Rngs(0)), base_lr=0.1,
+                           param_groups=[(r"backbone/.*", 0)])
+
+
+def test_same_seed_same_parameters():
+    def run():
+        model = TinyNet(4, rngs=nnx.Rngs(5))
+        fit(model, coloured_squares(64, seed=4), None,
+            dataclasses.replace(SMALL, epochs=1, batch_size=16,
+                                augment=AugmentConfig(brightness=0.2, scale_jitter=0.2)),
+            log_fn=None)
+        return nnx.to_pure_dict(nnx.state(model))
+    a, b = run(), run()
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bfloat16_compute_runs_on_cpu():
+    model = TinyNet(4, rngs=nnx.Rngs(6))
+    state = create_train_state(model, base_lr=0.05)
+    new_state, metrics = _steps(state, StepConfig(image_size=20, compute_dtype="bfloat16"), 2)
+    assert np.isfinite(float(metrics["loss"]))
+    for leaf in jax.tree_util.tree_leaves((new_state.params, new_state.rest)):
+        assert leaf.dtype == jnp.float32     # parameters and running statistics stay float32
+    logits = make_eval_step(StepConfig(image_size=20, compute_dtype="bfloat16"))(
+        new_state, {"image": coloured_squares(8)[0], "label": np.zeros(8, np.int32)})
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def _write_split(root, name, images, labels, class_names):
+    """A one-shard split in the ShardReader index format (npy images + Parquet metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from finegrained.fileio import sha256_file
+    root.mkdir(parents=True, exist_ok=True)
+    meta, npy = root / f"{name}-00000.parquet", root / f"{name}-00000.npy"
+    pq.write_table(pa.table({"label": labels, "class_name": [class_names[k] for k in labels]}),
+                   meta)
+    np.save(npy, images)
+    index = {"split": name, "image_size": images.shape[1], "format": "npy",
+             "count": len(labels), "shards": [
+                 {"meta": meta.name, "meta_sha256": sha256_file(meta), "images": npy.name,
+                  "images_sha256": sha256_file(npy), "count": len(labels)}]}
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(index))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrain_script():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("pretrain_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
+    from finegrained.models import build_model, flatten_state
+    from finegrained.models.weights import read_metadata, read_tensors
+    names = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
+    train = _write_split(tmp_path / "shards", "train", *coloured_squares(48, seed=7), names)
+    val = _write_split(tmp_path / "shards", "val", *coloured_squares(10, seed=8), names)
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean": [120.0] * 3, "std": [40.0] * 3,
+                                 "eigenvalues": [900.0, 50.0, 10.0],
+                                 "eigenvectors": np.eye(3).tolist(), "num_images": 48}))
+    out_w, out_m = tmp_path / "pre" / "weights.safetensors", tmp_path / "pre" / "metrics.json"
+    rc = pretrain_script.main([
+        "--train-index", str(train), "--val-index", str(val), "--stats", str(stats),
+        "--arch", "resnet18", "--width", "4", "--stage-depths", "1", "1", "1", "1",
+        "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--image-size", "16",
+        "--warmup-epochs", "0", "--num-devices", "1",
+        "--out-weights", str(out_w), "--out-metrics", str(out_m)])
+    assert rc == 0
+    metrics = json.loads(out_m.read_text())
+    assert metrics["num_classes"] == 4 and len(metrics["history"]) == 1
+    assert metrics["history"][0]["val_count"] == 10
+    assert metrics["train_images_per_second"] > 0 and metrics["wall_seconds"] > 0
+    meta = read_metadata(out_w)
+    assert meta["arch"] == "resnet18" and meta["source"] == "pretrain"
+    assert json.loads(meta["class_names"]) == names and meta["width"] == "4"
+    tensors = read_tensors(out_w)
+    fresh = build_model("resnet18", 4, width=4, stage_depths=[1, 1, 1, 1], rngs=nnx.Rngs(0))
+    expected = flatten_state(fresh)
+    assert set(tensors) == set(expected)
+    assert all(tensors[k].shape == expected[k].shape for k in expected)
