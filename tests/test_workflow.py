@@ -81,7 +81,7 @@ def test_url_weights_need_a_hash():
 
 
 def test_dry_run_demo():
-    proc = _snakemake("-n", "--configfile", "config/demo.yaml", "--cores", "2", "all")
+    proc = _snakemake("all", "-n", "--forceall", "--configfile", "config/demo.yaml", "--cores", "2")
     out = proc.stdout
     for rule in ["demo_dataset", "manifests", "crop_shard", "shard_index", "channel_stats",
                  "pretrain", "init_target_model"]:
@@ -95,7 +95,7 @@ def test_dry_run_default_config(tmp_path):
     # for planning the jobs.
     root = tmp_path / "nabirds"
     root.mkdir()
-    proc = _snakemake("all", "-n", "--cores", "32", "--config", f"dataset={{root: {root}}}",
+    proc = _snakemake("all", "-n", "--forceall", "--cores", "32", "--config", f"dataset={{root: {root}}}",
                       "--resources", "gpu=4")
     assert proc.stdout.count("rule crop_shard:") == 16 + 2 + 16
     assert "rule pretrain:" not in proc.stdout
