@@ -1,7 +1,8 @@
 # Fine-grained bird classification by transfer learning: table of contents.
 # Default configuration: config/config.yaml (real NABirds); the demo: --configfile config/demo.yaml.
 
-configfile: "config/config.yaml"
+# Found beside this file, so `snakemake -s <repo>/Snakefile -d <elsewhere>` works too.
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -171,3 +171,37 @@ def test_script(repo_root, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "sha256 mismatch" in bad.stderr
     assert not (tmp_path / "out" / "bad.bin").exists()
+
+
+def _fetch_rule(workdir: Path, url: str, sha256: str):
+    """Run the workflow's fetch_weights rule (only) in ``workdir``."""
+    import os
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    name = url.rsplit("/", 1)[1]
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir),
+         "--cores", "1", f"resources/weights/{name}",
+         "--config", f"backbone={{weights: '{url}', weights_sha256: '{sha256}'}}",
+         f"dataset={{root: '{workdir}'}}"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("path, sha256, ok", [
+    ("/weights.bin", GOOD, True),
+    ("/weights.bin", BAD, False),
+    ("/truncated.bin", GOOD, False),
+])
+def test_fetch_weights_rule(server, tmp_path, path, sha256, ok):
+    _, base = server
+    proc = _fetch_rule(tmp_path, base + path, sha256)
+    target = tmp_path / "resources" / "weights" / path.lstrip("/")
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    if ok:
+        assert target.read_bytes() == PAYLOAD
+    else:
+        assert not target.parent.exists() or _leftovers(target.parent) == []
+        log = (tmp_path / "resources" / "logs" / "fetch_weights" / f"{target.name}.log").read_text()
+        assert "error" in log and base + path in log, log
+        if sha256 == BAD:
+            assert GOOD in log and BAD in log, log

@@ -11,7 +11,9 @@ rule fetch_weights:
         url=config["backbone"]["weights"],
         sha256=config["backbone"]["weights_sha256"],
     log:
-        "resources/weights/{filename}.log",
+        "resources/logs/fetch_weights/{filename}.log",
+    benchmark:
+        "resources/benchmarks/fetch_weights/{filename}.tsv"
     threads: 1
     resources:
         mem_mb=1000,
