@@ -1,0 +1,86 @@
+"""The target model at the start of transfer: pretrained body, new head, name-matched rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from flax import nnx
+
+from finegrained.data.readers import read_dataset
+from finegrained.errors import WeightsError
+from finegrained.models import build_model, flatten_state, to_flat
+from finegrained.models.transfer import init_target_model, write_target_init
+from finegrained.models.weights import read_metadata, read_tensors, save_weights, weights_metadata
+
+
+def test_inat_weights_initialise_cub50_rows_by_name(cub50, shared_weights):
+    names = read_dataset("cub", cub50).classes["common_name"].to_pylist()
+    npz = shared_weights / "mobilenet_v2_1.0_224_inat_birds.npz"
+    model, report = init_target_model(
+        arch="mobilenet_v2", class_names=names, weights=npz,
+        source_names_file=shared_weights / "inat_bird_labels.txt", init_from_source_names=True)
+    head = report["head_init"]
+    assert head["num_target_classes"] == 50 and head["num_source_classes"] == 965
+    assert head["num_matched"] == 42
+    source = to_flat(read_tensors(npz), "mobilenet_v2")
+    flat = flatten_state(model)
+    for pair in head["matched"]:
+        t, s = pair["target_index"], pair["source_index"]
+        np.testing.assert_array_equal(flat["head/kernel"][:, t], source["head/kernel"][:, s])
+        assert flat["head/bias"][t] == source["head/bias"][s]
+    black_footed = next(p for p in head["matched"] if p["target_name"] == "Black footed Albatross")
+    assert black_footed["source_name"] == "Black-footed Albatross"
+    body = [k for k in source if not k.startswith("head/")]
+    assert report["load"]["loaded"] == len(body)
+    assert all(np.array_equal(flat[k], source[k]) for k in body)
+
+
+def _pretrained_file(tmp_path, class_names):
+    model = build_model("resnet18", len(class_names), width=8, rngs=nnx.Rngs(1))
+    path = tmp_path / "source.safetensors"
+    save_weights(path, flatten_state(model), metadata=weights_metadata(
+        arch="resnet18", num_classes=len(class_names), class_names=class_names))
+    return path, flatten_state(model)
+
+
+def _classes_parquet(tmp_path, names):
+    path = tmp_path / "classes.parquet"
+    # Stored out of label order on purpose: the initialiser must order by label.
+    labels = list(range(len(names)))[::-1]
+    pq.write_table(pa.table({"label": labels, "common_name": [names[i] for i in labels]}), path)
+    return path
+
+
+def test_write_target_init_matches_names_from_metadata(tmp_path):
+    weights, source = _pretrained_file(tmp_path, ["Sora", "Blue Jay", "Least Tern", "Rock Wren"])
+    classes = _classes_parquet(tmp_path, ["Rock wren", "Mallard", "blue-jay"])
+    report = write_target_init(classes, tmp_path / "init.safetensors", tmp_path / "report.json",
+                               arch="resnet18", width=8, weights=weights,
+                               init_from_source_names=True)
+    assert report["head_init"]["num_matched"] == 2
+    init = read_tensors(tmp_path / "init.safetensors")
+    np.testing.assert_array_equal(init["head/kernel"][:, 0], source["head/kernel"][:, 3])
+    np.testing.assert_array_equal(init["head/kernel"][:, 2], source["head/kernel"][:, 1])
+    assert not np.array_equal(init["head/kernel"][:, 1], source["head/kernel"][:, 0])
+    assert np.array_equal(init["stage4/1/conv2/kernel"], source["stage4/1/conv2/kernel"])
+    meta = read_metadata(tmp_path / "init.safetensors")
+    assert json.loads(meta["class_names"]) == ["Rock wren", "Mallard", "blue-jay"]
+    assert json.loads((tmp_path / "report.json").read_text())["head_init"]["num_matched"] == 2
+
+
+def test_random_init_and_refusals(tmp_path):
+    classes = _classes_parquet(tmp_path, ["a", "b"])
+    report = write_target_init(classes, tmp_path / "init.safetensors", tmp_path / "r.json",
+                               arch="resnet18", width=8)
+    assert report["weights"] is None
+    assert read_tensors(tmp_path / "init.safetensors")["head/kernel"].shape == (64, 2)
+    with pytest.raises(WeightsError, match="needs source weights"):
+        init_target_model(arch="resnet18", width=8, class_names=["a"],
+                          init_from_source_names=True)
+    weights, _ = _pretrained_file(tmp_path, ["x", "y"])
+    with pytest.raises(WeightsError, match="wrong shape"):
+        init_target_model(arch="resnet18", width=16, class_names=["a"], weights=weights)
