@@ -13,7 +13,7 @@ CORES ?= 2
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint dry-run report clean-demo
+.PHONY: install demo test lint dry-run report bench clean-demo
 
 $(STAMP): pyproject.toml envs/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ dry-run: install
 
 report: install
 	$(SNAKEMAKE) --configfile config/demo.yaml --report results/demo/report.html
+
+# Heavier measurements on real data (../shared): results land in benchmarks/results/.
+bench: install
+	$(PY) benchmarks/crop_throughput.py
+	$(PY) benchmarks/inat_zero_shot_cub50.py
 
 clean-demo:
 	rm -rf results/demo

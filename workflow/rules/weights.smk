@@ -41,6 +41,7 @@ rule pretrain:
             else ""
         ),
         cfg=config["pretrain"],
+        aug=config["pretrain"]["augment"],
     log:
         results("logs/pretrain.log"),
     benchmark:
@@ -58,6 +59,13 @@ rule pretrain:
         " --lr {params.cfg[lr]} --weight-decay {params.cfg[weight_decay]}"
         " --warmup-epochs {params.cfg[warmup_epochs]} --image-size {params.cfg[image_size]}"
         " --compute-dtype {params.cfg[compute_dtype]} --seed {params.cfg[seed]}"
+        " --optimizer {params.cfg[optimizer]} --label-smoothing {params.cfg[label_smoothing]}"
+        " --eval-crop-fraction {params.cfg[eval_crop_fraction]}"
+        " --crop-area {params.aug[crop_area][0]} {params.aug[crop_area][1]}"
+        " --aspect-ratio {params.aug[aspect_ratio][0]} {params.aug[aspect_ratio][1]}"
+        " --scale-jitter {params.aug[scale_jitter]} --flip {params.aug[flip]}"
+        " --brightness {params.aug[brightness]} --contrast {params.aug[contrast]}"
+        " --saturation {params.aug[saturation]} --pca-lighting {params.aug[pca_lighting]}"
         " --out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"
 
 

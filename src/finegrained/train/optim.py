@@ -1,7 +1,7 @@
 """The one place that maps config to optimizer groups.
 
 Parameters are named by their '/'-joined path, the same names as
-``finegrained.models.params.flatten_state`` (``head/kernel``, ``stages/0/0/conv1/kernel``,
+``finegrained.models.params.flatten_state`` (``head/kernel``, ``stage1/0/conv1/kernel``,
 ...). ``param_groups`` is an ordered list of ``(regex, lr_mult)``; a name takes the
 multiplier of the FIRST regex that fully matches it (``re.fullmatch``), else 1.0. A
 multiplier of 0 or None freezes the group.
@@ -9,7 +9,7 @@ multiplier of 0 or None freezes the group.
 Every transfer regime is a choice of groups, e.g.::
 
     linear probe          [(r"head/.*", 1.0), (r".*", 0)]
-    frozen lower stages   [(r"(stem|stages/[01])/.*", 0)]
+    frozen lower stages   [(r"(stem|stage[12])/.*", 0)]
     per-group fine-tune   [(r"head/.*", 10.0), (r".*", 1.0)]   # or lower mults on early stages
     from scratch          []
 

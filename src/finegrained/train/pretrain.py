@@ -21,6 +21,7 @@ from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import write_json
 from finegrained.models import build_model, flatten_state
+from finegrained.models.transfer import model_options
 from finegrained.models.weights import save_weights, weights_metadata
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.loop import TrainConfig, fit
@@ -64,8 +65,9 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         stats = json.load(f)
     lighting = lighting_from_stats(stats) if cfg.augment.pca_lighting > 0 else None
 
+    options = model_options(arch, None)  # from scratch: MobileNetV2 trains with batch norm
     model = build_model(arch, num_classes, width=width, stage_depths=stage_depths,
-                        rngs=nnx.Rngs(cfg.seed))
+                        rngs=nnx.Rngs(cfg.seed), **options)
     log(f"pretrain {arch} width {width}: {len(train)} train / {len(val)} val images, "
         f"{num_classes} classes, stored {train.image_size}px -> crops {cfg.image_size}px, "
         f"{jax.device_count()} x {jax.devices()[0].platform}")
@@ -81,7 +83,7 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         source="pretrain", width=str(width),
         stage_depths=json.dumps(list(stage_depths) if stage_depths else None),
         image_size=str(cfg.image_size), input=json.dumps(recipe),
-        train_config=json.dumps(cfg.to_dict()))
+        train_config=json.dumps(cfg.to_dict()), **options)
     save_weights(out_weights, flatten_state(model), metadata=metadata)
 
     wall = time.perf_counter() - t0
