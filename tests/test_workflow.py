@@ -49,7 +49,7 @@ def test_readme_config_reference_matches_schema():
     readme = (REPO / "README.md").read_text()
     assert render_reference() in readme, (
         "README's configuration reference is stale: regenerate it with "
-        "`python scripts/config_reference.py`")
+        "`python scripts/config_reference.py --update README.md`")
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])

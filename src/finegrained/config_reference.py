@@ -44,3 +44,16 @@ def render_reference() -> str:
     lines += list(_rows(schema, schema, ""))
     lines.append(END)
     return "\n".join(lines)
+
+
+def update_readme(path) -> bool:
+    """Replace the generated block in ``path`` (between the markers); True if it changed."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:start] + render_reference() + text[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
