@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml envs/requirements.lock
 install: $(STAMP)
 
 demo: install
-	$(SNAKEMAKE) --configfile config/demo.yaml --cores $(CORES) --resources gpu=0 all
+	$(SNAKEMAKE) all --configfile config/demo.yaml --cores $(CORES)
 
 test: install
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
@@ -36,7 +36,7 @@ lint: install
 	$(SNAKEMAKE) --lint
 
 dry-run: install
-	$(SNAKEMAKE) -n --configfile config/demo.yaml --cores $(CORES) all
+	$(SNAKEMAKE) all -n --configfile config/demo.yaml --cores $(CORES)
 
 report: install
 	$(SNAKEMAKE) --configfile config/demo.yaml --report results/demo/report.html
