@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from finegrained.errors import ConfigError
-from finegrained.train.augment import AugmentConfig
+from finegrained.train.augment import AugmentConfig, center_crop
 from finegrained.train.loop import TrainConfig, evaluate, fit
 from finegrained.train.optim import build_optimizer
 from finegrained.train.steps import (StepConfig, create_train_state, make_eval_step,
@@ -69,10 +69,14 @@ def test_learns_a_tiny_problem():
     assert history[-1]["train_acc"] > history[0]["train_acc"]
     assert history[-1]["val_top1"] > 0.6, history        # chance is 0.25
     assert history[-1]["val_count"] == 100
-    # the trained state went back into the model: eval-mode logits agree with the history
+    # the trained state went back into the model: its eval-mode predictions on the same
+    # centre crops give the last epoch's validation top-1
     images, labels = val
-    logits = model(jnp.asarray(images, jnp.float32))     # eval_crop_fraction 1.0, size 24->20
-    assert logits.shape == (100, 4)
+    logits = model(center_crop(jnp.asarray(images), 20, 1.0))
+    top1 = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+    assert top1 == pytest.approx(history[-1]["val_top1"], abs=1e-6)
+    fresh = TinyNet(4, rngs=nnx.Rngs(0))
+    assert not np.array_equal(np.asarray(fresh.head.kernel[...]), np.asarray(model.head.kernel[...]))
 
 
 def test_eval_counts_every_example_once():
@@ -117,8 +121,19 @@ def test_frozen_group_is_bit_identical_and_has_no_optimizer_state():
     moved = [not np.array_equal(a, np.asarray(b)) for a, b in
              zip(jax.tree_util.tree_leaves(trained_before), jax.tree_util.tree_leaves(state.params))]
     assert all(moved)
-    # BatchNorm statistics still update in train mode (freezing is about parameters)
+    # stem_bn's own parameters train, so its statistics update in train mode
     assert not np.allclose(np.asarray(state.rest["stem_bn"]["mean"][...]), 0.0)
+
+
+def test_batch_norm_of_a_frozen_group_keeps_its_running_statistics():
+    model = TinyNet(4, rngs=nnx.Rngs(2))
+    groups = ((r"stem(_bn)?/.*", 0.0),)
+    state = create_train_state(model, base_lr=0.5, param_groups=groups)
+    state, _ = _steps(state, StepConfig(image_size=20), 3)
+    frozen_bn = state.rest["stem_bn"]
+    np.testing.assert_array_equal(np.asarray(frozen_bn["mean"][...]), 0.0)
+    np.testing.assert_array_equal(np.asarray(frozen_bn["var"][...]), 1.0)
+    assert not np.allclose(np.asarray(state.rest["stage1_bn"]["mean"][...]), 0.0)
 
 
 def test_lr_multiplier_scales_the_first_sgd_step():

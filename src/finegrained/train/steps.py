@@ -87,19 +87,34 @@ def set_compute_dtype(model: nnx.Module, dtype) -> None:
             module.dtype = dtype
 
 
+def freeze_frozen_batch_norms(model: nnx.Module, frozen: nnx.State) -> None:
+    """BatchNorm layers whose parameters are all frozen run on their running statistics and
+    do not update them: a frozen stage is frozen as a function (linear probe, frozen lower
+    stages, cached boundary activations), not re-normalised by the target data."""
+    frozen_paths = {tuple(path) for path, _ in nnx.to_flat_state(frozen)}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.BatchNorm):
+            own = [(*path, name) for name in ("scale", "bias")
+                   if getattr(module, name, None) is not None]
+            if own and all(p in frozen_paths for p in own):
+                module.use_running_average = True
+
+
 def _forward(graphdef, params, frozen, rest, images: jax.Array, *, train: bool, dtype):
     """Logits (float32) and the new non-Param state.
 
     ``copy=True`` makes fresh Variables at the current trace level (inside ``jax.grad``);
     without it flax 0.12 refuses the BatchNorm statistics update ("Cannot mutate BatchStat
     from a different trace level"). Mode and compute dtype are set on this throw-away
-    module only, so the state and graphdef in TrainState never change.
+    module only, so the state and graphdef in TrainState never change. The model
+    normalises its (float32) input itself and casts to the compute dtype afterwards.
     """
     model = nnx.merge(graphdef, params, frozen, rest, copy=True)
     model.train() if train else model.eval()
+    if train:
+        freeze_frozen_batch_norms(model, frozen)
     if dtype != jnp.float32:
         set_compute_dtype(model, dtype)
-        images = images.astype(dtype)
     logits = model(images).astype(jnp.float32)
     return logits, nnx.state(model, nnx.Not(nnx.Param))
 
