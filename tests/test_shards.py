@@ -213,3 +213,12 @@ def test_scripts_end_to_end(tmp_path, repo_root):
                     "train", "--out", str(index), str(files["out_meta"])], check=True,
                    capture_output=True)
     assert len(ShardReader(index)) == 3
+
+
+def test_gather_any_order_with_repeats(tmp_path):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    reader = ShardReader(write_split(root, manifest, tmp_path / "s", 3))
+    images, _ = reader.load_all()
+    for indices in ([0, 0, 2], [6, 1, 1, 3], [2, 3, 4], [5, 4, 3]):
+        np.testing.assert_array_equal(reader.gather(np.array(indices)), images[indices])

@@ -338,7 +338,7 @@ class ShardReader:
                 continue
             local = ordered[lo:hi] - self.offsets[shard]
             images = self.shard_arrays(shard)
-            if local[-1] - local[0] == hi - lo - 1:  # a contiguous run: slice, no fancy index
+            if np.all(np.diff(local) == 1):  # a contiguous run (no repeats): slice, no fancy index
                 out[order[lo:hi]] = images[local[0]:local[-1] + 1]
             else:
                 out[order[lo:hi]] = images[local]
