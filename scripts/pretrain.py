@@ -17,6 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--train-index", required=True, help="shard index of the training split")
     io.add_argument("--val-index", required=True, help="shard index of the validation split")
     io.add_argument("--stats", required=True, help="colour statistics JSON of the training crops")
+    io.add_argument("--classes", required=True, help="classes.parquet of the source manifests")
     io.add_argument("--out-weights", required=True, help=".safetensors to write")
     io.add_argument("--out-metrics", required=True, help="metrics JSON to write")
     m = p.add_argument_group("model")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from finegrained.train.pretrain import pretrain   # after argparse: --help stays fast
     try:
-        pretrain(args.train_index, args.val_index, args.stats, arch=args.arch,
+        pretrain(args.train_index, args.val_index, args.stats, args.classes, arch=args.arch,
                  width=args.width, stage_depths=args.stage_depths, cfg=train_config(args),
                  out_weights=args.out_weights, out_metrics=args.out_metrics,
                  log_fn=lambda s: print(s, flush=True))

@@ -46,6 +46,8 @@ def test_shared_weights_reproduce_reference_logits(shared_weights, expected, bir
     assert logits.shape == (num_classes,)
     top5 = [int(i) for i in np.argsort(-logits)[:5]]
     assert top5 == [entry["index"] for entry in reference["float_forward_top5"]]
+    print(f"{name}: max abs logit difference to the reference "
+          f"{float(np.max(np.abs(logits - want))):.2e}")
     np.testing.assert_allclose(logits, want, rtol=0, atol=ATOL)
     # float pixels on the 0..255 scale (what augmentation produces) give the same answer
     np.testing.assert_allclose(np.asarray(model(bird.astype(np.float32)))[0], logits,

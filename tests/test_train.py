@@ -217,6 +217,17 @@ def _write_split(root, name, images, labels, class_names):
     return path
 
 
+def _write_classes(path, names):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from finegrained.data.readers import CLASSES_SCHEMA
+    n = len(names)
+    pq.write_table(pa.table({
+        "label": list(range(n)), "class_id": list(range(1, n + 1)), "name": names,
+        "common_name": names, "ancestor_ids": [[]] * n, "ancestor_names": [[]] * n,
+        "depth": [0] * n}, schema=CLASSES_SCHEMA), path)
+
+
 @pytest.fixture(scope="module")
 def pretrain_script():
     import importlib.util
@@ -235,6 +246,8 @@ def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
     names = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
     train = _write_split(tmp_path / "shards", "train", *coloured_squares(48, seed=7), names)
     val = _write_split(tmp_path / "shards", "val", *coloured_squares(10, seed=8), names)
+    classes = tmp_path / "classes.parquet"
+    _write_classes(classes, names)
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"mean": [120.0] * 3, "std": [40.0] * 3,
                                  "eigenvalues": [900.0, 50.0, 10.0],
@@ -242,7 +255,7 @@ def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
     out_w, out_m = tmp_path / "pre" / "weights.safetensors", tmp_path / "pre" / "metrics.json"
     rc = pretrain_script.main([
         "--train-index", str(train), "--val-index", str(val), "--stats", str(stats),
-        "--arch", "resnet18", "--width", "4", "--stage-depths", "1", "1", "1", "1",
+        "--classes", str(classes), "--arch", "resnet18", "--width", "4", "--stage-depths", "1", "1", "1", "1",
         "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--image-size", "16",
         "--warmup-epochs", "0", "--num-devices", "1",
         "--out-weights", str(out_w), "--out-metrics", str(out_m)])

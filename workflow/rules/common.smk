@@ -2,9 +2,14 @@
 
 from pathlib import Path
 
-from finegrained.config import validate_config
+from finegrained.config import load_schema, validate_config
 
-validate_config(config)
+validate_config(config, load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"))
+
+# Jobs import the library from this checkout, also inside the per-family conda
+# environments (envs/*.yaml hold only the third-party packages).
+# (The prefix is formatted like a shell command: {{ }} are literal braces.)
+shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 SPLITS = ["train", "val", "test"]
 DATASETS = ["target", "source"]

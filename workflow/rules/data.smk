@@ -19,7 +19,7 @@ rule demo_dataset:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script} --out {output} --variant {wildcards.dataset}"
+        "python {input.script:q} --out {output} --variant {wildcards.dataset}"
         " --num-classes {params.demo[num_classes]} --train-per-class {params.demo[train_per_class]}"
         " --test-per-class {params.demo[test_per_class]} --min-side {params.demo[min_side]}"
         " --max-side {params.demo[max_side]} --seed {params.demo[seed]} > {log} 2>&1"
@@ -51,7 +51,7 @@ rule manifests:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script} --format {params.cfg[format]} --root {input.root}"
+        "python {input.script:q} --format {params.cfg[format]} --root {input.root:q}"
         " --out-dir {params.out_dir} --val-fraction {params.cfg[val_fraction]}"
         " --seed {params.cfg[split_seed]} --on-bad-image {params.cfg[on_bad_image]}"
         " {params.check_files} > {log} 2>&1"
@@ -81,7 +81,7 @@ rule crop_shard:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script} --manifest {input.manifest} --root {input.root}"
+        "python {input.script:q} --manifest {input.manifest} --root {input.root:q}"
         " --shard {wildcards.shard} --num-shards {params.num_shards} --size {params.crop[size]}"
         " --margin {params.crop[margin]} --aspect {params.crop[aspect]}"
         " --format {params.shards[format]} --codec {params.shards[codec]}"
@@ -106,7 +106,7 @@ rule shard_index:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script} --split {wildcards.split} --out {output} {input.metas} > {log} 2>&1"
+        "python {input.script:q} --split {wildcards.split} --out {output} {input.metas} > {log} 2>&1"
 
 
 rule channel_stats:
@@ -126,7 +126,7 @@ rule channel_stats:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script} --index {input.index} --out {output} > {log} 2>&1"
+        "python {input.script:q} --index {input.index} --out {output} > {log} 2>&1"
 
 
 rule data:

@@ -21,7 +21,7 @@ rule fetch_weights:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script} --url {params.url} --sha256 {params.sha256} --out {output} > {log} 2>&1"
+        "python {input.script:q} --url {params.url:q} --sha256 {params.sha256} --out {output:q} > {log:q} 2>&1"
 
 
 rule pretrain:
@@ -30,6 +30,7 @@ rule pretrain:
         train=results("data/source/shards/train/index.json"),
         val=results("data/source/shards/val/index.json"),
         stats=results("data/source/stats.json"),
+        classes=results("data/source/manifest/classes.parquet"),
     output:
         weights=results("pretrain/weights.safetensors"),
         metrics=results("pretrain/metrics.json"),
@@ -53,8 +54,8 @@ rule pretrain:
     conda:
         "../../envs/jax.yaml"
     shell:
-        "python {input.script} --train-index {input.train} --val-index {input.val}"
-        " --stats {input.stats} --arch {params.backbone[arch]} --width {params.backbone[width]}"
+        "python {input.script:q} --train-index {input.train} --val-index {input.val}"
+        " --stats {input.stats} --classes {input.classes} --arch {params.backbone[arch]} --width {params.backbone[width]}"
         " {params.depths} --epochs {params.cfg[epochs]} --batch-size {params.cfg[batch_size]}"
         " --lr {params.cfg[lr]} --weight-decay {params.cfg[weight_decay]}"
         " --warmup-epochs {params.cfg[warmup_epochs]} --image-size {params.cfg[image_size]}"
@@ -74,6 +75,7 @@ rule init_target_model:
         script=script_path("init_model.py"),
         classes=results("data/target/manifest/classes.parquet"),
         weights=lambda wc: backbone_weights_file() or [],
+        source_names=lambda wc: config["backbone"]["source_class_names"] or [],
     output:
         weights=results("weights/init.safetensors"),
         report=results("weights/init_report.json"),
@@ -84,14 +86,12 @@ rule init_target_model:
             if config["backbone"]["stage_depths"]
             else ""
         ),
-        weights=lambda wc, input: f"--weights {input.weights}" if input.weights else "",
-        names=(
-            f"--source-class-names {config['backbone']['source_class_names']}"
-            if config["backbone"]["source_class_names"]
-            else ""
+        weights=lambda wc, input: f"--weights '{input.weights}'" if input.weights else "",
+        names=lambda wc, input: (
+            f"--source-class-names '{input.source_names}'" if input.source_names else ""
         ),
         match="--init-from-source-names" if config["head"]["init_from_source_names"] else "",
-        seed=config["pretrain"]["seed"],
+        seed=config["head"]["seed"],
     log:
         results("logs/init_target_model.log"),
     benchmark:
@@ -103,7 +103,7 @@ rule init_target_model:
     conda:
         "../../envs/jax.yaml"
     shell:
-        "python {input.script} --arch {params.backbone[arch]} --width {params.backbone[width]}"
+        "python {input.script:q} --arch {params.backbone[arch]} --width {params.backbone[width]}"
         " {params.depths} --classes {input.classes} {params.weights} {params.names} {params.match}"
         " --seed {params.seed} --out-weights {output.weights} --out-report {output.report} > {log} 2>&1"
 

@@ -175,6 +175,12 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
     return table
 
 
+def class_names(path: str | os.PathLike) -> list[str]:
+    """Common names of the classes of ``classes.parquet``, index = label: the names a
+    classifier's outputs carry (weights metadata, name matching)."""
+    return read_classes(path).column("common_name").to_pylist()
+
+
 def read_classes(path: str | os.PathLike) -> pa.Table:
     """Read ``classes.parquet``: the leaf classes, row i = label i."""
     table = pq.read_table(path)

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import pyarrow.parquet as pq
 from flax import nnx
+
+from finegrained.data.manifest import class_names
 
 from finegrained.errors import WeightsError
 from finegrained.fileio import write_json
@@ -73,6 +73,9 @@ def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
     tensors = to_flat(read_tensors(weights), arch)
     report["load"] = load_pretrained(model, tensors, arch=arch, replace_head=True)
     if init_from_source_names:
+        if "head/kernel" not in tensors or "head/bias" not in tensors:
+            raise WeightsError(f"{weights}: no classifier (head/kernel, head/bias) to "
+                               f"initialise rows from")
         names = source_class_names(weights, source_names_file)
         if len(names) != tensors["head/bias"].shape[0]:
             raise WeightsError(f"{len(names)} source class names for a source classifier "
@@ -91,11 +94,9 @@ def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
 
 def write_target_init(classes_path: str | os.PathLike, out_weights: str | os.PathLike,
                       out_report: str | os.PathLike, **kwargs) -> dict:
-    """``init_target_model`` for the classes of a manifest's classes.parquet; writes the
+    """``init_target_model`` for the classes of the manifests' classes.parquet; writes the
     initial weights (safetensors, with class names in the metadata) and a JSON report."""
-    classes = pq.read_table(classes_path).to_pydict()
-    order = np.argsort(classes["label"])
-    names = [classes["common_name"][i] for i in order]
+    names = class_names(classes_path)
     model, report = init_target_model(class_names=names, **kwargs)
     options = model_options(kwargs["arch"], kwargs.get("weights"))
     save_weights(out_weights, flatten_state(model), metadata=weights_metadata(

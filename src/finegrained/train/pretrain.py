@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import write_json
@@ -27,40 +28,24 @@ from finegrained.train.augment import lighting_from_stats
 from finegrained.train.loop import TrainConfig, fit
 
 
-def class_names_by_label(*readers: ShardReader) -> list[str]:
-    """``names[label]`` from the readers' ``class_name`` metadata column; labels must be
-    0..K-1 and every label must carry one name."""
-    names: dict[int, str] = {}
-    for reader in readers:
-        meta = reader.meta
-        if "class_name" not in meta.column_names:
-            raise DataError(reader.index_path, "shard metadata has no class_name column")
-        for label, name in zip(meta.column("label").to_pylist(),
-                               meta.column("class_name").to_pylist()):
-            if names.setdefault(int(label), name) != name:
-                raise DataError(reader.index_path, f"label {label} has two class names",
-                                value=(names[int(label)], name))
-    if not names:
-        raise DataError(readers[0].index_path, "no images")
-    missing = sorted(set(range(max(names) + 1)) - set(names))
-    if missing or min(names) < 0:
-        raise DataError(readers[0].index_path,
-                        f"labels are not 0..{max(names)}: missing {missing[:10]}")
-    return [names[i] for i in range(len(names))]
-
-
 def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
-             stats_json: str | os.PathLike, *, arch: str, width: int, cfg: TrainConfig,
+             stats_json: str | os.PathLike, classes: str | os.PathLike, *, arch: str,
+             width: int, cfg: TrainConfig,
              out_weights: str | os.PathLike, out_metrics: str | os.PathLike,
              stage_depths: Sequence[int] | None = None,
              log_fn: Callable[[str], None] | None = print) -> dict:
     """Train ``arch`` from scratch on ``train_index``, validate on ``val_index``; write the
-    weights and a metrics JSON; return the metrics."""
+    weights (class names from the manifests' ``classes`` table, one output per class even
+    if every image of a class was skipped) and a metrics JSON; return the metrics."""
     t0 = time.perf_counter()
     log = log_fn or (lambda _: None)
     train, val = ShardReader(train_index), ShardReader(val_index)
-    class_names = class_names_by_label(train, val)
+    class_names = manifest_class_names(classes)
     num_classes = len(class_names)
+    for reader in (train, val):
+        if len(reader) and int(reader.labels.max()) >= num_classes:
+            raise DataError(reader.index_path, f"label {int(reader.labels.max())} is not one "
+                            f"of the {num_classes} classes of {classes}")
     with open(stats_json) as f:
         stats = json.load(f)
     lighting = lighting_from_stats(stats) if cfg.augment.pca_lighting > 0 else None
