@@ -11,6 +11,9 @@ CORES ?= 2
 # Test-only reference implementation for the ResNet weight-conversion tests.
 # `make test TORCH=` skips it (those tests then skip).
 TORCH ?= torch==2.13.0
+# Where pip looks for it; e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on a machine
+# whose default index would bring the CUDA build.
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint dry-run report bench clean-demo
@@ -28,7 +31,7 @@ demo: install
 	$(SNAKEMAKE) all --configfile config/demo.yaml --cores $(CORES)
 
 test: install
-	@if [ -n "$(TORCH)" ]; then $(PIP) install -q "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
+	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
 	$(PY) -m pytest -q tests
 
 lint: install

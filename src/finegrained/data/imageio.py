@@ -115,7 +115,7 @@ def _draft_scale(im: Image.Image, window_wh: tuple[int, int], size: int) -> int:
     Returns the chosen factor (1, 2, 4 or 8); 1 for other formats or when not worth it.
     """
     long_side = max(window_wh)
-    if im.format != "JPEG" or long_side < 2 * size:
+    if im.format not in ("JPEG", "MPO") or long_side < 2 * size:  # MPO: camera JPEGs
         return 1
     stored_w, stored_h = im.size
     # Pillow picks the largest factor f in {8, 4, 2, 1} with f <= stored // requested.
