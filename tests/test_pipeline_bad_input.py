@@ -1,0 +1,81 @@
+"""The data phase of the workflow on a dataset with one corrupt photo: `error` stops with
+the file named and no shard of that split written; `skip` drops it and reports it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from finegrained.data.demo import generate_demo_dataset
+from finegrained.data.shards import ShardReader
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corrupt_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "birds"
+    generate_demo_dataset(root, variant="target", num_classes=2, train_per_class=4,
+                          test_per_class=2, min_side=64, max_side=80, seed=5)
+    lines = (root / "images.txt").read_text().split("\n")
+    split = dict(line.split() for line in (root / "train_test_split.txt").read_text().split("\n")
+                 if line)
+    image_id, rel = next(line.split() for line in lines if line and split[line.split()[0]] == "0")
+    photo = root / "images" / rel
+    photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 3])  # truncated JPEG
+    return root, image_id, rel
+
+
+def _run_data(workdir: Path, root: Path, on_bad_image: str, fmt: str):
+    config = {"run_name": "bad", "dataset": {"format": "nabirds", "root": str(root),
+                                             "on_bad_image": on_bad_image, "val_fraction": 0.25},
+              "crop": {"size": 32}, "shards": {"format": fmt,
+                                               "num_shards": {"train": 1, "val": 1, "test": 2}}}
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+         "data", "--configfile", str(configfile), "--cores", "2", "--keep-going"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_error_names_the_file_and_writes_no_partial_shard(corrupt_dataset, tmp_path):
+    root, image_id, rel = corrupt_dataset
+    proc = _run_data(tmp_path, root, "error", "npy")
+    assert proc.returncode != 0
+    test_dir = tmp_path / "results" / "bad" / "data" / "target" / "shards" / "test"
+    logs = "".join(p.read_text() for p in (tmp_path / "results" / "bad" / "logs" / "crop_shard"
+                                           / "target" / "test").glob("*.log"))
+    assert f"{rel}: cannot decode image: image file is truncated" in logs
+    assert not (test_dir / "index.json").exists()
+    # only the shard without the corrupt photo exists (complete); no temporary files
+    written = sorted(p.name for p in test_dir.iterdir())
+    assert written == ["shard-00000.npy", "shard-00000.parquet", "shard-00000.skipped.json"] \
+        or written == ["shard-00001.npy", "shard-00001.parquet", "shard-00001.skipped.json"]
+    meta = pq.read_table(test_dir / written[1])
+    assert meta.num_rows == 2 and image_id not in meta.column("image_id").to_pylist()
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_skip_reports_the_image_and_keeps_the_rest(corrupt_dataset, tmp_path, fmt):
+    root, image_id, rel = corrupt_dataset
+    proc = _run_data(tmp_path, root, "skip", fmt)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = tmp_path / "results" / "bad" / "data" / "target"
+    index = json.loads((data / "shards" / "test" / "index.json").read_text())
+    assert index["num_skipped"] == 1 and index["count"] == 3
+    assert index["skipped"][0]["image_id"] == image_id
+    assert index["skipped"][0]["path"] == f"images/{rel}"
+    assert "truncated" in index["skipped"][0]["reason"]
+    images, labels = ShardReader(data / "shards" / "test" / "index.json").load_all()
+    assert images.shape == (3, 32, 32, 3) and len(labels) == 3
+    manifest = pq.read_table(data / "manifest" / "test.parquet")
+    assert manifest.num_rows == 4   # the manifest lists it; the crop phase dropped it
