@@ -69,8 +69,10 @@ def train_resources(key):
     return config["resources"]["train"][key]
 
 
-def uses_pretrain():
-    return config["backbone"]["weights"] == "pretrain"
+def stage_depths_arg():
+    """The --stage-depths option of the model scripts, empty for the standard depths."""
+    depths = config["backbone"]["stage_depths"]
+    return f"--stage-depths {' '.join(map(str, depths))}" if depths else ""
 
 
 def backbone_weights_file():

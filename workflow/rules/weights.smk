@@ -36,11 +36,7 @@ rule pretrain:
         metrics=results("pretrain/metrics.json"),
     params:
         backbone=config["backbone"],
-        depths=(
-            "--stage-depths " + " ".join(map(str, config["backbone"]["stage_depths"]))
-            if config["backbone"]["stage_depths"]
-            else ""
-        ),
+        depths=stage_depths_arg(),
         cfg=config["pretrain"],
         aug=config["pretrain"]["augment"],
     log:
@@ -81,11 +77,7 @@ rule init_target_model:
         report=results("weights/init_report.json"),
     params:
         backbone=config["backbone"],
-        depths=(
-            "--stage-depths " + " ".join(map(str, config["backbone"]["stage_depths"]))
-            if config["backbone"]["stage_depths"]
-            else ""
-        ),
+        depths=stage_depths_arg(),
         weights=lambda wc, input: f"--weights '{input.weights}'" if input.weights else "",
         names=lambda wc, input: (
             f"--source-class-names '{input.source_names}'" if input.source_names else ""
