@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from finegrained.data.imageio import load_crop
+from finegrained.data.manifest import MANIFEST_SCHEMA
 from finegrained.data.shards import (ShardReader, shard_rows, sibling_paths, write_shard,
                                      write_split_index)
 from finegrained.errors import DataError
@@ -49,14 +50,8 @@ def make_dataset(root, n=7, bad=None):
                      "class_name": f"bird {i % 3}", "bbox_x": box[0], "bbox_y": box[1],
                      "bbox_w": box[2], "bbox_h": box[3], "width": w if i % 2 else None,
                      "height": h if i % 2 else None, "photographer": None, "split": "train"})
-    schema = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("label", pa.int32()),
-                        ("class_id", pa.int64()), ("class_name", pa.string()),
-                        ("bbox_x", pa.float64()), ("bbox_y", pa.float64()),
-                        ("bbox_w", pa.float64()), ("bbox_h", pa.float64()),
-                        ("width", pa.int32()), ("height", pa.int32()),
-                        ("photographer", pa.string()), ("split", pa.string())])
     manifest = root / "manifest.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), manifest)
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), manifest)
     return manifest, rows
 
 

@@ -167,8 +167,12 @@ def prepare_manifests(fmt: str, root: str | os.PathLike, out_dir: str | os.PathL
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:
-    """Read one split manifest written by :func:`write_manifests`."""
-    table = pq.read_table(path)
+    """Read one split manifest written by :func:`write_manifests` (the one manifest reader:
+    the crop phase reads through it too)."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(path, f"cannot read manifest: {exc}") from exc
     if not table.schema.equals(MANIFEST_SCHEMA):
         raise DataError(path, "not a split manifest (unexpected columns)",
                         value=", ".join(table.schema.names))

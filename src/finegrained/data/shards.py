@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from finegrained.data.imageio import load_crop
+from finegrained.data.manifest import read_manifest
 from finegrained.errors import DataError
 from finegrained.fileio import atomic_output, sha256_file, write_json
 
@@ -77,7 +78,7 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
                          f"on_bad_image={on_bad_image!r}")
     if (fmt == "npy") != (out_images is not None):
         raise ValueError("out_images is required for fmt='npy' and not used for 'parquet'")
-    manifest = _read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     start, stop = shard_rows(manifest.num_rows, shard_index, num_shards)
     rows = manifest.slice(start, stop - start)
     settings = {"size": int(size), "margin": float(margin), "aspect": aspect, "format": fmt,
@@ -122,18 +123,6 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
         pq.write_table(meta.replace_schema_metadata(schema_meta), tmp_meta)
         tmp_skipped.write_text(json.dumps(skipped, indent=2) + "\n")
     return {"count": len(kept), "skipped": len(skipped), **settings}
-
-
-def _read_manifest(path: str | os.PathLike) -> pa.Table:
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(path, f"cannot read manifest: {exc}") from exc
-    missing = {"image_id", "path", "label", "bbox_x", "bbox_y", "bbox_w", "bbox_h"} - set(
-        table.column_names)
-    if missing:
-        raise DataError(path, f"manifest lacks columns {sorted(missing)}")
-    return table
 
 
 def _crop_row(row: dict, dataset_root, size: int, margin: float, aspect: str) -> np.ndarray:
