@@ -12,10 +12,13 @@ wildcard_constraints:
     dataset="|".join(DATASETS),
     split="|".join(SPLITS),
     shard=r"\d{5}",
+    regime="|".join(REGIMES),
+    variant=VARIANT_PATTERN,
 
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/weights.smk"
+include: "workflow/rules/train.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -26,3 +29,4 @@ rule all:
     input:
         rules.data.input,
         rules.weights.input,
+        rules.train.input,

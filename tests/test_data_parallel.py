@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     from finegrained.train.augment import AugmentConfig
     from finegrained.train.loop import evaluate
     from finegrained.train.sharding import make_mesh, replicate, shard_batch
-    from finegrained.train.steps import (StepConfig, create_train_state, make_eval_step,
+    from finegrained.train.steps import (StepConfig, create_train_state, make_eval_metrics_step,
                                          make_train_step)
 
     assert jax.device_count() == 4, jax.devices()
@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == n
         results[n] = (jax.device_get((new_state.params, new_state.rest)),
                       float(metrics["loss"]))
-        ev = evaluate(new_state, coloured_squares(13, seed=2), make_eval_step(cfg, mesh=mesh),
+        ev = evaluate(new_state, coloured_squares(13, seed=2), make_eval_metrics_step(cfg, mesh=mesh),
                       batch_size=8, mesh=mesh)
         assert ev["count"] == 13, ev
         results[n] += (ev["top1"],)

@@ -32,6 +32,13 @@ TINY = {
                              "min_side": 64, "max_side": 96, "seed": 4}},
         "epochs": 2, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0, "image_size": 32,
         "compute_dtype": "float32"},
+    "train": {"image_size": 32, "compute_dtype": "float32", "log_every_steps": 0},
+    "regime_settings": {
+        "linear_probe": {"l2_grid": [0.001, 0.1], "lbfgs_max_iter": 50},
+        "partial_finetune": {"epochs": 1, "batch_size": 8},
+        "full_finetune": {"epochs": 1, "batch_size": 8},
+        "two_stage": {"head_epochs": 1, "epochs": 1, "batch_size": 8},
+        "scratch": {"epochs": 1, "batch_size": 8}},
     "resources": {"train": {"threads": 2, "mem_mb": 4000, "gpu": 0}},
 }
 
@@ -89,3 +96,39 @@ def test_pretrained_weights_flow_into_the_target_model(tiny_run):
     assert report["load"]["loaded"] == len(body)
     metrics = json.loads((tiny_run / "pretrain" / "metrics.json").read_text())
     assert len(metrics["history"]) == 2
+
+
+@pytest.mark.parametrize("regime", ["linear_probe", "partial_finetune", "full_finetune",
+                                    "two_stage", "scratch"])
+def test_every_regime_writes_weights_history_and_summary(tiny_run, regime):
+    out = tiny_run / "train" / regime
+    summary = json.loads((out / "summary.json").read_text())
+    history = pq.read_table(out / "history.parquet").to_pylist()
+    assert summary["regime"] == regime and len(summary["config_hash"]) == 64
+    assert summary["best_epoch"] in [row["epoch"] for row in history]
+    best_rows = [r for r in history if r["phase"] == summary["best_phase"]
+                 and r["epoch"] == summary["best_epoch"]]
+    assert best_rows[0]["val_top1"] == summary["best_val_top1"]
+    assert summary["best_val_top1"] == max(r["val_top1"] for r in history)
+    columns = set(history[0])
+    assert {"epoch", "phase", "train_loss", "train_top1", "val_loss", "val_top1"} <= columns
+    if regime != "linear_probe":
+        assert {"step", "lr", "images_per_second", "seconds", "input_wait_fraction"} <= columns
+    tensors = read_tensors(out / "weights.safetensors")
+    assert tensors["head/kernel"].shape[1] == 3
+    assert not (tiny_run / "checkpoints" / regime).exists()     # removed after success
+
+
+def test_frozen_regimes_keep_the_pretrained_backbone(tiny_run):
+    init = read_tensors(tiny_run / "weights" / "init.safetensors")
+    probe = read_tensors(tiny_run / "train" / "linear_probe" / "weights.safetensors")
+    partial = read_tensors(tiny_run / "train" / "partial_finetune" / "weights.safetensors")
+    for name, value in init.items():
+        if not name.startswith("head/"):
+            np.testing.assert_array_equal(probe[name], value, err_msg=name)
+        if name.split("/")[0] in ("stem", "stage1", "stage2", "stage3"):
+            np.testing.assert_array_equal(partial[name], value, err_msg=name)
+    assert not np.array_equal(probe["head/kernel"], init["head/kernel"])
+    assert not np.array_equal(partial["stage4/0/conv1/kernel"], init["stage4/0/conv1/kernel"])
+    index = json.loads((tiny_run / "features" / "train" / "index.json").read_text())
+    assert {"stage3", "stage4", "stage3:map"} <= set(index["layers"])

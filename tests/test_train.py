@@ -17,7 +17,8 @@ from finegrained.errors import ConfigError
 from finegrained.train.augment import AugmentConfig, center_crop
 from finegrained.train.loop import TrainConfig, evaluate, fit
 from finegrained.train.optim import build_optimizer
-from finegrained.train.steps import (StepConfig, create_train_state, make_eval_step,
+from finegrained.train.steps import (StepConfig, create_train_state, make_eval_metrics_step,
+                                     make_eval_step,
                                      make_train_step)
 
 
@@ -56,17 +57,17 @@ def coloured_squares(n: int, size: int = 24, classes: int = 4, seed: int = 0):
 SMALL = TrainConfig(epochs=3, batch_size=32, base_lr=0.05, schedule="cosine", warmup_epochs=0,
                     weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
                     augment=AugmentConfig(crop_area=(0.6, 1.0), flip=0.5), seed=0,
-                    num_devices=1)
+                    num_devices=1, compute_dtype="float32", log_every_steps=0)
 
 
 def test_learns_a_tiny_problem():
     train = coloured_squares(320, seed=0)
     val = coloured_squares(100, seed=1)
     model = TinyNet(4, rngs=nnx.Rngs(0))
-    history = fit(model, train, val, SMALL, log_fn=None)
+    history = fit(model, train, val, SMALL, log_fn=None).history
     assert len(history) == 3
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], history
-    assert history[-1]["train_acc"] > history[0]["train_acc"]
+    assert history[-1]["train_top1"] > history[0]["train_top1"]
     assert history[-1]["val_top1"] > 0.6, history        # chance is 0.25
     assert history[-1]["val_count"] == 100
     # the trained state went back into the model: its eval-mode predictions on the same
@@ -85,7 +86,8 @@ def test_eval_counts_every_example_once():
     cfg = StepConfig(image_size=20, eval_crop_fraction=1.0)
     state = create_train_state(model, base_lr=0.1)
     eval_step = make_eval_step(cfg)
-    result = evaluate(state, (images, labels), eval_step, batch_size=8)   # 4 full + 5 of 8
+    result = evaluate(state, (images, labels), make_eval_metrics_step(cfg),
+                      batch_size=8)   # 4 full + 5 of 8
     assert result["count"] == 37
     full = np.asarray(eval_step(state, {"image": images, "label": labels}))
     assert result["top1"] == pytest.approx(np.mean(full.argmax(-1) == labels))
@@ -253,17 +255,25 @@ def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
                                  "eigenvalues": [900.0, 50.0, 10.0],
                                  "eigenvectors": np.eye(3).tolist(), "num_images": 48}))
     out_w, out_m = tmp_path / "pre" / "weights.safetensors", tmp_path / "pre" / "metrics.json"
+    from finegrained.config import load_config
+    from finegrained.train.regimes import pretrain_settings
+    config = load_config(overrides={"backbone": {"arch": "resnet18", "width": 4,
+                                                 "stage_depths": [1, 1, 1, 1]},
+                                    "pretrain": {"epochs": 1, "batch_size": 16, "lr": 0.05,
+                                                 "image_size": 16, "warmup_epochs": 0,
+                                                 "num_devices": 1, "compute_dtype": "float32"}})
+    settings = pretrain_settings(config)
     rc = pretrain_script.main([
-        "--train-index", str(train), "--val-index", str(val), "--stats", str(stats),
-        "--classes", str(classes), "--arch", "resnet18", "--width", "4", "--stage-depths", "1", "1", "1", "1",
-        "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--image-size", "16",
-        "--warmup-epochs", "0", "--num-devices", "1",
+        "--settings", json.dumps(settings), "--train-index", str(train),
+        "--val-index", str(val), "--stats", str(stats), "--classes", str(classes),
+        "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--out-weights", str(out_w), "--out-metrics", str(out_m)])
     assert rc == 0
     metrics = json.loads(out_m.read_text())
     assert metrics["num_classes"] == 4 and len(metrics["history"]) == 1
     assert metrics["history"][0]["val_count"] == 10
     assert metrics["train_images_per_second"] > 0 and metrics["wall_seconds"] > 0
+    assert not (tmp_path / "ckpt").exists()      # removed after success
     meta = read_metadata(out_w)
     assert meta["arch"] == "resnet18" and meta["source"] == "pretrain"
     assert json.loads(meta["class_names"]) == names and meta["width"] == "4"

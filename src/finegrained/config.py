@@ -31,12 +31,25 @@ def _validator_with_defaults(schema: dict):
     def set_defaults(validator, properties, instance, subschema):
         if isinstance(instance, dict):
             for name, prop in properties.items():
-                if "default" in prop and name not in instance:
+                if "default" not in prop:
+                    continue
+                if name not in instance:
                     instance[name] = copy.deepcopy(prop["default"])
+                elif isinstance(instance[name], dict) and isinstance(prop["default"], dict):
+                    # An object default is a preset: keys the user left out keep its values.
+                    _fill_missing(instance[name], prop["default"])
         yield from validate_properties(validator, properties, instance, subschema)
 
     cls = jsonschema.validators.extend(base, {"properties": set_defaults})
     return cls(schema)
+
+
+def _fill_missing(instance: dict, preset: Mapping) -> None:
+    for key, value in preset.items():
+        if key not in instance:
+            instance[key] = copy.deepcopy(value)
+        elif isinstance(instance[key], dict) and isinstance(value, Mapping):
+            _fill_missing(instance[key], value)
 
 
 def _dotted(path) -> str:

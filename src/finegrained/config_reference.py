@@ -26,16 +26,20 @@ def _type_of(node: dict) -> str:
     return " or ".join(t) if isinstance(t, list) else t
 
 
-def _rows(schema: dict, node: dict, prefix: str):
+def _rows(schema: dict, node: dict, prefix: str, preset: dict | None = None):
+    """One table row per key; ``preset`` is an enclosing object's default, whose values
+    replace the defaults of the keys it names (the regime presets)."""
+    preset = preset or {}
     for name, prop in node.get("properties", {}).items():
         prop = _resolve(schema, prop)
         key = f"{prefix}{name}"
         is_object = "properties" in prop
-        default = "" if is_object else f"`{json.dumps(prop.get('default'))}`"
+        value = preset[name] if name in preset else prop.get("default")
+        default = "" if is_object else f"`{json.dumps(value)}`"
         description = " ".join(str(prop.get("description", "")).split())
         yield f"| `{key}` | {'' if is_object else _type_of(prop)} | {default} | {description} |"
         if is_object:
-            yield from _rows(schema, prop, key + ".")
+            yield from _rows(schema, prop, key + ".", value if isinstance(value, dict) else None)
 
 
 def render_reference() -> str:

@@ -85,3 +85,43 @@ def backbone_weights_file():
     if weights.startswith(("http://", "https://")):
         return f"resources/weights/{Path(weights.split('?')[0]).name}"
     return weights
+
+
+# ---------------------------------------------------------------------------- training
+
+import json as _json
+
+from finegrained.train import regimes as _regimes
+
+
+def train_job_settings(wildcards):
+    """The resolved settings of one train job, as the JSON the script reads. Every default
+    comes from the schema; a changed value changes this string and reruns the job."""
+    return _json.dumps(_regimes.job_settings(config, wildcards.regime, wildcards.variant),
+                       sort_keys=True)
+
+
+def feature_job_settings(wildcards):
+    return _json.dumps(_regimes.feature_settings(config, wildcards.split), sort_keys=True)
+
+
+def pretrain_job_settings():
+    return _json.dumps(_regimes.pretrain_settings(config), sort_keys=True)
+
+
+def train_inputs(wildcards):
+    """Init weights for pretrained regimes; the feature cache for cached ones."""
+    settings = _regimes.job_settings(config, wildcards.regime, wildcards.variant)
+    inputs = {}
+    if settings["init"] == "pretrained":
+        inputs["init"] = results("weights/init.safetensors")
+    if _regimes.uses_cache(config, wildcards.regime, wildcards.variant):
+        inputs["features"] = [results(f"features/{split}/index.json") for split in ("train", "val")]
+    return inputs
+
+
+def train_dir(regime, variant=""):
+    return results(f"train/{regime}{variant}")
+
+REGIMES = list(_regimes.REGIMES)
+VARIANT_PATTERN = _regimes.VARIANT_PATTERN

@@ -35,10 +35,8 @@ rule pretrain:
         weights=results("pretrain/weights.safetensors"),
         metrics=results("pretrain/metrics.json"),
     params:
-        backbone=config["backbone"],
-        depths=stage_depths_arg(),
-        cfg=config["pretrain"],
-        aug=config["pretrain"]["augment"],
+        settings=pretrain_job_settings(),
+        checkpoints=results("checkpoints/pretrain"),
     log:
         results("logs/pretrain.log"),
     benchmark:
@@ -50,20 +48,10 @@ rule pretrain:
     conda:
         "../../envs/jax.yaml"
     shell:
-        "python {input.script:q} --train-index {input.train} --val-index {input.val}"
-        " --stats {input.stats} --classes {input.classes} --arch {params.backbone[arch]} --width {params.backbone[width]}"
-        " {params.depths} --epochs {params.cfg[epochs]} --batch-size {params.cfg[batch_size]}"
-        " --lr {params.cfg[lr]} --weight-decay {params.cfg[weight_decay]}"
-        " --warmup-epochs {params.cfg[warmup_epochs]} --image-size {params.cfg[image_size]}"
-        " --compute-dtype {params.cfg[compute_dtype]} --seed {params.cfg[seed]}"
-        " --optimizer {params.cfg[optimizer]} --label-smoothing {params.cfg[label_smoothing]}"
-        " --eval-crop-fraction {params.cfg[eval_crop_fraction]}"
-        " --crop-area {params.aug[crop_area][0]} {params.aug[crop_area][1]}"
-        " --aspect-ratio {params.aug[aspect_ratio][0]} {params.aug[aspect_ratio][1]}"
-        " --scale-jitter {params.aug[scale_jitter]} --flip {params.aug[flip]}"
-        " --brightness {params.aug[brightness]} --contrast {params.aug[contrast]}"
-        " --saturation {params.aug[saturation]} --pca-lighting {params.aug[pca_lighting]}"
-        " --out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"
+        "python {input.script:q} --settings {params.settings:q} --train-index {input.train:q}"
+        " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
+        " --checkpoint-dir {params.checkpoints:q} --out-weights {output.weights:q}"
+        " --out-metrics {output.metrics:q} > {log:q} 2>&1"
 
 
 rule init_target_model:

@@ -238,8 +238,11 @@ def _relative(path: Path, base: Path) -> str:
 class ShardReader:
     """Read a split's shards through its index: labels, metadata, images and batches.
 
-    Images of format 'npy' are memory-mapped, so opening a split costs nothing and batches
-    read only the rows they need. Format 'parquet' shards are decoded in full on first use.
+    Images of format 'npy' are memory-mapped (each shard opened once per reader), so opening
+    a split costs nothing and batches read only the rows they need. Format 'parquet' shards
+    keep their encoded column (the compact on-disk size) once read and decode only the rows
+    a batch asks for, so decoded pixels of a whole split are never held in memory; the
+    training loop calls :meth:`gather` on its input thread, so decoding overlaps the steps.
     """
 
     def __init__(self, index_path: str | os.PathLike, *, verify: bool = False):
@@ -270,7 +273,8 @@ class ShardReader:
         counts = [int(s["count"]) for s in self.index["shards"]]
         #: offsets[i] is the global index of shard i's first image; offsets[-1] == len(self).
         self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self._decoded: dict[int, np.ndarray] = {}
+        self._mmaps: dict[int, np.ndarray] = {}
+        self._encoded: dict[int, pa.Array] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -296,19 +300,28 @@ class ShardReader:
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
     def shard_arrays(self, i: int) -> np.ndarray:
-        """uint8 ``[count, S, S, 3]`` images of shard ``i`` (memory-mapped for 'npy')."""
-        count = int(self.offsets[i + 1] - self.offsets[i])
+        """uint8 ``[count, S, S, 3]`` images of shard ``i`` (memory-mapped for 'npy';
+        decoded in full for 'parquet', which :meth:`gather` avoids)."""
         if self.format == "npy":
-            if count == 0:
-                return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
-            return np.load(self._image_paths[i], mmap_mode="r")
-        if i not in self._decoded:
-            column = pq.read_table(self._meta_paths[i], columns=["image"]).column("image")
-            out = np.empty((count, self.image_size, self.image_size, 3), np.uint8)
-            for j, data in enumerate(column.to_pylist()):
-                out[j] = decode_image(data)
-            self._decoded[i] = out
-        return self._decoded[i]
+            return self._mmap(i)
+        return self._decode_rows(i, np.arange(self.offsets[i + 1] - self.offsets[i]))
+
+    def _mmap(self, i: int) -> np.ndarray:
+        if i not in self._mmaps:
+            count = int(self.offsets[i + 1] - self.offsets[i])
+            self._mmaps[i] = (np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+                              if count == 0 else np.load(self._image_paths[i], mmap_mode="r"))
+        return self._mmaps[i]
+
+    def _decode_rows(self, i: int, rows: np.ndarray) -> np.ndarray:
+        if i not in self._encoded:
+            table = pq.read_table(self._meta_paths[i], columns=["image"])
+            self._encoded[i] = table.column("image").combine_chunks()
+        column = self._encoded[i]
+        out = np.empty((len(rows), self.image_size, self.image_size, 3), np.uint8)
+        for j, row in enumerate(rows):
+            out[j] = decode_image(column[int(row)].as_py())
+        return out
 
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All images ``uint8 [N, S, S, 3]`` and labels ``int32 [N]`` in memory."""
@@ -326,7 +339,10 @@ class ShardReader:
             if lo == hi:
                 continue
             local = ordered[lo:hi] - self.offsets[shard]
-            images = self.shard_arrays(shard)
+            if self.format != "npy":
+                out[order[lo:hi]] = self._decode_rows(shard, local)
+                continue
+            images = self._mmap(shard)
             if np.all(np.diff(local) == 1):  # a contiguous run (no repeats): slice, no fancy index
                 out[order[lo:hi]] = images[local[0]:local[-1] + 1]
             else:

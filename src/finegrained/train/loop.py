@@ -1,59 +1,82 @@
-"""The training loop: epochs of seeded shuffled batches through the jitted steps, per-epoch
-metrics, and an evaluation that sees every validation image exactly once.
+"""The training loop: epochs of seeded shuffled batches through the jitted steps, fed by a
+background input thread, with checkpoints, resume, preemption and non-finite guards.
 
-Sources are ``ShardReader``-like objects (``len()``, ``iter_batches(batch_size, shuffle,
-seed, drop_remainder)``) or plain ``(images, labels)`` arrays. Everything that changes
-behaviour is in :class:`TrainConfig`; the loop only logs and counts.
+Sources are objects with ``len()``, ``labels`` (int [N]) and ``gather(indices) -> array``:
+``ShardReader`` (uint8 pixels), ``FeatureReader`` (cached float features) or
+:class:`ArraySource`. The loop owns the data order, a permutation per (seed, epoch), so a
+run resumed at step ``s`` reads exactly the batches an uninterrupted run reads from ``s``
+on, and draws the same augmentation (the step's key is ``fold_in(key(seed), step)``).
+
+``fit`` is built from small pieces: :func:`prepare` (state, steps, schedule for a config),
+:func:`run_epoch` (one epoch of steps, checkpointing and guarding as it goes) and
+:func:`evaluate` (one pass over a split, sums kept on the device). It starts from the
+model's current values (or a checkpoint) and returns the final ``TrainState``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import queue
+import signal
+import sys
+import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
 from finegrained.errors import ConfigError
+from finegrained.models.params import flatten_state
+from finegrained.train import optim
 from finegrained.train.augment import AugmentConfig, Lighting
-from finegrained.train.optim import make_schedule
+from finegrained.train.checkpoint import Checkpointer
 from finegrained.train.sharding import check_batch_size, make_mesh, replicate, shard_batch
 from finegrained.train.steps import (StepConfig, TrainState, create_train_state,
-                                     make_eval_step, make_train_step)
+                                     make_eval_metrics_step, make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of one training run (all transfer regimes differ only in these values)."""
+    """Every knob of one training run (all transfer regimes differ only in these values).
 
-    epochs: int = 10
-    batch_size: int = 64                  # global batch; a multiple of the device count
+    The pipeline builds it with :meth:`from_dict` from the resolved settings of a job; the
+    defaults here equal the config schema's (a test keeps them equal).
+    """
+
+    epochs: int = 30
+    batch_size: int = 256                 # global batch; a multiple of the device count
     eval_batch_size: int | None = None    # default: batch_size
     base_lr: float = 0.1
     schedule: str = "cosine"              # 'cosine' (with warmup) | 'constant'
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     end_lr_fraction: float = 0.0
     optimizer: str = "momentum"           # 'momentum' | 'sgd' | 'adamw'
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    patience: int = 0                     # early stop after this many epochs without gain
     param_groups: tuple[tuple[str, float | None], ...] = ()   # (regex, lr_mult); 0/None frozen
     augment: AugmentConfig = AugmentConfig()
-    compute_dtype: str = "float32"        # or 'bfloat16'
+    compute_dtype: str = "bfloat16"       # or 'float32'
     image_size: int = 224                 # crop side fed to the model
     eval_crop_fraction: float = 0.875
     seed: int = 0
     num_devices: int | None = None        # None: all local devices
-    log_every_steps: int = 0              # 0: log once per epoch
+    log_every_steps: int = 50             # 0: log once per epoch (off a terminal)
+    checkpoint_every_steps: int = 500     # 0: at epoch ends only (with a checkpoint dir)
+    prefetch_batches: int = 3
+    start: str | None = None              # inputs are the output of this stage (a cache)
+    cut: str | None = None                # frozen part run online up to this stage
 
     def step_config(self) -> StepConfig:
         return StepConfig(image_size=self.image_size, eval_crop_fraction=self.eval_crop_fraction,
                           augment=self.augment, label_smoothing=self.label_smoothing,
-                          compute_dtype=self.compute_dtype)
+                          compute_dtype=self.compute_dtype, start=self.start, cut=self.cut)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TrainConfig":
@@ -72,10 +95,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops at once."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived (SLURM preemption or time limit); a checkpoint was written."""
+
+
 # ---------------------------------------------------------------------------- data sources
 
 class ArraySource:
-    """In-memory ``(images, labels)`` with the ShardReader batching interface."""
+    """In-memory ``(images, labels)`` with the source interface of the loop."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         if len(images) != len(labels):
@@ -85,31 +116,17 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                     drop_remainder: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order = (np.random.default_rng(seed).permutation(len(self)) if shuffle
-                 else np.arange(len(self)))
-        stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
-        for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
-            yield self.images[idx], self.labels[idx]
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        return self.images[np.asarray(indices)]
 
 
 def as_source(source: Any):
     if isinstance(source, (tuple, list)) and len(source) == 2:
         return ArraySource(*source)
-    if hasattr(source, "iter_batches"):
+    if hasattr(source, "gather") and hasattr(source, "labels"):
         return source
-    raise TypeError(f"expected a ShardReader-like object or (images, labels), got {type(source)}")
-
-
-def _as_xy(item: Any) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(item, Mapping):
-        image = item["image"] if "image" in item else item["images"]
-        label = item["label"] if "label" in item else item["labels"]
-        return np.asarray(image), np.asarray(label)
-    image, label = item[:2]
-    return np.asarray(image), np.asarray(label)
+    raise TypeError(f"expected a source (len, labels, gather) or (images, labels), "
+                    f"got {type(source)}")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -117,121 +134,409 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The index arrays of one training epoch: a seeded permutation cut into full batches
+    (the last partial batch is dropped)."""
+    order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(n)
+    steps = n // batch_size
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+class Prefetcher:
+    """Runs ``load(item)`` for each item of ``items`` on a background thread, at most
+    ``depth`` results ahead of the consumer (a bounded queue). ``load`` assembles a batch
+    and puts it on the device, so the training thread only dispatches steps.
+    ``wait_seconds`` is the time the consumer spent blocked waiting for input."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable, load: Callable[[Any], Any], depth: int = 3):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._work, args=(iter(items), load),
+                                        daemon=True, name="prefetch")
+        self._thread.start()
+
+    def _put(self, value) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, items: Iterator, load: Callable) -> None:
+        try:
+            for item in items:
+                if self._stop.is_set() or not self._put(("ok", load(item))):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:   # handed to the consumer, raised there
+            self._put(("error", exc))
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            kind, value = self._queue.get()
+            self.wait_seconds += time.perf_counter() - t0
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._thread.join(timeout=5)
+
+
 # ---------------------------------------------------------------------------- evaluation
-
-def evaluate(state: TrainState, source: Any, eval_step: Callable, batch_size: int,
-             mesh=None) -> dict:
-    """Top-1 and mean cross-entropy over every example of ``source`` exactly once.
-
-    The last batch is padded to ``batch_size`` (static shapes, divisible by the devices) and
-    the padding is masked out of every count.
-    """
-    source = as_source(source)
-    correct, loss_sum, count = 0, 0.0, 0
-    for item in source.iter_batches(batch_size, shuffle=False, seed=0, drop_remainder=False):
-        images, labels = _as_xy(item)
-        n = len(labels)
-        if n < batch_size:
-            pad = batch_size - n
-            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-            labels_padded = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-        else:
-            labels_padded = labels
-        batch = {"image": images, "label": labels_padded.astype(np.int32)}
-        if mesh is not None:
-            batch = shard_batch(batch, mesh)
-        logits = np.asarray(jax.device_get(eval_step(state, batch)), np.float64)
-        valid = np.arange(batch_size) < n
-        logits, y = logits[valid], labels.astype(np.int64)
-        correct += int(np.sum(np.argmax(logits, -1) == y))
-        shifted = logits - logits.max(-1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        loss_sum += float(-logp[np.arange(n), y].sum())
-        count += n
-    return {"top1": correct / max(count, 1), "loss": loss_sum / max(count, 1), "count": count}
-
-
-# ---------------------------------------------------------------------------- fit
 
 def _round_up(n: int, k: int) -> int:
     return int(math.ceil(n / k) * k)
 
 
-def fit(model: nnx.Module, train_source: Any, val_source: Any | None, cfg: TrainConfig, *,
-        log_fn: Callable[[str], None] | None = print, lighting: Lighting | None = None,
-        mesh=None) -> list[dict]:
-    """Train ``model`` in place with ``cfg``; return one metrics dict per epoch.
+def evaluate(state: TrainState, source: Any, eval_metrics: Callable, batch_size: int,
+             mesh=None, depth: int = 3) -> dict:
+    """Top-1 and mean cross-entropy over every example of ``source`` exactly once.
 
-    Each dict: epoch, step, lr, train_loss, train_acc, train_images_per_second,
-    epoch_seconds, and (with a val source) val_top1, val_loss, val_count.
+    The last batch is padded to ``batch_size`` (static shapes, divisible by the devices)
+    and masked out of every count. Batches are prepared ahead on the input thread; the
+    per-batch sums stay on the device and are fetched once at the end.
     """
-    log = log_fn or (lambda _: None)
-    train_source = as_source(train_source)
-    mesh = mesh if mesh is not None else make_mesh(cfg.num_devices)
-    n_dev = mesh.devices.size
-    check_batch_size(cfg.batch_size, mesh)
-    eval_bs = _round_up(cfg.eval_batch_size or cfg.batch_size, n_dev)
+    source = as_source(source)
+    n, labels = len(source), np.asarray(source.labels, np.int32)
 
-    steps_per_epoch = len(train_source) // cfg.batch_size
+    def load(start):
+        idx = np.arange(start, min(start + batch_size, n))
+        images, y = source.gather(idx), labels[idx]
+        pad = batch_size - len(idx)
+        mask = np.concatenate([np.ones(len(idx), bool), np.zeros(pad, bool)])
+        if pad:
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+            y = np.concatenate([y, np.zeros(pad, np.int32)])
+        batch = {"image": images, "label": y, "mask": mask}
+        return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
+
+    sums = []
+    prefetch = Prefetcher(range(0, n, batch_size), load, depth)
+    try:
+        for batch in prefetch:
+            sums.append(eval_metrics(state, batch))
+    finally:
+        prefetch.close()
+    sums = jax.device_get(sums)
+    correct = float(sum(float(s["correct"]) for s in sums))
+    loss = float(sum(float(s["loss"]) for s in sums))
+    count = int(round(sum(float(s["count"]) for s in sums)))
+    return {"top1": correct / max(count, 1), "loss": loss / max(count, 1), "count": count}
+
+
+# ---------------------------------------------------------------------------- pieces of fit
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`prepare` builds for one config: the state on the mesh and the steps."""
+
+    cfg: TrainConfig
+    mesh: Any
+    state: TrainState
+    train_step: Callable
+    eval_metrics: Callable
+    schedule: Callable
+    steps_per_epoch: int
+    lighting: Lighting | None
+    group_lrs: dict[str, float | None]    # column name -> lr multiplier
+
+    def lrs(self, step: int) -> dict[str, float]:
+        """Learning rate of every trained group at ``step`` (``lr`` is the base group's)."""
+        base = float(self.schedule(step))
+        out = {"lr": base}
+        for name, mult in self.group_lrs.items():
+            out[name] = 0.0 if optim.is_frozen(mult) else base * float(mult)
+        return out
+
+
+def prepare(model: nnx.Module, num_train: int, cfg: TrainConfig, *, mesh=None,
+            lighting: Lighting | None = None) -> Run:
+    mesh = mesh if mesh is not None else make_mesh(cfg.num_devices)
+    check_batch_size(cfg.batch_size, mesh)
+    steps_per_epoch = num_train // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(train_source)} "
+        raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {num_train} "
                           f"training examples (the last partial batch is dropped)")
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    opt_kwargs = dict(base_lr=cfg.base_lr, schedule=cfg.schedule, total_steps=total_steps,
-                      warmup_steps=warmup_steps, weight_decay=cfg.weight_decay,
-                      optimizer=cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                      end_lr_fraction=cfg.end_lr_fraction)
-    schedule = make_schedule(cfg.base_lr, cfg.schedule, total_steps, warmup_steps,
-                             cfg.end_lr_fraction)
-    state = create_train_state(model, param_groups=cfg.param_groups, **opt_kwargs)
+    schedule = optim.make_schedule(cfg.base_lr, cfg.schedule, total_steps, warmup_steps,
+                                   cfg.end_lr_fraction)
+    state = create_train_state(
+        model, param_groups=cfg.param_groups, base_lr=cfg.base_lr, schedule=cfg.schedule,
+        total_steps=total_steps, warmup_steps=warmup_steps, weight_decay=cfg.weight_decay,
+        optimizer=cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        end_lr_fraction=cfg.end_lr_fraction)
     state = replicate(state, mesh)
     donate = jax.default_backend() != "cpu"   # CPU cannot donate; avoid the warning
     train_step = make_train_step(cfg.step_config(), lighting=lighting, schedule=schedule,
                                  mesh=mesh, donate=donate)
-    eval_step = make_eval_step(cfg.step_config(), mesh=mesh)
-    step_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    eval_metrics = make_eval_metrics_step(cfg.step_config(), mesh=mesh)
+    group_lrs = {f"lr:{pattern}": mult for pattern, mult in cfg.param_groups}
+    return Run(cfg, mesh, state, train_step, eval_metrics, schedule, steps_per_epoch,
+               lighting, group_lrs)
 
-    history: list[dict] = []
-    global_step = 0
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        metrics: list[dict] = []
-        for item in train_source.iter_batches(cfg.batch_size, shuffle=True,
-                                              seed=epoch_seed(cfg.seed, epoch),
-                                              drop_remainder=True):
-            images, labels = _as_xy(item)
-            batch = shard_batch({"image": images, "label": labels.astype(np.int32)}, mesh)
-            rng = jax.random.fold_in(step_rng, global_step)
-            state, m = train_step(state, batch, rng)
-            metrics.append(m)
-            global_step += 1
-            if cfg.log_every_steps and global_step % cfg.log_every_steps == 0:
-                m = jax.device_get(m)
-                log(f"step {global_step}/{total_steps} loss {float(m['loss']):.4f} "
-                    f"acc {float(m['accuracy']):.3f} lr {float(m['lr']):.5f}")
-        metrics = jax.device_get(metrics)   # one sync per epoch
-        train_seconds = time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1, "step": global_step,
-            "lr": float(metrics[-1]["lr"]),
-            "train_loss": float(np.mean([m["loss"] for m in metrics])),
-            "train_acc": float(np.mean([m["accuracy"] for m in metrics])),
-            "train_images_per_second": len(metrics) * cfg.batch_size / train_seconds,
-        }
-        if val_source is not None:
-            ev = evaluate(state, val_source, eval_step, eval_bs, mesh)
-            record.update(val_top1=ev["top1"], val_loss=ev["loss"], val_count=ev["count"])
-        record["epoch_seconds"] = time.perf_counter() - t0
-        history.append(record)
-        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in record.items()))
+
+def _check_finite(metrics: Mapping, label: str, epoch: int, step: int) -> float:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"{label}: non-finite training loss {loss} at epoch {epoch}, "
+                            f"step {step}; stopped (the last good checkpoint is kept, no "
+                            f"weights were written)")
+    return loss
+
+
+class _StopFlag:
+    """SIGTERM -> a flag the loop checks between steps (then checkpoint and stop)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class Progress:
+    """The loop's bookkeeping, saved as JSON in every checkpoint."""
+
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    epoch_metrics: list = dataclasses.field(default_factory=list)   # [loss, acc] per step
+    epoch_seconds: float = 0.0
+    epoch_wait: float = 0.0
+    best: dict | None = None        # the history row of the best validation epoch
+    stale_epochs: int = 0           # epochs since the best (early stopping)
+    done: bool = False
+
+
+def _state_arrays(run: Run, best: dict | None) -> dict:
+    s = run.state
+    arrays = {"step": s.step, "params": s.params, "rest": s.rest, "opt_state": s.opt_state}
+    if best is not None:
+        arrays["best"] = best
+    return arrays
+
+
+def save_checkpoint(ckpt: Checkpointer | None, run: Run, progress: Progress,
+                    best_flat: dict | None) -> None:
+    if ckpt is None:
+        return
+    meta = dataclasses.asdict(progress)
+    ckpt.save(progress.step, _state_arrays(run, best_flat), meta)
+
+
+def restore_checkpoint(ckpt: Checkpointer, run: Run, model: nnx.Module
+                       ) -> tuple[Progress, dict | None] | None:
+    step = ckpt.latest_step()
+    if step is None:
+        return None
+    meta = ckpt.restore_meta(step)
+    best_like = flatten_state(model) if meta.get("best") is not None else None
+    arrays = ckpt.restore_arrays(step, _state_arrays(run, best_like))
+    state = run.state.replace(step=arrays["step"], params=arrays["params"],
+                              rest=arrays["rest"], opt_state=arrays["opt_state"])
+    run.state = replicate(jax.tree_util.tree_map(jax.numpy.asarray, state), run.mesh)
+    return Progress(**meta), arrays.get("best")
+
+
+def _flat_of_state(state: TrainState) -> dict:
+    host = jax.device_get((state.params, state.frozen, state.rest))
+    module = nnx.merge(state.graphdef, *host)
+    return flatten_state(module)
+
+
+def _progress_bar(total: int, desc: str):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:    # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+
+def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: str,
+              ckpt: Checkpointer | None, best_flat: dict | None, stop: _StopFlag,
+              log: Callable[[str], None]) -> None:
+    """Steps of ``epoch`` (0-based) from where ``progress`` stands. Checks each step's loss
+    (one step behind, so dispatch stays asynchronous), checkpoints every
+    ``checkpoint_every_steps`` and on SIGTERM (then raises :class:`Preempted`)."""
+    cfg, spe = run.cfg, run.steps_per_epoch
+    labels = np.asarray(source.labels, np.int32)
+    first = progress.step - epoch * spe
+    batches = epoch_batches(len(source), cfg.batch_size, cfg.seed, epoch)[first:]
+    step_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+
+    def load(idx):
+        return shard_batch({"image": source.gather(idx), "label": labels[idx]}, run.mesh)
+
+    bar = _progress_bar(spe, f"{label} epoch {epoch + 1}/{cfg.epochs}")
+    if bar is not None:
+        bar.update(first)
+    prefetch = Prefetcher(batches, load, cfg.prefetch_batches)
+    t0, pending = time.perf_counter(), None
+
+    def settle() -> None:
+        """Fetch the pending step's metrics, check its loss, record it."""
+        nonlocal pending
+        if pending is None:
+            return
+        metrics, step = jax.device_get(pending[0]), pending[1]
+        pending = None
+        loss = _check_finite(metrics, label, epoch + 1, step)
+        progress.epoch_metrics.append([loss, float(metrics["accuracy"])])
+
+    def elapsed() -> tuple[float, float]:
+        return time.perf_counter() - t0, prefetch.wait_seconds
+
+    try:
+        for batch in prefetch:
+            rng = jax.random.fold_in(step_key, progress.step)
+            run.state, metrics = run.train_step(run.state, batch, rng)
+            settle()                      # the previous step, while this one runs
+            progress.step += 1
+            pending = (metrics, progress.step)
+            every = cfg.checkpoint_every_steps
+            due = every and progress.step % every == 0 and progress.step % spe != 0
+            if due or stop.set:
+                settle()
+                seconds, wait = elapsed()
+                saved = dataclasses.replace(progress, epoch_seconds=progress.epoch_seconds + seconds,
+                                            epoch_wait=progress.epoch_wait + wait)
+                save_checkpoint(ckpt, run, saved, best_flat)
+                if stop.set:
+                    raise Preempted(f"{label}: SIGTERM at epoch {epoch + 1}, step "
+                                    f"{progress.step}; checkpoint written, rerun to resume")
+            if bar is not None:
+                bar.update(1)
+                if progress.epoch_metrics:    # the previous step's loss (no extra sync)
+                    seconds, _ = elapsed()
+                    done = progress.step - epoch * spe - first
+                    bar.set_postfix(loss=f"{progress.epoch_metrics[-1][0]:.4f}",
+                                    img_s=f"{done * cfg.batch_size / seconds:.0f}")
+            elif cfg.log_every_steps and progress.step % cfg.log_every_steps == 0:
+                settle()
+                loss, acc = progress.epoch_metrics[-1]
+                log(f"{label} epoch {epoch + 1} step {progress.step}/{spe * cfg.epochs} "
+                    f"loss {loss:.4f} acc {acc:.3f}")
+        settle()
+    finally:
+        prefetch.close()
+        if bar is not None:
+            bar.close()
+    seconds, wait = elapsed()
+    progress.epoch_seconds += seconds
+    progress.epoch_wait += wait
+
+
+def _epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) -> dict:
+    cfg = run.cfg
+    metrics = np.asarray(progress.epoch_metrics, np.float64)
+    seconds = max(progress.epoch_seconds, 1e-9)
+    record = {"epoch": epoch + 1, "step": progress.step, **run.lrs(progress.step - 1),
+              "train_loss": float(metrics[:, 0].mean()), "train_top1": float(metrics[:, 1].mean())}
+    if val is not None:
+        record.update(val_loss=val["loss"], val_top1=val["top1"], val_count=val["count"])
+    record.update(images_per_second=len(metrics) * cfg.batch_size / seconds,
+                  seconds=seconds, input_wait_fraction=progress.epoch_wait / seconds)
+    return record
+
+
+TIMING_FIELDS = ("images_per_second", "seconds", "input_wait_fraction", "wall_seconds",
+                 "eval_seconds")
+
+
+@dataclasses.dataclass
+class FitResult:
+    history: list[dict]
+    state: TrainState
+    best: dict | None            # history row of the best validation epoch
+    best_weights: dict | None    # flat weights (host) at that epoch
+    stopped_early: bool = False
+
+
+def fit(model: nnx.Module, train_source: Any, val_source: Any | None, cfg: TrainConfig, *,
+        log_fn: Callable[[str], None] | None = print, lighting: Lighting | None = None,
+        mesh=None, checkpoint_dir=None, label: str = "train") -> FitResult:
+    """Train ``model`` (starting from its current values) with ``cfg``.
+
+    With ``checkpoint_dir``, resumes from the latest checkpoint there (bit-identically:
+    same data order, same augmentation, same state), checkpoints every
+    ``cfg.checkpoint_every_steps`` and at every epoch end, and on SIGTERM checkpoints and
+    raises :class:`Preempted`. A non-finite loss raises :class:`NonFiniteLoss` naming
+    ``label``, epoch and step. The model is updated in place with the final state.
+    History rows: epoch, step, lr (+ ``lr:<regex>`` per group), train_loss, train_top1,
+    val_loss, val_top1, val_count, images_per_second, seconds, input_wait_fraction.
+    """
+    log = log_fn or (lambda _: None)
+    train_source = as_source(train_source)
+    run = prepare(model, len(train_source), cfg, mesh=mesh, lighting=lighting)
+    eval_bs = _round_up(cfg.eval_batch_size or cfg.batch_size, run.mesh.devices.size)
+    ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    progress, best_flat = Progress(), None
+    if ckpt is not None:
+        restored = restore_checkpoint(ckpt, run, model)
+        if restored is not None:
+            progress, best_flat = restored
+            log(f"{label}: resumed from checkpoint at step {progress.step}")
+    try:
+        with _StopFlag() as stop:
+            while not progress.done and progress.step < run.steps_per_epoch * cfg.epochs:
+                epoch = progress.step // run.steps_per_epoch
+                run_epoch(run, train_source, epoch, progress, label=label, ckpt=ckpt,
+                          best_flat=best_flat, stop=stop, log=log)
+                t_eval = time.perf_counter()
+                val = (evaluate(run.state, val_source, run.eval_metrics, eval_bs, run.mesh,
+                                cfg.prefetch_batches) if val_source is not None else None)
+                record = _epoch_record(run, epoch, progress, val)
+                record["eval_seconds"] = time.perf_counter() - t_eval
+                progress.history.append(record)
+                if val is not None:
+                    if progress.best is None or val["top1"] > progress.best["val_top1"]:
+                        progress.best, progress.stale_epochs = record, 0
+                        best_flat = _flat_of_state(run.state)
+                    else:
+                        progress.stale_epochs += 1
+                    if cfg.patience and progress.stale_epochs >= cfg.patience:
+                        progress.done = True
+                progress.epoch_metrics, progress.epoch_seconds, progress.epoch_wait = [], 0.0, 0.0
+                save_checkpoint(ckpt, run, progress, best_flat)
+                log(f"{label} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in record.items()))
+    finally:
+        if ckpt is not None:
+            ckpt.close()
 
     # Back to single-device arrays so the caller's model does not stay tied to the mesh.
-    host = jax.device_get((state.params, state.frozen, state.rest))
+    host = jax.device_get((run.state.params, run.state.frozen, run.state.rest))
     nnx.update(model, *jax.tree_util.tree_map(jax.numpy.asarray, host))
-    return history
+    return FitResult(progress.history, run.state, progress.best, best_flat,
+                     stopped_early=progress.done)
 
 
 __all__: Sequence[str] = ("TrainConfig", "ArraySource", "as_source", "evaluate", "fit",
-                          "epoch_seed")
+                          "epoch_seed", "epoch_batches", "Prefetcher", "FitResult",
+                          "NonFiniteLoss", "Preempted", "TIMING_FIELDS")

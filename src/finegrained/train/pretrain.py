@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Callable, Sequence
 
@@ -32,14 +33,15 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
              stats_json: str | os.PathLike, classes: str | os.PathLike, *, arch: str,
              width: int, cfg: TrainConfig,
              out_weights: str | os.PathLike, out_metrics: str | os.PathLike,
-             stage_depths: Sequence[int] | None = None,
-             log_fn: Callable[[str], None] | None = print) -> dict:
+             stage_depths: Sequence[int] | None = None, checkpoint_dir=None,
+             keep_checkpoints: bool = False, verify: bool = False, log_fn: Callable[[str], None] | None = print) -> dict:
     """Train ``arch`` from scratch on ``train_index``, validate on ``val_index``; write the
     weights (class names from the manifests' ``classes`` table, one output per class even
     if every image of a class was skipped) and a metrics JSON; return the metrics."""
     t0 = time.perf_counter()
     log = log_fn or (lambda _: None)
-    train, val = ShardReader(train_index), ShardReader(val_index)
+    train = ShardReader(train_index, verify=verify)
+    val = ShardReader(val_index, verify=verify)
     class_names = manifest_class_names(classes)
     num_classes = len(class_names)
     for reader in (train, val):
@@ -56,7 +58,8 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
     log(f"pretrain {arch} width {width}: {len(train)} train / {len(val)} val images, "
         f"{num_classes} classes, stored {train.image_size}px -> crops {cfg.image_size}px, "
         f"{jax.device_count()} x {jax.devices()[0].platform}")
-    history = fit(model, train, val, cfg, log_fn=log, lighting=lighting)
+    history = fit(model, train, val, cfg, log_fn=log, lighting=lighting,
+                  checkpoint_dir=checkpoint_dir, label="pretrain").history
 
     recipe = {"pixels": "RGB uint8 or float 0..255, NHWC",
               "normalisation": getattr(model.input_recipe, "name", str(model.input_recipe)),
@@ -72,8 +75,8 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
     save_weights(out_weights, flatten_state(model), metadata=metadata)
 
     wall = time.perf_counter() - t0
-    later = [h["train_images_per_second"] for h in history[1:]] or \
-            [h["train_images_per_second"] for h in history]
+    later = [h["images_per_second"] for h in history[1:]] or \
+            [h["images_per_second"] for h in history]
     metrics = {
         "arch": arch, "width": width, "num_classes": num_classes,
         "num_train": len(train), "num_val": len(val),
@@ -87,6 +90,8 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         "history": history,
     }
     write_json(out_metrics, metrics)
+    if checkpoint_dir is not None and not keep_checkpoints:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     log(f"wrote {out_weights} and {out_metrics}: val top-1 {metrics['final_val_top1']:.4f}, "
         f"{wall:.1f}s")
     return metrics

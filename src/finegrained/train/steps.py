@@ -75,6 +75,40 @@ class StepConfig:
     augment: AugmentConfig = AugmentConfig()
     label_smoothing: float = 0.0
     compute_dtype: str = "float32"       # 'bfloat16': forward/backward in bf16, params f32
+    # Batches hold the output of stage ``start`` (cached features/activations, float) instead
+    # of pixels; no augmentation or cropping is applied to them. None: uint8 pixels.
+    start: str | None = None
+    # Frozen lower part run online: the activation after stage ``cut`` is cut off from the
+    # gradient (the frozen part is a fixed function of the input). None: no cut.
+    cut: str | None = None
+
+
+def is_augmented(cfg: AugmentConfig) -> bool:
+    """Whether ``cfg`` draws anything at random. A training view that is not augmented is
+    the evaluation view (``center_crop`` at ``eval_crop_fraction``), which is what the
+    feature cache stores, so a cached and an online run see the same inputs."""
+    fixed = (tuple(cfg.crop_area) == (1.0, 1.0) and tuple(cfg.aspect_ratio) == (1.0, 1.0)
+             and cfg.scale_jitter == 0 and cfg.flip == 0)
+    magnitudes = [getattr(cfg, name, 0.0) for name in
+                  ("brightness", "contrast", "saturation", "pca_lighting", "rotation", "hue")]
+    return not (fixed and all(m == 0 for m in magnitudes))
+
+
+def training_view(images: jax.Array, rng: jax.Array, cfg: StepConfig,
+                  lighting: Lighting | None = None) -> jax.Array:
+    """What the network sees of a training batch: cached inputs as they are, pixels
+    augmented, or (augmentation off) the deterministic evaluation view."""
+    if cfg.start is not None:
+        return images
+    if not is_augmented(cfg.augment):
+        return center_crop(images, cfg.image_size, cfg.eval_crop_fraction)
+    return augment_batch(images, rng, cfg.augment, cfg.image_size, lighting)
+
+
+def evaluation_view(images: jax.Array, cfg: StepConfig) -> jax.Array:
+    if cfg.start is not None:
+        return images
+    return center_crop(images, cfg.image_size, cfg.eval_crop_fraction)
 
 
 def set_compute_dtype(model: nnx.Module, dtype) -> None:
@@ -100,7 +134,8 @@ def freeze_frozen_batch_norms(model: nnx.Module, frozen: nnx.State) -> None:
                 module.use_running_average = True
 
 
-def _forward(graphdef, params, frozen, rest, images: jax.Array, *, train: bool, dtype):
+def _forward(graphdef, params, frozen, rest, images: jax.Array, *, train: bool, dtype,
+             start: str | None = None, cut: str | None = None):
     """Logits (float32) and the new non-Param state.
 
     ``copy=True`` makes fresh Variables at the current trace level (inside ``jax.grad``);
@@ -115,7 +150,14 @@ def _forward(graphdef, params, frozen, rest, images: jax.Array, *, train: bool, 
         freeze_frozen_batch_norms(model, frozen)
     if dtype != jnp.float32:
         set_compute_dtype(model, dtype)
-    logits = model(images).astype(jnp.float32)
+    if cut is not None and cut != start:
+        images = jax.lax.stop_gradient(model.forward(images, start=start, stop=cut))
+        start = cut
+    if start is None:
+        logits = model(images)
+    else:
+        logits = model.forward(jnp.asarray(images).astype(dtype), start=start)
+    logits = logits.astype(jnp.float32)
     return logits, nnx.state(model, nnx.Not(nnx.Param))
 
 
@@ -131,12 +173,12 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepCo
                   schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
     """Augment on device -> forward in train mode -> loss -> grads -> optimizer update."""
     dtype = _DTYPES[cfg.compute_dtype]
-    images = augment_batch(batch["image"], rng, cfg.augment, cfg.image_size, lighting)
+    images = training_view(batch["image"], rng, cfg, lighting)
     labels = batch["label"]
 
     def loss_fn(params, frozen, rest):
         logits, new_rest = _forward(state.graphdef, params, frozen, rest, images, train=True,
-                                    dtype=dtype)
+                                    dtype=dtype, start=cfg.start, cut=cfg.cut)
         loss = jnp.mean(cross_entropy(logits, labels, cfg.label_smoothing))
         return loss, (logits, new_rest)
 
@@ -156,10 +198,22 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepCo
 def eval_step_fn(state: TrainState, batch: dict, *, cfg: StepConfig) -> jax.Array:
     """Logits (float32) of the centre-cropped batch in eval mode (running BatchNorm stats)."""
     dtype = _DTYPES[cfg.compute_dtype]
-    images = center_crop(batch["image"], cfg.image_size, cfg.eval_crop_fraction)
+    images = evaluation_view(batch["image"], cfg)
     logits, _ = _forward(state.graphdef, state.params, state.frozen, state.rest, images,
-                         train=False, dtype=dtype)
+                         train=False, dtype=dtype, start=cfg.start)
     return logits
+
+
+def eval_metrics_fn(state: TrainState, batch: dict, *, cfg: StepConfig) -> dict:
+    """Summed correct count and cross-entropy over the batch's valid rows (``batch['mask']``):
+    evaluation stays on the device and the host fetches the sums once per pass."""
+    logits = eval_step_fn(state, batch, cfg=cfg)
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    loss = cross_entropy(logits, labels)
+    return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask)}
 
 
 def make_train_step(cfg: StepConfig, *, lighting: Lighting | None = None,
@@ -178,6 +232,18 @@ def make_train_step(cfg: StepConfig, *, lighting: Lighting | None = None,
     if mesh is not None:
         rep, dat = replicated(mesh), data_sharding(mesh)
         kwargs.update(in_shardings=(rep, dat, rep), out_shardings=(rep, rep))
+    return jax.jit(step, **kwargs)
+
+
+def make_eval_metrics_step(cfg: StepConfig, *, mesh=None) -> Callable:
+    """``eval_metrics(state, batch) -> {correct, loss, count}`` sums, jitted (replicated)."""
+    def step(state, batch):
+        return eval_metrics_fn(state, batch, cfg=cfg)
+
+    kwargs = {}
+    if mesh is not None:
+        kwargs.update(in_shardings=(replicated(mesh), data_sharding(mesh)),
+                      out_shardings=replicated(mesh))
     return jax.jit(step, **kwargs)
 
 

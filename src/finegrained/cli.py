@@ -1,0 +1,42 @@
+"""What every script shares: resolved settings from the command line, and errors printed
+as one line naming the file/value at fault (no traceback) with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from finegrained.errors import ConfigError, DataError, WeightsError
+
+
+def read_settings(value: str) -> dict:
+    """Settings given as a JSON object, or ``@path`` of a JSON file."""
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--settings is not a JSON object: {exc}") from exc
+    if not isinstance(settings, dict):
+        raise ConfigError("--settings must be a JSON object")
+    return settings
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from finegrained.train.loop import NonFiniteLoss, Preempted
+    return (ConfigError, DataError, WeightsError, NonFiniteLoss, Preempted)
+
+
+def run(main: Callable[[], object]) -> int:
+    """Call ``main``; an expected error becomes ``error: ...`` on stderr and exit code 1."""
+    try:
+        main()
+    except expected_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def log(message: str) -> None:
+    print(message, flush=True)

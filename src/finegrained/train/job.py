@@ -1,0 +1,211 @@
+"""One `train` job: resolved settings in, the best model, its history and a summary out.
+
+The job builds the target model (pretrained init or random), runs the settings' phases in
+order (SGD through :func:`finegrained.train.loop.fit`, or the L-BFGS probe), each phase
+starting from the previous one's final state, and writes, atomically::
+
+    <out_dir>/weights.safetensors   the model that was best on the validation split
+    <out_dir>/history.parquet       one row per epoch (per L2 strength for L-BFGS)
+    <out_dir>/summary.json          best epoch, its validation figures, wall time, hashes
+
+Checkpoints go to ``checkpoint_dir/<phase>/``; a finished phase leaves ``done.json`` and
+``done.safetensors`` there, so a rerun after a kill skips it. The directory is removed when
+the job succeeds unless the settings keep it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flax import nnx
+
+from finegrained.data.manifest import class_names as manifest_class_names
+from finegrained.data.shards import ShardReader
+from finegrained.errors import DataError
+from finegrained.fileio import atomic_output, sha256_file, write_json
+from finegrained.models import build_model, flatten_state
+from finegrained.models.params import assign_state
+from finegrained.models.transfer import model_options
+from finegrained.models.weights import (load_pretrained, read_metadata, read_tensors,
+                                        save_weights, weights_metadata)
+from finegrained.train.augment import lighting_from_stats
+from finegrained.train.features import FeatureReader
+from finegrained.train.loop import TrainConfig, fit
+from finegrained.train.probe import fit_probe
+
+
+def load_init_model(arch: str, num_classes: int, init_weights: str | os.PathLike, *,
+                    width: int, stage_depths=None):
+    """The target model as the init rule wrote it (pretrained backbone, new head)."""
+    meta = read_metadata(init_weights)
+    options = {"batch_norm": json.loads(meta["batch_norm"])} if "batch_norm" in meta else {}
+    model = build_model(arch, num_classes, width=width, stage_depths=stage_depths,
+                        rngs=nnx.Rngs(0), **options)
+    load_pretrained(model, read_tensors(init_weights), arch=arch, replace_head=False)
+    return model
+
+
+def build_start_model(settings: Mapping, init_weights: str | os.PathLike | None,
+                      num_classes: int):
+    """The model a job starts from: ``init_weights`` (the target init with its new head)
+    for ``init: pretrained``, the architecture's random initialisation otherwise."""
+    arch, width, stage_depths = settings["arch"], settings["width"], settings["stage_depths"]
+    if settings["init"] == "random":
+        return build_model(arch, num_classes, width=width, stage_depths=stage_depths,
+                           rngs=nnx.Rngs(settings["seed"]), **model_options(arch, None))
+    if init_weights is None:
+        raise DataError("init weights", f"regime {settings['regime']} starts pretrained "
+                        f"but no init weights were given")
+    return load_init_model(arch, num_classes, init_weights, width=width,
+                           stage_depths=stage_depths)
+
+
+def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool):
+    inp = phase["input"]
+    if inp["kind"] == "cache":
+        if features_dir is None:
+            raise DataError("features", f"phase {phase['name']} reads the feature cache, "
+                            f"but no features directory was given")
+        features_dir = Path(features_dir)
+        return (FeatureReader(features_dir / "train" / "index.json", inp["layer"]),
+                FeatureReader(features_dir / "val" / "index.json", inp["layer"]))
+    return ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    columns: dict[str, list] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, [])
+    table = pa.table({key: [row.get(key) for row in rows] for key in columns})
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _finished_phase(directory: Path, model) -> dict | None:
+    """A phase finished by an earlier attempt: load its final state, return its record."""
+    record, weights = directory / "done.json", directory / "done.safetensors"
+    if not (record.exists() and weights.exists()):
+        return None
+    assign_state(model, read_tensors(weights))
+    return json.loads(record.read_text())
+
+
+def _mark_finished(directory: Path, model, record: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(directory / "done.safetensors", flatten_state(model))
+    write_json(directory / "done.json", record)
+
+
+def run_phase(phase: Mapping, model, train, val, *, lighting, checkpoint_dir: Path,
+              label: str, log: Callable[[str], None]) -> dict:
+    """Run one phase on ``model`` (updated in place); its history, best row and weights."""
+    if phase["kind"] == "lbfgs":
+        tx, ty = train.load_all()
+        vx, vy = val.load_all()
+        probe = fit_probe(tx, ty, vx, vy, model.num_classes, l2_grid=phase["l2_grid"],
+                          max_iter=phase["max_iter"], log_fn=log)
+        flat = flatten_state(model)
+        flat["head/kernel"], flat["head/bias"] = probe["kernel"], probe["bias"]
+        assign_state(model, flat)
+        return {"history": probe["history"], "best": probe["best"], "best_weights": flat}
+    cfg = TrainConfig.from_dict(phase["train_config"])
+    result = fit(model, train, val, cfg, log_fn=log, lighting=lighting,
+                 checkpoint_dir=checkpoint_dir, label=label)
+    return {"history": result.history, "best": result.best,
+            "best_weights": result.best_weights, "stopped_early": result.stopped_early}
+
+
+def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_dir,
+            checkpoint_dir, init_weights=None, features_dir=None, log_fn: Callable[[str], None] | None = print) -> dict:
+    """Run the phases of ``settings`` and write weights, history and summary."""
+    t0 = time.perf_counter()
+    log = log_fn or (lambda _: None)
+    label = settings["regime"] + settings.get("variant", "")
+    names = manifest_class_names(classes)
+    model = build_start_model(settings, init_weights, len(names))
+    stats_dict = json.loads(Path(stats).read_text())
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+
+    rows, best = [], None
+    for i, phase in enumerate(settings["phases"]):
+        phase_dir = checkpoint_dir / f"{i}-{phase['name']}"
+        record = _finished_phase(phase_dir, model)
+        if record is None:
+            train, val = _sources(phase, train_index, val_index, features_dir,
+                                  settings.get("verify_shards", True))
+            log(f"{label} phase {phase['name']}: {len(train)} train / {len(val)} val inputs "
+                f"({phase['input']['kind']}), {jax.device_count()} x "
+                f"{jax.devices()[0].platform}")
+            augment = phase.get("train_config", {}).get("augment", {})
+            lighting = lighting_from_stats(stats_dict) if augment.get("pca_lighting") else None
+            result = run_phase(phase, model, train, val, lighting=lighting,
+                               checkpoint_dir=phase_dir, label=f"{label}/{phase['name']}",
+                               log=log)
+            record = {"history": result["history"], "best": result["best"]}
+            if result["best_weights"] is not None:
+                save_weights(phase_dir / "best.safetensors", result["best_weights"])
+            _mark_finished(phase_dir, model, record)
+        for row in record["history"]:
+            rows.append({"phase": phase["name"], **row})
+        if record["best"] is not None and (best is None or
+                                           record["best"]["val_top1"] > best[1]["val_top1"]):
+            best = (i, record["best"], phase_dir / "best.safetensors")
+
+    if best is None:
+        raise DataError("validation", f"{label}: no validation result to choose weights by")
+    phase_index, best_row, best_file = best
+    metadata = weights_metadata(
+        arch=settings["arch"], num_classes=len(names), class_names=names,
+        input_recipe=model.input_recipe.name, source=f"train:{label}",
+        width=str(settings["width"]), stage_depths=json.dumps(settings["stage_depths"]),
+        **model_options(settings["arch"], init_weights if settings["init"] != "random" else None))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(out_dir / "weights.safetensors", read_tensors(best_file), metadata=metadata)
+    _write_history(out_dir / "history.parquet", rows)
+    summary = {
+        "regime": settings["regime"], "variant": settings.get("variant", ""),
+        "best_phase": settings["phases"][phase_index]["name"], "best_epoch": best_row["epoch"],
+        "best_val_top1": best_row["val_top1"], "best_val_loss": best_row["val_loss"],
+        "best": best_row, "epochs_run": len(rows), "num_classes": len(names),
+        "wall_seconds": time.perf_counter() - t0, "config_hash": settings["config_hash"],
+        "init_weights_sha256": sha256_file(init_weights) if init_weights else None,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "settings": settings,
+    }
+    write_json(out_dir / "summary.json", summary)
+    if not settings.get("keep_checkpoints", False):
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log(f"{label}: best val top-1 {best_row['val_top1']:.4f} (phase {summary['best_phase']}, "
+        f"epoch {best_row['epoch']}), {summary['wall_seconds']:.1f}s")
+    return summary
+
+
+def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, classes, out_dir,
+                     log_fn: Callable[[str], None] | None = print) -> dict:
+    """The features rule: the frozen pretrained backbone over one split (see ``features``)."""
+    from finegrained.train.augment import AugmentConfig
+    from finegrained.train.features import extract_features
+
+    names = manifest_class_names(classes)
+    model = load_init_model(settings["arch"], len(names), init_weights,
+                            width=settings["width"], stage_depths=settings["stage_depths"])
+    augment = AugmentConfig.from_dict(settings["augment"])
+    lighting = (lighting_from_stats(json.loads(Path(stats).read_text()))
+                if augment.pca_lighting > 0 else None)
+    return extract_features(
+        model, shard_index, out_dir, layers=settings["layers"],
+        image_size=settings["image_size"], eval_crop_fraction=settings["eval_crop_fraction"],
+        views=settings["views"], augment=augment, lighting=lighting, seed=settings["seed"],
+        batch_size=settings["batch_size"], dtype=settings["dtype"],
+        weights_sha256=sha256_file(init_weights), verify=settings["verify_shards"],
+        log_fn=log_fn)

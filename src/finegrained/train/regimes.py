@@ -1,0 +1,264 @@
+"""Transfer regimes: from the validated config to the resolved settings of one job.
+
+Every regime is the same mechanism with other values (``regime_settings.<name>`` in the
+config schema, which holds every default): parameter groups by regex with learning-rate
+multipliers, a recipe, an augmentation, and whether the frozen part's output is read from
+the feature cache. This module turns a regime's preset into *phases*, each a complete
+``TrainConfig`` dict (or an L-BFGS solve), with nothing left to defaults; a job receives
+that JSON and does what it says. A regime gets no code path of its own beyond caching:
+
+- ``freeze_up_to: strideK`` freezes every stage whose output is at most 1/K of the input
+  resolution (:func:`frozen_stages`; the same resolution in ResNet and MobileNetV2) and is
+  also the forward cut point: the cache holds the activation after the last frozen stage
+  (:func:`cut_stage`), pooled when that is the whole backbone.
+- ``head_epochs > 0`` adds a head-only phase before the regime's own (two-stage training),
+  with its own lr and patience and fresh data-order and augmentation streams afterwards.
+- ``solver: lbfgs`` (whole backbone frozen, no augmentation) solves the probe on the
+  cached pooled features instead of running SGD.
+
+A *variant* (``+seed=1``, ``+lr=0.003``, joined) overrides keys of one job: replicates and
+sweeps expand through it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+from finegrained.errors import ConfigError
+from finegrained.train.augment import AugmentConfig
+from finegrained.train.steps import is_augmented
+
+REGIMES = ("linear_probe", "partial_finetune", "full_finetune", "two_stage", "scratch")
+
+#: Output stride (input side / output side) of each body stage.
+STAGE_STRIDES = {
+    "resnet": {"stem": 4, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32},
+    "mobilenet_v2": {"stem": 2, "stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16,
+                     "stage5": 32, "features": 32},
+}
+FREEZE_CHOICES = ("stem", "stride2", "stride4", "stride8", "stride16", "stride32")
+
+#: Recipe keys (config name -> TrainConfig field).
+RECIPE_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "base_lr",
+               "schedule": "schedule", "warmup_epochs": "warmup_epochs",
+               "end_lr_fraction": "end_lr_fraction", "optimizer": "optimizer",
+               "momentum": "momentum", "nesterov": "nesterov", "weight_decay": "weight_decay",
+               "label_smoothing": "label_smoothing", "patience": "patience",
+               "augment": "augment"}
+#: Run-level keys (config `train:` / `pretrain:`), same names in TrainConfig.
+RUN_KEYS = ("eval_batch_size", "num_devices", "log_every_steps", "checkpoint_every_steps",
+            "prefetch_batches", "image_size", "eval_crop_fraction", "compute_dtype", "seed")
+#: Keys a variant may override (job settings, not structure).
+VARIANT_KEYS = ("seed", "lr", "epochs", "batch_size", "weight_decay", "backbone_lr_mult",
+                "label_smoothing", "head_lr", "warmup_epochs")
+VARIANT_PATTERN = r"(\+[a-z_]+=[A-Za-z0-9.\-]+)*"
+
+
+def arch_family(arch: str) -> str:
+    return "resnet" if arch.startswith("resnet") else arch
+
+
+def body_stages(arch: str) -> list[str]:
+    """The backbone's stages in order (everything but the head)."""
+    return list(STAGE_STRIDES[arch_family(arch)])
+
+
+def frozen_stages(arch: str, freeze_up_to: str | None) -> list[str]:
+    """Stages frozen by ``freeze_up_to``: ``stem``, or every stage whose output stride is at
+    most K for ``strideK``."""
+    if freeze_up_to is None:
+        return []
+    strides = STAGE_STRIDES[arch_family(arch)]
+    if freeze_up_to == "stem":
+        return ["stem"]
+    if freeze_up_to not in FREEZE_CHOICES:
+        raise ConfigError(f"freeze_up_to must be one of {FREEZE_CHOICES} or null, "
+                          f"got {freeze_up_to!r}")
+    k = int(freeze_up_to[len("stride"):])
+    stages = [s for s, stride in strides.items() if stride <= k]
+    if not stages:
+        raise ConfigError(f"freeze_up_to {freeze_up_to!r}: no stage of {arch} has an output "
+                          f"stride of {k} or less (strides: {strides})")
+    return stages
+
+
+def cut_stage(arch: str, freeze_up_to: str | None) -> str | None:
+    """The last frozen stage: the forward cut point and the cached boundary."""
+    stages = frozen_stages(arch, freeze_up_to)
+    return stages[-1] if stages else None
+
+
+def default_feature_layers(arch: str) -> list[str]:
+    """Pooled outputs of the last two stages."""
+    return body_stages(arch)[-2:]
+
+
+def param_groups(arch: str, regime: Mapping[str, Any]) -> list[list]:
+    """``[regex, lr_mult]`` pairs of a regime: the user's first, then the frozen stages,
+    the stem (``freeze_stem``), the head at x1, and the rest at ``backbone_lr_mult``."""
+    groups = [list(g) for g in regime["param_groups"]]
+    frozen = frozen_stages(arch, regime["freeze_up_to"])
+    if regime["freeze_stem"] and "stem" not in frozen:
+        frozen = ["stem", *frozen]
+    if frozen:
+        groups.append([f"({'|'.join(frozen)})/.*", 0.0])
+    if len(frozen) < len(body_stages(arch)):
+        mult = regime["backbone_lr_mult"]
+        if mult is None or float(mult) != 1.0:
+            groups.append(["head/.*", 1.0])
+            groups.append([".*", mult])
+    return groups
+
+
+def parse_variant(variant: str) -> dict:
+    """``'+seed=1+lr=0.003'`` -> ``{'seed': 1, 'lr': 0.003}``."""
+    if not variant:
+        return {}
+    if not re.fullmatch(VARIANT_PATTERN, variant):
+        raise ConfigError(f"variant {variant!r} is not of the form +key=value[+key=value...]")
+    out = {}
+    for part in variant[1:].split("+"):
+        key, value = part.split("=", 1)
+        if key not in VARIANT_KEYS:
+            raise ConfigError(f"variant key {key!r} is not one of {VARIANT_KEYS}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _train_config(recipe: Mapping, run: Mapping, **fields) -> dict:
+    d = {field: copy.deepcopy(recipe[key]) for key, field in RECIPE_KEYS.items()}
+    d.update({key: run[key] for key in RUN_KEYS})
+    d.update(fields)
+    return d
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    """Phase 0 uses the run seed; later phases fresh streams derived from it."""
+    if phase == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), phase]).generate_state(1)[0] % (2 ** 31))
+
+
+def _input(arch: str, regime: Mapping, augment: Mapping, freeze_up_to) -> dict:
+    """Where a phase's inputs come from: pixels, or the cache after the cut stage."""
+    cut = cut_stage(arch, freeze_up_to)
+    if cut is None:
+        return {"kind": "pixels", "start": None, "cut": None}
+    augmented = is_augmented(AugmentConfig.from_dict(augment))
+    if regime["use_cache"] and not augmented:
+        pooled = cut == body_stages(arch)[-1]
+        return {"kind": "cache", "layer": cut if pooled else cut + ":map",
+                "start": cut, "cut": None}
+    return {"kind": "pixels", "start": None, "cut": cut}
+
+
+def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
+    """The resolved settings of one train job (JSON-serialisable, no defaults left)."""
+    if regime_name not in config["regime_settings"]:
+        raise ConfigError(f"regime {regime_name!r} has no regime_settings entry")
+    overrides = parse_variant(variant)
+    regime = copy.deepcopy(dict(config["regime_settings"][regime_name]))
+    run = dict(config["train"])
+    for key, value in overrides.items():
+        (run if key == "seed" else regime)[key] = value
+    arch = config["backbone"]["arch"]
+    phases = []
+    if regime["solver"] == "lbfgs":
+        if regime["freeze_up_to"] != "stride32" or is_augmented(
+                AugmentConfig.from_dict(regime["augment"])):
+            raise ConfigError(f"regime_settings.{regime_name}: solver lbfgs needs the whole "
+                              f"backbone frozen (freeze_up_to: stride32) and no augmentation")
+        layer = body_stages(arch)[-1]
+        phases.append({"name": "probe", "kind": "lbfgs", "l2_grid": list(regime["l2_grid"]),
+                       "max_iter": regime["lbfgs_max_iter"],
+                       "input": {"kind": "cache", "layer": layer, "start": layer, "cut": None}})
+    else:
+        if regime["head_epochs"] > 0:
+            head = dict(regime, freeze_up_to="stride32", freeze_stem=False, param_groups=[])
+            inp = _input(arch, regime, regime["augment"], "stride32")
+            phases.append({"name": "head", "kind": "sgd", "input": inp,
+                           "train_config": _train_config(
+                               dict(regime, epochs=regime["head_epochs"], lr=regime["head_lr"],
+                                    patience=regime["head_patience"]),
+                               run, param_groups=param_groups(arch, head),
+                               start=inp["start"], cut=inp["cut"])})
+        inp = _input(arch, regime, regime["augment"], regime["freeze_up_to"])
+        phases.append({"name": "main", "kind": "sgd", "input": inp,
+                       "train_config": _train_config(
+                           regime, run, param_groups=param_groups(arch, regime),
+                           start=inp["start"], cut=inp["cut"])})
+    for i, phase in enumerate(phases):
+        if "train_config" in phase:
+            phase["train_config"]["seed"] = phase_seed(run["seed"], i)
+    settings = {
+        "regime": regime_name, "variant": variant, "arch": arch, "init": regime["init"],
+        "width": config["backbone"]["width"], "stage_depths": config["backbone"]["stage_depths"],
+        "seed": run["seed"], "keep_checkpoints": run["keep_checkpoints"],
+        "verify_shards": config["shards"].get("verify", True), "phases": phases,
+    }
+    settings["config_hash"] = settings_hash(settings)
+    return settings
+
+
+def pretrain_settings(config: Mapping) -> dict:
+    """The resolved settings of the pretrain rule: architecture and one TrainConfig dict
+    (the ``pretrain`` block holds every recipe and run key)."""
+    block = config["pretrain"]
+    backbone = config["backbone"]
+    return {"arch": backbone["arch"], "width": backbone["width"],
+            "stage_depths": backbone["stage_depths"],
+            "verify_shards": config["shards"].get("verify", True),
+            "keep_checkpoints": block["keep_checkpoints"],
+            "train_config": _train_config(block, block, param_groups=list(block["param_groups"]),
+                                          start=None, cut=None)}
+
+
+def feature_settings(config: Mapping, split: str) -> dict:
+    """The resolved settings of the features rule for ``split``."""
+    feats, run = config["features"], config["train"]
+    views = feats["train_views"] if split == "train" else 0
+    return {"arch": config["backbone"]["arch"], "width": config["backbone"]["width"],
+            "stage_depths": config["backbone"]["stage_depths"],
+            "layers": cache_layers(config, split), "views": views,
+            "augment": feats["augment"], "image_size": run["image_size"],
+            "eval_crop_fraction": run["eval_crop_fraction"], "seed": run["seed"],
+            "batch_size": feats["batch_size"], "dtype": feats["dtype"],
+            "verify_shards": config["shards"].get("verify", True)}
+
+
+def cache_layers(config: Mapping, split: str) -> list[str]:
+    """Layers the features rule writes for ``split``: the configured pooled layers (the
+    last stage always) and every boundary map a cached regime reads."""
+    arch = config["backbone"]["arch"]
+    layers = list(config["features"]["layers"] or default_feature_layers(arch))
+    stages = body_stages(arch)
+    for layer in layers:
+        if layer.split(":")[0] not in stages:
+            raise ConfigError(f"features.layers: {layer!r} is not a stage of {arch}; "
+                              f"stages are {stages}")
+    if stages[-1] not in layers:
+        layers.append(stages[-1])
+    for name in config["regimes"]:
+        for phase in job_settings(config, name)["phases"]:
+            layer = phase["input"].get("layer")
+            if phase["input"]["kind"] == "cache" and layer not in layers:
+                layers.append(layer)
+    return layers
+
+
+def uses_cache(config: Mapping, regime_name: str, variant: str = "") -> bool:
+    return any(p["input"]["kind"] == "cache"
+               for p in job_settings(config, regime_name, variant)["phases"])
+
+
+def settings_hash(settings: Mapping) -> str:
+    """sha256 of the settings JSON (sorted keys), without the hash itself."""
+    clean = {k: v for k, v in settings.items() if k != "config_hash"}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,215 @@
+"""The transfer-regime machinery on a tiny real ResNet: frozen stages stay bit-identical,
+the feature cache equals the online frozen part, the L-BFGS probe, resume after SIGTERM
+mid-epoch is bit-identical, a non-finite loss stops the run, and 1 vs 4 devices agree."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from finegrained.models import build_model, flatten_state
+from finegrained.train import regimes
+from finegrained.train.augment import AugmentConfig, center_crop
+from finegrained.train.checkpoint import Checkpointer
+from finegrained.train.features import FeatureReader, extract_features
+from finegrained.train.loop import NonFiniteLoss, Preempted, TrainConfig, TIMING_FIELDS, fit
+from finegrained.train.probe import fit_probe
+from test_train import _write_split, coloured_squares
+
+NAMES = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
+OFF = AugmentConfig.none()
+BASE = TrainConfig(epochs=2, batch_size=16, base_lr=0.05, warmup_epochs=0, image_size=32,
+                   eval_crop_fraction=0.875, compute_dtype="float32", num_devices=1,
+                   log_every_steps=0, weight_decay=1e-4, augment=OFF)
+
+
+def tiny_resnet(seed: int = 0):
+    return build_model("resnet18", 4, width=8, stage_depths=[1, 1, 1, 1], rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    train = _write_split(root, "train", *coloured_squares(64, size=36, seed=0), NAMES)
+    val = _write_split(root, "val", *coloured_squares(24, size=36, seed=1), NAMES)
+    return train, val
+
+
+def _groups(freeze_up_to):
+    return regimes.param_groups("resnet18", {
+        "param_groups": [], "freeze_up_to": freeze_up_to, "freeze_stem": False,
+        "backbone_lr_mult": 1.0})
+
+
+def _reader(path):
+    from finegrained.data.shards import ShardReader
+    return ShardReader(path)
+
+
+def test_frozen_stages_and_their_batch_norm_stay_bit_identical(splits):
+    model = tiny_resnet()
+    before = flatten_state(model)
+    cfg = dataclasses.replace(BASE, epochs=1, augment=AugmentConfig(flip=0.5, brightness=0.2),
+                              param_groups=tuple(map(tuple, _groups("stride8"))), cut="stage2")
+    fit(model, _reader(splits[0]), _reader(splits[1]), cfg, log_fn=None)
+    after = flatten_state(model)
+    frozen = [k for k in before if k.split("/")[0] in ("stem", "stage1", "stage2")]
+    trained = [k for k in before if k.split("/")[0] in ("stage3", "stage4", "head")]
+    assert any(k.endswith("mean") for k in frozen) and any(k.endswith("var") for k in frozen)
+    for key in frozen:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    changed = [k for k in trained if not np.array_equal(before[k], after[k])]
+    assert set(changed) == set(trained)
+
+
+def test_cached_partial_finetune_equals_the_online_frozen_part(splits, tmp_path):
+    train, val = splits
+    for split, index in (("train", train), ("val", val)):
+        extract_features(tiny_resnet(), index, tmp_path / split, layers=["stage2:map"],
+                         image_size=32, eval_crop_fraction=0.875, dtype="float32")
+    groups = tuple(map(tuple, _groups("stride8")))
+    cached, online = tiny_resnet(), tiny_resnet()
+    a = fit(cached, FeatureReader(tmp_path / "train" / "index.json", "stage2:map"),
+            FeatureReader(tmp_path / "val" / "index.json", "stage2:map"),
+            dataclasses.replace(BASE, param_groups=groups, start="stage2"), log_fn=None)
+    b = fit(online, _reader(train), _reader(val),
+            dataclasses.replace(BASE, param_groups=groups, cut="stage2"), log_fn=None)
+    for ra, rb in zip(a.history, b.history):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-4)
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], abs=1e-4)
+        assert ra["val_top1"] == rb["val_top1"]
+    fa, fb = flatten_state(cached), flatten_state(online)
+    for key in fa:
+        np.testing.assert_allclose(fa[key], fb[key], atol=1e-4, err_msg=key)
+
+
+def test_cached_probe_equals_the_on_the_fly_probe(splits, tmp_path):
+    train, val = splits
+    model = tiny_resnet(3)
+    idx = {}
+    for split, index in (("train", train), ("val", val)):
+        idx[split] = extract_features(model, index, tmp_path / split, layers=["stage4"],
+                                      image_size=32, eval_crop_fraction=0.875, dtype="float16")
+    def on_the_fly(index):
+        images, labels = _reader(index).load_all()
+        x = center_crop(jnp.asarray(images), 32, 0.875)
+        return np.asarray(model.pooled_features(x)), labels
+    (tx, ty), (vx, vy) = on_the_fly(train), on_the_fly(val)
+    ctx, cty = FeatureReader(tmp_path / "train" / "index.json", "stage4").load_all()
+    cvx, cvy = FeatureReader(tmp_path / "val" / "index.json", "stage4").load_all()
+    np.testing.assert_array_equal(cty, ty)
+    np.testing.assert_allclose(np.asarray(ctx, np.float32), tx, rtol=2e-3, atol=2e-3)
+    grid = [1e-4, 1e-2]
+    p_cache = fit_probe(ctx, cty, cvx, cvy, 4, l2_grid=grid, max_iter=200)
+    p_live = fit_probe(tx, ty, vx, vy, 4, l2_grid=grid, max_iter=200)
+    assert p_cache["l2"] == p_live["l2"]
+    assert p_cache["best"]["val_top1"] == pytest.approx(p_live["best"]["val_top1"], abs=1 / 24)
+    logits_c = tx @ p_cache["kernel"] + p_cache["bias"]
+    logits_l = tx @ p_live["kernel"] + p_live["bias"]
+    assert np.mean(logits_c.argmax(-1) == logits_l.argmax(-1)) > 0.95
+    assert p_live["best"]["train_top1"] > 0.5      # chance 0.25
+
+
+def test_lbfgs_probe_solves_a_separable_problem():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16)) * 3
+    y = rng.integers(0, 5, 400)
+    x = centres[y] + rng.normal(size=(400, 16))
+    probe = fit_probe(x[:300], y[:300], x[300:], y[300:], 5, l2_grid=[1e-4, 1.0, 100.0])
+    assert probe["best"]["val_top1"] > 0.95
+    assert probe["l2"] != 100.0          # a crushing penalty loses on validation
+    logits = x[300:] @ probe["kernel"] + probe["bias"]
+    assert np.mean(logits.argmax(-1) == y[300:]) == pytest.approx(probe["best"]["val_top1"])
+
+
+def _comparable(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
+
+
+def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tmp_path):
+    train, val = splits
+    cfg = dataclasses.replace(BASE, epochs=2, checkpoint_every_steps=3, log_every_steps=1,
+                              augment=AugmentConfig(flip=0.5, brightness=0.2, crop_area=(0.5, 1)))
+    straight = tiny_resnet()
+    ref = fit(straight, _reader(train), _reader(val), cfg, log_fn=None,
+              checkpoint_dir=tmp_path / "a")
+
+    def terminate_at_step_5(line):
+        if " step 5/" in line:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = tiny_resnet()
+    with pytest.raises(Preempted, match="SIGTERM at epoch 2, step 6"):
+        fit(interrupted, _reader(train), _reader(val), cfg, log_fn=terminate_at_step_5,
+            checkpoint_dir=tmp_path / "b")
+    assert Checkpointer(tmp_path / "b").latest_step() == 6      # mid-epoch 2 (4 steps/epoch)
+    resumed_model = tiny_resnet()
+    lines = []
+    resumed = fit(resumed_model, _reader(train), _reader(val), cfg, log_fn=lines.append,
+                  checkpoint_dir=tmp_path / "b")
+    assert "resumed from checkpoint at step 6" in lines[0]
+    assert _comparable(resumed.history) == _comparable(ref.history)
+    a, b = flatten_state(straight), flatten_state(resumed_model)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for key in ref.best_weights:
+        np.testing.assert_array_equal(ref.best_weights[key], resumed.best_weights[key])
+
+
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(splits, tmp_path):
+    train, val = splits
+    cfg = dataclasses.replace(BASE, base_lr=1e12, checkpoint_every_steps=1, epochs=3)
+    with pytest.raises(NonFiniteLoss, match=r"probe/x: non-finite training loss .* at epoch 1, step \d"):
+        fit(tiny_resnet(), _reader(train), _reader(val), cfg, log_fn=None,
+            checkpoint_dir=tmp_path / "ck", label="probe/x")
+    ckpt = Checkpointer(tmp_path / "ck")
+    step = ckpt.latest_step()
+    if step is not None:     # every checkpoint kept holds only finite losses
+        meta = ckpt.restore_meta(step)
+        assert all(np.isfinite(loss) for loss, _ in meta["epoch_metrics"])
+
+
+SCRIPT = textwrap.dedent('''
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, sys.argv[1])
+    import dataclasses, jax
+    from test_regime_training import BASE, tiny_resnet
+    from test_train import coloured_squares
+    from finegrained.train.augment import AugmentConfig
+    from finegrained.train.loop import fit
+    assert jax.device_count() == 4
+    losses = {}
+    for n in (1, 4):
+        cfg = dataclasses.replace(BASE, num_devices=n, epochs=2,
+                                  augment=AugmentConfig(flip=0.5, brightness=0.2))
+        r = fit(tiny_resnet(), coloured_squares(64, size=36, seed=0),
+                coloured_squares(20, size=36, seed=1), cfg, log_fn=None)
+        losses[n] = [(h["train_loss"], h["val_loss"], h["val_top1"]) for h in r.history]
+    print(json.dumps(losses))
+''')
+
+
+def test_one_and_four_devices_give_the_same_losses():
+    tests_dir = Path(__file__).resolve().parent
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tests_dir)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    import json
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (t1, v1, a1), (t4, v4, a4) in zip(losses["1"], losses["4"]):
+        assert abs(t1 - t4) < 1e-4 and abs(v1 - v4) < 1e-4 and a1 == a4, losses

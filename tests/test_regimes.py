@@ -1,0 +1,133 @@
+"""From config to job settings: presets, overrides, freeze points, parameter groups, variants,
+and one default per TrainConfig field (the schema's)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from finegrained.config import load_config, load_schema
+from finegrained.errors import ConfigError
+from finegrained.train import regimes
+from finegrained.train.loop import TrainConfig
+
+
+def _config(**overrides):
+    return load_config(overrides=overrides)
+
+
+def test_every_regime_resolves_to_complete_train_configs():
+    config = _config()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in config["regimes"]:
+        settings = regimes.job_settings(config, name)
+        json.dumps(settings)     # a JSON the job reads
+        for phase in settings["phases"]:
+            if phase["kind"] == "sgd":
+                # every field is set from config: nothing is left to the dataclass defaults
+                assert set(phase["train_config"]) == fields, name
+                TrainConfig.from_dict(phase["train_config"])
+    assert set(regimes.pretrain_settings(config)["train_config"]) == fields
+
+
+def test_train_config_defaults_equal_the_schema():
+    schema = load_schema()
+    recipe = schema["$defs"]["recipe"]["properties"]
+    run = schema["$defs"]["run"]["properties"]
+    cfg = TrainConfig()
+    for key, field in regimes.RECIPE_KEYS.items():
+        if key != "augment":
+            assert getattr(cfg, field) == recipe[key]["default"], key
+    for key in regimes.RUN_KEYS:
+        assert getattr(cfg, key) == run[key]["default"], key
+
+
+def test_a_partial_override_keeps_the_rest_of_the_preset():
+    config = _config(regime_settings={"scratch": {"epochs": 3}})
+    scratch = config["regime_settings"]["scratch"]
+    assert scratch["epochs"] == 3 and scratch["init"] == "random" and scratch["lr"] == 0.1
+    probe = config["regime_settings"]["linear_probe"]
+    assert probe["solver"] == "lbfgs" and probe["augment"]["flip"] == 0.0
+
+
+def test_freeze_up_to_means_the_same_resolution_in_every_architecture():
+    assert regimes.frozen_stages("resnet50", "stride16") == ["stem", "stage1", "stage2", "stage3"]
+    assert regimes.frozen_stages("mobilenet_v2", "stride16") == [
+        "stem", "stage1", "stage2", "stage3", "stage4"]
+    for arch in ("resnet18", "mobilenet_v2"):
+        strides = regimes.STAGE_STRIDES[regimes.arch_family(arch)]
+        for k in (4, 8, 16, 32):
+            cut = regimes.cut_stage(arch, f"stride{k}")
+            assert strides[cut] == k, (arch, k, cut)
+    assert regimes.cut_stage("resnet50", "stride32") == "stage4"
+    assert regimes.cut_stage("mobilenet_v2", "stride32") == "features"
+    with pytest.raises(ConfigError, match="no stage of resnet18"):
+        regimes.frozen_stages("resnet18", "stride2")
+
+
+def test_the_cut_point_is_also_the_freeze_regex_and_the_cache_layer():
+    config = _config(backbone={"arch": "resnet18"})
+    partial = regimes.job_settings(config, "partial_finetune")["phases"][0]
+    assert partial["input"] == {"kind": "cache", "layer": "stage3:map", "start": "stage3",
+                                "cut": None}
+    assert partial["train_config"]["param_groups"] == [["(stem|stage1|stage2|stage3)/.*", 0.0]]
+    # with augmentation the frozen part runs online, cut off from the gradient
+    augmented = _config(backbone={"arch": "resnet18"},
+                        regime_settings={"partial_finetune": {"augment": {"flip": 0.5}}})
+    phase = regimes.job_settings(augmented, "partial_finetune")["phases"][0]
+    assert phase["input"] == {"kind": "pixels", "start": None, "cut": "stage3"}
+    assert "stage3:map" in regimes.cache_layers(config, "train")
+    assert "stage3:map" not in regimes.cache_layers(augmented, "train")
+
+
+def test_full_finetune_has_three_tiers():
+    config = _config(regime_settings={"full_finetune": {"freeze_stem": True,
+                                                        "backbone_lr_mult": 0.01}})
+    groups = regimes.job_settings(config, "full_finetune")["phases"][0]["train_config"][
+        "param_groups"]
+    assert groups == [["(stem)/.*", 0.0], ["head/.*", 1.0], [".*", 0.01]]
+
+
+def test_two_stage_is_a_head_phase_then_the_rest_with_fresh_streams():
+    config = _config()
+    head, main = regimes.job_settings(config, "two_stage")["phases"]
+    assert head["name"] == "head" and main["name"] == "main"
+    assert head["train_config"]["base_lr"] == 0.1 and head["train_config"]["patience"] == 2
+    assert head["train_config"]["epochs"] == 10
+    assert head["train_config"]["param_groups"] == [
+        ["(stem|stage1|stage2|stage3|stage4)/.*", 0.0]]
+    assert main["train_config"]["param_groups"] == []       # all layers at lr
+    assert main["train_config"]["base_lr"] == 0.001
+    assert head["train_config"]["seed"] != main["train_config"]["seed"]
+
+
+def test_probe_is_lbfgs_on_the_last_stage_pooled():
+    phase = regimes.job_settings(_config(), "linear_probe")["phases"][0]
+    assert phase["kind"] == "lbfgs" and phase["input"]["layer"] == "stage4"
+    bad = _config(regime_settings={"linear_probe": {"augment": {"flip": 0.5}}})
+    with pytest.raises(ConfigError, match="lbfgs needs"):
+        regimes.job_settings(bad, "linear_probe")
+
+
+def test_variants_override_one_job():
+    config = _config()
+    base = regimes.job_settings(config, "full_finetune")
+    v = regimes.job_settings(config, "full_finetune", "+seed=2+lr=0.003")
+    assert v["seed"] == 2 and v["phases"][0]["train_config"]["base_lr"] == 0.003
+    assert v["config_hash"] != base["config_hash"]
+    assert regimes.parse_variant("") == {}
+    with pytest.raises(ConfigError, match="not one of"):
+        regimes.parse_variant("+arch=resnet50")
+    with pytest.raises(ConfigError, match="form"):
+        regimes.parse_variant("seed=1")
+
+
+def test_settings_hash_is_stable_and_sensitive():
+    config = _config()
+    a = regimes.job_settings(config, "scratch")
+    assert a["config_hash"] == regimes.job_settings(_config(), "scratch")["config_hash"]
+    changed = _config(train={"image_size": 192})
+    assert regimes.job_settings(changed, "scratch")["config_hash"] != a["config_hash"]
+

@@ -1,0 +1,74 @@
+# Phase 2 (GPU): the feature cache and the transfer regimes, one train job per regime.
+# Checkpoints go to results/<run>/checkpoints/<job>/, which is not a declared output, so
+# Snakemake keeps it when a job dies and the rerun resumes from it.
+
+
+rule features:
+    input:
+        script=script_path("features.py"),
+        index=results("data/target/shards/{split}/index.json"),
+        init=results("weights/init.safetensors"),
+        stats=results("data/target/stats.json"),
+        classes=results("data/target/manifest/classes.parquet"),
+    output:
+        index=results("features/{split}/index.json"),
+    params:
+        settings=feature_job_settings,
+        out_dir=lambda wc, output: Path(output.index).parent,
+    log:
+        results("logs/features/{split}.log"),
+    benchmark:
+        results("benchmarks/features/{split}.tsv")
+    threads: train_resources("threads")
+    resources:
+        mem_mb=train_resources("mem_mb"),
+        gpu=train_resources("gpu"),
+    conda:
+        "../../envs/jax.yaml"
+    shell:
+        "python {input.script:q} --settings {params.settings:q} --index {input.index:q}"
+        " --init-weights {input.init:q} --stats {input.stats:q} --classes {input.classes:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule train_regime:
+    input:
+        unpack(train_inputs),
+        script=script_path("train.py"),
+        train=results("data/target/shards/train/index.json"),
+        val=results("data/target/shards/val/index.json"),
+        stats=results("data/target/stats.json"),
+        classes=results("data/target/manifest/classes.parquet"),
+    output:
+        weights=results("train/{regime}{variant}/weights.safetensors"),
+        history=results("train/{regime}{variant}/history.parquet"),
+        summary=results("train/{regime}{variant}/summary.json"),
+    params:
+        settings=train_job_settings,
+        init=lambda wc, input: f"--init-weights {input.init!r}" if "init" in input.keys() else "",
+        features=lambda wc, input: (
+            f"--features-dir {str(Path(input.features[0]).parents[1])!r}"
+            if "features" in input.keys() else ""
+        ),
+        checkpoints=results("checkpoints/{regime}{variant}"),
+        out_dir=lambda wc, output: Path(output.weights).parent,
+    log:
+        results("logs/train/{regime}{variant}.log"),
+    benchmark:
+        results("benchmarks/train/{regime}{variant}.tsv")
+    threads: train_resources("threads")
+    resources:
+        mem_mb=train_resources("mem_mb"),
+        gpu=train_resources("gpu"),
+    conda:
+        "../../envs/jax.yaml"
+    shell:
+        "python {input.script:q} --settings {params.settings:q} --train-index {input.train:q}"
+        " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
+        " {params.init} {params.features} --checkpoint-dir {params.checkpoints:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule train:
+    input:
+        expand(results("train/{regime}/summary.json"), regime=config["regimes"]),
