@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from finegrained.data.crop import ASPECTS, OVERFLOWS
 from finegrained.data.shards import write_shard
 from finegrained.errors import DataError
 
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, required=True, help="output side S (pixels)")
     parser.add_argument("--margin", type=float, required=True,
                         help="context added on each side, as a fraction of the box size")
-    parser.add_argument("--aspect", choices=["square", "keep"], required=True)
+    parser.add_argument("--aspect", choices=ASPECTS, required=True)
+    parser.add_argument("--overflow", choices=OVERFLOWS, default="pad",
+                        help="square crop of a box longer than the photo's short side: "
+                             "pad it, or squeeze its long side by up to --max-squeeze")
+    parser.add_argument("--max-squeeze", type=float, default=1.0)
     parser.add_argument("--format", choices=["npy", "parquet"], default="npy")
     parser.add_argument("--codec", choices=["png", "jpeg"], default="png",
                         help="image encoding for --format parquet")
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = write_shard(args.manifest, args.root, args.shard, args.num_shards,
                               size=args.size, margin=args.margin, aspect=args.aspect,
+                              overflow=args.overflow, max_squeeze=args.max_squeeze,
                               fmt=args.format, codec=args.codec, on_bad_image=args.on_bad_image,
                               out_images=args.out_images, out_meta=args.out_meta,
                               out_skipped=args.out_skipped)

@@ -62,11 +62,11 @@ def shard_files(out, i, fmt="npy"):
             "out_skipped": skipped}
 
 
-def write_split(root, manifest, out, num_shards, fmt="npy", **kw):
+def write_split(root, manifest, out, num_shards, fmt="npy", aspect="square", **kw):
     metas = []
     for i in range(num_shards):
         files = shard_files(out, i, fmt)
-        write_shard(manifest, root, i, num_shards, size=SIZE, margin=MARGIN, aspect="square",
+        write_shard(manifest, root, i, num_shards, size=SIZE, margin=MARGIN, aspect=aspect,
                     fmt=fmt, **kw, **files)
         metas.append(files["out_meta"])
     write_split_index(metas, out / "index.json", "train")

@@ -84,6 +84,7 @@ rule crop_shard:
         "python {input.script:q} --manifest {input.manifest} --root {input.root:q}"
         " --shard {wildcards.shard} --num-shards {params.num_shards} --size {params.crop[size]}"
         " --margin {params.crop[margin]} --aspect {params.crop[aspect]}"
+        " --overflow {params.crop[overflow]} --max-squeeze {params.crop[max_squeeze]}"
         " --format {params.shards[format]} --codec {params.shards[codec]}"
         " --on-bad-image {params.on_bad_image} --out-meta {output.meta} {params.images}"
         " --out-skipped {output.skipped} > {log} 2>&1"
