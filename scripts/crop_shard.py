@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from finegrained.data.crop import ASPECTS, OVERFLOWS
-from finegrained.data.shards import write_shard
-from finegrained.errors import DataError
+from finegrained.data.shards import CODECS, SHARD_FORMATS, write_shard
+from finegrained.errors import ON_BAD_IMAGE, DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="square crop of a box longer than the photo's short side: "
                              "pad it, or squeeze its long side by up to --max-squeeze")
     parser.add_argument("--max-squeeze", type=float, default=1.0)
-    parser.add_argument("--format", choices=["npy", "parquet"], default="npy")
-    parser.add_argument("--codec", choices=["png", "jpeg"], default="png",
+    parser.add_argument("--format", choices=SHARD_FORMATS, default="npy")
+    parser.add_argument("--codec", choices=CODECS, default="png",
                         help="image encoding for --format parquet")
-    parser.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
+    parser.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="error")
     parser.add_argument("--out-meta", required=True)
     parser.add_argument("--out-images", help="uint8 .npy output (required for --format npy)")
     parser.add_argument("--out-skipped", required=True)

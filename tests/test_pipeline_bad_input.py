@@ -79,3 +79,24 @@ def test_skip_reports_the_image_and_keeps_the_rest(corrupt_dataset, tmp_path, fm
     assert images.shape == (3, 32, 32, 3) and len(labels) == 3
     manifest = pq.read_table(data / "manifest" / "test.parquet")
     assert manifest.num_rows == 4   # the manifest lists it; the crop phase dropped it
+
+
+def test_skip_drops_an_image_whose_box_has_no_area(tmp_path_factory, tmp_path):
+    """A new user's folder: good photos and one zero-area box. `skip` runs on and lists it."""
+    root = tmp_path_factory.mktemp("data") / "birds"
+    generate_demo_dataset(root, variant="target", num_classes=2, train_per_class=4,
+                          test_per_class=2, min_side=64, max_side=80, seed=5)
+    lines = (root / "bounding_boxes.txt").read_text().splitlines()
+    image_id, x, y, _, h = lines[0].split()
+    lines[0] = f"{image_id} {x} {y} 0 {h}"
+    (root / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
+    proc = _run_data(tmp_path, root, "skip", "npy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = tmp_path / "results" / "bad" / "data" / "target"
+    [skipped] = json.loads((data / "manifest" / "skipped.json").read_text())
+    assert skipped["image_id"] == image_id
+    assert skipped["reason"].startswith("bounding box has zero or negative area "
+                                        "(bounding_boxes.txt line 1")
+    counts = sum(json.loads((data / "shards" / s / "index.json").read_text())["count"]
+                 for s in ("train", "val", "test"))
+    assert counts == 11

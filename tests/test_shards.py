@@ -49,7 +49,8 @@ def make_dataset(root, n=7, bad=None):
         rows.append({"image_id": f"id-{i}", "path": rel, "label": i % 3, "class_id": 100 + i % 3,
                      "class_name": f"bird {i % 3}", "bbox_x": box[0], "bbox_y": box[1],
                      "bbox_w": box[2], "bbox_h": box[3], "width": w if i % 2 else None,
-                     "height": h if i % 2 else None, "photographer": None, "split": "train"})
+                     "height": h if i % 2 else None, "photographer": None, "split": "train",
+                     "images_line": i + 1})
     manifest = root / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), manifest)
     return manifest, rows
@@ -168,6 +169,16 @@ def test_bad_image_error_leaves_no_output(tmp_path, kind, fmt):
         write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square", fmt=fmt,
                     **shard_files(out, 0, fmt))
     assert list(out.iterdir()) == []
+
+
+def test_crop_error_names_the_images_txt_line(tmp_path):
+    root = tmp_path / "data"
+    manifest, rows = make_dataset(root, n=4, bad={2: "truncated"})
+    with pytest.raises(DataError) as caught:
+        write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square",
+                    **shard_files(tmp_path / "s", 0))
+    assert rows[2]["path"] in str(caught.value)
+    assert f"listed on line 3 of {root / 'images.txt'}" in str(caught.value)
 
 
 def test_skip_mode_reports_and_keeps_the_rest(tmp_path):

@@ -122,7 +122,7 @@ def check_box(box_xywh: Sequence[float], image_wh: Sequence[int] | None, *,
     both the annotation reader and the cropper.
     """
     x, y, w, h = (float(v) for v in box_xywh)
-    value = " ".join(f"{v:g}" for v in (x, y, w, h))
+    value = " ".join(str(v) for v in box_xywh)
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         raise DataError(source, "bounding box has a non-finite value", line=line, value=value)
     if w <= 0 or h <= 0:

@@ -35,15 +35,14 @@ from PIL import Image
 from finegrained.data.crop import ASPECTS, OVERFLOWS, Layout
 from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
-from finegrained.errors import DataError
+from finegrained.errors import ON_BAD_IMAGE, DataError
 from finegrained.fileio import atomic_output, sha256_file, write_json
 
 SHARD_METADATA_KEY = b"finegrained.shard"
 #: Per-crop columns of the rectangle that holds image pixels (x, y, w, h in the S x S crop).
 CONTENT_COLUMNS = ("content_x", "content_y", "content_w", "content_h")
-FORMATS = ("npy", "parquet")
+SHARD_FORMATS = ("npy", "parquet")
 CODECS = ("png", "jpeg")
-ON_BAD_IMAGE = ("error", "skip")
 #: PNG zlib level: crops of photos barely compress beyond level 1, and level 6 is ~3x slower.
 PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 95
@@ -79,7 +78,7 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
     file is created; with ``'skip'`` bad images are listed in ``out_skipped`` and left out.
     ``out_images`` is required for ``fmt='npy'`` and must be ``None`` for ``fmt='parquet'``.
     """
-    if fmt not in FORMATS or codec not in CODECS or on_bad_image not in ON_BAD_IMAGE:
+    if fmt not in SHARD_FORMATS or codec not in CODECS or on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"bad shard options: fmt={fmt!r} codec={codec!r} "
                          f"on_bad_image={on_bad_image!r}")
     if (fmt == "npy") != (out_images is not None):
@@ -109,7 +108,9 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
                 crop, content = _crop_row(row, dataset_root, crop_options)
             except DataError as exc:
                 if on_bad_image == "error":
-                    raise
+                    raise DataError(exc.path, f"{exc.reason} (listed on line {row['images_line']}"
+                                              f" of {Path(dataset_root) / 'images.txt'})",
+                                    value=exc.value) from exc
                 skipped.append({"image_id": row["image_id"], "path": row["path"],
                                 "reason": exc.reason})
                 continue
