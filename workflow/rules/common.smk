@@ -3,13 +3,17 @@
 from pathlib import Path
 
 from finegrained.config import load_schema, validate_config
+from finegrained.data.readers import DATASET_FORMATS, annotation_files
 
 validate_config(config, load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"))
 
 # Jobs import the library from this checkout, also inside the per-family conda
-# environments (envs/*.yaml hold only the third-party packages).
+# environments (envs/*.yaml hold only the third-party packages). The prefix replaces
+# Snakemake's default one, so it starts with that: `set -euo pipefail;`.
 # (The prefix is formatted like a shell command: {{ }} are literal braces.)
-shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
 SPLITS = ["train", "val", "test"]
 DATASETS = ["target", "source"]
@@ -32,11 +36,20 @@ def dataset_config(dataset):
 
 
 def dataset_root(wildcards):
-    """Where a dataset's annotation files are: generated for the demo, else dataset.root."""
+    """Where a dataset's annotation files and images/ are: generated for the demo, else
+    dataset.root. A param, not an input: the inputs are the annotation files themselves."""
     cfg = dataset_config(wildcards.dataset)
     if cfg["demo"] is not None:
         return results(f"demo_data/{wildcards.dataset}")
     return cfg["root"]
+
+
+def annotation_inputs(wildcards):
+    """The annotation files the manifests read (the demo generator writes all of them)."""
+    cfg = dataset_config(wildcards.dataset)
+    files = annotation_files(cfg["format"], dataset_root(wildcards),
+                             all_optional=cfg["demo"] is not None)
+    return [str(path) for path in files]
 
 
 def shard_ids(split):
@@ -52,13 +65,36 @@ def shard_outputs():
     return outputs
 
 
-def split_shard_metas(wildcards):
-    return expand(
-        results("data/{dataset}/shards/{split}/shard-{shard}.parquet"),
-        dataset=wildcards.dataset,
-        split=wildcards.split,
-        shard=shard_ids(wildcards.split),
-    )
+def split_shard_files(kind):
+    """Input function: every shard file of one kind ('meta', 'skipped', 'images') of a split."""
+
+    def files(wildcards):
+        if kind not in shard_outputs():
+            return []
+        return expand(
+            shard_outputs()[kind],
+            dataset=wildcards.dataset,
+            split=wildcards.split,
+            shard=shard_ids(wildcards.split),
+        )
+
+    return files
+
+
+def crop_args():
+    """The crop options of crop_shard, only those that change its output (a changed param
+    reruns every crop job)."""
+    crop = config["crop"]
+    args = f"--size {crop['size']} --margin {crop['margin']} --aspect {crop['aspect']}"
+    if crop["aspect"] == "square":
+        args += f" --overflow {crop['overflow']}"
+        if crop["overflow"] == "squeeze":
+            args += f" --max-squeeze {crop['max_squeeze']}"
+    shards = config["shards"]
+    args += f" --format {shards['format']}"
+    if shards["format"] == "parquet":
+        args += f" --codec {shards['codec']}"
+    return args
 
 
 def data_resources(key):

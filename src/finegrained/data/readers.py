@@ -117,6 +117,29 @@ class FormatSpec:
     common_name: Callable[[str], str]
 
 
+    def annotation_names(self) -> list[tuple[str, bool]]:
+        """``(file name, required)`` of every annotation file this format reads."""
+        names = [("images.txt", True), ("image_class_labels.txt", True),
+                 ("train_test_split.txt", True), ("classes.txt", True),
+                 ("bounding_boxes.txt", self.boxes_required), ("sizes.txt", self.sizes_required)]
+        if self.hierarchy_file:
+            names.append((self.hierarchy_file, True))
+        return names + [("photographers.txt", False)]
+
+
+def annotation_files(fmt: str, root: str | os.PathLike, *,
+                     all_optional: bool = False) -> list[Path]:
+    """The files :func:`read_dataset` reads in ``root``: the required ones (present or not)
+    and the optional ones that exist (every one with ``all_optional``).
+
+    The workflow declares exactly these as the inputs of the manifests, so editing one reruns
+    the data phase, and adding an unrelated file to the dataset folder reruns nothing.
+    """
+    root = Path(root)
+    return [root / name for name, required in DATASET_FORMATS[fmt].annotation_names()
+            if required or all_optional or (root / name).is_file()]
+
+
 def _uuid_id(token: str) -> str:
     # NABirds ids are opaque UUID strings; checking the UUID grammar would add nothing,
     # since every file is cross-checked against images.txt anyway.
@@ -353,18 +376,20 @@ def read_dataset(fmt: str, root: str | os.PathLike, *, on_bad_image: str = "erro
             raise DataError(path, f"required {spec.name} annotation file is missing")
         return path
 
-    def optional(name: str | None) -> Path | None:
-        path = root / name if name else None
-        return path if path is not None and path.is_file() else None
+    def optional(name: str) -> Path | None:
+        path = root / name
+        return path if path.is_file() else None
 
-    images_path = required("images.txt")
-    labels_path = required("image_class_labels.txt")
-    split_path = required("train_test_split.txt")
-    classes_path = required("classes.txt")
-    boxes_path = required("bounding_boxes.txt") if spec.boxes_required else optional("bounding_boxes.txt")
-    sizes_path = required("sizes.txt") if spec.sizes_required else optional("sizes.txt")
-    hierarchy_path = required(spec.hierarchy_file) if spec.hierarchy_file else None
-    photographers_path = optional("photographers.txt")
+    files = {name: required(name) if needed else optional(name)
+             for name, needed in spec.annotation_names()}
+    images_path = files["images.txt"]
+    labels_path = files["image_class_labels.txt"]
+    split_path = files["train_test_split.txt"]
+    classes_path = files["classes.txt"]
+    boxes_path = files["bounding_boxes.txt"]
+    sizes_path = files["sizes.txt"]
+    hierarchy_path = files.get(spec.hierarchy_file)
+    photographers_path = files["photographers.txt"]
     # parts/ (part locations) is not used by this pipeline and is deliberately not read.
 
     key = spec.parse_image_id
