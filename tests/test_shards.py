@@ -126,10 +126,25 @@ def test_index_records_hashes_and_counts(tmp_path):
     for shard in index["shards"]:
         assert shard["meta_sha256"] == sha256_file(out / shard["meta"])
         assert shard["images_sha256"] == sha256_file(out / shard["images"])
-    np.save(out / "shard-00001.npy", np.zeros((4, SIZE, SIZE, 3), np.uint8))
+
+@pytest.mark.parametrize("fmt, tampered", [("npy", "shard-00001.npy"),
+                                           ("npy", "shard-00000.parquet"),
+                                           ("parquet", "shard-00001.parquet")])
+def test_verify_names_the_tampered_shard(tmp_path, fmt, tampered):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "shards"
+    index_path = write_split(root, manifest, out, 2, fmt=fmt)
+    data = bytearray((out / tampered).read_bytes())
+    data[len(data) // 2] ^= 0xFF                       # one flipped byte, same size
+    (out / tampered).write_bytes(bytes(data))
     ShardReader(index_path)  # existence only
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(DataError) as caught:
         ShardReader(index_path, verify=True)
+    assert caught.value.path == str(out / tampered)
+    text = str(caught.value)
+    assert tampered in text and f"shard {tampered[10]} of split 'train'" in text
+    assert "index.json" in text and "sha256" in text
 
 
 def test_iter_batches_shuffle_and_remainder(tmp_path):

@@ -83,7 +83,7 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes, streamed in ``chunk_size`` blocks (constant memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(chunk_size), b""):
