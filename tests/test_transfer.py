@@ -12,6 +12,8 @@ from flax import nnx
 
 from finegrained.data.readers import CLASSES_SCHEMA, read_dataset
 from finegrained.errors import WeightsError
+from finegrained.fileio import sha256_file
+from finegrained.models.download import sha256_record
 from finegrained.models import build_model, flatten_state, to_flat
 from finegrained.models.transfer import init_target_model, write_target_init
 from finegrained.models.weights import read_metadata, read_tensors, save_weights, weights_metadata
@@ -72,6 +74,20 @@ def test_write_target_init_matches_names_from_metadata(tmp_path):
     meta = read_metadata(tmp_path / "init.safetensors")
     assert json.loads(meta["class_names"]) == ["Rock wren", "Mallard", "blue-jay"]
     assert json.loads((tmp_path / "report.json").read_text())["head_init"]["num_matched"] == 2
+
+
+def test_report_records_the_weights_sha256_and_checks_a_download_record(tmp_path):
+    weights, _ = _pretrained_file(tmp_path, ["x", "y"])
+    classes = _classes_parquet(tmp_path, ["a", "b"])
+    report = write_target_init(classes, tmp_path / "init.safetensors", tmp_path / "r.json",
+                               arch="resnet18", width=8, weights=weights)
+    assert report["weights_sha256"] == sha256_file(weights)
+    assert read_metadata(tmp_path / "init.safetensors")["source_sha256"] == sha256_file(weights)
+    sha256_record(weights).write_text(f"{'0' * 64}  {weights.name}\n")   # changed since download
+    with pytest.raises(WeightsError, match="recorded"):
+        write_target_init(classes, tmp_path / "init2.safetensors", tmp_path / "r2.json",
+                          arch="resnet18", width=8, weights=weights)
+    assert not (tmp_path / "init2.safetensors").exists()
 
 
 def test_random_init_and_refusals(tmp_path):

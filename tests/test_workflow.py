@@ -77,9 +77,27 @@ def test_wrong_key_and_wrong_value_are_named():
     assert "crop.aspect" in text and "round" in text
 
 
-def test_url_weights_need_a_hash():
+def test_url_weights_trusted_on_first_use_unless_strict():
+    url = "https://example.org/w.safetensors"
+    assert validate_config({"backbone": {"weights": url}})["backbone"]["weights_sha256"] is None
     with pytest.raises(ConfigError, match="weights_sha256"):
-        validate_config({"backbone": {"weights": "https://example.org/w.safetensors"}})
+        validate_config({"backbone": {"weights": url, "weights_require_sha256": True}})
+
+
+def test_default_config_starts_from_public_imagenet_weights():
+    config = load_config(REPO / "config" / "config.yaml")
+    assert config["backbone"]["weights"].startswith("https://")
+    assert config["backbone"]["arch"] == "resnet50"
+
+
+def test_pretrain_needs_a_source_dataset_other_than_the_target():
+    with pytest.raises(ConfigError, match="pretrain.dataset is not set"):
+        validate_config({"backbone": {"weights": "pretrain"}})
+    with pytest.raises(ConfigError, match="pretrain.dataset.root is the target dataset"):
+        validate_config({"backbone": {"weights": "pretrain"}, "dataset": {"root": "data/x"},
+                         "pretrain": {"dataset": {"root": "data/x/"}}})
+    validate_config({"backbone": {"weights": "pretrain"},
+                     "pretrain": {"dataset": {"root": "data/inat_birds"}}})
 
 
 def test_dry_run_demo():

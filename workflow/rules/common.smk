@@ -1,9 +1,11 @@
 # Helpers shared by every stage: config validation, output paths, input functions.
 
+import urllib.parse
 from pathlib import Path
 
-from finegrained.config import load_schema, validate_config
+from finegrained.config import is_url, load_schema, validate_config
 from finegrained.data.readers import DATASET_FORMATS, annotation_files
+from finegrained.models.download import sha256_record
 
 validate_config(config, load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"))
 
@@ -112,12 +114,21 @@ def stage_depths_arg():
 
 
 def backbone_weights_file():
-    """The weights file the target model starts from, or None for random init."""
+    """The weights file the target model starts from, or None for random init. A URL is
+    downloaded to resources/weights/<host>/<path> (one file per URL, beside the user's own)."""
     weights = config["backbone"]["weights"]
     if weights == "none":
         return None
     if weights == "pretrain":
         return results("pretrain/weights.safetensors")
-    if weights.startswith(("http://", "https://")):
-        return f"resources/weights/{Path(weights.split('?')[0]).name}"
+    if is_url(weights):
+        url = urllib.parse.urlsplit(weights)
+        return f"resources/weights/{url.hostname}{url.path}"
     return weights
+
+
+def backbone_weights_record():
+    """For downloaded weights, the sha256 recorded beside the file (checked on every use)."""
+    if not is_url(config["backbone"]["weights"]):
+        return None
+    return str(sha256_record(backbone_weights_file()))
