@@ -240,3 +240,12 @@ def test_cub50_manifests(cub50, tmp_path):
     classes = read_classes(tmp_path / "classes.parquet")
     assert classes.column("common_name")[1].as_py() == "Parakeet Auklet"
     assert np.array_equal(np.unique(test.column("label").to_numpy()), np.arange(50))
+
+
+def test_read_classes_names_an_unreadable_file(tmp_path):
+    bad = tmp_path / "classes.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="classes.parquet: cannot read class table"):
+        read_classes(bad)
+    with pytest.raises(DataError, match="absent.parquet: cannot read class table"):
+        read_classes(tmp_path / "absent.parquet")

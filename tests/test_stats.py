@@ -96,3 +96,18 @@ def test_channel_stats_script(tmp_path, repo_root):
     missing = subprocess.run([sys.executable, script, "--index", str(tmp_path / "nope.json"),
                               "--out", str(out)], capture_output=True, text=True)
     assert missing.returncode == 1 and "nope.json" in missing.stderr
+
+
+def test_channel_stats_script_on_an_empty_split_is_a_message(tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root, n=1, bad={0: "missing"})
+    index = write_split(root, manifest, tmp_path / "s", 1, on_bad_image="skip")
+    done = subprocess.run([sys.executable, str(repo_root / "scripts" / "channel_stats.py"),
+                           "--index", str(index), "--out", str(tmp_path / "stats.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "index.json: no images to compute colour statistics from" in done.stderr
+    assert not (tmp_path / "stats.json").exists()

@@ -120,3 +120,28 @@ def test_self_pretrained_mobilenet_with_batch_norm_loads_back(tmp_path):
                                       weights=path, init_from_source_names=True)
     assert report["head_init"]["num_matched"] == 1
     assert any("/bn/" in name for name in flatten_state(model))
+
+
+@pytest.mark.parametrize("problem", ["garbage classes", "missing names file"])
+def test_init_model_script_reports_bad_input_without_traceback(tmp_path, problem):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "init_model.py"
+    classes = _classes_parquet(tmp_path, ["a", "b"])
+    weights, _ = _pretrained_file(tmp_path, ["x", "y"])
+    args = ["--arch", "resnet18", "--width", "8", "--classes", str(classes),
+            "--weights", str(weights), "--out-weights", str(tmp_path / "o.safetensors"),
+            "--out-report", str(tmp_path / "o.json")]
+    if problem == "garbage classes":
+        classes.write_bytes(b"garbage")
+        expected = "classes.parquet: cannot read class table"
+    else:
+        args += ["--source-class-names", str(tmp_path / "labels.txt"), "--init-from-source-names"]
+        expected = "labels.txt: class name file not found"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert expected in done.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -192,7 +192,10 @@ def class_names(path: str | os.PathLike) -> list[str]:
 
 def read_classes(path: str | os.PathLike) -> pa.Table:
     """Read ``classes.parquet``: the leaf classes, row i = label i."""
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(path, f"cannot read class table: {exc}") from exc
     if not table.schema.equals(CLASSES_SCHEMA):
         raise DataError(path, "not a class table (unexpected columns)",
                         value=", ".join(table.schema.names))
