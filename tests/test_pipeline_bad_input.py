@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from finegrained.data.demo import generate_demo_dataset
+from finegrained.demo import generate_demo_dataset
 from finegrained.data.shards import ShardReader
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import yaml
 
 from finegrained.config import load_config, load_schema, validate_config
 from finegrained.config_reference import render_reference
-from finegrained.data.demo import generate_demo_dataset
+from finegrained.demo import generate_demo_dataset
 from finegrained.data.readers import annotation_files
 from finegrained.errors import ConfigError
 

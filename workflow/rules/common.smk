@@ -4,6 +4,7 @@ import urllib.parse
 from pathlib import Path
 
 from finegrained.config import is_url, load_schema, validate_config
+from finegrained.data.manifest import SPLITS
 from finegrained.data.readers import DATASET_FORMATS, annotation_files
 from finegrained.models.download import sha256_record
 
@@ -17,7 +18,6 @@ shell.prefix(
     f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
 
-SPLITS = ["train", "val", "test"]
 DATASETS = ["target", "source"]
 
 
