@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finegrained.data.shards import write_shard
-from finegrained.errors import DataError
+from finegrained.data.crop import ASPECTS, OVERFLOWS
+from finegrained.data.shards import CODECS, SHARD_FORMATS, write_shard
+from finegrained.errors import ON_BAD_IMAGE, DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,11 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, required=True, help="output side S (pixels)")
     parser.add_argument("--margin", type=float, required=True,
                         help="context added on each side, as a fraction of the box size")
-    parser.add_argument("--aspect", choices=["square", "keep"], required=True)
-    parser.add_argument("--format", choices=["npy", "parquet"], default="npy")
-    parser.add_argument("--codec", choices=["png", "jpeg"], default="png",
+    parser.add_argument("--aspect", choices=ASPECTS, required=True)
+    parser.add_argument("--overflow", choices=OVERFLOWS, default="pad",
+                        help="square crop of a box longer than the photo's short side: "
+                             "pad it, or squeeze its long side by up to --max-squeeze")
+    parser.add_argument("--max-squeeze", type=float, default=1.0)
+    parser.add_argument("--format", choices=SHARD_FORMATS, default="npy")
+    parser.add_argument("--codec", choices=CODECS, default="png",
                         help="image encoding for --format parquet")
-    parser.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
+    parser.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="error")
     parser.add_argument("--out-meta", required=True)
     parser.add_argument("--out-images", help="uint8 .npy output (required for --format npy)")
     parser.add_argument("--out-skipped", required=True)
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = write_shard(args.manifest, args.root, args.shard, args.num_shards,
                               size=args.size, margin=args.margin, aspect=args.aspect,
+                              overflow=args.overflow, max_squeeze=args.max_squeeze,
                               fmt=args.format, codec=args.codec, on_bad_image=args.on_bad_image,
                               out_images=args.out_images, out_meta=args.out_meta,
                               out_skipped=args.out_skipped)

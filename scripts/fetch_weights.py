@@ -1,9 +1,10 @@
-"""Download a pretrained weights file and verify its sha256.
+"""Download a pretrained weights file and verify its sha256 (pinned, or trusted on first use).
 
-    python scripts/fetch_weights.py --url URL --sha256 HEX --out PATH
+    python scripts/fetch_weights.py --url URL [--sha256 HEX] --out PATH
 
-URL may be http(s)://, file:// or a local path. Exits non-zero, leaving nothing at PATH,
-when the transfer fails or the hash differs.
+URL may be http(s)://, file:// or a local path. Without --sha256 the hash is computed on
+download, logged and recorded in PATH.sha256, and checked on every later use. Exits
+non-zero, leaving nothing at PATH, when the transfer fails or the hash differs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from finegrained.models.download import fetch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="http(s)://, file:// URL or local path")
-    parser.add_argument("--sha256", required=True, help="expected sha256, 64 hex digits")
+    parser.add_argument("--sha256", default=None,
+                        help="expected sha256, 64 hex digits (omit: trust on first use)")
     parser.add_argument("--out", required=True, help="destination file")
     parser.add_argument("--timeout", type=float, default=60, help="socket timeout, seconds")
     args = parser.parse_args(argv)

@@ -4,13 +4,14 @@ import argparse
 import logging
 import sys
 
-from finegrained.errors import WeightsError
+from finegrained.errors import ConfigError, DataError, WeightsError
+from finegrained.models.registry import ARCHITECTURES
 from finegrained.models.transfer import write_target_init
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--arch", required=True)
+    p.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--stage-depths", type=int, nargs="+", default=None)
     p.add_argument("--classes", required=True, help="target classes.parquet from the manifests rule")
@@ -28,7 +29,7 @@ def main(argv=None):
             stage_depths=args.stage_depths, weights=args.weights,
             source_names_file=args.source_class_names,
             init_from_source_names=args.init_from_source_names, seed=args.seed)
-    except WeightsError as exc:
+    except (WeightsError, DataError, ConfigError) as exc:
         sys.exit(f"error: {exc}")
     matched = report.get("head_init", {}).get("num_matched")
     print(f"initialised {args.arch} for {report['num_classes']} classes from "

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from finegrained.data.demo import VARIANTS, generate_demo_dataset
+from finegrained.demo import VARIANTS, generate_demo_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

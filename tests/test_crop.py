@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from finegrained.data import imageio
-from finegrained.data.crop import PAD_VALUE, crop_window, letterbox_geometry
-from finegrained.data.imageio import load_crop
+from finegrained.data.crop import (PAD_VALUE, Layout, crop_window, jpeg_draft_factor,
+                                   letterbox_geometry, padded_pixels, squeeze_limit)
+from finegrained.data.imageio import decode_crop, load_crop
 from finegrained.errors import DataError
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -49,8 +50,61 @@ def test_square_window_shifted_inside_image():
     assert crop_window((350, 10, 50, 20), (400, 300), 0.5, "square") == (300, 0, 400, 100)
 
 
-def test_square_larger_than_image_is_clamped():
-    assert crop_window((10, 10, 80, 30), (100, 50), 0.5, "square") == (0, 0, 100, 50)
+def test_square_longer_than_short_side_gives_up_context_not_pixels():
+    # Box 250 px, margined square 325 px, photo 400x300: the square shrinks to 300 px and
+    # still holds the whole box (it was clamped to 325x300 and letterboxed before).
+    window = crop_window((50, 20, 250, 250), (400, 300), 0.15, "square")
+    assert window == (25, 0, 325, 300)
+    assert letterbox_geometry((window[2] - window[0], window[3] - window[1]), 256) \
+        == Layout(0, 0, 256, 256)
+
+
+def test_box_longer_than_short_side_spans_short_side_and_box():
+    # A 350 px wide box in a 400x300 photo: no square inside the photo holds it.
+    assert crop_window((20, 10, 350, 200), (400, 300), 0.15, "square") == (20, 0, 370, 300)
+    assert crop_window((10, 10, 80, 30), (100, 50), 0.5, "square") == (10, 0, 90, 50)
+    assert crop_window((10, 20, 30, 80), (50, 100), 0.5, "square") == (0, 20, 50, 100)
+
+
+def test_overflow_pad_or_squeeze_up_to_the_limit():
+    assert letterbox_geometry((350, 300), 256) == Layout(0, 18, 256, 219)     # pad
+    assert letterbox_geometry((350, 300), 256, 1.333) == Layout(0, 0, 256, 256)
+    assert letterbox_geometry((300, 600), 256, 1.5) == Layout(32, 0, 192, 256)  # squeeze + pad
+    assert squeeze_limit("square", "pad", 1.5) == 1.0
+    assert squeeze_limit("keep", "squeeze", 1.5) == 1.0
+    assert squeeze_limit("square", "squeeze", 1.5) == 1.5
+
+
+def _nabirds_geometry(annotations):
+    def read(name):
+        return {line.split()[0]: tuple(int(v) for v in line.split()[1:])
+                for line in (annotations / name).read_text().splitlines()}
+    sizes, boxes = read("sizes.txt"), read("bounding_boxes.txt")
+    return [(sizes[k], boxes[k]) for k in sizes]
+
+
+def test_real_nabirds_geometry_padding_and_windows(nabirds_annotations):
+    """All 48,562 NABirds windows at S=256, margin 0.15: inside the photo, holding the box,
+    square whenever the box fits the short side; padding only for the rest."""
+    size, padded, padded_pixels_total, unsquare = 256, 0, 0, 0
+    geometry = _nabirds_geometry(nabirds_annotations)
+    for (w, h), (x, y, bw, bh) in geometry:
+        left, top, right, bottom = crop_window((x, y, bw, bh), (w, h), 0.15, "square")
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+        assert left <= max(x, 0) and top <= max(y, 0)
+        assert right >= min(x + bw, w) and bottom >= min(y + bh, h)
+        if max(min(x + bw, w) - max(x, 0), min(y + bh, h) - max(y, 0)) <= min(w, h):
+            assert right - left == bottom - top
+        else:
+            unsquare += 1
+        layout = letterbox_geometry((right - left, bottom - top), size)
+        padded += padded_pixels(layout, size) > 0
+        padded_pixels_total += padded_pixels(layout, size)
+    n = len(geometry)
+    assert n == 48562
+    # Before issue #9: 22,787 crops (46.9 %) and 8.1 % of the pixels were padding.
+    assert padded / n < 0.17 and padded_pixels_total / (n * size * size) < 0.021
+    assert unsquare < 0.17 * n
 
 
 def test_box_partly_outside_is_clamped():
@@ -65,8 +119,8 @@ def test_degenerate_boxes_raise(box):
 
 
 def test_letterbox_geometry():
-    assert letterbox_geometry((200, 100), 64) == (64, 32, 0, 16)
-    assert letterbox_geometry((50, 50), 64) == (64, 64, 0, 0)
+    assert letterbox_geometry((200, 100), 64) == Layout(x=0, y=16, w=64, h=32)
+    assert letterbox_geometry((50, 50), 64) == Layout(0, 0, 64, 64)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -157,27 +211,51 @@ def test_png_named_jpg_decodes(tmp_path):
     assert fraction_of(out[:, 10:-10], RED) > 0.99
 
 
-def test_draft_mode_on_big_jpeg_matches_full_decode(tmp_path, monkeypatch):
+def _big_jpeg(path, colour=None):
+    if colour is not None:
+        Image.new("RGB", (2400, 1600), colour).save(path, quality=92)
+        return path
     rng = np.random.default_rng(0)
     # Smooth texture (upsampled noise) so the comparison measures resampling, not JPEG noise.
     small = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
-    big = Image.fromarray(small).resize((2400, 1600), Image.Resampling.BICUBIC)
-    path = tmp_path / "big.jpg"
-    big.save(path, quality=92)
-    box = (600, 300, 1200, 1000)
+    Image.fromarray(small).resize((2400, 1600), Image.Resampling.BICUBIC).save(path, quality=92)
+    return path
 
+
+def _record_scales(monkeypatch):
     scales = []
     original = imageio._draft_scale
     monkeypatch.setattr(imageio, "_draft_scale",
                         lambda *a: scales.append(original(*a)) or scales[-1])
-    drafted = load_crop(path, box, 128, 0.1, "square")
-    assert scales == [8]  # a 1320 px window into 128 px: decoded at 1/8
+    return scales
 
+
+@pytest.mark.parametrize("box, margin, factor", [
+    ((600, 300, 1200, 1000), 0.1, 8),     # a 1320 px window into 128 px: decoded at 1/8
+    ((3, 4, 1000, 1000), 0.0, 4),         # window (3, 4, 1003, 1004): not on the 1/4 grid
+])
+def test_draft_mode_on_big_jpeg_matches_full_decode(tmp_path, monkeypatch, box, margin, factor):
+    path = _big_jpeg(tmp_path / "big.jpg")
+    scales = _record_scales(monkeypatch)
+    drafted = load_crop(path, box, 128, margin, "square")
+    assert scales == [factor]
     with Image.open(path) as im:
         im.load()
-        window = crop_window(box, im.size, 0.1, "square")
+        window = crop_window(box, im.size, margin, "square")
         full = np.asarray(im.crop(window).resize((128, 128), Image.Resampling.LANCZOS))
-    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 3.0
+    assert jpeg_draft_factor(im.size, (window[2] - window[0], window[3] - window[1]), 128) \
+        == factor
+    # Rounding the scaled window's edges apart made a 251x250 region here (error 9.0).
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 1.0
+
+
+def test_draft_mode_keeps_a_square_window_square(tmp_path, monkeypatch):
+    """No one-pixel grey stripe: the scaled window of a square stays square."""
+    path = _big_jpeg(tmp_path / "solid.jpg", colour=(200, 60, 40))
+    scales = _record_scales(monkeypatch)
+    crop = decode_crop(path, (3, 4, 1000, 1000), 128, 0.0, "square")
+    assert scales == [4] and crop.content == Layout(0, 0, 128, 128)
+    assert np.abs(crop.pixels.astype(int) - (200, 60, 40)).max() <= 3
 
 
 def test_image_size_mismatch_raises(tmp_path):
@@ -205,3 +283,18 @@ def test_missing_truncated_and_garbage_files_raise(tmp_path):
     garbage.write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
     with pytest.raises(DataError, match="garbage.jpg"):
         load_crop(garbage, None, 16, 0.0, "square")
+
+
+@pytest.mark.parametrize("overflow, content", [("pad", Layout(0, 4, 64, 55)),
+                                               ("squeeze", Layout(0, 0, 64, 64))])
+def test_decode_crop_reports_content_and_pads_only_outside(tmp_path, overflow, content):
+    path = tmp_path / "wide.png"
+    box = (20, 10, 350, 200)          # longer than the photo's 300 px short side
+    box_image(size=(400, 300), box=box).save(path)
+    crop = decode_crop(path, box, 64, 0.15, "square", overflow=overflow, max_squeeze=1.333)
+    assert crop.content == content
+    x, y, w, h = content
+    inside = np.zeros((64, 64), bool)
+    inside[y:y + h, x:x + w] = True
+    assert (crop.pixels[~inside] == PAD_VALUE).all()
+    assert not (crop.pixels[inside] == PAD_VALUE).all(axis=-1).any()

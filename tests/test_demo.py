@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finegrained.data import demo
+from finegrained import demo
 
 SMALL = dict(num_classes=6, train_per_class=3, test_per_class=2, min_side=96, max_side=140)
 ANNOTATION_FILES = ["images.txt", "image_class_labels.txt", "train_test_split.txt",
@@ -230,13 +230,13 @@ def test_failure_leaves_no_partial_dataset(tmp_path, monkeypatch):
         return real_render(*args, **kwargs)
 
     real_render = demo.render_image
-    monkeypatch.setattr(demo, "render_image", failing_render)
+    monkeypatch.setattr(demo.dataset, "render_image", failing_render)
     with pytest.raises(RuntimeError, match="disk full"):
         demo.generate_demo_dataset(out, variant="target", seed=0, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     assert [p.name for p in out.iterdir()] == ["previous.txt"]
 
-    monkeypatch.setattr(demo, "render_image", real_render)
+    monkeypatch.setattr(demo.dataset, "render_image", real_render)
     summary = demo.generate_demo_dataset(out, variant="target", seed=0, **SMALL)
     assert summary["num_images"] == 30 and summary["num_train"] == 18
     assert not (out / "previous.txt").exists() and (out / "images.txt").exists()

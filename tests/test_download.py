@@ -1,19 +1,22 @@
-"""fetch(): hash-verified, atomic downloads, against a loopback HTTP server."""
+"""fetch(): hash-verified (pinned or trusted on first use), atomic downloads, against a
+loopback HTTP server; the fetch_weights rule."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
 from finegrained.errors import WeightsError
-from finegrained.models.download import fetch
+from finegrained.models.download import fetch, read_recorded_sha256, verify_recorded_sha256
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, not a multiple of the chunk size
 GOOD = hashlib.sha256(PAYLOAD).hexdigest()
@@ -77,7 +80,8 @@ def test_good_hash_writes_file(server, tmp_path):
     dest = tmp_path / "sub" / "weights.bin"
     assert fetch(f"{base}/weights.bin", GOOD, dest, chunk_size=65536) == dest
     assert dest.read_bytes() == PAYLOAD
-    assert _leftovers(dest.parent) == ["weights.bin"]
+    assert _leftovers(dest.parent) == ["weights.bin", "weights.bin.sha256"]
+    assert (dest.parent / "weights.bin.sha256").read_text() == f"{GOOD}  weights.bin\n"
 
 
 def test_hash_accepted_in_upper_case(server, tmp_path):
@@ -149,7 +153,7 @@ def test_file_url_and_local_path(tmp_path):
         fetch(source.as_uri(), BAD, out / "c.bin")
     with pytest.raises(WeightsError):
         fetch(str(tmp_path / "absent.bin"), GOOD, out / "d.bin")
-    assert _leftovers(out) == ["a.bin", "b.bin"]
+    assert _leftovers(out) == ["a.bin", "a.bin.sha256", "b.bin", "b.bin.sha256"]
 
 
 def test_malformed_hash_refused(tmp_path):
@@ -173,35 +177,115 @@ def test_script(repo_root, tmp_path):
     assert not (tmp_path / "out" / "bad.bin").exists()
 
 
-def _fetch_rule(workdir: Path, url: str, sha256: str):
+def _fetch_rule(workdir: Path, url: str, sha256: str | None, *, strict: bool = False):
     """Run the workflow's fetch_weights rule (only) in ``workdir``."""
     import os
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    name = url.rsplit("/", 1)[1]
+    backbone = {"weights": url, "weights_sha256": sha256, "weights_require_sha256": strict}
+    configfile = workdir / "fetch.yaml"
+    configfile.write_text(json.dumps({"backbone": backbone, "dataset": {"root": str(workdir)}}))
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir),
-         "--cores", "1", f"resources/weights/{name}",
-         "--config", f"backbone={{weights: '{url}', weights_sha256: '{sha256}'}}",
-         f"dataset={{root: '{workdir}'}}"],
+         "--cores", "1", "fetch_weights", "--configfile", str(configfile)],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _rule_target(workdir: Path, url: str) -> Path:
+    """resources/weights/<host>/<path>: where the rule puts a URL's file."""
+    parts = urllib.parse.urlsplit(url)
+    return workdir / "resources" / "weights" / parts.hostname / parts.path.lstrip("/")
 
 
 @pytest.mark.parametrize("path, sha256, ok", [
     ("/weights.bin", GOOD, True),
+    ("/weights.bin", None, True),        # trust on first use
     ("/weights.bin", BAD, False),
     ("/truncated.bin", GOOD, False),
+    ("/truncated.bin", None, False),
 ])
 def test_fetch_weights_rule(server, tmp_path, path, sha256, ok):
     _, base = server
+    own = tmp_path / "resources" / "weights" / "my_own.safetensors"   # a user's file, beside
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"mine")
     proc = _fetch_rule(tmp_path, base + path, sha256)
-    target = tmp_path / "resources" / "weights" / path.lstrip("/")
+    target = _rule_target(tmp_path, base + path)
     assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    log = (tmp_path / "resources" / "logs" / "fetch_weights" /
+           f"{target.relative_to(tmp_path / 'resources' / 'weights')}.log").read_text()
     if ok:
         assert target.read_bytes() == PAYLOAD
+        assert target.with_name(target.name + ".sha256").read_text().split()[0] == GOOD
+        assert GOOD in log, log                          # the hash is shown in the log
     else:
         assert not target.parent.exists() or _leftovers(target.parent) == []
-        log = (tmp_path / "resources" / "logs" / "fetch_weights" / f"{target.name}.log").read_text()
         assert "error" in log and base + path in log, log
         if sha256 == BAD:
             assert GOOD in log and BAD in log, log
+    assert own.read_bytes() == b"mine"
+
+
+def test_user_file_in_resources_weights_is_no_rule_output(tmp_path):
+    """Only the file the config names can be fetched; a user's own file there cannot."""
+    own = tmp_path / "resources" / "weights" / "my_own.safetensors"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"mine")
+    import os
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+         "--cores", "1", "-n", "--forcerun", "resources/weights/my_own.safetensors",
+         "--config", "backbone={weights: 'https://example.org/w/model.safetensors'}",
+         f"dataset={{root: '{tmp_path}'}}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "fetch_weights" not in proc.stdout
+    assert own.read_bytes() == b"mine"
+
+
+def test_strict_mode_requires_a_hash(tmp_path):
+    proc = _fetch_rule(tmp_path, "https://example.org/w/model.safetensors", None, strict=True)
+    assert proc.returncode != 0 and "weights_sha256 is required" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- trust on first use
+
+
+def test_first_use_records_the_hash_and_later_uses_check_it(server, tmp_path, caplog):
+    httpd, base = server
+    dest = tmp_path / "w" / "weights.bin"
+    with caplog.at_level("INFO", logger="finegrained.models.download"):
+        fetch(f"{base}/weights.bin", None, dest)
+    assert GOOD in caplog.text and "first use" in caplog.text
+    assert read_recorded_sha256(dest) == GOOD
+    assert verify_recorded_sha256(dest) == GOOD
+    fetch(f"{base}/weights.bin", None, dest)             # present and as recorded: kept
+    assert httpd.hits["/weights.bin"] == 1
+    dest.write_bytes(PAYLOAD[:-1] + b"X")                # changed on disk afterwards
+    with pytest.raises(WeightsError, match="differs from .* recorded"):
+        verify_recorded_sha256(dest)
+    with pytest.raises(WeightsError, match=str(dest)):
+        fetch(f"{base}/weights.bin", None, dest)
+    assert httpd.hits["/weights.bin"] == 1
+
+
+def test_first_use_without_a_record_downloads_again(server, tmp_path):
+    httpd, base = server
+    dest = tmp_path / "weights.bin"
+    dest.write_bytes(b"from an interrupted earlier run, no record")
+    fetch(f"{base}/weights.bin", None, dest)
+    assert dest.read_bytes() == PAYLOAD and httpd.hits["/weights.bin"] == 1
+
+
+def test_script_without_hash_trusts_on_first_use(repo_root, tmp_path):
+    source = tmp_path / "weights.bin"
+    source.write_bytes(PAYLOAD)
+    script = repo_root / "scripts" / "fetch_weights.py"
+    ok = subprocess.run([sys.executable, script, "--url", source.as_uri(),
+                         "--out", tmp_path / "out" / "w.bin"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert GOOD in ok.stderr
+    assert (tmp_path / "out" / "w.bin.sha256").read_text() == f"{GOOD}  w.bin\n"

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from finegrained.data.manifest import (MANIFEST_SCHEMA, SPLITS, read_classes, read_manifest,
-                                       validation_count, write_manifests)
+from finegrained.data.manifest import (MANIFEST_SCHEMA, SPLITS, prepare_manifests,
+                                       read_classes, read_manifest, validation_count,
+                                       write_manifests)
 from finegrained.data.readers import read_dataset
 from finegrained.errors import DataError
 from finegrained.fileio import sha256_file
@@ -101,6 +102,29 @@ def test_missing_image_skipped_and_listed(tmp_path):
         {"image_id": "a-2", "path": "images/0010/a2.jpg", "reason": "image file not found"}]
     ids = [i for t in read_splits(tmp_path / "out").values() for i in t.column("image_id").to_pylist()]
     assert sorted(ids) == ["a-1", "a-3", "b-1", "b-2", "b-3"]
+
+
+def test_unusable_box_and_missing_file_both_skipped_and_listed(tmp_path):
+    root = tiny_nabirds(tmp_path / "data", image_files=True,
+                        replace=with_line("bounding_boxes.txt", 1, "a-1 1 2 0 40"))
+    (root / "images" / "0003" / "b1.jpg").unlink()
+    summary = prepare_manifests("nabirds", root, tmp_path / "out", on_bad_image="skip")
+    assert summary["skipped"] == 2 and summary["images"] == 4
+    skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert [(s["image_id"], s["path"]) for s in skipped] == [("a-1", "images/0010/a1.jpg"),
+                                                            ("b-1", "images/0003/b1.jpg")]
+    assert skipped[0]["reason"] == ("bounding box has zero or negative area "
+                                    "(bounding_boxes.txt line 1: 1 2 0 40)")
+    with pytest.raises(DataError, match=r"bounding_boxes.txt:1: bounding box has zero"):
+        prepare_manifests("nabirds", root, tmp_path / "out2", on_bad_image="error")
+
+
+def test_manifest_rows_keep_their_images_txt_line(tmp_path):
+    root = tiny_nabirds(tmp_path / "data", image_files=True)
+    write_manifests(read_dataset("nabirds", root), tmp_path / "out")
+    lines = {row["image_id"]: row["images_line"] for table in read_splits(tmp_path / "out").values()
+             for row in table.to_pylist()}
+    assert lines == {"a-1": 1, "a-2": 2, "a-3": 3, "b-1": 4, "b-2": 5, "b-3": 6}
 
 
 def test_skipping_every_test_image_is_an_error(tmp_path):
@@ -216,3 +240,12 @@ def test_cub50_manifests(cub50, tmp_path):
     classes = read_classes(tmp_path / "classes.parquet")
     assert classes.column("common_name")[1].as_py() == "Parakeet Auklet"
     assert np.array_equal(np.unique(test.column("label").to_numpy()), np.arange(50))
+
+
+def test_read_classes_names_an_unreadable_file(tmp_path):
+    bad = tmp_path / "classes.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="classes.parquet: cannot read class table"):
+        read_classes(bad)
+    with pytest.raises(DataError, match="absent.parquet: cannot read class table"):
+        read_classes(tmp_path / "absent.parquet")

@@ -1,19 +1,22 @@
-"""The data phase of the workflow on a dataset with one corrupt photo: `error` stops with
-the file named and no shard of that split written; `skip` drops it and reports it."""
+"""The data phase of the workflow on bad input and interruptions: a corrupt photo (`error`
+stops with the file named and no shard of that split written; `skip` drops it and reports
+it), an unusable box, and a `kill -9` in the middle of cropping."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from finegrained.data.demo import generate_demo_dataset
+from finegrained.demo import generate_demo_dataset
 from finegrained.data.shards import ShardReader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,18 +36,23 @@ def corrupt_dataset(tmp_path_factory):
     return root, image_id, rel
 
 
-def _run_data(workdir: Path, root: Path, on_bad_image: str, fmt: str):
+def _data_command(workdir: Path, root: Path, on_bad_image: str, fmt: str, *, size: int = 32,
+                  test_shards: int = 2) -> tuple[list[str], dict]:
     config = {"run_name": "bad", "dataset": {"format": "nabirds", "root": str(root),
                                              "on_bad_image": on_bad_image, "val_fraction": 0.25},
-              "crop": {"size": 32}, "shards": {"format": fmt,
-                                               "num_shards": {"train": 1, "val": 1, "test": 2}}}
+              "crop": {"size": size},
+              "shards": {"format": fmt, "num_shards": {"train": 1, "val": 1, "test": test_shards}}}
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-         "data", "--configfile", str(configfile), "--cores", "2", "--keep-going"],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    return ([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+             "data", "--configfile", str(configfile), "--cores", "2", "--keep-going"], env)
+
+
+def _run_data(workdir: Path, root: Path, on_bad_image: str, fmt: str, **options):
+    command, env = _data_command(workdir, root, on_bad_image, fmt, **options)
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_error_names_the_file_and_writes_no_partial_shard(corrupt_dataset, tmp_path):
@@ -79,3 +87,59 @@ def test_skip_reports_the_image_and_keeps_the_rest(corrupt_dataset, tmp_path, fm
     assert images.shape == (3, 32, 32, 3) and len(labels) == 3
     manifest = pq.read_table(data / "manifest" / "test.parquet")
     assert manifest.num_rows == 4   # the manifest lists it; the crop phase dropped it
+
+
+def test_skip_drops_an_image_whose_box_has_no_area(tmp_path_factory, tmp_path):
+    """A new user's folder: good photos and one zero-area box. `skip` runs on and lists it."""
+    root = tmp_path_factory.mktemp("data") / "birds"
+    generate_demo_dataset(root, variant="target", num_classes=2, train_per_class=4,
+                          test_per_class=2, min_side=64, max_side=80, seed=5)
+    lines = (root / "bounding_boxes.txt").read_text().splitlines()
+    image_id, x, y, _, h = lines[0].split()
+    lines[0] = f"{image_id} {x} {y} 0 {h}"
+    (root / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
+    proc = _run_data(tmp_path, root, "skip", "npy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = tmp_path / "results" / "bad" / "data" / "target"
+    [skipped] = json.loads((data / "manifest" / "skipped.json").read_text())
+    assert skipped["image_id"] == image_id
+    assert skipped["reason"].startswith("bounding box has zero or negative area "
+                                        "(bounding_boxes.txt line 1")
+    counts = sum(json.loads((data / "shards" / s / "index.json").read_text())["count"]
+                 for s in ("train", "val", "test"))
+    assert counts == 11
+
+
+def test_kill_9_mid_crop_then_rerun_leaves_no_temporary_files(tmp_path_factory, tmp_path):
+    """SLURM's time limit: every process of the run killed with -9 while shards are written.
+    The rerun completes, accepts no torn shard, and removes the killed jobs' temporary files."""
+    root = tmp_path_factory.mktemp("data") / "birds"
+    generate_demo_dataset(root, variant="target", num_classes=2, train_per_class=40,
+                          test_per_class=20, min_side=300, max_side=400, seed=6)
+    command, env = _data_command(tmp_path, root, "error", "npy", size=256, test_shards=1)
+    shards = tmp_path / "results" / "bad" / "data" / "target" / "shards"
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not list(shards.glob("*/.shard-*.npy.*.tmp")):
+            assert run.poll() is None, "the crop jobs ended before they could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    leftovers = list(shards.glob("*/.*.tmp"))
+    assert leftovers                                    # what a kill -9 leaves behind
+
+    unlock = subprocess.run(command + ["--unlock"], cwd=tmp_path, env=env, capture_output=True)
+    assert unlock.returncode == 0
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(tmp_path.joinpath("results").rglob("*.tmp")) == []
+    logs = "".join(p.read_text() for p in tmp_path.joinpath("results").rglob("crop_shard/**/*.log"))
+    assert "left by an interrupted earlier attempt" in logs
+    for split in ("train", "val", "test"):
+        reader = ShardReader(shards / split / "index.json", verify=True)
+        assert len(reader) == {"train": 60, "val": 20, "test": 40}[split]

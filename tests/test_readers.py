@@ -385,3 +385,33 @@ def test_cub50_reads_and_all_photos_exist(cub50):
         assert pc.all(pc.equal(images.column(column), expected)).as_py(), column
     checked, skipped = check_image_files(dataset)
     assert skipped == [] and checked.images.num_rows == 2_952
+
+
+# --------------------------------------------------------------------------- on_bad_image
+
+
+@pytest.mark.parametrize("line, reason", [("a-2 5 5 0 10", "zero or negative area"),
+                                          ("a-2 100 10 20 20", "does not overlap")])
+def test_unusable_box_is_skipped_with_its_reason(tmp_path, line, reason):
+    root = tiny_nabirds(tmp_path, replace=with_line("bounding_boxes.txt", 2, line))
+    dataset = read_dataset("nabirds", root, on_bad_image="skip")
+    assert dataset.images.column("image_id").to_pylist() == ["a-1", "a-3", "b-1", "b-2", "b-3"]
+    [skipped] = dataset.skipped
+    assert skipped["image_id"] == "a-2" and skipped["path"] == "images/0010/a2.jpg"
+    assert reason in skipped["reason"] and "bounding_boxes.txt line 2" in skipped["reason"]
+    assert line.split(" ", 1)[1] in skipped["reason"]
+    with pytest.raises(DataError, match=reason):
+        read_dataset("nabirds", root)                 # 'error' (the default) still stops
+
+
+def test_dataset_level_faults_stay_fatal_with_skip(tmp_path):
+    root = tiny_nabirds(tmp_path, replace=with_line("image_class_labels.txt", 6, "b-3 99"))
+    with pytest.raises(DataError, match="class id is not in classes.txt"):
+        read_dataset("nabirds", root, on_bad_image="skip")
+
+
+def test_blank_photographer_is_no_credit(tmp_path):
+    credits = {"photographers.txt": ["a-1 Jane  Q. Public", "a-2", "a-3  ", "b-2 John Doe"]}
+    dataset = read_dataset("nabirds", tiny_nabirds(tmp_path, replace=credits))
+    assert dataset.images.column("photographer").to_pylist() == [
+        "Jane  Q. Public", None, None, None, "John Doe", None]

@@ -49,7 +49,8 @@ def make_dataset(root, n=7, bad=None):
         rows.append({"image_id": f"id-{i}", "path": rel, "label": i % 3, "class_id": 100 + i % 3,
                      "class_name": f"bird {i % 3}", "bbox_x": box[0], "bbox_y": box[1],
                      "bbox_w": box[2], "bbox_h": box[3], "width": w if i % 2 else None,
-                     "height": h if i % 2 else None, "photographer": None, "split": "train"})
+                     "height": h if i % 2 else None, "photographer": None, "split": "train",
+                     "images_line": i + 1})
     manifest = root / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), manifest)
     return manifest, rows
@@ -62,11 +63,11 @@ def shard_files(out, i, fmt="npy"):
             "out_skipped": skipped}
 
 
-def write_split(root, manifest, out, num_shards, fmt="npy", **kw):
+def write_split(root, manifest, out, num_shards, fmt="npy", aspect="square", **kw):
     metas = []
     for i in range(num_shards):
         files = shard_files(out, i, fmt)
-        write_shard(manifest, root, i, num_shards, size=SIZE, margin=MARGIN, aspect="square",
+        write_shard(manifest, root, i, num_shards, size=SIZE, margin=MARGIN, aspect=aspect,
                     fmt=fmt, **kw, **files)
         metas.append(files["out_meta"])
     write_split_index(metas, out / "index.json", "train")
@@ -125,10 +126,25 @@ def test_index_records_hashes_and_counts(tmp_path):
     for shard in index["shards"]:
         assert shard["meta_sha256"] == sha256_file(out / shard["meta"])
         assert shard["images_sha256"] == sha256_file(out / shard["images"])
-    np.save(out / "shard-00001.npy", np.zeros((4, SIZE, SIZE, 3), np.uint8))
+
+@pytest.mark.parametrize("fmt, tampered", [("npy", "shard-00001.npy"),
+                                           ("npy", "shard-00000.parquet"),
+                                           ("parquet", "shard-00001.parquet")])
+def test_verify_names_the_tampered_shard(tmp_path, fmt, tampered):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "shards"
+    index_path = write_split(root, manifest, out, 2, fmt=fmt)
+    data = bytearray((out / tampered).read_bytes())
+    data[len(data) // 2] ^= 0xFF                       # one flipped byte, same size
+    (out / tampered).write_bytes(bytes(data))
     ShardReader(index_path)  # existence only
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(DataError) as caught:
         ShardReader(index_path, verify=True)
+    assert caught.value.path == str(out / tampered)
+    text = str(caught.value)
+    assert tampered in text and f"shard {tampered[10]} of split 'train'" in text
+    assert "index.json" in text and "sha256" in text
 
 
 def test_iter_batches_shuffle_and_remainder(tmp_path):
@@ -168,6 +184,16 @@ def test_bad_image_error_leaves_no_output(tmp_path, kind, fmt):
         write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square", fmt=fmt,
                     **shard_files(out, 0, fmt))
     assert list(out.iterdir()) == []
+
+
+def test_crop_error_names_the_images_txt_line(tmp_path):
+    root = tmp_path / "data"
+    manifest, rows = make_dataset(root, n=4, bad={2: "truncated"})
+    with pytest.raises(DataError) as caught:
+        write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square",
+                    **shard_files(tmp_path / "s", 0))
+    assert rows[2]["path"] in str(caught.value)
+    assert f"listed on line 3 of {root / 'images.txt'}" in str(caught.value)
 
 
 def test_skip_mode_reports_and_keeps_the_rest(tmp_path):

@@ -12,6 +12,8 @@ from flax import nnx
 
 from finegrained.data.readers import CLASSES_SCHEMA, read_dataset
 from finegrained.errors import WeightsError
+from finegrained.fileio import sha256_file
+from finegrained.models.download import sha256_record
 from finegrained.models import build_model, flatten_state, to_flat
 from finegrained.models.transfer import init_target_model, write_target_init
 from finegrained.models.weights import read_metadata, read_tensors, save_weights, weights_metadata
@@ -74,6 +76,20 @@ def test_write_target_init_matches_names_from_metadata(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["head_init"]["num_matched"] == 2
 
 
+def test_report_records_the_weights_sha256_and_checks_a_download_record(tmp_path):
+    weights, _ = _pretrained_file(tmp_path, ["x", "y"])
+    classes = _classes_parquet(tmp_path, ["a", "b"])
+    report = write_target_init(classes, tmp_path / "init.safetensors", tmp_path / "r.json",
+                               arch="resnet18", width=8, weights=weights)
+    assert report["weights_sha256"] == sha256_file(weights)
+    assert read_metadata(tmp_path / "init.safetensors")["source_sha256"] == sha256_file(weights)
+    sha256_record(weights).write_text(f"{'0' * 64}  {weights.name}\n")   # changed since download
+    with pytest.raises(WeightsError, match="recorded"):
+        write_target_init(classes, tmp_path / "init2.safetensors", tmp_path / "r2.json",
+                          arch="resnet18", width=8, weights=weights)
+    assert not (tmp_path / "init2.safetensors").exists()
+
+
 def test_random_init_and_refusals(tmp_path):
     classes = _classes_parquet(tmp_path, ["a", "b"])
     report = write_target_init(classes, tmp_path / "init.safetensors", tmp_path / "r.json",
@@ -104,3 +120,28 @@ def test_self_pretrained_mobilenet_with_batch_norm_loads_back(tmp_path):
                                       weights=path, init_from_source_names=True)
     assert report["head_init"]["num_matched"] == 1
     assert any("/bn/" in name for name in flatten_state(model))
+
+
+@pytest.mark.parametrize("problem", ["garbage classes", "missing names file"])
+def test_init_model_script_reports_bad_input_without_traceback(tmp_path, problem):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "init_model.py"
+    classes = _classes_parquet(tmp_path, ["a", "b"])
+    weights, _ = _pretrained_file(tmp_path, ["x", "y"])
+    args = ["--arch", "resnet18", "--width", "8", "--classes", str(classes),
+            "--weights", str(weights), "--out-weights", str(tmp_path / "o.safetensors"),
+            "--out-report", str(tmp_path / "o.json")]
+    if problem == "garbage classes":
+        classes.write_bytes(b"garbage")
+        expected = "classes.parquet: cannot read class table"
+    else:
+        args += ["--source-class-names", str(tmp_path / "labels.txt"), "--init-from-source-names"]
+        expected = "labels.txt: class name file not found"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert expected in done.stderr
+    assert not (tmp_path / "o.safetensors").exists()

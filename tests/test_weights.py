@@ -206,3 +206,51 @@ def test_load_pretrained_into_real_model(tmp_path):
     for name in ("head/kernel", "head/bias"):
         np.testing.assert_array_equal(np.asarray(after[name]), init_flat[name], err_msg=name)
     assert after["head/kernel"].shape[1] == 5 and report["replaced_head"] is True
+
+
+def _timm_resnet50_state_dict() -> dict[str, np.ndarray]:
+    """Names and shapes of timm's ResNet-50 checkpoints (e.g. the default config's
+    timm/resnet50.a1_in1k model.safetensors): torchvision's layout, Bottleneck v1.5."""
+    state = {}
+
+    def conv(name, cout, cin, k):
+        state[f"{name}.weight"] = np.zeros((cout, cin, k, k), np.float32)
+
+    def bn(name, c):
+        for field in ("weight", "bias", "running_mean", "running_var"):
+            state[f"{name}.{field}"] = np.ones((c,), np.float32)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    cin = 64
+    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+        for block in range(blocks):
+            prefix = f"layer{stage}.{block}"
+            conv(f"{prefix}.conv1", width, cin, 1)
+            bn(f"{prefix}.bn1", width)
+            conv(f"{prefix}.conv2", width, width, 3)
+            bn(f"{prefix}.bn2", width)
+            conv(f"{prefix}.conv3", 4 * width, width, 1)
+            bn(f"{prefix}.bn3", 4 * width)
+            if block == 0:
+                conv(f"{prefix}.downsample.0", 4 * width, cin, 1)
+                bn(f"{prefix}.downsample.1", 4 * width)
+            cin = 4 * width
+    state["fc.weight"] = np.zeros((1000, 2048), np.float32)
+    state["fc.bias"] = np.zeros((1000,), np.float32)
+    return state
+
+
+def test_timm_resnet50_names_load_into_resnet50(tmp_path):
+    from flax import nnx
+
+    from finegrained.models import build_model
+
+    from safetensors.numpy import save_file
+    state = _timm_resnet50_state_dict()
+    assert len(state) == 267                  # 53 convs, 53 batch norms (4 each), fc (2)
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+    model = build_model("resnet50", 555, rngs=nnx.Rngs(0))
+    report = load_pretrained(model, path, arch="resnet50")
+    assert report["loaded"] == 265 and report["replaced_head"] is True

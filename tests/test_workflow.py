@@ -12,6 +12,8 @@ import yaml
 
 from finegrained.config import load_config, load_schema, validate_config
 from finegrained.config_reference import render_reference
+from finegrained.demo import generate_demo_dataset
+from finegrained.data.readers import annotation_files
 from finegrained.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,9 +77,27 @@ def test_wrong_key_and_wrong_value_are_named():
     assert "crop.aspect" in text and "round" in text
 
 
-def test_url_weights_need_a_hash():
+def test_url_weights_trusted_on_first_use_unless_strict():
+    url = "https://example.org/w.safetensors"
+    assert validate_config({"backbone": {"weights": url}})["backbone"]["weights_sha256"] is None
     with pytest.raises(ConfigError, match="weights_sha256"):
-        validate_config({"backbone": {"weights": "https://example.org/w.safetensors"}})
+        validate_config({"backbone": {"weights": url, "weights_require_sha256": True}})
+
+
+def test_default_config_starts_from_public_imagenet_weights():
+    config = load_config(REPO / "config" / "config.yaml")
+    assert config["backbone"]["weights"].startswith("https://")
+    assert config["backbone"]["arch"] == "resnet50"
+
+
+def test_pretrain_needs_a_source_dataset_other_than_the_target():
+    with pytest.raises(ConfigError, match="pretrain.dataset is not set"):
+        validate_config({"backbone": {"weights": "pretrain"}})
+    with pytest.raises(ConfigError, match="pretrain.dataset.root is the target dataset"):
+        validate_config({"backbone": {"weights": "pretrain"}, "dataset": {"root": "data/x"},
+                         "pretrain": {"dataset": {"root": "data/x/"}}})
+    validate_config({"backbone": {"weights": "pretrain"},
+                     "pretrain": {"dataset": {"root": "data/inat_birds"}}})
 
 
 def test_dry_run_demo():
@@ -95,6 +115,8 @@ def test_dry_run_default_config(tmp_path):
     # for planning the jobs.
     root = tmp_path / "nabirds"
     root.mkdir()
+    for path in annotation_files("nabirds", root):
+        path.touch()
     proc = _snakemake("all", "-n", "--forceall", "--cores", "32", "--config", f"dataset={{root: {root}}}",
                       "--resources", "gpu=4")
     assert proc.stdout.count("rule crop_shard:") == 16 + 2 + 16
@@ -113,3 +135,83 @@ def test_bad_config_fails_before_any_job(tmp_path):
 def test_lint_is_clean(configfile):
     proc = _snakemake("--lint", "--configfile", configfile)
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_shell_prefix_keeps_strict_mode(tmp_path):
+    """The workflow's shell.prefix replaces Snakemake's `set -euo pipefail;`: it must keep it."""
+    for name in ("workflow", "src", "config"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config/demo.yaml"\n'
+        'include: "workflow/rules/common.smk"\n'
+        'rule probe:\n'
+        '    output: "{name}.txt"\n'
+        '    params: pipe=lambda wc: "false | true" if wc.name == "failing" else "true | true"\n'
+        '    shell: "{params.pipe}; echo $PYTHONPATH > {output}"\n')
+
+    def probe(name):
+        return _snakemake("-s", str(tmp_path / "Snakefile"), "-d", str(tmp_path), "--cores", "1",
+                          f"{name}.txt", cwd=tmp_path, check=False)
+
+    assert probe("passing").returncode == 0
+    assert f"{tmp_path}/src" in (tmp_path / "passing.txt").read_text()  # the rest of the prefix
+    assert probe("failing").returncode != 0, "a failing pipe element must fail the job (pipefail)"
+    assert not (tmp_path / "failing.txt").exists()
+
+
+# --------------------------------------------------------------------------- rerun triggers
+
+
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory):
+    """The data phase, run once on a small dataset folder given as dataset.root."""
+    work = tmp_path_factory.mktemp("rerun")
+    root = work / "birds"
+    generate_demo_dataset(root, variant="target", num_classes=2, train_per_class=4,
+                          test_per_class=2, min_side=64, max_side=80, seed=2)
+    config = {"run_name": "r", "dataset": {"root": str(root), "val_fraction": 0.25},
+              "crop": {"size": 32}, "shards": {"num_shards": {"train": 2, "val": 1, "test": 2}}}
+    (work / "c.yaml").write_text(yaml.safe_dump(config))
+    config["shards"]["num_shards"]["test"] = 3
+    (work / "c3.yaml").write_text(yaml.safe_dump(config))
+    _snakemake("-s", str(REPO / "Snakefile"), "-d", str(work), "data", "--configfile",
+               str(work / "c.yaml"), "--cores", "2", cwd=work)
+    return work, root
+
+
+def _planned(work: Path, configfile: str = "c.yaml") -> list[str]:
+    """``rule wildcards`` of every job a dry run of the data phase would run."""
+    proc = _snakemake("-s", str(REPO / "Snakefile"), "-d", str(work), "data", "-n",
+                      "--configfile", str(work / configfile), "--cores", "2", cwd=work)
+    jobs, rule = [], None
+    for line in proc.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+            jobs.append(rule)
+        elif line.strip().startswith("wildcards:") and rule:
+            jobs[-1] = f"{rule} {line.split(':', 1)[1].strip()}"
+    return jobs
+
+
+def test_rerun_triggers_follow_the_files_and_settings_a_job_uses(data_run):
+    work, root = data_run
+    assert _planned(work) == []
+    # An unrelated file in the dataset folder is not an input of anything.
+    (root / "notes.txt").write_text("my notes\n")
+    assert _planned(work) == []
+    # More test shards: the test split is re-cut; the train and val shards stay.
+    planned = _planned(work, "c3.yaml")
+    assert sorted(j for j in planned if j.startswith("crop_shard")) == [
+        f"crop_shard dataset=target, split=test, shard={i:05d}" for i in range(3)]
+    # shard_index reads the skipped reports and the .npy files: they are its inputs.
+    skipped = work / "results/r/data/target/shards/val/shard-00000.skipped.json"
+    skipped.write_text(skipped.read_text() + "\n")
+    assert _planned(work) == ["shard_index dataset=target, split=val", "data"]
+    # Editing an annotation file in place reruns the manifests (and what follows from them).
+    boxes = root / "bounding_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    lines[0] = lines[0].rsplit(" ", 1)[0] + " 5"
+    boxes.write_text("\n".join(lines) + "\n")
+    planned = _planned(work)
+    assert "manifests dataset=target" in planned
+    assert sum(j.startswith("crop_shard") for j in planned) == 5

@@ -59,21 +59,38 @@ def _dotted(path) -> str:
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate ``config`` in place (filling defaults) and return it; ConfigError names every problem."""
     schema = load_schema() if schema is None else schema
+    given_source = isinstance(config.get("pretrain"), Mapping) and "dataset" in config["pretrain"]
     errors = sorted(_validator_with_defaults(schema).iter_errors(config),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = [f"  {_dotted(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
-    _check_cross_field(config)
+    _check_cross_field(config, given_source=given_source)
     return config
 
 
-def _check_cross_field(config: Mapping[str, Any]) -> None:
+def is_url(weights: str) -> bool:
+    return weights.startswith(("http://", "https://"))
+
+
+def _check_cross_field(config: Mapping[str, Any], *, given_source: bool = True) -> None:
     """Rules JSON Schema cannot say clearly."""
     backbone = config["backbone"]
     weights = backbone["weights"]
-    if weights.startswith(("http://", "https://")) and not backbone.get("weights_sha256"):
-        raise ConfigError(f"backbone.weights_sha256 is required for a URL (backbone.weights: {weights!r})")
+    if is_url(weights) and backbone["weights_require_sha256"] and not backbone["weights_sha256"]:
+        raise ConfigError(f"backbone.weights_sha256 is required for a URL when "
+                          f"backbone.weights_require_sha256 is true (backbone.weights: {weights!r})")
+    if weights == "pretrain":
+        source, target = config["pretrain"]["dataset"], config["dataset"]
+        if not given_source:
+            raise ConfigError("backbone.weights is 'pretrain' but pretrain.dataset is not set: "
+                              "name the source dataset to pretrain on (its root would default "
+                              f"to {source['root']!r}, the target dataset's default)")
+        if (source["demo"] is None and target["demo"] is None
+                and Path(source["root"]) == Path(target["root"])):
+            raise ConfigError(f"pretrain.dataset.root is the target dataset ({target['root']!r}): "
+                              f"pretraining on it would show the backbone the target's test "
+                              f"images; name another dataset")
     if config["head"]["init_from_source_names"] and weights == "none":
         raise ConfigError("head.init_from_source_names needs source weights (backbone.weights is 'none')")
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+#: What to do with an image that cannot be used (unreadable file, unusable box): stop with a
+#: DataError, or drop it and list it with its reason. Dataset-level faults are always fatal.
+ON_BAD_IMAGE = ("error", "skip")
+
 
 class DataError(ValueError):
     """Bad input data: a file, optionally a 1-based line number, the offending value and why."""

@@ -1,17 +1,23 @@
 # Helpers shared by every stage: config validation, output paths, input functions.
 
+import urllib.parse
 from pathlib import Path
 
-from finegrained.config import load_schema, validate_config
+from finegrained.config import is_url, load_schema, validate_config
+from finegrained.data.manifest import SPLITS
+from finegrained.data.readers import DATASET_FORMATS, annotation_files
+from finegrained.models.download import sha256_record
 
 validate_config(config, load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"))
 
 # Jobs import the library from this checkout, also inside the per-family conda
-# environments (envs/*.yaml hold only the third-party packages).
+# environments (envs/*.yaml hold only the third-party packages). The prefix replaces
+# Snakemake's default one, so it starts with that: `set -euo pipefail;`.
 # (The prefix is formatted like a shell command: {{ }} are literal braces.)
-shell.prefix(f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
-SPLITS = ["train", "val", "test"]
 DATASETS = ["target", "source"]
 
 
@@ -32,11 +38,20 @@ def dataset_config(dataset):
 
 
 def dataset_root(wildcards):
-    """Where a dataset's annotation files are: generated for the demo, else dataset.root."""
+    """Where a dataset's annotation files and images/ are: generated for the demo, else
+    dataset.root. A param, not an input: the inputs are the annotation files themselves."""
     cfg = dataset_config(wildcards.dataset)
     if cfg["demo"] is not None:
         return results(f"demo_data/{wildcards.dataset}")
     return cfg["root"]
+
+
+def annotation_inputs(wildcards):
+    """The annotation files the manifests read (the demo generator writes all of them)."""
+    cfg = dataset_config(wildcards.dataset)
+    files = annotation_files(cfg["format"], dataset_root(wildcards),
+                             all_optional=cfg["demo"] is not None)
+    return [str(path) for path in files]
 
 
 def shard_ids(split):
@@ -52,13 +67,36 @@ def shard_outputs():
     return outputs
 
 
-def split_shard_metas(wildcards):
-    return expand(
-        results("data/{dataset}/shards/{split}/shard-{shard}.parquet"),
-        dataset=wildcards.dataset,
-        split=wildcards.split,
-        shard=shard_ids(wildcards.split),
-    )
+def split_shard_files(kind):
+    """Input function: every shard file of one kind ('meta', 'skipped', 'images') of a split."""
+
+    def files(wildcards):
+        if kind not in shard_outputs():
+            return []
+        return expand(
+            shard_outputs()[kind],
+            dataset=wildcards.dataset,
+            split=wildcards.split,
+            shard=shard_ids(wildcards.split),
+        )
+
+    return files
+
+
+def crop_args():
+    """The crop options of crop_shard, only those that change its output (a changed param
+    reruns every crop job)."""
+    crop = config["crop"]
+    args = f"--size {crop['size']} --margin {crop['margin']} --aspect {crop['aspect']}"
+    if crop["aspect"] == "square":
+        args += f" --overflow {crop['overflow']}"
+        if crop["overflow"] == "squeeze":
+            args += f" --max-squeeze {crop['max_squeeze']}"
+    shards = config["shards"]
+    args += f" --format {shards['format']}"
+    if shards["format"] == "parquet":
+        args += f" --codec {shards['codec']}"
+    return args
 
 
 def data_resources(key):
@@ -76,15 +114,24 @@ def stage_depths_arg():
 
 
 def backbone_weights_file():
-    """The weights file the target model starts from, or None for random init."""
+    """The weights file the target model starts from, or None for random init. A URL is
+    downloaded to resources/weights/<host>/<path> (one file per URL, beside the user's own)."""
     weights = config["backbone"]["weights"]
     if weights == "none":
         return None
     if weights == "pretrain":
         return results("pretrain/weights.safetensors")
-    if weights.startswith(("http://", "https://")):
-        return f"resources/weights/{Path(weights.split('?')[0]).name}"
+    if is_url(weights):
+        url = urllib.parse.urlsplit(weights)
+        return f"resources/weights/{url.hostname}{url.path}"
     return weights
+
+
+def backbone_weights_record():
+    """For downloaded weights, the sha256 recorded beside the file (checked on every use)."""
+    if not is_url(config["backbone"]["weights"]):
+        return None
+    return str(sha256_record(backbone_weights_file()))
 
 
 # ---------------------------------------------------------------------------- training

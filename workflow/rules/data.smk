@@ -5,9 +5,14 @@ rule demo_dataset:
     input:
         script=script_path("make_demo_dataset.py"),
     output:
-        directory(results("demo_data/{dataset}")),
+        annotations=expand(
+            results("demo_data/{{dataset}}/{name}"),
+            name=[name for name, _ in DATASET_FORMATS["nabirds"].annotation_names()],
+        ),
+        images=directory(results("demo_data/{dataset}/images")),
     params:
         demo=lambda wc: dataset_config(wc.dataset)["demo"],
+        out_dir=lambda wc, output: Path(output.images).parent,
     log:
         results("logs/demo_dataset/{dataset}.log"),
     benchmark:
@@ -19,7 +24,7 @@ rule demo_dataset:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --out {output} --variant {wildcards.dataset}"
+        "python {input.script:q} --out {params.out_dir} --variant {wildcards.dataset}"
         " --num-classes {params.demo[num_classes]} --train-per-class {params.demo[train_per_class]}"
         " --test-per-class {params.demo[test_per_class]} --min-side {params.demo[min_side]}"
         " --max-side {params.demo[max_side]} --seed {params.demo[seed]} > {log} 2>&1"
@@ -28,7 +33,7 @@ rule demo_dataset:
 rule manifests:
     input:
         script=script_path("prepare_manifests.py"),
-        root=dataset_root,
+        annotations=annotation_inputs,
     output:
         train=results("data/{dataset}/manifest/train.parquet"),
         val=results("data/{dataset}/manifest/val.parquet"),
@@ -38,6 +43,7 @@ rule manifests:
         skipped=results("data/{dataset}/manifest/skipped.json"),
     params:
         cfg=lambda wc: dataset_config(wc.dataset),
+        root=dataset_root,
         out_dir=lambda wc, output: Path(output.train).parent,
         check_files=lambda wc: "" if dataset_config(wc.dataset)["check_files"] else "--no-check-files",
     log:
@@ -51,7 +57,7 @@ rule manifests:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --format {params.cfg[format]} --root {input.root:q}"
+        "python {input.script:q} --format {params.cfg[format]} --root {params.root:q}"
         " --out-dir {params.out_dir} --val-fraction {params.cfg[val_fraction]}"
         " --seed {params.cfg[split_seed]} --on-bad-image {params.cfg[on_bad_image]}"
         " {params.check_files} > {log} 2>&1"
@@ -61,12 +67,11 @@ rule crop_shard:
     input:
         script=script_path("crop_shard.py"),
         manifest=results("data/{dataset}/manifest/{split}.parquet"),
-        root=dataset_root,
     output:
         **shard_outputs(),
     params:
-        crop=config["crop"],
-        shards=config["shards"],
+        root=dataset_root,
+        crop=crop_args(),
         num_shards=lambda wc: config["shards"]["num_shards"][wc.split],
         on_bad_image=lambda wc: dataset_config(wc.dataset)["on_bad_image"],
         images=lambda wc, output: f"--out-images {output.images}" if "images" in output.keys() else "",
@@ -81,10 +86,8 @@ rule crop_shard:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --manifest {input.manifest} --root {input.root:q}"
-        " --shard {wildcards.shard} --num-shards {params.num_shards} --size {params.crop[size]}"
-        " --margin {params.crop[margin]} --aspect {params.crop[aspect]}"
-        " --format {params.shards[format]} --codec {params.shards[codec]}"
+        "python {input.script:q} --manifest {input.manifest} --root {params.root:q}"
+        " --shard {wildcards.shard} --num-shards {params.num_shards} {params.crop}"
         " --on-bad-image {params.on_bad_image} --out-meta {output.meta} {params.images}"
         " --out-skipped {output.skipped} > {log} 2>&1"
 
@@ -92,7 +95,9 @@ rule crop_shard:
 rule shard_index:
     input:
         script=script_path("index_shards.py"),
-        metas=split_shard_metas,
+        metas=split_shard_files("meta"),
+        skipped=split_shard_files("skipped"),
+        images=split_shard_files("images"),
     output:
         results("data/{dataset}/shards/{split}/index.json"),
     log:

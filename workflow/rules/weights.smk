@@ -1,27 +1,37 @@
-# Backbone weights: download (URL + sha256), or pretrain on the source dataset, then
-# initialise the target model (new head, optionally name-matched rows) from them.
+# Backbone weights: download (URL, sha256 pinned or trusted on first use), or pretrain on
+# the source dataset, then initialise the target model (new head, optionally name-matched
+# rows) from them.
 
 
-rule fetch_weights:
-    input:
-        script=script_path("fetch_weights.py"),
-    output:
-        "resources/weights/{filename}",
-    params:
-        url=config["backbone"]["weights"],
-        sha256=config["backbone"]["weights_sha256"],
-    log:
-        "resources/logs/fetch_weights/{filename}.log",
-    benchmark:
-        "resources/benchmarks/fetch_weights/{filename}.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        gpu=0,
-    conda:
-        "../../envs/data.yaml"
-    shell:
-        "python {input.script:q} --url {params.url:q} --sha256 {params.sha256} --out {output:q} > {log:q} 2>&1"
+# Only the file the config names: a user's own files in resources/weights/ are never outputs.
+if is_url(config["backbone"]["weights"]):
+
+    rule fetch_weights:
+        input:
+            script=script_path("fetch_weights.py"),
+        output:
+            weights=backbone_weights_file(),
+            sha256=backbone_weights_record(),
+        params:
+            url=config["backbone"]["weights"],
+            sha256=(
+                f"--sha256 {config['backbone']['weights_sha256']}"
+                if config["backbone"]["weights_sha256"]
+                else ""
+            ),
+        log:
+            f"resources/logs/fetch_weights/{Path(backbone_weights_file()).relative_to('resources/weights')}.log",
+        benchmark:
+            f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to('resources/weights')}.tsv"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            gpu=0,
+        conda:
+            "../../envs/data.yaml"
+        shell:
+            "python {input.script:q} --url {params.url:q} {params.sha256}"
+            " --out {output.weights:q} > {log:q} 2>&1"
 
 
 rule pretrain:
@@ -59,6 +69,7 @@ rule init_target_model:
         script=script_path("init_model.py"),
         classes=results("data/target/manifest/classes.parquet"),
         weights=lambda wc: backbone_weights_file() or [],
+        weights_sha256=lambda wc: backbone_weights_record() or [],
         source_names=lambda wc: config["backbone"]["source_class_names"] or [],
     output:
         weights=results("weights/init.safetensors"),

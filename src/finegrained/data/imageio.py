@@ -12,14 +12,16 @@ Decisions, in the order they apply:
 * **Decode as little as possible.** For JPEG, when the crop will be shrunk 2x or more,
   Pillow's draft mode asks libjpeg-turbo for DCT-domain downscaling by 1/2, 1/4 or 1/8
   (the largest factor that still leaves at least ``S`` pixels along the crop's longer side),
-  and the window is mapped through that factor. Decoding only the crop's rows/columns
+  and the window is mapped through that factor exactly (a float source box for the resize,
+  so a square window stays square). Decoding only the crop's rows/columns
   (``jpeg_crop_scanline``) is not reachable through pip-installable wheels without the
   system ``libturbojpeg``; see ``benchmarks/crop_throughput.py`` for the measurements.
 * **Any mode to RGB.** Palette and alpha images are composited onto mid-grey
   (:data:`~finegrained.data.crop.PAD_VALUE`), 16-bit images are scaled to 8 bits, CMYK and
   greyscale are converted by Pillow.
 * **High-quality resize.** Bicubic with ``reducing_gap``; the crop is letterboxed onto
-  mid-grey when it is not square (see :mod:`finegrained.data.crop`).
+  mid-grey when it is not square (see :mod:`finegrained.data.crop`), and the rectangle that
+  holds image pixels comes with it (:class:`Crop`), so statistics can leave the padding out.
 * **Bad files raise** :class:`~finegrained.errors.DataError` naming the file: missing,
   unidentifiable, truncated or otherwise undecodable. Nothing global (such as
   ``ImageFile.LOAD_TRUNCATED_IMAGES``) is changed.
@@ -31,12 +33,13 @@ import math
 import os
 import struct
 import zlib
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from finegrained.data.crop import PAD_VALUE, crop_window, letterbox_geometry
+from finegrained.data.crop import (PAD_VALUE, Layout, crop_window, draft_request,
+                                   letterbox_geometry, squeeze_limit)
 from finegrained.errors import DataError
 
 #: Exceptions Pillow raises on broken files (truncated data, bad headers, bad chunks).
@@ -54,6 +57,9 @@ _ORIENTATION_TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+#: The transposes that swap width and height.
+_SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
+               Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
 
 #: Resize filter (bicubic: ~25% cheaper than Lanczos here, visually the same at these ratios)
 #: and Pillow's reduction gap (box-reduce to within 2x of the target, then bicubic).
@@ -61,20 +67,39 @@ RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 2.0
 
 
+class Crop(NamedTuple):
+    """A decoded crop: ``(S, S, 3)`` uint8 pixels and the :class:`~finegrained.data.crop.Layout`
+    of the rectangle holding image pixels (the rest is :data:`PAD_VALUE` padding)."""
+
+    pixels: np.ndarray
+    content: Layout
+
+
 def load_crop(path: str | os.PathLike, box_xywh: Sequence[float] | None, size: int,
-              margin: float, aspect: str, *,
-              image_wh: Sequence[int] | None = None) -> np.ndarray:
-    """Decode ``path`` and return the crop of ``box_xywh`` as a ``(size, size, 3)`` uint8 array.
+              margin: float, aspect: str, *, image_wh: Sequence[int] | None = None,
+              overflow: str = "pad", max_squeeze: float = 1.0) -> np.ndarray:
+    """The pixels of :func:`decode_crop` (same arguments)."""
+    return decode_crop(path, box_xywh, size, margin, aspect, image_wh=image_wh,
+                       overflow=overflow, max_squeeze=max_squeeze).pixels
+
+
+def decode_crop(path: str | os.PathLike, box_xywh: Sequence[float] | None, size: int,
+                margin: float, aspect: str, *, image_wh: Sequence[int] | None = None,
+                overflow: str = "pad", max_squeeze: float = 1.0) -> Crop:
+    """Decode ``path`` and return the :class:`Crop` of ``box_xywh`` (``size x size`` pixels).
 
     ``box_xywh`` is ``(x, y, w, h)`` in stored pixels; ``None`` (or any NaN) means the whole
-    image. ``margin`` and ``aspect`` are as in :func:`~finegrained.data.crop.crop_window`.
+    image. ``margin`` and ``aspect`` are as in :func:`~finegrained.data.crop.crop_window`;
+    ``overflow`` and ``max_squeeze`` decide how a square crop fits a box longer than the
+    photo's short side (:func:`~finegrained.data.crop.squeeze_limit`).
     ``image_wh``, when given (a manifest's ``width``/``height``), must equal the stored size:
     a mismatch means the box belongs to another version of the file.
     """
     path = os.fspath(path)
+    squeeze = squeeze_limit(aspect, overflow, max_squeeze)
     try:
         with Image.open(path) as im:
-            return _crop_open_image(im, path, box_xywh, size, margin, aspect, image_wh)
+            return _crop_open_image(im, path, box_xywh, size, margin, aspect, image_wh, squeeze)
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
     except DataError:
@@ -86,60 +111,64 @@ def load_crop(path: str | os.PathLike, box_xywh: Sequence[float] | None, size: i
 
 
 def _crop_open_image(im: Image.Image, path: str, box_xywh, size: int, margin: float,
-                     aspect: str, image_wh) -> np.ndarray:
+                     aspect: str, image_wh, squeeze: float) -> Crop:
     stored_w, stored_h = im.size
     if image_wh is not None and (int(image_wh[0]), int(image_wh[1])) != (stored_w, stored_h):
         raise DataError(path, f"stored image size {stored_w}x{stored_h} differs from the "
                               f"manifest's", value=tuple(int(v) for v in image_wh))
     if box_xywh is None or any(v is None or math.isnan(float(v)) for v in box_xywh):
         box_xywh = (0, 0, stored_w, stored_h)
-    left, top, right, bottom = crop_window(box_xywh, (stored_w, stored_h), margin, aspect,
-                                           source=path)
+    window = crop_window(box_xywh, (stored_w, stored_h), margin, aspect, source=path)
+    window_w, window_h = window[2] - window[0], window[3] - window[1]
     orientation = im.getexif().get(_ORIENTATION_TAG, 1)
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    turned = transpose in _SWAPS_AXES
+
+    # The output layout follows from the window in stored pixels, shown the way a viewer
+    # shows it (a quarter turn swaps width and height).
+    content = letterbox_geometry((window_h, window_w) if turned else (window_w, window_h),
+                                 size, squeeze)
+    target = (content.h, content.w) if turned else (content.w, content.h)
 
     # DCT scaling: the decoded image is 1/scale of the stored one, pixel i covering stored
-    # pixels [i*scale, (i+1)*scale), so the window maps by plain division.
-    scale = _draft_scale(im, (right - left, bottom - top), size)
+    # pixels [i*scale, (i+1)*scale), so the window maps by plain division. The division is
+    # kept exact (a float source box for the resize), never rounded edge by edge: rounding
+    # left/top down and right/bottom up separately turned square windows into (n+1) x n
+    # regions and left a one-pixel grey stripe.
+    scale = _draft_scale(im, (window_w, window_h), size)
     im.load()
-    region = im.crop(_scaled_box((left, top, right, bottom), scale, im.size))
+    if scale == 1:
+        region, source_box = im.crop(window), None
+    else:
+        left, top, right, bottom = (v / scale for v in window)
+        outer = (math.floor(left), math.floor(top), min(math.ceil(right), im.width),
+                 min(math.ceil(bottom), im.height))
+        region = im.crop(outer)
+        source_box = (left - outer[0], top - outer[1], min(right, im.width) - outer[0],
+                      min(bottom, im.height) - outer[1])
     region = to_rgb(region)
-    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    if region.size != target or source_box is not None:
+        region = region.resize(target, RESAMPLE, box=source_box, reducing_gap=REDUCING_GAP)
     if transpose is not None:
         region = region.transpose(transpose)
-    return letterbox(region, size)
+    return Crop(paste(region, content, size), content)
 
 
 def _draft_scale(im: Image.Image, window_wh: tuple[int, int], size: int) -> int:
     """Ask a JPEG decoder for DCT downscaling that keeps >= ``size`` px on the window's long side.
 
-    Returns the chosen factor (1, 2, 4 or 8); 1 for other formats or when not worth it.
+    Returns the chosen factor (1, 2, 4 or 8); 1 for other formats or when not worth it
+    (:func:`~finegrained.data.crop.jpeg_draft_factor` predicts it from the geometry alone).
     """
-    long_side = max(window_wh)
-    if im.format not in ("JPEG", "MPO") or long_side < 2 * size:  # MPO: camera JPEGs
+    stored_w = im.size[0]
+    requested = draft_request(im.size, window_wh, size)
+    if im.format not in ("JPEG", "MPO") or requested is None:  # MPO: camera JPEGs
         return 1
-    stored_w, stored_h = im.size
-    # Pillow picks the largest factor f in {8, 4, 2, 1} with f <= stored // requested.
-    requested = (max(1, math.ceil(stored_w * size / long_side)),
-                 max(1, math.ceil(stored_h * size / long_side)))
     result = im.draft(im.mode if im.mode in ("RGB", "L", "CMYK") else None, requested)
     if result is None:
         return 1
-    _, box = result
+    _, box = result                      # (0, 0, stored_w / scale, stored_h / scale)
     return max(1, int(round(stored_w / box[2])))
-
-
-def _scaled_box(window: tuple[int, int, int, int], scale: int,
-                decoded_wh: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Map a stored-pixel window onto an image decoded at 1/``scale``, keeping >= 1 pixel."""
-    if scale == 1:
-        return window
-    left, top, right, bottom = window
-    w, h = decoded_wh
-    new_left = min(left // scale, w - 1)
-    new_top = min(top // scale, h - 1)
-    new_right = max(min(-(-right // scale), w), new_left + 1)
-    new_bottom = max(min(-(-bottom // scale), h), new_top + 1)
-    return new_left, new_top, new_right, new_bottom
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -163,14 +192,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def letterbox(region: Image.Image, size: int) -> np.ndarray:
-    """Resize an RGB image to fit ``size x size`` keeping its aspect; pad with mid-grey."""
-    new_w, new_h, off_x, off_y = letterbox_geometry(region.size, size)
-    if region.size != (new_w, new_h):
-        region = region.resize((new_w, new_h), RESAMPLE, reducing_gap=REDUCING_GAP)
-    pixels = np.asarray(region, dtype=np.uint8)
-    if (new_w, new_h) == (size, size):
+def paste(content: Image.Image, layout: Layout, size: int) -> np.ndarray:
+    """Place resized RGB ``content`` at ``layout`` in a ``size x size`` mid-grey canvas."""
+    pixels = np.asarray(content, dtype=np.uint8)
+    if (layout.w, layout.h) == (size, size):
         return np.ascontiguousarray(pixels)
     out = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
-    out[off_y:off_y + new_h, off_x:off_x + new_w] = pixels
+    out[layout.y:layout.y + layout.h, layout.x:layout.x + layout.w] = pixels
     return out

@@ -8,7 +8,8 @@
 - ``classes.parquet`` — the leaf classes, row i = label i, with ancestor chains
   (:data:`~finegrained.data.readers.CLASSES_SCHEMA`).
 - ``taxonomy.parquet`` — every class id with its parent (empty for CUB).
-- ``skipped.json`` — images dropped because their file is missing (always written).
+- ``skipped.json`` — images dropped with ``on_bad_image='skip'`` because their box cannot be
+  cropped or their file is missing, with the reason (always written).
 
 Rows within each split are in a seeded random order, not file order: the shard stage cuts
 each split into contiguous ranges, and file order is grouped by class folder, so shards cut
@@ -53,6 +54,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("photographer", pa.string()),
     ("split", pa.string()),
+    ("images_line", pa.int32()),      # 1-based line in images.txt, for error messages
 ])
 
 
@@ -106,6 +108,7 @@ def _manifest_tables(dataset: Dataset, split: np.ndarray,
         **{name: images.column(name) for name in
            ("bbox_x", "bbox_y", "bbox_w", "bbox_h", "width", "height", "photographer")},
         "split": pa.array(split, type=pa.string()),
+        "images_line": images.column("images_line"),
     }, schema=MANIFEST_SCHEMA)
     tables = {}
     for name in SPLITS:
@@ -119,12 +122,13 @@ def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fractio
     """Write the split manifests, class tables and skipped list for ``dataset`` into ``out_dir``.
 
     ``check_files`` confirms every image file exists first (``on_bad_image``: ``'error'``
-    raises, ``'skip'`` drops the image and lists it in skipped.json). The same ``seed`` gives
-    byte-identical tables. Returns counts: images, classes, train/val/test, skipped.
+    raises, ``'skip'`` drops the image and lists it in skipped.json, after the images the
+    reader already left out). The same ``seed`` gives byte-identical tables. Returns counts:
+    images, classes, train/val/test, skipped.
     """
-    skipped: list[dict] = []
     if check_files:
-        dataset, skipped = check_image_files(dataset, on_bad_image=on_bad_image)
+        dataset, _ = check_image_files(dataset, on_bad_image=on_bad_image)
+    skipped = list(dataset.skipped)
 
     # Independent streams: the test order does not change when val_fraction does.
     val_rng, order_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
@@ -135,7 +139,7 @@ def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fractio
     for name in ("train", "test"):
         if tables[name].num_rows == 0:
             raise DataError(dataset.images_file,
-                            f"no {name} images left after skipping {len(skipped)} missing files")
+                            f"no {name} images left after skipping {len(skipped)} bad images")
 
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as stack:
@@ -161,9 +165,10 @@ def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fractio
 
 
 def prepare_manifests(fmt: str, root: str | os.PathLike, out_dir: str | os.PathLike,
-                      **options) -> dict:
+                      *, on_bad_image: str = "error", **options) -> dict:
     """Read the ``fmt`` dataset at ``root`` and write its manifests (options: see write_manifests)."""
-    return write_manifests(read_dataset(fmt, root), out_dir, **options)
+    dataset = read_dataset(fmt, root, on_bad_image=on_bad_image)
+    return write_manifests(dataset, out_dir, on_bad_image=on_bad_image, **options)
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:
@@ -187,7 +192,10 @@ def class_names(path: str | os.PathLike) -> list[str]:
 
 def read_classes(path: str | os.PathLike) -> pa.Table:
     """Read ``classes.parquet``: the leaf classes, row i = label i."""
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(path, f"cannot read class table: {exc}") from exc
     if not table.schema.equals(CLASSES_SCHEMA):
         raise DataError(path, "not a class table (unexpected columns)",
                         value=", ".join(table.schema.names))

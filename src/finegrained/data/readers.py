@@ -10,6 +10,18 @@ Every problem in the input is reported as a :class:`~finegrained.errors.DataErro
 the file, the 1-based line and the offending value: a dataset with 48k images is fixed by
 reading the message, not by bisecting the files.
 
+Two kinds of fault, and where the line between them runs (``on_bad_image``):
+
+* *Image-level*: one image cannot be used, the rest of the dataset is fine: its file is
+  missing, truncated or undecodable, or its box has zero area or lies outside the photo.
+  With ``on_bad_image='skip'`` the image is dropped and listed with its reason; with
+  ``'error'`` (the default) the first one stops the run.
+* *Dataset-level*: the files themselves are inconsistent, so no image can be trusted: a
+  malformed line, a duplicate id, ids that do not match across files, an unknown class id, a
+  split flag other than 0/1, a hierarchy cycle, an empty split. Always fatal.
+
+``photographers.txt`` holds optional credits: a line with an id and no name is no credit.
+
 Only classes that label at least one image are *leaf labels* (NABirds: 555 of 1,011 class
 ids; the rest are taxonomy nodes). They are remapped to ``label`` 0..C-1 in numeric order of
 their original class id, which keeps the mapping stable and easy to reproduce by hand.
@@ -28,11 +40,11 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from finegrained.errors import DataError
+from finegrained.data.crop import check_box
+from finegrained.errors import ON_BAD_IMAGE, DataError
 
 # Both datasets keep the photos under <root>/images/ and list them relative to that folder.
 IMAGES_DIR = "images"
-ON_BAD_IMAGE_CHOICES = ("error", "skip")
 
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -73,7 +85,7 @@ class Dataset:
 
     ``images`` follows :data:`IMAGES_SCHEMA`, ``classes`` :data:`CLASSES_SCHEMA` (row i has
     label i) and ``taxonomy`` :data:`TAXONOMY_SCHEMA` (every class id; empty without a
-    hierarchy file).
+    hierarchy file). ``skipped`` lists the images left out (``{image_id, path, reason}``).
     """
 
     format: str
@@ -81,6 +93,7 @@ class Dataset:
     images: pa.Table
     classes: pa.Table
     taxonomy: pa.Table
+    skipped: tuple = ()
 
     @property
     def num_classes(self) -> int:
@@ -102,6 +115,29 @@ class FormatSpec:
     sizes_required: bool
     hierarchy_file: str | None
     common_name: Callable[[str], str]
+
+
+    def annotation_names(self) -> list[tuple[str, bool]]:
+        """``(file name, required)`` of every annotation file this format reads."""
+        names = [("images.txt", True), ("image_class_labels.txt", True),
+                 ("train_test_split.txt", True), ("classes.txt", True),
+                 ("bounding_boxes.txt", self.boxes_required), ("sizes.txt", self.sizes_required)]
+        if self.hierarchy_file:
+            names.append((self.hierarchy_file, True))
+        return names + [("photographers.txt", False)]
+
+
+def annotation_files(fmt: str, root: str | os.PathLike, *,
+                     all_optional: bool = False) -> list[Path]:
+    """The files :func:`read_dataset` reads in ``root``: the required ones (present or not)
+    and the optional ones that exist (every one with ``all_optional``).
+
+    The workflow declares exactly these as the inputs of the manifests, so editing one reruns
+    the data phase, and adding an unrelated file to the dataset folder reruns nothing.
+    """
+    root = Path(root)
+    return [root / name for name, required in DATASET_FORMATS[fmt].annotation_names()
+            if required or all_optional or (root / name).is_file()]
 
 
 def _uuid_id(token: str) -> str:
@@ -127,7 +163,7 @@ def _cub_common_name(name: str) -> str:
     return re.sub(r"^\d+\.", "", name).replace("_", " ")
 
 
-FORMATS = {
+DATASET_FORMATS = {
     "nabirds": FormatSpec("nabirds", _uuid_id, int, boxes_required=True, sizes_required=True,
                           hierarchy_file="hierarchy.txt", common_name=lambda name: name),
     "cub": FormatSpec("cub", _integer_id, _finite_float, boxes_required=False,
@@ -157,14 +193,17 @@ def _lines(path: Path):
 
 
 def _split_fields(path: Path, line_no: int, text: str, n_fields: int, *,
-                  rest_is_text: bool) -> list[str]:
+                  rest_is_text: bool, optional_text: bool = False) -> list[str]:
     """Split a line into exactly ``n_fields`` fields.
 
     ``rest_is_text`` splits on the first space only, so the last field (a name or a path)
-    may contain spaces of its own.
+    may contain spaces of its own; ``optional_text`` lets that field be absent or blank
+    (it is then ``''``).
     """
     fields = text.split(" ", 1) if rest_is_text else text.split()
-    if len(fields) != n_fields or (rest_is_text and not fields[1]):
+    if optional_text:
+        fields = [fields[0], fields[1] if len(fields) > 1 and fields[1].strip() else ""]
+    elif len(fields) != n_fields or (rest_is_text and not fields[1]):
         raise DataError(path, f"expected {n_fields} space-separated fields, got {len(fields)}",
                         line=line_no, value=text)
     return fields
@@ -185,12 +224,13 @@ class _Record(NamedTuple):
 
 
 def _read_keyed(path: Path, parse_key: Callable, converters: list[tuple[str, Callable]], *,
-                rest_is_text: bool = False) -> dict:
+                rest_is_text: bool = False, optional_text: bool = False) -> dict:
     """Read ``<key> <value>...`` lines into ``{key: _Record}``, rejecting duplicate keys."""
     records: dict = {}
     functions = [convert for _, convert in converters]
     for line_no, text in _lines(path):
-        fields = _split_fields(path, line_no, text, 1 + len(converters), rest_is_text=rest_is_text)
+        fields = _split_fields(path, line_no, text, 1 + len(converters), rest_is_text=rest_is_text,
+                               optional_text=optional_text)
         try:
             key = parse_key(fields[0])
             values = tuple([convert(token) for token, convert in zip(fields[1:], functions)])
@@ -227,18 +267,23 @@ def _check_same_ids(images: dict, images_path: Path, other: dict, other_path: Pa
                                 line=record.line, value=key)
 
 
-def _check_box(path: Path, record: _Record, size: _Record | None) -> None:
-    x, y, w, h = record.values
-    if w <= 0 or h <= 0:
-        raise DataError(path, "bounding box has zero or negative area",
-                        line=record.line, value=f"{x} {y} {w} {h}")
-    # Boxes that only partly leave the image are real (201 in NABirds) and are clamped at
-    # crop time; a box with no pixel inside the image cannot be cropped at all.
-    if size is not None:
-        width, height = size.values
-        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-            raise DataError(path, f"bounding box does not overlap the {width}x{height} image",
-                            line=record.line, value=f"{x} {y} {w} {h}")
+def _bad_boxes(path: Path, boxes: dict, sizes: dict, on_bad_image: str) -> dict[str, DataError]:
+    """Boxes no crop can be cut from, by image id (raising the first with ``'error'``).
+
+    Boxes that only partly leave the image are real (201 in NABirds) and are clamped at
+    crop time; a box with no area or no pixel inside the image cannot be cropped at all.
+    """
+    bad = {}
+    for image_id, record in boxes.items():
+        size = sizes.get(image_id)
+        try:
+            check_box(record.values, size.values if size else None, source=path,
+                      line=record.line)
+        except DataError as error:
+            if on_bad_image == "error":
+                raise
+            bad[image_id] = error
+    return bad
 
 
 def _positive_int(token: str) -> int:
@@ -308,17 +353,21 @@ def _build_class_tables(spec: FormatSpec, class_names: dict[int, str], leaf_ids:
 
 # --------------------------------------------------------------------------- reader
 
-def read_dataset(fmt: str, root: str | os.PathLike) -> Dataset:
+def read_dataset(fmt: str, root: str | os.PathLike, *, on_bad_image: str = "error") -> Dataset:
     """Parse the annotation files of a ``'nabirds'`` or ``'cub'`` dataset folder.
 
     Raises :class:`DataError` for malformed lines, duplicate ids, ids that do not match
     across files, unknown class ids, split values other than 0/1, empty train or test
-    splits, boxes with no area or no overlap with the image, and hierarchy cycles.
-    Image files are not touched; see :func:`check_image_files`.
+    splits and hierarchy cycles. A box with no area or no overlap with the image is an
+    image-level fault: raised with ``on_bad_image='error'``; with ``'skip'`` the image is
+    left out and listed in ``Dataset.skipped``. Image files are not touched; see
+    :func:`check_image_files`.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {sorted(FORMATS)}")
-    spec = FORMATS[fmt]
+    if fmt not in DATASET_FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of "
+                         f"{sorted(DATASET_FORMATS)}")
+    _check_choice(on_bad_image)
+    spec = DATASET_FORMATS[fmt]
     root = Path(root)
 
     def required(name: str) -> Path:
@@ -327,18 +376,20 @@ def read_dataset(fmt: str, root: str | os.PathLike) -> Dataset:
             raise DataError(path, f"required {spec.name} annotation file is missing")
         return path
 
-    def optional(name: str | None) -> Path | None:
-        path = root / name if name else None
-        return path if path is not None and path.is_file() else None
+    def optional(name: str) -> Path | None:
+        path = root / name
+        return path if path.is_file() else None
 
-    images_path = required("images.txt")
-    labels_path = required("image_class_labels.txt")
-    split_path = required("train_test_split.txt")
-    classes_path = required("classes.txt")
-    boxes_path = required("bounding_boxes.txt") if spec.boxes_required else optional("bounding_boxes.txt")
-    sizes_path = required("sizes.txt") if spec.sizes_required else optional("sizes.txt")
-    hierarchy_path = required(spec.hierarchy_file) if spec.hierarchy_file else None
-    photographers_path = optional("photographers.txt")
+    files = {name: required(name) if needed else optional(name)
+             for name, needed in spec.annotation_names()}
+    images_path = files["images.txt"]
+    labels_path = files["image_class_labels.txt"]
+    split_path = files["train_test_split.txt"]
+    classes_path = files["classes.txt"]
+    boxes_path = files["bounding_boxes.txt"]
+    sizes_path = files["sizes.txt"]
+    hierarchy_path = files.get(spec.hierarchy_file)
+    photographers_path = files["photographers.txt"]
     # parts/ (part locations) is not used by this pipeline and is deliberately not read.
 
     key = spec.parse_image_id
@@ -352,17 +403,18 @@ def read_dataset(fmt: str, root: str | os.PathLike) -> Dataset:
              if sizes_path else {})
     boxes = (_read_keyed(boxes_path, key, [(f"box {n}", spec.parse_box_number) for n in "xywh"])
              if boxes_path else {})
-    photographers = (_read_keyed(photographers_path, key, [("name", _text)], rest_is_text=True)
+    photographers = (_read_keyed(photographers_path, key, [("name", _text)], rest_is_text=True,
+                                 optional_text=True)
                      if photographers_path else {})
 
     _check_same_ids(images, images_path, labels, labels_path, every_image=True)
     _check_same_ids(images, images_path, split, split_path, every_image=True)
     if sizes_path:
         _check_same_ids(images, images_path, sizes, sizes_path, every_image=True)
+    bad_boxes = {}
     if boxes_path:
         _check_same_ids(images, images_path, boxes, boxes_path, every_image=True)
-        for image_id, record in boxes.items():
-            _check_box(boxes_path, record, sizes.get(image_id))
+        bad_boxes = _bad_boxes(boxes_path, boxes, sizes, on_bad_image)
     if photographers_path:
         # Credits may be incomplete; only ids that are not images are wrong.
         _check_same_ids(images, images_path, photographers, photographers_path, every_image=False)
@@ -388,7 +440,14 @@ def read_dataset(fmt: str, root: str | os.PathLike) -> Dataset:
     classes, taxonomy = _build_class_tables(spec, class_names, leaf_ids, parents, hierarchy_path)
 
     columns = defaultdict(list)
+    skipped = []
     for image_id, record in images.items():
+        if image_id in bad_boxes:
+            error = bad_boxes[image_id]
+            skipped.append({"image_id": image_id, "path": f"{IMAGES_DIR}/{record.values[0]}",
+                            "reason": f"{error.reason} ({Path(error.path).name} line "
+                                      f"{error.line}: {error.value})"})
+            continue
         class_id = labels[image_id].values[0]
         size = sizes[image_id].values if image_id in sizes else (None, None)
         if image_id in boxes:
@@ -407,10 +466,16 @@ def read_dataset(fmt: str, root: str | os.PathLike) -> Dataset:
         columns["width"].append(size[0])
         columns["height"].append(size[1])
         photographer = photographers.get(image_id)
-        columns["photographer"].append(photographer.values[0] if photographer else None)
+        columns["photographer"].append(photographer.values[0] or None if photographer else None)
         columns["images_line"].append(record.line)
     table = pa.table({name: columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA)
-    return Dataset(format=spec.name, root=root, images=table, classes=classes, taxonomy=taxonomy)
+    return Dataset(format=spec.name, root=root, images=table, classes=classes, taxonomy=taxonomy,
+                   skipped=tuple(skipped))
+
+
+def _check_choice(on_bad_image: str) -> None:
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
 
 
 # --------------------------------------------------------------------------- image files
@@ -428,16 +493,16 @@ def check_image_files(dataset: Dataset, root: str | os.PathLike | None = None, *
                       on_bad_image: str = "error") -> tuple[Dataset, list[dict]]:
     """Confirm every listed image file exists under ``root`` (default: the dataset root).
 
-    Returns the dataset (minus missing images when ``on_bad_image='skip'``) and a list of
-    ``{image_id, path, reason}`` for each dropped image. With ``'error'`` the first missing
-    file raises a :class:`DataError` naming its images.txt line and path.
+    Returns the dataset (minus missing images when ``on_bad_image='skip'``, which are added
+    to its ``skipped``) and a list of ``{image_id, path, reason}`` for each image dropped
+    here. With ``'error'`` the first missing file raises a :class:`DataError` naming its
+    images.txt line and path.
 
     Each image folder is listed once instead of calling ``stat`` per image: 48k images live
     in a few hundred folders, and on network file systems one listing is far cheaper than
     hundreds of metadata round trips.
     """
-    if on_bad_image not in ON_BAD_IMAGE_CHOICES:
-        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE_CHOICES}, got {on_bad_image!r}")
+    _check_choice(on_bad_image)
     root = Path(root) if root is not None else dataset.root
     paths = dataset.images.column("path").to_pylist()
     listings: dict[str, set[str]] = {}
@@ -460,4 +525,5 @@ def check_image_files(dataset: Dataset, root: str | os.PathLike | None = None, *
                         f"({len(missing)} missing in all)", line=line, value=paths[first])
     skipped = [{"image_id": image_ids[i], "path": paths[i], "reason": "image file not found"}
                for i in missing]
-    return replace(dataset, images=dataset.images.filter(pa.array(present))), skipped
+    return replace(dataset, images=dataset.images.filter(pa.array(present)),
+                   skipped=dataset.skipped + tuple(skipped)), skipped

@@ -8,6 +8,10 @@ Values are on the 0..255 scale: divide the mean/std by 255 and the covariance/ei
 by 255**2 for inputs in 0..1. Sums are accumulated in float64 over uint8 pixels; every
 partial sum is an integer below 2**53, so the sums and hence the statistics are exact up to
 the final divisions.
+
+Only image pixels count: the letterbox padding around a crop's content rectangle (recorded
+per crop in the shard metadata) is left out, so grey bars do not pull the mean towards 128
+or shrink the variance.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import numpy as np
 
 from finegrained.data.shards import ShardReader
+from finegrained.errors import DataError
 from finegrained.fileio import write_json
 
 #: Pixels converted to float64 at a time (~24 MB of float64 RGB), to bound memory.
@@ -26,7 +31,8 @@ _CHUNK_PIXELS = 1 << 20
 def compute_channel_stats(reader: ShardReader) -> dict:
     """Mean, std, covariance and its eigen-decomposition of RGB over all crops of a reader.
 
-    Returns a JSON-ready dict: ``num_images``, ``num_pixels``, ``mean`` and ``std`` (3 values,
+    Returns a JSON-ready dict: ``num_images``, ``num_pixels`` (image pixels, padding
+    excluded), ``mean`` and ``std`` (3 values,
     population std), ``covariance`` (3x3), ``eigenvalues`` (descending) and ``eigenvectors``
     (3x3, eigenvector ``k`` is column ``k``, i.e. ``eigenvectors[i][k]``; each column's
     largest component is positive so the output is deterministic).
@@ -34,19 +40,33 @@ def compute_channel_stats(reader: ShardReader) -> dict:
     total = np.zeros(3, np.float64)
     outer = np.zeros((3, 3), np.float64)
     num_pixels = 0
+
+    def add(pixels: np.ndarray) -> None:
+        nonlocal total, outer, num_pixels
+        x = np.asarray(pixels).reshape(-1, 3).astype(np.float64)
+        total += x.sum(axis=0)
+        outer += x.T @ x
+        num_pixels += x.shape[0]
+
     for shard in range(reader.num_shards):
         images = reader.shard_arrays(shard)
         if len(images) == 0:
             continue
-        per_image = images.shape[1] * images.shape[2]
-        step = max(1, _CHUNK_PIXELS // per_image)
-        for start in range(0, len(images), step):
-            x = np.asarray(images[start:start + step]).reshape(-1, 3).astype(np.float64)
-            total += x.sum(axis=0)
-            outer += x.T @ x
-            num_pixels += x.shape[0]
+        content = reader.shard_content(shard)
+        size = images.shape[1]
+        full = np.flatnonzero((content[:, 2] == size) & (content[:, 3] == size))
+        step = max(1, _CHUNK_PIXELS // (size * size))
+        for start in range(0, len(full), step):
+            chunk = full[start:start + step]
+            if chunk[-1] - chunk[0] == len(chunk) - 1:      # contiguous: a slice, no copy
+                add(images[chunk[0]:chunk[-1] + 1])
+            else:
+                add(images[chunk])
+        for i in np.flatnonzero((content[:, 2] != size) | (content[:, 3] != size)):
+            x, y, w, h = content[i]
+            add(images[i, y:y + h, x:x + w])
     if num_pixels == 0:
-        raise ValueError(f"no images to compute colour statistics from ({reader.index_path})")
+        raise DataError(reader.index_path, "no images to compute colour statistics from")
 
     mean = total / num_pixels
     covariance = outer / num_pixels - np.outer(mean, mean)

@@ -1,9 +1,19 @@
-"""Fetch a weights file by URL and verify its sha256.
+"""Fetch a weights file by URL, verified by sha256: pinned, or trusted on first use.
 
-After ``fetch`` returns, ``dest`` holds exactly the bytes with the expected hash; when it
-raises, nothing is left at ``dest`` (nor a temporary file beside it). The download streams
-into a temporary file in ``dest``'s folder, hashing as it goes, and is renamed into place
-only once the length and hash check out.
+After ``fetch`` returns, ``dest`` holds the downloaded bytes and ``<dest>.sha256`` (the
+``sha256sum`` format) records their hash; when it raises, nothing new is left at ``dest``
+(nor a temporary file beside it). The download streams into a temporary file in ``dest``'s
+folder, hashing as it goes, and is renamed into place only once the length and hash check
+out.
+
+Two ways to trust the bytes:
+
+* **pinned** (``sha256`` given; ``backbone.weights_require_sha256: true`` makes it required):
+  the download must have that hash.
+* **trust on first use** (``sha256=None``): the hash is computed on download, logged, written
+  beside the file and into the run's provenance (``init_report.json``), and every later use
+  checks the file against it (:func:`verify_recorded_sha256`), so a file that changes on disk
+  afterwards is refused. Pin the logged hash to make the run strict.
 """
 
 from __future__ import annotations
@@ -35,22 +45,73 @@ def _as_url(url: str | os.PathLike) -> str:
     return Path(text).resolve().as_uri()
 
 
-def fetch(url: str | os.PathLike, sha256: str, dest: str | os.PathLike, *,
-          timeout: float = 60, chunk_size: int = 1 << 20) -> Path:
-    """Download ``url`` (http(s)://, file:// or a local path) to ``dest`` unless ``dest``
-    already has the sha256 ``sha256``; raise ``WeightsError`` on any failure."""
-    dest = Path(dest)
+def sha256_record(path: str | os.PathLike) -> Path:
+    """Where the recorded sha256 of a downloaded file lives: ``<file>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def read_recorded_sha256(path: str | os.PathLike) -> str:
+    """The hash recorded for ``path`` (first field of its ``.sha256`` file)."""
+    record = sha256_record(path)
+    try:
+        digest = record.read_text().split(maxsplit=1)[0].lower()
+    except (FileNotFoundError, IndexError):
+        raise WeightsError(f"{path}: no sha256 recorded at {record}") from None
+    if not _SHA256.match(digest):
+        raise WeightsError(f"{record}: not a sha256 record (64 hex digits first)")
+    return digest
+
+
+def verify_recorded_sha256(path: str | os.PathLike) -> str:
+    """Check ``path`` against its ``.sha256`` record and return the hash."""
+    expected = read_recorded_sha256(path)
+    got = sha256_file(path)
+    if got != expected:
+        raise WeightsError(f"{path}: sha256 {got} differs from {expected} recorded at "
+                           f"{sha256_record(path)} when it was downloaded: the file changed "
+                           f"since; delete both files to download it again")
+    return got
+
+
+def _normalise(sha256: str | None, url) -> str | None:
+    if sha256 is None:
+        return None
     expected = sha256.strip().lower()
     if not _SHA256.match(expected):
         raise WeightsError(f"expected sha256 for {url} must be 64 hex digits, got {sha256!r}")
-    if dest.is_file():
+    return expected
+
+
+def fetch(url: str | os.PathLike, sha256: str | None, dest: str | os.PathLike, *,
+          timeout: float = 60, chunk_size: int = 1 << 20) -> Path:
+    """Download ``url`` (http(s)://, file:// or a local path) to ``dest``; raise
+    ``WeightsError`` on any failure.
+
+    ``sha256`` pins the expected hash (``None``: trust on first use). A ``dest`` that is
+    already there is kept if it matches the pinned hash, or, trusting on first use, the hash
+    recorded when it was downloaded (a mismatch is then an error: the file changed).
+    """
+    dest = Path(dest)
+    expected = _normalise(sha256, url)
+    if dest.is_file() and sha256_record(dest).is_file():
+        if expected is None:
+            got = verify_recorded_sha256(dest)
+            log.info("%s already present, sha256 %s as recorded on first use", dest, got)
+            return dest
         got = sha256_file(dest)
         if got == expected:
+            _write_record(dest, got)
             log.info("%s already present with the expected sha256", dest)
             return dest
         log.warning("%s has sha256 %s, not %s: removing it and downloading again",
                     dest, got, expected)
-        dest.unlink()
+    elif dest.is_file() and expected is not None and sha256_file(dest) == expected:
+        _write_record(dest, expected)
+        log.info("%s already present with the expected sha256", dest)
+        return dest
+    for stale in (dest, sha256_record(dest)):
+        stale.unlink(missing_ok=True)
 
     full_url = _as_url(url)
     digest = hashlib.sha256()
@@ -70,7 +131,7 @@ def fetch(url: str | os.PathLike, sha256: str, dest: str | os.PathLike, *,
                 raise WeightsError(f"{full_url}: transfer interrupted: received {received} "
                                    f"of {length} bytes")
             got = digest.hexdigest()
-            if got != expected:
+            if expected is not None and got != expected:
                 raise WeightsError(f"{full_url}: sha256 mismatch: expected {expected}, "
                                    f"got {got} ({received} bytes); nothing written to {dest}")
     except WeightsError:
@@ -82,5 +143,16 @@ def fetch(url: str | os.PathLike, sha256: str, dest: str | os.PathLike, *,
     except (http.client.HTTPException, OSError) as exc:  # timeouts are OSErrors
         raise WeightsError(f"{full_url}: transfer failed after {received} bytes: "
                            f"{type(exc).__name__}: {exc}") from exc
-    log.info("downloaded %d bytes, sha256 %s", received, expected)
+    _write_record(dest, got)
+    if expected is None:
+        log.info("downloaded %d bytes, sha256 %s (trusted on first use; recorded in %s and "
+                 "checked on every later use; pin it with backbone.weights_sha256)",
+                 received, got, sha256_record(dest))
+    else:
+        log.info("downloaded %d bytes, sha256 %s as pinned", received, got)
     return dest
+
+
+def _write_record(dest: Path, digest: str) -> None:
+    with atomic_output(sha256_record(dest)) as tmp:
+        tmp.write_text(f"{digest}  {dest.name}\n")

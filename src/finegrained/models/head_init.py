@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from finegrained.errors import WeightsError
+from finegrained.errors import DataError, WeightsError
 
 _CUB_PREFIX = re.compile(r"^\s*\d+\s*\.\s*")
 _PARENTHESISED = re.compile(r"\([^()]*\)")
@@ -62,8 +62,13 @@ def parse_inat_label(line: str) -> tuple[str, ...]:
 def read_inat_labels(path: str | os.PathLike) -> list[tuple[str, ...]]:
     """All label lines of an iNat label file, each as the names ``parse_inat_label`` gives;
     list index = output index of the classifier."""
-    with open(path, encoding="utf-8") as f:
-        return [parse_inat_label(line) for line in f.read().splitlines()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [parse_inat_label(line) for line in f.read().splitlines()]
+    except FileNotFoundError:
+        raise DataError(path, "class name file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"class name file is not UTF-8 text: {exc}") from None
 
 
 def _names(entry: str | Sequence[str]) -> tuple[str, ...]:

@@ -20,7 +20,8 @@ from flax import nnx
 from finegrained.data.manifest import class_names
 
 from finegrained.errors import WeightsError
-from finegrained.fileio import write_json
+from finegrained.fileio import sha256_file, write_json
+from finegrained.models.download import sha256_record, verify_recorded_sha256
 from finegrained.models import head_init
 from finegrained.models.params import assign_state, flatten_state
 from finegrained.models.registry import build_model
@@ -55,6 +56,17 @@ def source_class_names(weights: str | os.PathLike,
     return [(name,) for name in json.loads(meta["class_names"])]
 
 
+def weights_sha256(weights: str | os.PathLike) -> str:
+    """The sha256 of a weights file, for the run's provenance. A downloaded file is checked
+    against the hash recorded beside it (``<file>.sha256``) first: trusted on first use, it
+    must not change afterwards."""
+    if not Path(weights).is_file():
+        raise WeightsError(f"{weights}: weights file not found")
+    if sha256_record(weights).is_file():
+        return verify_recorded_sha256(weights)
+    return sha256_file(weights)
+
+
 def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
                       stage_depths: Sequence[int] | None = None,
                       weights: str | os.PathLike | None = None,
@@ -69,6 +81,9 @@ def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
         if init_from_source_names:
             raise WeightsError("init_from_source_names needs source weights")
         return model, report
+
+    report["weights_sha256"] = weights_sha256(weights)
+    log.info("weights %s, sha256 %s", weights, report["weights_sha256"])
 
     tensors = to_flat(read_tensors(weights), arch)
     report["load"] = load_pretrained(model, tensors, arch=arch, replace_head=True)
@@ -102,6 +117,7 @@ def write_target_init(classes_path: str | os.PathLike, out_weights: str | os.Pat
     save_weights(out_weights, flatten_state(model), metadata=weights_metadata(
         arch=kwargs["arch"], num_classes=len(names), class_names=names,
         input_recipe=model.input_recipe.name, source=report["weights"] or "random init",
+        **({"source_sha256": report["weights_sha256"]} if "weights_sha256" in report else {}),
         width=kwargs.get("width", 64), stage_depths=kwargs.get("stage_depths"), **options))
     write_json(out_report, report)
     return report
