@@ -420,8 +420,8 @@ def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: s
             progress.step += 1
             pending = (metrics, progress.step)
             every = cfg.checkpoint_every_steps
-            due = every and progress.step % every == 0 and progress.step % spe != 0
-            if due or stop.set:
+            mid_epoch = progress.step % spe != 0      # epoch ends checkpoint after eval
+            if mid_epoch and ((every and progress.step % every == 0) or stop.set):
                 settle()
                 seconds, wait = elapsed()
                 saved = dataclasses.replace(progress, epoch_seconds=progress.epoch_seconds + seconds,
@@ -526,6 +526,9 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None, cfg: Train
                 save_checkpoint(ckpt, run, progress, best_flat)
                 log(f"{label} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in record.items()))
+                if stop.set:
+                    raise Preempted(f"{label}: SIGTERM during epoch {epoch + 1}; checkpoint "
+                                    f"written at its end (step {progress.step}), rerun to resume")
     finally:
         if ckpt is not None:
             ckpt.close()
