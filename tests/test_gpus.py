@@ -1,0 +1,107 @@
+"""The local GPU leases of ``python -m finegrained.gpus``, with fake device ids."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finegrained import gpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The job: report its devices and memory policy, then hold them until told to stop.
+HOLD = ("import os, sys, time, pathlib; out = pathlib.Path(sys.argv[1]);"
+        "out.write_text(os.environ['CUDA_VISIBLE_DEVICES'] + ' '"
+        " + os.environ['XLA_PYTHON_CLIENT_PREALLOCATE']);"
+        "stop = out.with_suffix('.stop')\n"
+        "while not stop.exists(): time.sleep(0.05)")
+
+
+def _env(tmp_path, ids, **extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
+    env.update({gpus.IDS_VAR: ids, gpus.LOCK_DIR_VAR: str(tmp_path / "locks"),
+                "PYTHONPATH": str(REPO / "src")}, **extra)
+    return env
+
+
+def _start(tmp_path, name, ids, count=1, **extra):
+    out = tmp_path / f"{name}.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finegrained.gpus", "--count", str(count), "--",
+         sys.executable, "-c", HOLD, str(out)],
+        env=_env(tmp_path, ids, **extra), stderr=subprocess.PIPE, text=True)
+    return proc, out
+
+
+def _devices(out, proc, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not (out.exists() and out.read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.05)
+    devices, preallocate = out.read_text().split(" ")
+    return devices
+
+
+def _stop(out, proc):
+    out.with_suffix(".stop").touch()
+    proc.wait(timeout=30)
+
+
+def test_concurrent_jobs_never_share_an_id_and_a_killed_jobs_ids_come_back(tmp_path):
+    jobs = [_start(tmp_path, f"job{i}", "0,1,2,3") for i in range(4)]
+    held = [_devices(out, proc) for proc, out in jobs]
+    assert sorted(held) == ["0", "1", "2", "3"]
+
+    waiting, waiting_out = _start(tmp_path, "waiting", "0,1,2,3")
+    time.sleep(1.0)
+    assert not waiting_out.exists(), "a fifth job got a GPU while four were leased"
+
+    victim, victim_out = jobs[2]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert _devices(waiting_out, waiting) == held[2]
+
+    for proc, out in [*jobs[:2], jobs[3], (waiting, waiting_out)]:
+        _stop(out, proc)
+
+
+def test_a_multi_gpu_job_gets_distinct_devices_and_a_shared_gpu_is_shared_by_slots(tmp_path):
+    two, two_out = _start(tmp_path, "two", "0,1,2", count=2)
+    assert sorted(_devices(two_out, two).split(",")) == ["0", "1"]
+    _stop(two_out, two)
+    # 0 listed twice: two jobs share GPU 0 (the second only once GPU 1 is taken).
+    a, a_out = _start(tmp_path, "a", "0,1,0")
+    b, b_out = _start(tmp_path, "b", "0,1,0")
+    c, c_out = _start(tmp_path, "c", "0,1,0")
+    assert sorted(_devices(o, p) for p, o in [(a, a_out), (b, b_out), (c, c_out)]) == ["0", "0", "1"]
+    for p, o in [(a, a_out), (b, b_out), (c, c_out)]:
+        _stop(o, p)
+
+
+def test_slurm_keeps_its_ids_and_a_cpu_job_sees_no_gpu(tmp_path):
+    env, fds = gpus.job_environment(1, environ={"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "5"},
+                                    lock_dir=tmp_path)
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and fds == []
+    env, fds = gpus.job_environment(0, environ={gpus.IDS_VAR: "0,1"}, lock_dir=tmp_path)
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and fds == []
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    env, _ = gpus.job_environment(0, mem_fraction=0.45, environ={}, lock_dir=tmp_path)
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.45"
+
+
+def test_the_machine_ids_come_from_the_environment_first():
+    assert gpus.machine_gpu_ids({gpus.IDS_VAR: "2, 3", "CUDA_VISIBLE_DEVICES": "0"}) == ["2", "3"]
+    assert gpus.machine_gpu_ids({"CUDA_VISIBLE_DEVICES": "1,0"}) == ["1", "0"]
+
+
+def test_asking_for_more_gpus_than_the_machine_has_fails(tmp_path):
+    with pytest.raises(ValueError, match="asks for 3 GPUs"):
+        gpus.lease(["0", "1"], 3, tmp_path)
