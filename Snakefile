@@ -1,6 +1,14 @@
 # Fine-grained bird classification by transfer learning: table of contents.
 # Default configuration: config/config.yaml (real NABirds); the demo: --configfile config/demo.yaml.
 
+import sys
+from pathlib import Path
+
+# The rule files import the library from this checkout, so any Snakemake loads the workflow
+# (one without the package installed too: it needs only numpy, pyyaml and jsonschema, no JAX).
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+
 # Found beside this file, so `snakemake -s <repo>/Snakefile -d <elsewhere>` works too.
 configfile: f"{workflow.basedir}/config/config.yaml"
 
@@ -22,6 +30,15 @@ include: "workflow/rules/train.smk"
 
 
 report: "workflow/report/workflow.rst"
+
+
+# Light rules run by Snakemake itself, also under a cluster profile (with these: the weights
+# download, compute nodes often having no internet; the shard indexes).
+localrules:
+    data,
+    weights,
+    train,
+    all,
 
 
 rule all:

@@ -1,7 +1,12 @@
 # Helpers shared by every stage: config validation, output paths, input functions.
 
+import os
+import shlex
+import sys
 import urllib.parse
 from pathlib import Path
+
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from finegrained.config import is_url, load_schema, validate_config
 from finegrained.data.manifest import SPLITS
@@ -11,11 +16,16 @@ from finegrained.models.download import sha256_record
 validate_config(config, load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"))
 
 # Jobs import the library from this checkout, also inside the per-family conda
-# environments (envs/*.yaml hold only the third-party packages). The prefix replaces
-# Snakemake's default one, so it starts with that: `set -euo pipefail;`.
-# (The prefix is formatted like a shell command: {{ }} are literal braces.)
+# environments (envs/*.yaml hold only the third-party packages). Without conda they run
+# with the Python of the environment Snakemake runs in (its bin/ first on PATH), not with
+# whatever `python` the shell finds. The prefix replaces Snakemake's default one, so it
+# starts with that: `set -euo pipefail;`. (It is formatted like a shell command: {{ }} are
+# literal braces.)
+USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+_JOB_PATH = "" if USES_CONDA else f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; "
 shell.prefix(
-    f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f"set -euo pipefail; {_JOB_PATH}"
+    f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
 
 DATASETS = ["target", "source"]
@@ -99,12 +109,62 @@ def crop_args():
     return args
 
 
-def data_resources(key):
-    return config["resources"]["data"][key]
+# ---------------------------------------------------------------------------- resources
+
+#: Rule families whose failed jobs retry with more memory and time.
+RETRY_SCALED = ("data", "train")
 
 
-def train_resources(key):
-    return config["resources"]["train"][key]
+def _cluster_setting(key, *variables):
+    """config.cluster.<key>, else the first environment variable set, else None."""
+    value = config["cluster"][key]
+    if value is None:
+        value = next((os.environ[v] for v in variables if os.environ.get(v)), None)
+    return value
+
+
+def job_threads(family):
+    return config["resources"][family].get("threads", 1)
+
+
+def job_resources(family, gpu=None):
+    """A rule's resources from config.resources.<family> (unpacked into `resources:`):
+    mem_mb and runtime (times the attempt for the heavy families), gpu (the family's, or
+    `gpu`), and for SLURM the partition, the account and the GPU model (left out when
+    unset, so the cluster's defaults apply). Each request is made once: the SLURM plugin
+    turns `gpu` (+ `gpu_model`) into --gpus, never a second gres."""
+    cfg = config["resources"][family]
+    gpu = cfg.get("gpu", 0) if gpu is None else gpu
+    if family in RETRY_SCALED:
+        res = {"mem_mb": lambda wildcards, attempt: cfg["mem_mb"] * attempt,
+               "runtime": lambda wildcards, attempt: cfg["runtime"] * attempt}
+    else:
+        res = {"mem_mb": cfg["mem_mb"], "runtime": cfg["runtime"]}
+    res["gpu"] = gpu
+    partition = (_cluster_setting("gpu_partition", "FINEGRAINED_GPU_PARTITION") if gpu
+                 else _cluster_setting("cpu_partition", "FINEGRAINED_CPU_PARTITION"))
+    account = _cluster_setting("account", "FINEGRAINED_ACCOUNT", "SLURM_ACCOUNT")
+    if partition:
+        res["slurm_partition"] = partition
+    if account:
+        res["slurm_account"] = account
+    if gpu and cfg.get("gpu_model"):
+        res["gpu_model"] = cfg["gpu_model"]
+    return res
+
+
+def jax_env(gpu=None):
+    """The conda env of a JAX rule (relative to the rule files): CUDA JAX when it asks for
+    a GPU (`gpu`, default the train family's), CPU JAX otherwise."""
+    gpu = config["resources"]["train"]["gpu"] if gpu is None else gpu
+    return "../../envs/jax-cuda12.yaml" if gpu else "../../envs/jax.yaml"
+
+
+def device_launcher():
+    """Runs a JAX job on its own `resources.gpu` devices (finegrained.gpus); shell use:
+    `{params.launch} {resources.gpu} -- python ...`."""
+    fraction = config["resources"]["train"]["gpu_memory_fraction"]
+    return "python -m finegrained.gpus" + (f" --mem-fraction {fraction}" if fraction else "") + " --count"
 
 
 def stage_depths_arg():

@@ -19,8 +19,7 @@ rule demo_dataset:
         results("benchmarks/demo_dataset/{dataset}.tsv")
     threads: 1
     resources:
-        mem_mb=data_resources("mem_mb"),
-        gpu=0,
+        **job_resources("data"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -52,8 +51,7 @@ rule manifests:
         results("benchmarks/manifests/{dataset}.tsv")
     threads: 1
     resources:
-        mem_mb=data_resources("mem_mb"),
-        gpu=0,
+        **job_resources("data"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -79,10 +77,9 @@ rule crop_shard:
         results("logs/crop_shard/{dataset}/{split}/{shard}.log"),
     benchmark:
         results("benchmarks/crop_shard/{dataset}/{split}/{shard}.tsv")
-    threads: data_resources("threads")
+    threads: job_threads("data")
     resources:
-        mem_mb=data_resources("mem_mb"),
-        gpu=0,
+        **job_resources("data"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -90,6 +87,10 @@ rule crop_shard:
         " --shard {wildcards.shard} --num-shards {params.num_shards} {params.crop}"
         " --on-bad-image {params.on_bad_image} --out-meta {output.meta} {params.images}"
         " --out-skipped {output.skipped} > {log} 2>&1"
+
+
+localrules:
+    shard_index,
 
 
 rule shard_index:
@@ -106,8 +107,7 @@ rule shard_index:
         results("benchmarks/shard_index/{dataset}/{split}.tsv")
     threads: 1
     resources:
-        mem_mb=data_resources("mem_mb"),
-        gpu=0,
+        **job_resources("light"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -126,8 +126,7 @@ rule channel_stats:
         results("benchmarks/channel_stats/{dataset}.tsv")
     threads: 1
     resources:
-        mem_mb=data_resources("mem_mb"),
-        gpu=0,
+        **job_resources("data"),
     conda:
         "../../envs/data.yaml"
     shell:

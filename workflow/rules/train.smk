@@ -15,18 +15,19 @@ rule features:
     params:
         settings=feature_job_settings,
         out_dir=lambda wc, output: Path(output.index).parent,
+        launch=device_launcher(),
     log:
         results("logs/features/{split}.log"),
     benchmark:
         results("benchmarks/features/{split}.tsv")
-    threads: train_resources("threads")
+    threads: job_threads("train")
     resources:
-        mem_mb=train_resources("mem_mb"),
-        gpu=train_resources("gpu"),
+        **job_resources("train"),
     conda:
-        "../../envs/jax.yaml"
+        jax_env()
     shell:
-        "python {input.script:q} --settings {params.settings:q} --index {input.index:q}"
+        "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
+        " --index {input.index:q}"
         " --init-weights {input.init:q} --stats {input.stats:q} --classes {input.classes:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
@@ -51,19 +52,20 @@ rule train_regime:
             if "features" in input.keys() else ""
         ),
         checkpoints=results("checkpoints/{regime}{variant}"),
+        launch=device_launcher(),
         out_dir=lambda wc, output: Path(output.weights).parent,
     log:
         results("logs/train/{regime}{variant}.log"),
     benchmark:
         results("benchmarks/train/{regime}{variant}.tsv")
-    threads: train_resources("threads")
+    threads: job_threads("train")
     resources:
-        mem_mb=train_resources("mem_mb"),
-        gpu=train_resources("gpu"),
+        **job_resources("train"),
     conda:
-        "../../envs/jax.yaml"
+        jax_env()
     shell:
-        "python {input.script:q} --settings {params.settings:q} --train-index {input.train:q}"
+        "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
+        " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
         " {params.init} {params.features} --checkpoint-dir {params.checkpoints:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

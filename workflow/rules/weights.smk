@@ -6,6 +6,10 @@
 # Only the file the config names: a user's own files in resources/weights/ are never outputs.
 if is_url(config["backbone"]["weights"]):
 
+    # On the head node under a cluster profile: compute nodes often have no internet.
+    localrules:
+        fetch_weights,
+
     rule fetch_weights:
         input:
             script=script_path("fetch_weights.py"),
@@ -25,8 +29,7 @@ if is_url(config["backbone"]["weights"]):
             f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to('resources/weights')}.tsv"
         threads: 1
         resources:
-            mem_mb=1000,
-            gpu=0,
+            **job_resources("light"),
         conda:
             "../../envs/data.yaml"
         shell:
@@ -47,18 +50,19 @@ rule pretrain:
     params:
         settings=pretrain_job_settings(),
         checkpoints=results("checkpoints/pretrain"),
+        launch=device_launcher(),
     log:
         results("logs/pretrain.log"),
     benchmark:
         results("benchmarks/pretrain.tsv")
-    threads: train_resources("threads")
+    threads: job_threads("train")
     resources:
-        mem_mb=train_resources("mem_mb"),
-        gpu=train_resources("gpu"),
+        **job_resources("train"),
     conda:
-        "../../envs/jax.yaml"
+        jax_env()
     shell:
-        "python {input.script:q} --settings {params.settings:q} --train-index {input.train:q}"
+        "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
+        " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
         " --checkpoint-dir {params.checkpoints:q} --out-weights {output.weights:q}"
         " --out-metrics {output.metrics:q} > {log:q} 2>&1"
@@ -89,12 +93,11 @@ rule init_target_model:
         results("benchmarks/init_target_model.tsv")
     threads: 1
     resources:
-        mem_mb=data_resources("mem_mb"),
-        gpu=0,
+        **job_resources("train", gpu=0),
     conda:
-        "../../envs/jax.yaml"
+        jax_env(0)
     shell:
-        "python {input.script:q} --arch {params.backbone[arch]} --width {params.backbone[width]}"
+        "python -m finegrained.gpus --count 0 -- python {input.script:q} --arch {params.backbone[arch]} --width {params.backbone[width]}"
         " {params.depths} --classes {input.classes} {params.weights} {params.names} {params.match}"
         " --seed {params.seed} --out-weights {output.weights} --out-report {output.report} > {log} 2>&1"
 

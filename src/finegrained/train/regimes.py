@@ -32,8 +32,7 @@ import numpy as np
 import yaml
 
 from finegrained.errors import ConfigError
-from finegrained.train.augment import AugmentConfig
-from finegrained.train.steps import is_augmented
+from finegrained.train.augment_settings import is_augmented
 
 REGIMES = ("linear_probe", "partial_finetune", "full_finetune", "two_stage", "scratch")
 
@@ -151,7 +150,7 @@ def _input(arch: str, regime: Mapping, augment: Mapping, freeze_up_to) -> dict:
     cut = cut_stage(arch, freeze_up_to)
     if cut is None:
         return {"kind": "pixels", "start": None, "cut": None}
-    augmented = is_augmented(AugmentConfig.from_dict(augment))
+    augmented = is_augmented(augment)
     if regime["use_cache"] and not augmented:
         pooled = cut == body_stages(arch)[-1]
         return {"kind": "cache", "layer": cut if pooled else cut + ":map",
@@ -171,8 +170,7 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
     arch = config["backbone"]["arch"]
     phases = []
     if regime["solver"] == "lbfgs":
-        if regime["freeze_up_to"] != "stride32" or is_augmented(
-                AugmentConfig.from_dict(regime["augment"])):
+        if regime["freeze_up_to"] != "stride32" or is_augmented(regime["augment"]):
             raise ConfigError(f"regime_settings.{regime_name}: solver lbfgs needs the whole "
                               f"backbone frozen (freeze_up_to: stride32) and no augmentation")
         layer = body_stages(arch)[-1]

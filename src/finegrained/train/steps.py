@@ -27,6 +27,7 @@ from flax import nnx, struct
 from finegrained.errors import ConfigError
 from finegrained.train import optim
 from finegrained.train.augment import AugmentConfig, Lighting, augment_batch, center_crop
+from finegrained.train.augment_settings import is_augmented  # noqa: F401 (its old home)
 from finegrained.train.sharding import data_sharding, replicated
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -81,17 +82,6 @@ class StepConfig:
     # Frozen lower part run online: the activation after stage ``cut`` is cut off from the
     # gradient (the frozen part is a fixed function of the input). None: no cut.
     cut: str | None = None
-
-
-def is_augmented(cfg: AugmentConfig) -> bool:
-    """Whether ``cfg`` draws anything at random. A training view that is not augmented is
-    the evaluation view (``center_crop`` at ``eval_crop_fraction``), which is what the
-    feature cache stores, so a cached and an online run see the same inputs."""
-    fixed = (tuple(cfg.crop_area) == (1.0, 1.0) and tuple(cfg.aspect_ratio) == (1.0, 1.0)
-             and cfg.scale_jitter == 0 and cfg.flip == 0)
-    magnitudes = [getattr(cfg, name, 0.0) for name in
-                  ("brightness", "contrast", "saturation", "pca_lighting", "rotation", "hue")]
-    return not (fixed and all(m == 0 for m in magnitudes))
 
 
 def training_view(images: jax.Array, rng: jax.Array, cfg: StepConfig,

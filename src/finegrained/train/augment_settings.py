@@ -1,0 +1,36 @@
+"""What the workflow needs to know about an augmentation without importing JAX.
+
+The Snakefile resolves every job's settings when it loads (``regimes.job_settings``), on
+whatever Python runs Snakemake, often a head node's without JAX; so the one question it
+asks of an augmentation, "does it draw anything at random?", is answered here on the plain
+config values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+#: Magnitudes whose zero value disables a random change (the getattr default covers fields
+#: an older or newer ``AugmentConfig`` does not have).
+RANDOM_MAGNITUDES = ("scale_jitter", "brightness", "contrast", "saturation", "pca_lighting",
+                     "rotation", "hue")
+
+
+def is_augmented(cfg: Any) -> bool:
+    """Whether ``cfg`` (an ``AugmentConfig`` or its dict) draws anything at random. A
+    training view that is not augmented is the evaluation view (``center_crop`` at
+    ``eval_crop_fraction``), which is what the feature cache stores, so a cached and an
+    online run see the same inputs.
+
+    A key missing from a dict has ``AugmentConfig``'s default: random for ``crop_area``,
+    ``aspect_ratio`` and ``flip``, zero for the magnitudes."""
+    if isinstance(cfg, Mapping):
+        get = cfg.get
+    else:
+        def get(name, default=None):
+            return getattr(cfg, name, default)
+    crop_area, aspect_ratio = get("crop_area"), get("aspect_ratio")
+    fixed = (crop_area is not None and tuple(crop_area) == (1.0, 1.0)
+             and aspect_ratio is not None and tuple(aspect_ratio) == (1.0, 1.0)
+             and get("flip") == 0)
+    return not (fixed and all(get(name, 0.0) == 0 for name in RANDOM_MAGNITUDES))
