@@ -1,0 +1,117 @@
+"""Running the workflow as users run it: any Snakemake, jobs on Snakemake's interpreter,
+resources per rule family, the SLURM profile and the pinned conda envs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs Snakemake with JAX (and friends) unimportable and without the pip-installed
+# finegrained: the Snakefile must find the library in src/ on its own.
+PLAIN_SNAKEMAKE = """
+import importlib.abc, sys
+from pathlib import Path
+BLOCKED = {"jax", "jaxlib", "flax", "optax", "orbax"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not importable here")
+sys.meta_path.insert(0, Block())
+sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "finegrained").is_dir()]
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+sys.argv = ["snakemake", *sys.argv[1:]]
+from snakemake.cli import main
+main()
+"""
+
+
+def _run(args, cwd, env=None, plain=False):
+    command = [sys.executable, "-c", PLAIN_SNAKEMAKE] if plain else [sys.executable, "-m", "snakemake"]
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([*command, "-s", str(REPO / "Snakefile"), *args], cwd=cwd,
+                          env={**base, **(env or {})}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _demo(tmp_path, *extra_configs, **overrides):
+    files = [str(REPO / "config" / "demo.yaml")]
+    for i, config in enumerate(extra_configs):
+        path = tmp_path / f"extra{i}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        files.append(str(path))
+    return ["--configfile", *files, "--cores", "1", "-d", str(tmp_path / "run")]
+
+
+def _job(dry_run: str, rule: str) -> str:
+    """The first job block of ``rule`` in a dry run's output."""
+    match = re.search(rf"^(local)?rule {rule}:\n(.*?)\n\n", dry_run, re.S | re.M)
+    assert match, f"no {rule} job in:\n{dry_run}"
+    return match.group(2)
+
+
+def test_the_snakefile_loads_without_jax_or_the_installed_package(tmp_path):
+    out = _run([*_demo(tmp_path), "-n", "all"], cwd=tmp_path, plain=True)
+    assert "train_regime" in out
+
+
+def test_jobs_run_with_snakemakes_python_whatever_is_first_on_path(tmp_path):
+    # A PATH whose python (if any) lacks the project's packages, as a shell outside the venv.
+    _run([*_demo(tmp_path), "results/demo/demo_data/target/images.txt"], cwd=tmp_path,
+         env={"PATH": "/usr/bin:/bin"})
+    assert (tmp_path / "run/results/demo/demo_data/target/images.txt").stat().st_size > 0
+
+
+def test_resources_come_from_the_rule_family_and_the_cluster_settings(tmp_path):
+    config = {"resources": {"train": {"gpu": 1, "gpu_model": "a100", "runtime": 60,
+                                      "gpu_memory_fraction": 0.45}},
+              "cluster": {"gpu_partition": "gpuq"}}
+    out = _run([*_demo(tmp_path, config), "-n", "-p", "all"], cwd=tmp_path,
+               env={"FINEGRAINED_CPU_PARTITION": "short", "FINEGRAINED_ACCOUNT": "birds"})
+    train = _job(out, "train_regime")
+    for resource in ("gpu=1", "gpu_model=a100", "runtime=60", "slurm_partition=gpuq",
+                     "slurm_account=birds", "mem_mb=8000"):
+        assert resource in train, train
+    assert "python -m finegrained.gpus --mem-fraction 0.45 --count 1 -- python" in train
+    crop = _job(out, "crop_shard")
+    assert "slurm_partition=short" in crop and "gpu=0" in crop and "gpu_model" not in crop
+    init = _job(out, "init_target_model")
+    assert "gpu=0" in init and "slurm_partition=short" in init
+    assert "--count 0 -- python" in init
+    # Light rules run on the submitting node.
+    assert "localrules" not in out and re.search(r"^(local)?rule shard_index:", out, re.M)
+
+
+def test_the_slurm_profile_asks_for_nothing_twice_and_names_no_partition():
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    text = yaml.safe_dump(profile)
+    for name in ("gres", "slurm_partition", "slurm_account", "set-resources"):
+        assert name not in text
+
+
+def test_conda_envs_pin_the_versions_of_the_lock_file():
+    lock = {}
+    for line in (REPO / "envs/requirements.lock").read_text().splitlines():
+        if "==" in line:
+            name, version = line.split("==")
+            lock[name.lower().replace("_", "-")] = version.strip()
+    envs = sorted((REPO / "envs").glob("*.yaml"))
+    assert {p.name for p in envs} >= {"data.yaml", "jax.yaml", "jax-cuda12.yaml", "report.yaml"}
+    for path in envs:
+        env = yaml.safe_load(path.read_text())
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+        for requirement in pip:
+            name, _, version = requirement.partition("==")
+            name = re.sub(r"\[.*\]", "", name).lower()
+            assert version == lock[name], f"{path.name}: {requirement} (lock: {lock.get(name)})"
+    cuda = yaml.safe_load((REPO / "envs/jax-cuda12.yaml").read_text())
+    assert any(str(r).startswith("jax[cuda12]==") for r in cuda["dependencies"][-1]["pip"])
