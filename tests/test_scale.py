@@ -115,3 +115,19 @@ def test_conda_envs_pin_the_versions_of_the_lock_file():
             assert version == lock[name], f"{path.name}: {requirement} (lock: {lock.get(name)})"
     cuda = yaml.safe_load((REPO / "envs/jax-cuda12.yaml").read_text())
     assert any(str(r).startswith("jax[cuda12]==") for r in cuda["dependencies"][-1]["pip"])
+
+
+def test_the_jax_free_is_augmented_agrees_with_augment_config():
+    from finegrained.train.augment import AugmentConfig
+    from finegrained.train.augment_settings import is_augmented
+    from finegrained.train.steps import is_augmented as old_home
+    off = {"crop_area": [1.0, 1.0], "aspect_ratio": [1.0, 1.0], "flip": 0.0, "scale_jitter": 0.0,
+           "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "pca_lighting": 0.0}
+    cases = [off, {}, {**off, "flip": 0.5}, {**off, "crop_area": [0.5, 1.0]},
+             {**off, "brightness": 0.1}, {**off, "scale_jitter": 0.2},
+             {k: v for k, v in off.items() if k != "flip"},
+             {k: v for k, v in off.items() if k != "pca_lighting"}]
+    for case in cases:
+        expected = is_augmented(AugmentConfig.from_dict(case))
+        assert is_augmented(case) == expected == old_home(AugmentConfig.from_dict(case)), case
+    assert not is_augmented(off) and is_augmented({})
