@@ -154,7 +154,7 @@ def job_resources(family, gpu=None):
 
 
 def jax_env(gpu=None):
-    """The conda env of a JAX rule (relative to the rule files): CUDA JAX when it asks for
+    """The conda env of a JAX rule, relative to workflow/rules/: CUDA JAX when it asks for
     a GPU (`gpu`, default the train family's), CPU JAX otherwise."""
     gpu = config["resources"]["train"]["gpu"] if gpu is None else gpu
     return "../../envs/jax-cuda12.yaml" if gpu else "../../envs/jax.yaml"
