@@ -29,7 +29,8 @@ from finegrained.train import optim
 from finegrained.train.augment import AugmentConfig, Lighting, augment_batch, center_crop
 from finegrained.train.sharding import data_sharding, replicated
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# No float16: it needs loss scaling (small gradients underflow), which the step does not do.
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(struct.PyTreeNode):
@@ -75,6 +76,17 @@ class StepConfig:
     augment: AugmentConfig = AugmentConfig()
     label_smoothing: float = 0.0
     compute_dtype: str = "float32"       # 'bfloat16': forward/backward in bf16, params f32
+
+
+def resolve_compute_dtype(name: str):
+    """The jnp dtype for ``StepConfig.compute_dtype``; ConfigError for anything but
+    'float32' and 'bfloat16'."""
+    if name == "float16":
+        raise ConfigError("compute_dtype 'float16' is not supported (it would need loss "
+                          "scaling); use 'bfloat16' (or 'float32')")
+    if name not in _DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
 
 
 def set_compute_dtype(model: nnx.Module, dtype) -> None:
@@ -130,7 +142,7 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepCo
                   lighting: Lighting | None = None,
                   schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
     """Augment on device -> forward in train mode -> loss -> grads -> optimizer update."""
-    dtype = _DTYPES[cfg.compute_dtype]
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
     images = augment_batch(batch["image"], rng, cfg.augment, cfg.image_size, lighting)
     labels = batch["label"]
 
@@ -155,7 +167,7 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepCo
 
 def eval_step_fn(state: TrainState, batch: dict, *, cfg: StepConfig) -> jax.Array:
     """Logits (float32) of the centre-cropped batch in eval mode (running BatchNorm stats)."""
-    dtype = _DTYPES[cfg.compute_dtype]
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
     images = center_crop(batch["image"], cfg.image_size, cfg.eval_crop_fraction)
     logits, _ = _forward(state.graphdef, state.params, state.frozen, state.rest, images,
                          train=False, dtype=dtype)
@@ -168,8 +180,7 @@ def make_train_step(cfg: StepConfig, *, lighting: Lighting | None = None,
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted. With a ``mesh``, the
     batch is split over its 'data' axis and state/metrics are replicated (explicit
     shardings); XLA inserts the gradient all-reduce."""
-    if cfg.compute_dtype not in _DTYPES:
-        raise ConfigError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {cfg.compute_dtype!r}")
+    resolve_compute_dtype(cfg.compute_dtype)   # refuse a bad dtype now, not at the first call
 
     def step(state, batch, rng):
         return train_step_fn(state, batch, rng, cfg=cfg, lighting=lighting, schedule=schedule)
@@ -183,6 +194,8 @@ def make_train_step(cfg: StepConfig, *, lighting: Lighting | None = None,
 
 def make_eval_step(cfg: StepConfig, *, mesh=None) -> Callable:
     """``eval_step(state, batch) -> logits``, jitted; logits sharded like the batch."""
+    resolve_compute_dtype(cfg.compute_dtype)
+
     def step(state, batch):
         return eval_step_fn(state, batch, cfg=cfg)
 
