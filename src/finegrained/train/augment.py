@@ -2,19 +2,27 @@
 
 ``augment_batch(images, rng, cfg, out_size, lighting)`` turns a uint8 batch ``[B, S, S, 3]``
 into float32 ``[B, out, out, 3]`` on the 0..255 scale (the model normalises inside). Every
-example draws its own crop box, flip and colour changes (``[B, ...]`` arrays of random
-numbers from ``rng``), so the result depends only on ``rng`` and the batch, never on how
-the batch is sharded.
+example draws its own crop box, rotation, flip and colour changes (``[B, ...]`` arrays of
+random numbers from ``rng``), so the result depends only on ``rng`` and the batch, never on
+how the batch is sharded.
 
-Order: crop box (random-resized crop x scale jitter) -> resample to ``out`` -> flip ->
-colour jitter (brightness, contrast, saturation; clipped to 0..255) -> PCA lighting
+Order: crop box (random-resized crop x scale jitter) -> [rotation: the box is shrunk and
+moved until its rotated copy lies inside the image] -> resample to ``out`` -> flip ->
+colour jitter (brightness, contrast, saturation, hue; clipped to 0..255) -> PCA lighting
 (AlexNet; not clipped, as in the original recipe).
 
 Resampling uses ``jax.image.scale_and_translate`` (bilinear, antialiased when shrinking):
 the box is dynamic but the output shape is static, so one compiled step serves every batch.
 The deterministic evaluation view, :func:`center_crop`, uses the same resampler, so an
 augmentation with every magnitude at zero and a full crop is exactly ``center_crop(x, out,
-crop_fraction=1.0)``.
+crop_fraction=1.0)``. A rotated box is an affine warp that ``scale_and_translate`` cannot
+express, so with ``rotation > 0`` the crop goes through :func:`_rotated_resample` instead
+(bilinear gather, box-filter antialiasing by supersampling); with ``rotation == 0`` the
+rotation code is not traced at all and the output is bit-identical to the unrotated path.
+
+The random draws: ``jax.random.split(rng, 6)`` gives the box, flip, brightness, contrast,
+saturation and lighting keys; rotation and hue use ``jax.random.fold_in(rng, 6)`` and
+``fold_in(rng, 7)``, so adding them left the six older streams unchanged.
 """
 
 from __future__ import annotations
@@ -40,8 +48,16 @@ class AugmentConfig:
     scale_jitter: the box side is further divided by f ~ U(1, 1 + scale_jitter), i.e. the
       image is zoomed in by up to that factor before a random crop (VGG/ResNet-style scale
       augmentation); 0 disables.
+    rotation: maximum rotation in degrees; each example turns its crop by an angle drawn
+      from U(-rotation, rotation) (positive = counter-clockwise). The box is first shrunk
+      about its centre to the largest size whose rotated copy fits inside the image, and
+      moved inside if needed, so no empty corners show; 0 disables (and keeps the
+      unrotated resampler).
     flip: probability of a horizontal flip (0.5 usual, 0 disables).
     brightness / contrast / saturation: factor drawn from U(1 - m, 1 + m); 0 disables.
+    hue: hue rotation drawn from U(-hue, hue), as a fraction of the colour circle
+      (torchvision's ColorJitter hue, at most 0.5), done in HSV so each pixel keeps its
+      largest and smallest channel (value and saturation); 0 disables.
     pca_lighting: sigma of AlexNet lighting noise alpha ~ N(0, sigma) per principal axis
       (0.1 in AlexNet), see :func:`lighting_offset`; 0 disables. Needs the
       eigen-decomposition from the stats JSON.
@@ -50,10 +66,12 @@ class AugmentConfig:
     crop_area: tuple[float, float] = (0.25, 1.0)
     aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     scale_jitter: float = 0.0
+    rotation: float = 0.0
     flip: float = 0.5
     brightness: float = 0.0
     contrast: float = 0.0
     saturation: float = 0.0
+    hue: float = 0.0
     pca_lighting: float = 0.0
 
     @classmethod
@@ -151,13 +169,129 @@ def _sample_boxes(rng: jax.Array, cfg: AugmentConfig, batch: int, height: int,
     return jnp.stack([y0, x0, h, w], axis=1).astype(jnp.float32)
 
 
+def _fit_rotated_boxes(boxes: jax.Array, angles: jax.Array, height: int,
+                       width: int) -> jax.Array:
+    """Boxes ``(cy, cx, h, w)`` (centre and size, pixels) whose copy rotated by ``angles``
+    (radians) about its centre lies inside ``[0, height] x [0, width]``.
+
+    Each sampled box ``(y0, x0, h, w)`` is shrunk about its centre by the largest factor
+    <= 1 that lets the rotated box's bounding box fit in the image, then placed so that its
+    bounding box takes the same relative position in the free range as the sampled box did
+    (a box flush with the left edge stays flush with it; a full-image box stays centred).
+    """
+    y0, x0, h, w = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    cos, sin = jnp.abs(jnp.cos(angles)), jnp.abs(jnp.sin(angles))
+    # Height and width of the rotated box's axis-aligned bounding box.
+    bound_h, bound_w = h * cos + w * sin, h * sin + w * cos
+    shrink = jnp.minimum(1.0, jnp.minimum(height / bound_h, width / bound_w))
+
+    def place(start, side, bound, size):
+        free = size - side
+        position = jnp.where(free > 0, start / jnp.where(free > 0, free, 1.0), 0.5)
+        return bound / 2 + jnp.clip(position, 0.0, 1.0) * (size - bound)
+
+    cy = place(y0, h, bound_h * shrink, height)
+    cx = place(x0, w, bound_w * shrink, width)
+    return jnp.stack([cy, cx, h * shrink, w * shrink], axis=1)
+
+
+def _bilinear(image: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
+    """Bilinear sample of one HWC image at array coordinates ``y``, ``x`` (pixel centres at
+    integers; any shape). Coordinates are clamped to the outer pixel centres: the boxes lie
+    inside the image, so this only ever extends the edge pixels over their own outer half.
+
+    Each sample gathers its 2x2 neighbourhood in one gather, together with the
+    neighbours' own coordinates (two extra channels), and weighs them by the tent
+    ``max(0, 1 - |y - py|) * max(0, 1 - |x - px|)``. The weights come from the coordinates
+    actually gathered, not from a second ``floor``: XLA may recompute ``y``, ``x`` in each
+    fusion with different rounding (seen on CPU), and a floor that disagrees with the
+    gather by one pixel at an integer coordinate would read the wrong neighbour at full
+    weight. With the tent, such a disagreement costs one rounding error.
+    """
+    height, width, channels = image.shape
+    grid_y, grid_x = jnp.meshgrid(jnp.arange(height, dtype=image.dtype),
+                                  jnp.arange(width, dtype=image.dtype), indexing="ij")
+    packed = jnp.concatenate([image, grid_y[..., None], grid_x[..., None]], axis=-1)
+    y = jnp.clip(y, 0.0, height - 1.0)
+    x = jnp.clip(x, 0.0, width - 1.0)
+    # Top-left of the 2x2 neighbourhood (dynamic_slice keeps it inside the image).
+    y_lo = jnp.floor(y).astype(jnp.int32).ravel()
+    x_lo = jnp.floor(x).astype(jnp.int32).ravel()
+    patches = jax.vmap(lambda i, j: jax.lax.dynamic_slice(
+        packed, (i, j, 0), (2, 2, channels + 2)))(y_lo, x_lo)      # [N, 2, 2, C + 2]
+    wy = jnp.maximum(0.0, 1.0 - jnp.abs(y.reshape(-1, 1, 1) - patches[..., channels]))
+    wx = jnp.maximum(0.0, 1.0 - jnp.abs(x.reshape(-1, 1, 1) - patches[..., channels + 1]))
+    # (a sum, not an einsum: a GPU dot may round float32 operands to TF32)
+    values = jnp.sum((wy * wx)[..., None] * patches[..., :channels], axis=(1, 2))
+    return values.reshape(*y.shape, channels)
+
+
+def _rotated_resample_box(image: jax.Array, box: jax.Array, angle: jax.Array, out: int,
+                          supersample: int) -> jax.Array:
+    """Resample the box ``(cy, cx, h, w)`` of one HWC float image, rotated by ``angle``
+    (radians, counter-clockwise as displayed) about its centre, to ``out x out``.
+
+    Each output pixel averages ``supersample**2`` bilinear samples spread evenly over its
+    footprint in the box (a box filter: antialiasing when the box is larger than ``out``).
+    """
+    cy, cx, h, w = box[0], box[1], box[2], box[3]
+    n = out * supersample
+    # Sample positions across the box, as fractions of its side centred on 0.
+    t = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n - 0.5
+    dy, dx = t[:, None] * h, t[None, :] * w
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    # Output offset (dy, dx) reads the image at the offset turned by the angle; pixel
+    # (i, j) covers [i, i + 1) x [j, j + 1), so its centre is at array index (i, j) + 0.5.
+    y = cy + cos * dy + sin * dx - 0.5
+    x = cx - sin * dy + cos * dx - 0.5
+    samples = _bilinear(image, y, x)
+    return samples.reshape(out, supersample, out, supersample, -1).mean(axis=(1, 3))
+
+
+def _rotated_resample(images: jax.Array, boxes: jax.Array, angles: jax.Array,
+                      out: int) -> jax.Array:
+    """Rotated crops ``[B, out, out, C]`` of the boxes ``(cy, cx, h, w)`` (see
+    :func:`_fit_rotated_boxes`); ``angles`` [B] in radians."""
+    height, width = images.shape[1:3]
+    # Static: enough samples per output pixel to cover the largest possible shrink.
+    supersample = max(1, int(np.ceil(max(height, width) / out)))
+    images = images.astype(jnp.float32)
+    return jax.vmap(_rotated_resample_box, in_axes=(0, 0, 0, None, None))(
+        images, boxes, angles, out, supersample)
+
+
 def _grayscale(images: jax.Array) -> jax.Array:
     return jnp.einsum("bhwc,c->bhw", images, jnp.asarray(_LUMA, images.dtype))[..., None]
+
+
+def _uniform(rng: jax.Array, batch: int, magnitude: float) -> jax.Array:
+    return jax.random.uniform(rng, (batch,), minval=-magnitude, maxval=magnitude)
 
 
 def _uniform_factor(rng: jax.Array, batch: int, magnitude: float) -> jax.Array:
     return jax.random.uniform(rng, (batch, 1, 1, 1), minval=1.0 - magnitude,
                               maxval=1.0 + magnitude)
+
+
+def shift_hue(images: jax.Array, delta: jax.Array) -> jax.Array:
+    """Rotate the hue of float RGB images ``[B, H, W, 3]`` by ``delta`` [B] turns (1.0 is the
+    full colour circle: 1/3 takes red to green) in HSV space.
+
+    Each pixel keeps its value V (largest channel) and chroma C (largest - smallest
+    channel), so grays are untouched and nothing leaves the input's range. The HSV hue H'
+    (in sextants, 0..6) comes from the usual piecewise formula and the result from the
+    closed form ``channel_n = V - C * clip(min(k, 4 - k), 0, 1)``, ``k = (n + H') mod 6``
+    with n = 5, 3, 1 for R, G, B.
+    """
+    r, g, b = images[..., 0:1], images[..., 1:2], images[..., 2:3]
+    value = jnp.max(images, axis=-1, keepdims=True)
+    chroma = value - jnp.min(images, axis=-1, keepdims=True)
+    safe = jnp.where(chroma > 0, chroma, 1.0)   # grays: hue is arbitrary and C = 0
+    rc, gc, bc = (value - r) / safe, (value - g) / safe, (value - b) / safe
+    hue = jnp.where(r == value, bc - gc, jnp.where(g == value, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = hue + 6.0 * delta.reshape(-1, 1, 1, 1)
+    k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0], images.dtype) + hue, 6.0)
+    return value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def augment_batch(images: jax.Array, rng: jax.Array, cfg: AugmentConfig, out_size: int,
@@ -167,9 +301,17 @@ def augment_batch(images: jax.Array, rng: jax.Array, cfg: AugmentConfig, out_siz
         raise ValueError("pca_lighting > 0 needs the eigval/eigvec Lighting from the stats JSON")
     batch, height, width = images.shape[:3]
     k_box, k_flip, k_bright, k_contrast, k_sat, k_light = jax.random.split(rng, 6)
+    # Later additions fold in 6 and 7 instead of splitting more keys, so the six streams
+    # above (and every older configuration's output) stay as they were.
+    k_rotation, k_hue = jax.random.fold_in(rng, 6), jax.random.fold_in(rng, 7)
 
     boxes = _sample_boxes(k_box, cfg, batch, height, width)
-    x = _resample(images, boxes, out_size)
+    if cfg.rotation > 0:
+        angles = jnp.deg2rad(_uniform(k_rotation, batch, cfg.rotation))
+        boxes = _fit_rotated_boxes(boxes, angles, height, width)
+        x = _rotated_resample(images, boxes, angles, out_size)
+    else:
+        x = _resample(images, boxes, out_size)
 
     if cfg.flip > 0:
         flip = jax.random.bernoulli(k_flip, cfg.flip, (batch, 1, 1, 1))
@@ -187,6 +329,9 @@ def augment_batch(images: jax.Array, rng: jax.Array, cfg: AugmentConfig, out_siz
         gray = _grayscale(x)
         x = (x - gray) * _uniform_factor(k_sat, batch, cfg.saturation) + gray
         colour = True
+    if cfg.hue > 0:
+        x = shift_hue(x, _uniform(k_hue, batch, cfg.hue))
+        colour = True
     if colour:
         x = jnp.clip(x, 0.0, 255.0)
 
@@ -202,5 +347,16 @@ def pca_alpha(rng: jax.Array, cfg: AugmentConfig, batch: int) -> jax.Array:
     return cfg.pca_lighting * jax.random.normal(k_light, (batch, 3))
 
 
+def rotation_angles(rng: jax.Array, cfg: AugmentConfig, batch: int) -> jax.Array:
+    """The per-example rotations in degrees that :func:`augment_batch` draws for ``rng``."""
+    return _uniform(jax.random.fold_in(rng, 6), batch, cfg.rotation)
+
+
+def hue_shifts(rng: jax.Array, cfg: AugmentConfig, batch: int) -> jax.Array:
+    """The per-example hue shifts (turns) that :func:`augment_batch` draws for ``rng``."""
+    return _uniform(jax.random.fold_in(rng, 7), batch, cfg.hue)
+
+
 __all__: Sequence[str] = ("AugmentConfig", "Lighting", "lighting_from_stats", "lighting_offset",
-                          "augment_batch", "center_crop", "pca_alpha")
+                          "augment_batch", "center_crop", "shift_hue", "pca_alpha",
+                          "rotation_angles", "hue_shifts")

@@ -30,7 +30,8 @@ from finegrained.train.augment import AugmentConfig, Lighting, augment_batch, ce
 from finegrained.train.augment_settings import is_augmented  # noqa: F401 (its old home)
 from finegrained.train.sharding import data_sharding, replicated
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# No float16: it needs loss scaling (small gradients underflow), which the step does not do.
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(struct.PyTreeNode):
@@ -101,6 +102,17 @@ def evaluation_view(images: jax.Array, cfg: StepConfig) -> jax.Array:
     return center_crop(images, cfg.image_size, cfg.eval_crop_fraction)
 
 
+def resolve_compute_dtype(name: str):
+    """The jnp dtype for ``StepConfig.compute_dtype``; ConfigError for anything but
+    'float32' and 'bfloat16'."""
+    if name == "float16":
+        raise ConfigError("compute_dtype 'float16' is not supported (it would need loss "
+                          "scaling); use 'bfloat16' (or 'float32')")
+    if name not in _DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
 def set_compute_dtype(model: nnx.Module, dtype) -> None:
     """Mixed precision the flax way: every module with a ``dtype`` attribute (the
     backbone's input normalisation, Conv, Linear, BatchNorm, ...) computes in ``dtype``
@@ -162,7 +174,7 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepCo
                   lighting: Lighting | None = None,
                   schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
     """Augment on device -> forward in train mode -> loss -> grads -> optimizer update."""
-    dtype = _DTYPES[cfg.compute_dtype]
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
     images = training_view(batch["image"], rng, cfg, lighting)
     labels = batch["label"]
 
@@ -187,7 +199,7 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepCo
 
 def eval_step_fn(state: TrainState, batch: dict, *, cfg: StepConfig) -> jax.Array:
     """Logits (float32) of the centre-cropped batch in eval mode (running BatchNorm stats)."""
-    dtype = _DTYPES[cfg.compute_dtype]
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
     images = evaluation_view(batch["image"], cfg)
     logits, _ = _forward(state.graphdef, state.params, state.frozen, state.rest, images,
                          train=False, dtype=dtype, start=cfg.start)
@@ -212,8 +224,7 @@ def make_train_step(cfg: StepConfig, *, lighting: Lighting | None = None,
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted. With a ``mesh``, the
     batch is split over its 'data' axis and state/metrics are replicated (explicit
     shardings); XLA inserts the gradient all-reduce."""
-    if cfg.compute_dtype not in _DTYPES:
-        raise ConfigError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {cfg.compute_dtype!r}")
+    resolve_compute_dtype(cfg.compute_dtype)   # refuse a bad dtype now, not at the first call
 
     def step(state, batch, rng):
         return train_step_fn(state, batch, rng, cfg=cfg, lighting=lighting, schedule=schedule)
@@ -239,6 +250,8 @@ def make_eval_metrics_step(cfg: StepConfig, *, mesh=None) -> Callable:
 
 def make_eval_step(cfg: StepConfig, *, mesh=None) -> Callable:
     """``eval_step(state, batch) -> logits``, jitted; logits sharded like the batch."""
+    resolve_compute_dtype(cfg.compute_dtype)
+
     def step(state, batch):
         return eval_step_fn(state, batch, cfg=cfg)
 

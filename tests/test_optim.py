@@ -1,0 +1,190 @@
+"""Optimizer foundation on the real parameter trees: schedule values, which leaves get
+weight decay, label smoothing, two AdamW steps against numpy, and freezing of named groups
+(with their BatchNorm statistics) through the train step."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from finegrained.errors import ConfigError
+from finegrained.train.augment import AugmentConfig
+from finegrained.train.optim import build_optimizer, make_schedule, param_names
+from finegrained.train.steps import (StepConfig, create_train_state, cross_entropy,
+                                     make_train_step)
+
+# Tiny real backbones: the torchvision / TF parameter paths, few blocks, few channels.
+MODELS = {
+    "resnet18": dict(arch="resnet18", width=8, stage_depths=[1, 1, 1, 1]),
+    "mobilenet_v2_bn": dict(arch="mobilenet_v2", width=16, stage_depths=[1] * 7,
+                            batch_norm=True),
+    "mobilenet_v2": dict(arch="mobilenet_v2", width=16, stage_depths=[1] * 7),  # conv biases
+}
+
+
+@pytest.fixture
+def model(random_model):
+    return lambda name, seed=0: random_model(seed=seed, **MODELS[name])
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    """'/'-joined name -> numpy array, for nnx.State or nested dicts."""
+    names = jax.tree_util.tree_leaves(param_names(tree))
+    return dict(zip(names, (np.asarray(x) for x in jax.tree_util.tree_leaves(tree))))
+
+
+# --- schedule -----------------------------------------------------------------------------
+
+def test_cosine_schedule_with_warmup():
+    base, total, warmup, end = 0.1, 110, 10, 0.01
+    sched = make_schedule(base, "cosine", total, warmup, end_lr_fraction=end)
+    value = lambda step: float(sched(step))  # noqa: E731
+    assert value(0) == 0.0
+    assert value(5) == pytest.approx(base / 2, rel=1e-6)             # linear warm-up
+    assert value(warmup) == pytest.approx(base, rel=1e-6)            # peak at warm-up end
+    mid = warmup + (total - warmup) // 2                              # half way down the cosine
+    assert value(mid) == pytest.approx((base + end * base) / 2, rel=1e-6)
+    quarter = warmup + (total - warmup) // 4
+    expected = end * base + (base - end * base) * 0.5 * (1 + math.cos(math.pi / 4))
+    assert value(quarter) == pytest.approx(expected, rel=1e-6)
+    assert value(total) == pytest.approx(end * base, rel=1e-6)       # floor at total_steps
+    assert value(total + 50) == pytest.approx(end * base, rel=1e-6)  # and after
+    assert make_schedule(base, "cosine", total)(0) == pytest.approx(base)   # no warm-up
+
+
+def test_constant_schedule_with_and_without_warmup():
+    flat = make_schedule(0.3, "constant", 100)
+    assert [float(flat(s)) for s in (0, 7, 1000)] == pytest.approx([0.3, 0.3, 0.3])
+    warm = make_schedule(0.3, "constant", 100, warmup_steps=10)
+    assert [float(warm(s)) for s in (0, 5, 10, 11, 1000)] == pytest.approx(
+        [0.0, 0.15, 0.3, 0.3, 0.3])
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        make_schedule(0.3, "linear", 100)
+
+
+# --- weight decay -------------------------------------------------------------------------
+
+def _decayed(tx, params) -> dict[str, np.ndarray]:
+    """The first update for zero gradients: only weight decay moves anything."""
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    return _flat(updates)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+def test_weight_decay_applies_to_kernels_only(model, name, optimizer):
+    params = nnx.state(model(name), nnx.Param)
+    wd = 0.01
+    tx = build_optimizer(params, base_lr=1.0, schedule="constant", optimizer=optimizer,
+                         weight_decay=wd)
+    before, updates = _flat(params), _decayed(tx, params)
+    assert set(updates) == set(before)
+    kernels = [k for k in before if k.endswith("/kernel")]
+    others = [k for k in before if not k.endswith("/kernel")]
+    assert kernels and others
+    assert all(k.endswith(("/bias", "/scale")) for k in others), others
+    if name == "mobilenet_v2":
+        assert "stem/conv/bias" in others and "stage1/0/depthwise/conv/bias" in others
+    else:
+        assert "stem/bn/scale" in others and "stem/bn/bias" in others
+    assert "head/bias" in others and "head/kernel" in kernels
+    for k in kernels:   # decoupled decay: -lr * wd * param (momentum: first step, no history)
+        np.testing.assert_allclose(updates[k], -wd * before[k], rtol=1e-6, atol=1e-12,
+                                   err_msg=k)
+    for k in others:
+        np.testing.assert_array_equal(updates[k], 0.0, err_msg=k)
+
+
+# --- label smoothing ----------------------------------------------------------------------
+
+def test_label_smoothing_matches_hand_computation():
+    logits = np.array([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 3.0]], np.float32)
+    labels = np.array([0, 2])
+    eps, k = 0.2, 4
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    targets = np.full((2, k), eps / k)
+    targets[np.arange(2), labels] += 1.0 - eps
+    expected = -(targets * logp).sum(-1)
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps),
+                               expected, rtol=1e-6)
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(labels)),
+                               -logp[np.arange(2), labels], rtol=1e-6)
+    # smoothing = (1 - eps) * NLL + eps * mean over classes of -log p
+    np.testing.assert_allclose(expected, (1 - eps) * -logp[np.arange(2), labels]
+                               + eps * -logp.mean(-1), rtol=1e-6)
+
+
+# --- AdamW --------------------------------------------------------------------------------
+
+def test_adamw_two_steps_match_numpy():
+    rng = np.random.default_rng(0)
+    params = {"head": {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
+                       "bias": rng.normal(size=4).astype(np.float32)},
+              "stem": {"kernel": rng.normal(size=(2, 2, 3, 2)).astype(np.float32)}}
+    grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                                    params) for _ in range(2)]
+    lr, wd, b1, b2, eps, stem_mult = 0.01, 0.05, 0.9, 0.999, 1e-8, 0.5
+    tx = build_optimizer(params, base_lr=lr, schedule="constant", optimizer="adamw",
+                         weight_decay=wd, b1=b1, b2=b2, param_groups=[(r"stem/.*", stem_mult)])
+    state, current = tx.init(params), params
+    expected = {n: p.astype(np.float64) for n, p in _flat(params).items()}
+    m = {n: 0.0 for n in expected}
+    v = {n: 0.0 for n in expected}
+    for t, g in enumerate(grads, start=1):
+        updates, state = tx.update(g, state, current)
+        current = optax.apply_updates(current, updates)
+        got = _flat(current)
+        for name, grad in _flat(g).items():
+            mult = stem_mult if name.startswith("stem/") else 1.0
+            m[name] = b1 * m[name] + (1 - b1) * grad
+            v[name] = b2 * v[name] + (1 - b2) * grad.astype(np.float64) ** 2
+            step = (m[name] / (1 - b1 ** t)) / (np.sqrt(v[name] / (1 - b2 ** t)) + eps)
+            if name.endswith("/kernel"):
+                step = step + wd * expected[name]   # decoupled weight decay, kernels only
+            previous, expected[name] = expected[name], expected[name] - mult * lr * step
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"step {t}: {name}")
+            if t == 1 and name == "head/bias":   # Adam's first step: lr * sign(grad)
+                np.testing.assert_allclose(got[name] - previous, -lr * np.sign(grad),
+                                           rtol=1e-4)
+
+
+# --- freezing through the train step -------------------------------------------------------
+
+def _batches(n: int, size: int = 32, classes: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield {"image": rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8),
+               "label": rng.integers(0, classes, 8).astype(np.int32)}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2_bn"])
+def test_frozen_stem_and_stage1_stay_bit_identical(model, name):
+    groups = [(r"(stem|stage1)/.*", 0)]
+    state = create_train_state(model(name, seed=1), base_lr=0.1, schedule="constant",
+                               weight_decay=1e-3, param_groups=groups)
+    frozen_names = set(_flat(state.frozen))
+    assert frozen_names and all(n.startswith(("stem/", "stage1/")) for n in frozen_names)
+    assert not any(n.startswith(("stem/", "stage1/")) for n in _flat(state.params))
+    before = {**_flat(state.frozen), **_flat(state.rest), **_flat(state.params)}
+    step = make_train_step(StepConfig(image_size=32, augment=AugmentConfig.none()))
+    for i, batch in enumerate(_batches(2)):
+        state, metrics = step(state, batch, jax.random.key(i))
+    assert np.isfinite(float(metrics["loss"]))
+    after = {**_flat(state.frozen), **_flat(state.rest), **_flat(state.params)}
+    assert set(after) == set(before)
+    early = [n for n in before if n.startswith(("stem/", "stage1/"))]
+    stats = [n for n in early if n.endswith(("/mean", "/var"))]
+    assert stats and "stem/bn/mean" in stats   # BatchNorm statistics of the frozen stages
+    for n in early:
+        assert after[n].tobytes() == before[n].tobytes(), n
+    later = [n for n in before if n not in early]
+    moved = {n: not np.array_equal(after[n], before[n]) for n in later}
+    assert all(moved.values()), [n for n, m in moved.items() if not m]
