@@ -254,3 +254,24 @@ def test_timm_resnet50_names_load_into_resnet50(tmp_path):
     model = build_model("resnet50", 555, rngs=nnx.Rngs(0))
     report = load_pretrained(model, path, arch="resnet50")
     assert report["loaded"] == 265 and report["replaced_head"] is True
+
+
+def test_saved_weights_are_byte_identical_across_processes(tmp_path):
+    """safetensors keeps metadata in a hash map (random order per process); our writer
+    sorts the header, so equal weights give equal files (hashes, resumed runs)."""
+    import subprocess
+    import sys
+    script = (
+        "import sys, numpy as np\n"
+        "from finegrained.models.weights import save_weights\n"
+        "save_weights(sys.argv[1], {'b/x': np.arange(5, dtype=np.float32),"
+        " 'a': np.ones((2, 3), np.float32)},"
+        " metadata={k: str(i) for i, k in enumerate('zyxwvutsrq')})\n")
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(4)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    first = paths[0].read_bytes()
+    assert all(p.read_bytes() == first for p in paths[1:])
+    tensors = read_tensors(paths[0])
+    assert np.array_equal(tensors["b/x"], np.arange(5, dtype=np.float32))
+    assert read_metadata(paths[0])["q"] == "9"

@@ -120,7 +120,6 @@ def save_weights(path: str | os.PathLike, flat: Mapping[str, Any], *,
                  metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``flat`` as a ``.safetensors`` file atomically, with string ``metadata``
     (see ``weights_metadata``)."""
-    from safetensors.numpy import save_file
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise WeightsError(f"{path}: weights are saved as .safetensors")
@@ -132,9 +131,28 @@ def save_weights(path: str | os.PathLike, flat: Mapping[str, Any], *,
                                f"not: {bad}")
     # np.asarray(order='C'), not ascontiguousarray, which turns 0-d arrays into (1,)
     tensors = {name: np.asarray(value, order="C") for name, value in flat.items()}
+    data = _deterministic_safetensors(tensors, metadata)
     with atomic_output(path) as tmp:
-        save_file(tensors, tmp, metadata=dict(metadata) if metadata is not None else None)
+        Path(tmp).write_bytes(data)
     return path
+
+
+def _deterministic_safetensors(tensors: Mapping[str, np.ndarray],
+                               metadata: Mapping[str, str] | None) -> bytes:
+    """The safetensors bytes of ``tensors`` with a header in sorted key order.
+
+    safetensors keeps the metadata in a hash map, so its key order (and so the file's bytes)
+    changes from one process to the next; equal weights must give equal files (hashes in
+    provenance, resumed runs). The tensor data and offsets are the library's own; only the
+    JSON header is written again, sorted and space-padded to 8 bytes as the format allows.
+    """
+    from safetensors.numpy import save
+    raw = save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + size:]
 
 
 def _shape(array) -> tuple[int, ...]:
