@@ -1,0 +1,131 @@
+"""Depthwise convolution as a sum of shifted, per-channel-scaled slices, and the switch
+that picks it or the grouped convolution by backend.
+
+Why: XLA's CPU lowering of a grouped convolution with one group per channel
+(``feature_group_count=C``) is slow, roughly 8-15x slower than the same arithmetic written
+out. A k x k depthwise conv is only ``k*k`` multiply-adds per output value: pad the input,
+take the ``k*k`` (strided) windows of it that each kernel tap sees, scale each by that
+tap's per-channel weight and add them up. XLA fuses this into one elementwise loop on the
+CPU and differentiates it into equally plain slices and pads, so MobileNetV2 trains
+several times faster on a CPU with bit-for-bit the same parameters. On a GPU the grouped
+convolution has dedicated kernels (cuDNN) and nothing here has been measured there, so
+``"auto"`` keeps it.
+
+The two forms compute the same function (same TF/``lax`` "SAME" padding, same kernel
+layout), so the choice never changes parameters or weight files, only speed and float
+rounding (the sums are associated differently; ~1e-6 relative in float32).
+
+``impl``: ``"auto"`` (shifted on the CPU backend, grouped elsewhere), ``"shifted"`` or
+``"grouped"``. ``override(impl)`` forces one for every model while it is active, for
+benchmarks; it is read when a function is traced, so jit a fresh function inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from finegrained.errors import ConfigError
+
+IMPLEMENTATIONS = ("auto", "shifted", "grouped")
+
+_override: str | None = None
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it names an implementation, else a ConfigError listing them."""
+    if impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"depthwise_impl must be one of {list(IMPLEMENTATIONS)}, "
+                          f"got {impl!r}")
+    return impl
+
+
+def resolve(impl: str = "auto") -> str:
+    """``"shifted"`` or ``"grouped"``: the override if one is active, else ``impl``, with
+    ``"auto"`` decided by ``jax.default_backend()`` (shifted only on ``"cpu"``)."""
+    impl = check_impl(_override if _override is not None else impl)
+    if impl == "auto":
+        return "shifted" if jax.default_backend() == "cpu" else "grouped"
+    return impl
+
+
+@contextlib.contextmanager
+def override(impl: str | None) -> Iterator[None]:
+    """Use ``impl`` for every depthwise conv traced inside the block (``None``: each model's
+    own setting). Functions jitted before the block keep what they were traced with."""
+    global _override
+    previous, _override = _override, (None if impl is None else check_impl(impl))
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF / ``lax`` "SAME" padding of one spatial axis: the output has ``ceil(size /
+    stride)`` positions, the total padding that needs is split with the odd one after
+    (stride 2 on an even size: 0 before, 1 after)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def shifted_depthwise_conv(x, kernel, stride: int | tuple[int, int] = 1, *, bias=None,
+                           dtype=None):
+    """Depthwise conv of NHWC ``x`` with an HWIO ``kernel`` of shape ``(kh, kw, 1, C)``
+    (``nnx.Conv(C, C, ..., feature_group_count=C)``'s kernel), "SAME" padding, plus
+    ``bias`` ``(C,)``. ``x``, ``kernel`` and ``bias`` are cast to ``dtype`` (default: their
+    promoted dtype) as ``nnx.Conv`` does; below float32 the taps are summed in float32
+    (as a convolution accumulates) and the result is rounded to ``dtype`` once."""
+    kh, kw, one, channels = kernel.shape
+    if x.ndim != 4 or one != 1 or x.shape[-1] != channels:
+        raise ValueError(f"depthwise conv wants NHWC input with {channels} channels and a "
+                         f"(kh, kw, 1, C) kernel; got input {x.shape}, kernel {kernel.shape}")
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    if dtype is None:
+        dtype = jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+    acc = jnp.promote_types(dtype, jnp.float32)
+    x = x.astype(dtype).astype(acc)
+    kernel = kernel.astype(dtype).astype(acc)
+    batch, height, width, _ = x.shape
+    out_h, out_w = -(-height // sh), -(-width // sw)
+    x = jnp.pad(x, ((0, 0), same_padding(height, kh, sh), same_padding(width, kw, sw),
+                    (0, 0)))
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(x, (0, i, j, 0),
+                               (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
+                                channels), (1, sh, sw, 1))
+            term = window * kernel[i, j, 0]
+            y = term if y is None else y + term
+    y = y.astype(dtype)
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y
+
+
+def grouped_depthwise_conv(x, kernel, stride: int | tuple[int, int] = 1, *, bias=None,
+                           dtype=None):
+    """The same function as :func:`shifted_depthwise_conv` as one grouped convolution
+    (what ``nnx.Conv(..., feature_group_count=C, padding="SAME")`` computes)."""
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    if dtype is None:
+        dtype = jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+    y = lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (sh, sw), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=kernel.shape[-1])
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y
+
+
+def depthwise_conv(x, kernel, stride: int | tuple[int, int] = 1, *, bias=None, dtype=None,
+                   impl: str = "auto"):
+    """Depthwise conv by the implementation :func:`resolve` picks for ``impl``."""
+    conv = shifted_depthwise_conv if resolve(impl) == "shifted" else grouped_depthwise_conv
+    return conv(x, kernel, stride, bias=bias, dtype=dtype)
