@@ -44,10 +44,12 @@ dry-run: install
 report: install
 	$(SNAKEMAKE) --configfile config/demo.yaml --report results/demo/report.html
 
-# Heavier measurements on real data (../shared): results land in benchmarks/results/.
+# Heavier measurements (the first two on real data in ../shared): results land in
+# benchmarks/results/.
 bench: install
 	$(PY) benchmarks/crop_throughput.py
 	$(PY) benchmarks/inat_zero_shot_cub50.py
+	$(PY) benchmarks/mobilenet_cpu.py
 
 clean-demo:
 	rm -rf results/demo

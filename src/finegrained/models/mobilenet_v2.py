@@ -2,9 +2,13 @@
 
 As described by ``shared/weights/mobilenet_v2_1.0_224_*.json``: TensorFlow "SAME" padding
 (``lax``'s "SAME" is the same rule: for stride 2 on an even size, 0 before and 1 after),
-ReLU6 after every conv except each block's linear ``project``, depthwise 3x3 convs as
-grouped convolutions (one group per channel), a residual add where a block keeps shape,
-global average pooling (the graph's 7x7 VALID pool at 224 px) and a Linear classifier.
+ReLU6 after every conv except each block's linear ``project``, depthwise 3x3 convs (one
+filter per channel), a residual add where a block keeps shape, global average pooling (the
+graph's 7x7 VALID pool at 224 px) and a Linear classifier.
+
+The depthwise convs are stored as grouped ``nnx.Conv`` layers (one group per channel; the
+parameter names and shapes of the weight files) but run by ``depthwise_impl`` (see
+``depthwise``): on the CPU as shifted sums, which makes the network ~5x faster there.
 
 ``batch_norm=False`` (default) is the layout of the pretrained weights: BatchNorm is
 folded into each conv's bias, so convs have a bias and there is no BatchNorm.
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finegrained.errors import ConfigError
+from finegrained.models import depthwise
 from finegrained.models.registry import TFLITE_RECIPE, StagedClassifier
 
 #: The paper's bottleneck table: (expansion t, output channels c, blocks n, stride s).
@@ -62,11 +67,15 @@ def block_layout(depths: Sequence[int] | None = None) -> list[tuple[int, int, in
 
 
 class ConvUnit(nnx.Module):
-    """Conv (+ BatchNorm when ``batch_norm``) (+ ReLU6 when ``relu6``)."""
+    """Conv (+ BatchNorm when ``batch_norm``) (+ ReLU6 when ``relu6``). A depthwise unit
+    (``groups == cin == cout``) keeps its grouped ``conv`` as the parameter holder and runs
+    it by ``depthwise_impl``."""
 
     def __init__(self, cin, cout, kernel, stride=1, *, groups=1, relu6=True,
-                 batch_norm=False, rngs, dtype, param_dtype):
+                 batch_norm=False, depthwise_impl="auto", rngs, dtype, param_dtype):
         self.relu6 = relu6
+        self.depthwise_impl = (depthwise_impl if groups > 1 and groups == cin == cout
+                               else None)
         self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding="SAME",
                              feature_group_count=groups, use_bias=not batch_norm,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -75,7 +84,14 @@ class ConvUnit(nnx.Module):
                                  rngs=rngs) if batch_norm else None)
 
     def __call__(self, x):
-        x = self.conv(x)
+        if (self.depthwise_impl is not None
+                and depthwise.resolve(self.depthwise_impl) == "shifted"):
+            conv = self.conv
+            x = depthwise.shifted_depthwise_conv(
+                x, conv.kernel[...], conv.strides,
+                bias=None if conv.bias is None else conv.bias[...], dtype=conv.dtype)
+        else:
+            x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
         return jnp.clip(x, 0, 6) if self.relu6 else x
@@ -85,10 +101,11 @@ class InvertedResidual(nnx.Module):
     """``expand`` 1x1 (absent when t = 1), ``depthwise`` 3x3, linear ``project`` 1x1, and
     the residual add when stride is 1 and the channel count is kept."""
 
-    def __init__(self, cin, cout, expansion, stride, **kw):
+    def __init__(self, cin, cout, expansion, stride, *, depthwise_impl="auto", **kw):
         hidden = cin * expansion
         self.expand = ConvUnit(cin, hidden, 1, **kw) if expansion != 1 else None
-        self.depthwise = ConvUnit(hidden, hidden, 3, stride, groups=hidden, **kw)
+        self.depthwise = ConvUnit(hidden, hidden, 3, stride, groups=hidden,
+                                  depthwise_impl=depthwise_impl, **kw)
         self.project = ConvUnit(hidden, cout, 1, relu6=False, **kw)
         self.residual = stride == 1 and cin == cout
 
@@ -99,14 +116,18 @@ class InvertedResidual(nnx.Module):
 
 
 class MobileNetV2(StagedClassifier):
-    """MobileNetV2; ``width_multiplier`` 1.0 with default depths is the pretrained layout."""
+    """MobileNetV2; ``width_multiplier`` 1.0 with default depths is the pretrained layout.
+    ``depthwise_impl``: ``auto | shifted | grouped``, how the depthwise convs run (see
+    ``depthwise``; the parameters are the same either way)."""
 
     def __init__(self, num_classes: int, *, width_multiplier: float = 1.0,
                  stage_depths: Sequence[int] | None = None, batch_norm: bool = False,
-                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+                 depthwise_impl: str = "auto", rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
         if width_multiplier <= 0:
             raise ConfigError(f"mobilenet_v2: width multiplier must be positive, "
                               f"got {width_multiplier}")
+        depthwise.check_impl(depthwise_impl)
         kw = dict(batch_norm=batch_norm, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         layout = block_layout(stage_depths)
         self.arch = "mobilenet_v2"
@@ -119,7 +140,8 @@ class MobileNetV2(StagedClassifier):
         blocks = {stage: [] for stage in stages}
         for t, c, stride, stage, _ in layout:
             cout = make_divisible(c * width_multiplier)
-            blocks[stage].append(InvertedResidual(cin, cout, t, stride, **kw))
+            blocks[stage].append(InvertedResidual(cin, cout, t, stride,
+                                                  depthwise_impl=depthwise_impl, **kw))
             cin = cout
         for stage, members in blocks.items():
             setattr(self, stage, nnx.List(members))
@@ -138,9 +160,9 @@ class MobileNetV2(StagedClassifier):
 
 
 def mobilenet_v2(num_classes: int, *, width: int = 64, stage_depths=None, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32,
-                 batch_norm: bool = False) -> MobileNetV2:
+                 dtype=jnp.float32, param_dtype=jnp.float32, batch_norm: bool = False,
+                 depthwise_impl: str = "auto") -> MobileNetV2:
     """MobileNetV2 with width multiplier ``width / 64`` (64 -> 1.0, the pretrained size)."""
     return MobileNetV2(num_classes, width_multiplier=width / 64, stage_depths=stage_depths,
-                       batch_norm=batch_norm, rngs=rngs, dtype=dtype,
-                       param_dtype=param_dtype)
+                       batch_norm=batch_norm, depthwise_impl=depthwise_impl, rngs=rngs,
+                       dtype=dtype, param_dtype=param_dtype)

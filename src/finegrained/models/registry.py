@@ -121,7 +121,8 @@ def build_model(arch: str, num_classes: int, *, width: int = 64,
     is ``width / 64`` (64 = MobileNetV2 1.0, the pretrained layout). ``stage_depths``:
     blocks per stage (ResNet: 4 numbers; MobileNetV2: 7, one per row of the paper's
     bottleneck table). ``options`` go to the architecture's constructor (MobileNetV2:
-    ``batch_norm=True`` for from-scratch training).
+    ``batch_norm=True`` for from-scratch training; ``depthwise_impl`` ``auto | shifted |
+    grouped``, how the depthwise convs run, see ``depthwise``).
     """
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
