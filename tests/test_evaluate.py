@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,6 +17,8 @@ from finegrained.evaluate.views import average_scores, render_view, view_boxes
 from finegrained.train.augment import center_crop
 
 from test_train import _write_classes, _write_split, coloured_squares
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- views
@@ -136,8 +141,17 @@ CONTRACT = {"regime", "variant", "n_test", "views", "summary_view", "per_level",
             "per_class", "confused_pairs", "provenance"}
 
 
-def test_evaluate_job_writes_the_contract(tmp_path, random_model):
-    from finegrained.evaluate.job import run_evaluation
+@pytest.fixture(scope="module")
+def evaluate_script():
+    spec = importlib.util.spec_from_file_location("evaluate_script",
+                                                  REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_script):
+    from finegrained.evaluate.job import git_revision
     from finegrained.models import flatten_state
     from finegrained.models.weights import save_weights, weights_metadata
 
@@ -157,11 +171,13 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model):
                 "eval_crop_fraction": 0.875, "multi_scale_fractions": [0.75, 1.0],
                 "average": "softmax", "batch_size": 8, "verify_shards": True}
 
-    result = run_evaluation(settings, test_index=test_index, weights=weights, classes=classes,
-                            train_summary=summary, out_dir=tmp_path / "eval",
-                            source_dir=tmp_path, log_fn=None)
+    # Through the script, as the rule runs it.
+    rc = evaluate_script.main([
+        "--settings", json.dumps(settings), "--test-index", str(test_index),
+        "--weights", str(weights), "--train-summary", str(summary), "--classes", str(classes),
+        "--out-dir", str(tmp_path / "eval")])
+    assert rc == 0
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert written == json.loads(json.dumps(result))
     assert CONTRACT <= set(written)
     assert written["n_test"] == 13 and written["summary_view"] == "ten_crop"
     assert set(written["views"]) == {"center", "ten_crop", "multi_scale"}
@@ -173,7 +189,11 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model):
     assert 0.0 <= written["ece"] <= 1.0
     assert set(written["per_class"]) == set(names)
     provenance = written["provenance"]
-    assert provenance["config_hash"] == "f" * 64 and provenance["git_revision"] is None
+    assert provenance["config_hash"] == "f" * 64
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    assert provenance["git_revision"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert git_revision(tmp_path) is None            # not a checkout
     assert set(provenance["package_versions"]) == {"jax", "flax", "optax", "numpy", "pyarrow"}
     assert provenance["device"]["count"] >= 1
     assert len(provenance["shard_index_sha256"]) == len(provenance["weights_sha256"]) == 64
