@@ -27,6 +27,7 @@ wildcard_constraints:
 include: "workflow/rules/data.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -38,6 +39,7 @@ localrules:
     data,
     weights,
     train,
+    evaluate,
     all,
 
 
@@ -47,3 +49,4 @@ rule all:
         rules.data.input,
         rules.weights.input,
         rules.train.input,
+        rules.evaluate.input,

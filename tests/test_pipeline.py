@@ -132,3 +132,33 @@ def test_frozen_regimes_keep_the_pretrained_backbone(tiny_run):
     assert not np.array_equal(partial["stage4/0/conv1/kernel"], init["stage4/0/conv1/kernel"])
     index = json.loads((tiny_run / "features" / "train" / "index.json").read_text())
     assert {"stage3", "stage4", "stage3:map"} <= set(index["layers"])
+
+
+@pytest.mark.parametrize("regime", ["linear_probe", "partial_finetune", "full_finetune",
+                                    "two_stage", "scratch"])
+def test_every_regime_is_evaluated_on_the_test_split(tiny_run, regime):
+    from finegrained.fileio import sha256_file
+
+    out = tiny_run / "eval" / regime
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["regime"] == regime and metrics["variant"] == ""
+    assert metrics["n_test"] == 12 and metrics["summary_view"] == "ten_crop"
+    assert set(metrics["views"]) == {"center", "ten_crop", "multi_scale"}
+    for view in metrics["views"].values():
+        assert 0.0 <= view["top1"] <= view["top5"] == 1.0      # 3 classes: all in the top 5
+    levels = list(metrics["per_level"])
+    assert levels[0] == "level1" and levels[-1] == "leaf"      # the demo has a hierarchy
+    assert all(0.0 <= metrics["per_level"][k] <= 1.0 for k in levels)
+    assert 0.0 <= metrics["ece"] <= 1.0 and len(metrics["per_class"]) == 3
+    summary = json.loads((tiny_run / "train" / regime / "summary.json").read_text())
+    provenance = metrics["provenance"]
+    assert provenance["config_hash"] == summary["config_hash"]
+    test_index = tiny_run / "data" / "target" / "shards" / "test" / "index.json"
+    assert provenance["shard_index_sha256"] == sha256_file(test_index)
+    assert provenance["weights_sha256"] == sha256_file(
+        tiny_run / "train" / regime / "weights.safetensors")
+    predictions = pq.read_table(out / "predictions.parquet")
+    reader = ShardReader(test_index)
+    assert predictions.column("image_id").to_pylist() == reader.meta.column("image_id").to_pylist()
+    assert predictions.column("label").to_pylist() == reader.labels.tolist()
+    assert list((tiny_run / "logs").rglob(f"evaluate/{regime}.log"))

@@ -232,3 +232,14 @@ def train_dir(regime, variant=""):
 
 REGIMES = list(_regimes.REGIMES)
 VARIANT_PATTERN = _regimes.VARIANT_PATTERN
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+from finegrained.evaluate.settings import evaluation_settings as _evaluation_settings
+
+
+def evaluate_job_settings(wildcards):
+    """The resolved settings of one evaluate job, as the JSON the script reads."""
+    return _json.dumps(_evaluation_settings(config, wildcards.regime, wildcards.variant),
+                       sort_keys=True)
