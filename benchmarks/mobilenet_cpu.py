@@ -1,5 +1,8 @@
 """MobileNetV2 on the CPU: grouped vs shifted-sum depthwise convolutions (issue #11).
 
+``shifted`` is the CPU form of ``backbone.depthwise_impl``: depthwise convs as shifted sums
+and 1x1 convs as matmuls; ``grouped`` keeps every convolution as ``nnx.Conv`` runs it.
+
 Times MobileNetV2 1.0 (width 64) in float32 on the CPU backend, with each depthwise
 implementation (``finegrained.models.depthwise``): the eval forward pass and a train step
 (forward + backward + SGD update, one ``jax.jit``), at each image size; the median of

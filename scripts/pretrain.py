@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                  out_weights=args.out_weights, out_metrics=args.out_metrics,
                  checkpoint_dir=args.checkpoint_dir,
                  keep_checkpoints=settings.get("keep_checkpoints", False),
+                 depthwise_impl=settings.get("depthwise_impl", "auto"),
                  verify=settings.get("verify_shards", True), log_fn=cli.log)
 
     return cli.run(job)

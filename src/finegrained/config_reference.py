@@ -21,7 +21,7 @@ def _resolve(schema: dict, node: dict) -> dict:
 
 def _type_of(node: dict) -> str:
     if "enum" in node:
-        return " \\| ".join(f"`{v}`" for v in node["enum"])
+        return " \\| ".join(f"`{json.dumps(v) if v is None else v}`" for v in node["enum"])
     t = node.get("type", "")
     return " or ".join(t) if isinstance(t, list) else t
 

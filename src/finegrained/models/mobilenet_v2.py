@@ -67,15 +67,21 @@ def block_layout(depths: Sequence[int] | None = None) -> list[tuple[int, int, in
 
 
 class ConvUnit(nnx.Module):
-    """Conv (+ BatchNorm when ``batch_norm``) (+ ReLU6 when ``relu6``). A depthwise unit
-    (``groups == cin == cout``) keeps its grouped ``conv`` as the parameter holder and runs
-    it by ``depthwise_impl``."""
+    """Conv (+ BatchNorm when ``batch_norm``) (+ ReLU6 when ``relu6``). Depthwise units
+    (``groups == cin == cout``) and 1x1 units keep their ``conv`` as the parameter holder;
+    where ``depthwise_impl`` resolves to the CPU form (``"shifted"``), a depthwise unit runs
+    as shifted sums and a 1x1 unit as a matmul (see ``depthwise``)."""
 
     def __init__(self, cin, cout, kernel, stride=1, *, groups=1, relu6=True,
                  batch_norm=False, depthwise_impl="auto", rngs, dtype, param_dtype):
         self.relu6 = relu6
-        self.depthwise_impl = (depthwise_impl if groups > 1 and groups == cin == cout
-                               else None)
+        self.depthwise_impl = depthwise_impl
+        if groups > 1 and groups == cin == cout:
+            self.kind = "depthwise"
+        elif kernel == 1 and stride == 1 and groups == 1:
+            self.kind = "pointwise"     # the CPU form is a matmul (same parameters)
+        else:
+            self.kind = None
         self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding="SAME",
                              feature_group_count=groups, use_bias=not batch_norm,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -84,14 +90,17 @@ class ConvUnit(nnx.Module):
                                  rngs=rngs) if batch_norm else None)
 
     def __call__(self, x):
-        if (self.depthwise_impl is not None
-                and depthwise.resolve(self.depthwise_impl) == "shifted"):
-            conv = self.conv
-            x = depthwise.shifted_depthwise_conv(
-                x, conv.kernel[...], conv.strides,
-                bias=None if conv.bias is None else conv.bias[...], dtype=conv.dtype)
+        conv = self.conv
+        cpu_form = (self.kind is not None
+                    and depthwise.resolve(self.depthwise_impl) == "shifted")
+        bias = None if conv.bias is None else conv.bias[...]
+        if cpu_form and self.kind == "depthwise":
+            x = depthwise.shifted_depthwise_conv(x, conv.kernel[...], conv.strides,
+                                                 bias=bias, dtype=conv.dtype)
+        elif cpu_form:
+            x = depthwise.pointwise_conv(x, conv.kernel[...], bias=bias, dtype=conv.dtype)
         else:
-            x = self.conv(x)
+            x = conv(x)
         if self.bn is not None:
             x = self.bn(x)
         return jnp.clip(x, 0, 6) if self.relu6 else x

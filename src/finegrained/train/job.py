@@ -43,11 +43,19 @@ from finegrained.train.loop import TrainConfig, fit
 from finegrained.train.probe import fit_probe
 
 
+def runtime_options(arch: str, settings: Mapping) -> dict:
+    """Constructor options that change how a model runs, not its parameters."""
+    if arch == "mobilenet_v2":
+        return {"depthwise_impl": settings.get("depthwise_impl", "auto")}
+    return {}
+
+
 def load_init_model(arch: str, num_classes: int, init_weights: str | os.PathLike, *,
-                    width: int, stage_depths=None):
+                    width: int, stage_depths=None, **runtime):
     """The target model as the init rule wrote it (pretrained backbone, new head)."""
     meta = read_metadata(init_weights)
     options = {"batch_norm": json.loads(meta["batch_norm"])} if "batch_norm" in meta else {}
+    options.update(runtime)
     model = build_model(arch, num_classes, width=width, stage_depths=stage_depths,
                         rngs=nnx.Rngs(0), **options)
     load_pretrained(model, read_tensors(init_weights), arch=arch, replace_head=False)
@@ -61,12 +69,13 @@ def build_start_model(settings: Mapping, init_weights: str | os.PathLike | None,
     arch, width, stage_depths = settings["arch"], settings["width"], settings["stage_depths"]
     if settings["init"] == "random":
         return build_model(arch, num_classes, width=width, stage_depths=stage_depths,
-                           rngs=nnx.Rngs(settings["seed"]), **model_options(arch, None))
+                           rngs=nnx.Rngs(settings["seed"]), **model_options(arch, None),
+                           **runtime_options(arch, settings))
     if init_weights is None:
         raise DataError("init weights", f"regime {settings['regime']} starts pretrained "
                         f"but no init weights were given")
     return load_init_model(arch, num_classes, init_weights, width=width,
-                           stage_depths=stage_depths)
+                           stage_depths=stage_depths, **runtime_options(arch, settings))
 
 
 def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool):
@@ -198,7 +207,8 @@ def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, cla
 
     names = manifest_class_names(classes)
     model = load_init_model(settings["arch"], len(names), init_weights,
-                            width=settings["width"], stage_depths=settings["stage_depths"])
+                            width=settings["width"], stage_depths=settings["stage_depths"],
+                            **runtime_options(settings["arch"], settings))
     augment = AugmentConfig.from_dict(settings["augment"])
     lighting = (lighting_from_stats(json.loads(Path(stats).read_text()))
                 if augment.pca_lighting > 0 else None)

@@ -34,7 +34,8 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
              width: int, cfg: TrainConfig,
              out_weights: str | os.PathLike, out_metrics: str | os.PathLike,
              stage_depths: Sequence[int] | None = None, checkpoint_dir=None,
-             keep_checkpoints: bool = False, verify: bool = False, log_fn: Callable[[str], None] | None = print) -> dict:
+             keep_checkpoints: bool = False, verify: bool = False,
+             depthwise_impl: str = "auto", log_fn: Callable[[str], None] | None = print) -> dict:
     """Train ``arch`` from scratch on ``train_index``, validate on ``val_index``; write the
     weights (class names from the manifests' ``classes`` table, one output per class even
     if every image of a class was skipped) and a metrics JSON; return the metrics."""
@@ -53,8 +54,9 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
     lighting = lighting_from_stats(stats) if cfg.augment.pca_lighting > 0 else None
 
     options = model_options(arch, None)  # from scratch: MobileNetV2 trains with batch norm
+    runtime = {"depthwise_impl": depthwise_impl} if arch == "mobilenet_v2" else {}
     model = build_model(arch, num_classes, width=width, stage_depths=stage_depths,
-                        rngs=nnx.Rngs(cfg.seed), **options)
+                        rngs=nnx.Rngs(cfg.seed), **options, **runtime)
     log(f"pretrain {arch} width {width}: {len(train)} train / {len(val)} val images, "
         f"{num_classes} classes, stored {train.image_size}px -> crops {cfg.image_size}px, "
         f"{jax.device_count()} x {jax.devices()[0].platform}")

@@ -198,6 +198,7 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
     settings = {
         "regime": regime_name, "variant": variant, "arch": arch, "init": regime["init"],
         "width": config["backbone"]["width"], "stage_depths": config["backbone"]["stage_depths"],
+        "depthwise_impl": config["backbone"]["depthwise_impl"],
         "seed": run["seed"], "keep_checkpoints": run["keep_checkpoints"],
         "verify_shards": config["shards"].get("verify", True), "phases": phases,
     }
@@ -212,6 +213,7 @@ def pretrain_settings(config: Mapping) -> dict:
     backbone = config["backbone"]
     return {"arch": backbone["arch"], "width": backbone["width"],
             "stage_depths": backbone["stage_depths"],
+            "depthwise_impl": backbone["depthwise_impl"],
             "verify_shards": config["shards"].get("verify", True),
             "keep_checkpoints": block["keep_checkpoints"],
             "train_config": _train_config(block, block, param_groups=list(block["param_groups"]),
@@ -224,6 +226,7 @@ def feature_settings(config: Mapping, split: str) -> dict:
     views = feats["train_views"] if split == "train" else 0
     return {"arch": config["backbone"]["arch"], "width": config["backbone"]["width"],
             "stage_depths": config["backbone"]["stage_depths"],
+            "depthwise_impl": config["backbone"]["depthwise_impl"],
             "layers": cache_layers(config, split), "views": views,
             "augment": feats["augment"], "image_size": run["image_size"],
             "eval_crop_fraction": run["eval_crop_fraction"], "seed": run["seed"],
