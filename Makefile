@@ -49,6 +49,7 @@ report: install
 bench: install
 	$(PY) benchmarks/crop_throughput.py
 	$(PY) benchmarks/inat_zero_shot_cub50.py
+	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/mobilenet_cpu.py
 
 clean-demo:
