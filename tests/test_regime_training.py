@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -175,9 +174,9 @@ def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(spli
             checkpoint_dir=tmp_path / "ck", label="probe/x")
     ckpt = Checkpointer(tmp_path / "ck")
     step = ckpt.latest_step()
-    if step is not None:     # every checkpoint kept holds only finite losses
-        meta = ckpt.restore_meta(step)
-        assert all(np.isfinite(loss) for loss, _ in meta["epoch_metrics"])
+    assert step is not None and step >= 1        # the last good checkpoint stays
+    meta = ckpt.restore_meta(step)                # and holds only finite losses
+    assert meta["epoch_metrics"] and all(np.isfinite(loss) for loss, _ in meta["epoch_metrics"])
 
 
 SCRIPT = textwrap.dedent('''

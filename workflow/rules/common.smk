@@ -227,9 +227,6 @@ def train_inputs(wildcards):
     return inputs
 
 
-def train_dir(regime, variant=""):
-    return results(f"train/{regime}{variant}")
-
 REGIMES = list(_regimes.REGIMES)
 VARIANT_PATTERN = _regimes.VARIANT_PATTERN
 

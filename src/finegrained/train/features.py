@@ -70,7 +70,7 @@ def _extract_fn(model, layers: Sequence[str], image_size: int, crop_fraction: fl
             x = center_crop(images, image_size, crop_fraction)
         else:
             x = augment_batch(images, key, augment, image_size, lighting)
-        outputs, start = {}, None
+        outputs = {}
         x = net.input_recipe.apply(x, net.dtype)
         for stage in order[:last + 1]:
             x = net.run_stage(stage, x)

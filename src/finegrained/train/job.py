@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import jax
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
