@@ -28,6 +28,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -40,6 +41,7 @@ localrules:
     weights,
     train,
     evaluate,
+    figures,
     all,
 
 
@@ -50,3 +52,4 @@ rule all:
         rules.weights.input,
         rules.train.input,
         rules.evaluate.input,
+        rules.figures.input,

@@ -240,3 +240,18 @@ def evaluate_job_settings(wildcards):
     """The resolved settings of one evaluate job, as the JSON the script reads."""
     return _json.dumps(_evaluation_settings(config, wildcards.regime, wildcards.variant),
                        sort_keys=True)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def notebook_path(name):
+    """A papermill notebook under workflow/notebooks/ (an input: a changed notebook reruns it)."""
+    return str(Path(workflow.basedir) / "workflow" / "notebooks" / name)
+
+
+def report_figure(name, caption, subcategory):
+    """The PNG of a figure, marked for `snakemake --report` with its caption
+    (workflow/report/<caption>.rst); the SVG beside it is a plain output."""
+    return report(results(f"report/figures/{name}.png"), caption=f"../report/{caption}.rst",
+                  category="Figures", subcategory=subcategory)
