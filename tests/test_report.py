@@ -147,7 +147,9 @@ def fake_run(tmp_path) -> Path:
                             "train_summary": rel % "train" + "/summary.json",
                             "benchmarks": {"train": f"{RUN}/benchmarks/train/{regime}{variant}.tsv",
                                            "evaluate": f"{RUN}/benchmarks/evaluate/{regime}{variant}.tsv"}})
-        summary["regimes"][regime] = {"runs": entries, "selection": None}
+        selection = ({"metric": "val_top1", "chosen": "+lr=0.01", "candidates": ["+lr=0.01", "+lr=0.1"]}
+                     if regime == "full_finetune" else None)
+        summary["regimes"][regime] = {"runs": entries, "selection": selection}
         for view, top1 in VIEWS.items():
             values = [top1 + 0.05 * s + (0.1 if regime == "two_stage" else 0.0) for s in seeds]
             std = float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -185,6 +187,8 @@ def test_load_runs_reads_every_file(runs):
     assert run["history_data"]["phase"][:3] == ["head", "head", "main"]
     assert run["metrics_data"]["views"]["center"]["top1"] == pytest.approx(0.8)
     assert figures.chance_percent(runs) == pytest.approx(100 / 3)
+    table = figures.selection_markdown(figures.read_json(f"{RUN}/report/summary.json"))
+    assert table.splitlines()[2] == "| full_finetune | +lr=0.01 | val_top1 | +lr=0.01, +lr=0.1 |"
 
 
 def test_regime_view_bars_one_bar_per_regime_and_view_error_bars_only_over_seeds(runs, tmp_path):
@@ -255,7 +259,8 @@ def test_throughput_table(runs, tmp_path):
                                                               "missing": "nowhere.tsv"})
     assert [r["job"] for r in rows] == ["linear_probe", "full_finetune", "full_finetune+seed=1",
                                         "two_stage", "pretrain"]
-    assert rows[0]["images_per_second"] is None and rows[0]["epochs"] == 3
+    assert rows[0]["images_per_second"] is None and rows[0]["epochs"] is None
+    assert rows[0]["note"] == "L-BFGS on cached features, 3 L2 strengths"
     assert rows[2]["train_wall_s"] == 31.0 and rows[2]["train_cpu_s"] == 46.5
     assert rows[2]["eval_max_rss_mb"] == 512.5
     throughput.write_throughput(rows, tmp_path / "t.csv", tmp_path / "t.md")
@@ -263,7 +268,7 @@ def test_throughput_table(runs, tmp_path):
     assert table[3]["images_per_second"] == "100.0" and table[4]["epochs"] == ""
     md = (tmp_path / "t.md").read_text().splitlines()
     assert len(md) == 2 + 5 and md[0].startswith("| job | epochs | train images/s")
-    assert "| full_finetune+seed=1 | 4 | 200 | 1.00 | 31 | 46 | 512 | 5.0 | 7.5 | 512 |" in md
+    assert "| full_finetune+seed=1 | 4 | 200 | 1.00 | 31 | 46 | 512 | 5.0 | 7.5 | 512 |  |" in md
 
 
 def test_confused_pairs_pick_the_confused_images(runs, tmp_path):

@@ -73,11 +73,15 @@ def regime_colours(regimes: Sequence[str]) -> dict[str, tuple]:
     return {regime: PALETTE[i % len(PALETTE)] for i, regime in enumerate(regimes)}
 
 
+def swept_values(run: Mapping) -> str:
+    """The values of the chosen sweep variant (``lr=0.01``), without the seed; "" if none."""
+    return " ".join(part for part in (run.get("train_variant") or "").split("+")
+                    if part and not part.startswith("seed="))
+
+
 def run_label(run: Mapping) -> str:
     """``seed 1`` (+ the swept values of the chosen variant, e.g. ``lr=0.01``)."""
-    extra = [part for part in run.get("train_variant", "").split("+")
-             if part and not part.startswith("seed=")]
-    return " ".join([f"seed {run.get('seed', 0)}"] + extra)
+    return " ".join(filter(None, [f"seed {run.get('seed', 0)}", swept_values(run)]))
 
 
 def save(fig, stem: str | os.PathLike) -> list[Path]:
@@ -108,6 +112,23 @@ def chance_percent(runs: Mapping[str, list[dict]]) -> float | None:
             if classes:
                 return 100.0 / classes
     return None
+
+
+def selection_markdown(summary: Mapping) -> str:
+    """What each regime's sweep chose on validation, and from what, as a Markdown table
+    (empty string without sweeps)."""
+    lines = []
+    for regime, entry in summary["regimes"].items():
+        selection = entry.get("selection")
+        if not selection:
+            continue
+        candidates = ", ".join(str(c.get("train_variant", c) if isinstance(c, Mapping) else c)
+                               for c in selection.get("candidates", []))
+        lines.append(f"| {regime} | {selection.get('chosen')} | {selection.get('metric')} "
+                     f"| {candidates} |")
+    if not lines:
+        return ""
+    return "\n".join(["| regime | chosen | by | candidates |", "|---|---|---|---|"] + lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- learning curves
@@ -195,7 +216,9 @@ def learning_curves(runs: Mapping[str, list[dict]], stem, *, title: str | None =
                 ax_top1.set_xlabel("epoch")
                 ax_top1.xaxis.get_major_locator().set_params(integer=True)
             _log_axis(ax_loss)
-            ax_loss.set_title(regime.replace("_", " "), pad=14)
+            swept = sorted({swept_values(run) for run in runs[regime]} - {""})
+            ax_loss.set_title(regime.replace("_", " ") + (f"\n({', '.join(swept)})" if swept else ""),
+                              pad=14)
             ax_top1.set_ylim(0, 102)
             if col == 0:
                 ax_loss.set_ylabel("cross-entropy loss (log scale)")
@@ -420,4 +443,4 @@ def taxonomy_levels(runs: Mapping[str, list[dict]], stem, *, title: str | None =
 
 
 __all__ = ["VIEW_LABELS", "load_runs", "read_history", "read_json", "save", "learning_curves",
-           "regime_view_bars", "chance_percent", "tta_gains", "tta_gain", "taxonomy_levels"]
+           "regime_view_bars", "selection_markdown", "chance_percent", "tta_gains", "tta_gain", "taxonomy_levels"]

@@ -23,7 +23,7 @@ from finegrained.train.augment_settings import is_augmented
 CONFUSION_VIEW = "ten_crop"
 
 
-def _wrap(name: str, width: int = 22) -> str:
+def _wrap(name: str, width: int = 32) -> str:
     return "\n".join(textwrap.wrap(name, width)) or name
 
 
@@ -109,18 +109,22 @@ def confused_pairs(metrics: Mapping, predictions_path, test_index, classes_path,
         if not examples:
             axes[0, 0].text(0.5, 0.5, "no confusions on the test split", ha="center",
                             va="center", transform=axes[0, 0].transAxes)
-        suffix = f" ({regime_label})" if regime_label else ""
-        fig.suptitle(f"Most-confused species pairs{suffix}", fontsize=9)
-        top = 1 - 0.75 / fig.get_figheight()
+        height = fig.get_figheight()
+        top = 1 - 0.8 / height
         fig.tight_layout(rect=(0, 0, 1, top))
+        header_y = axes[0, 1].get_position().y1 + 0.2 / height
         for first, last, text in ((1, n_wrong, "true species, taken for the other\n"
                                                 "(red; the model's confidence)"),
                                   (n_wrong + 1, cols, "the species it was taken for\n"
                                                       "(green: recognised correctly)")):
+            if first > last:
+                continue
             left = axes[0, first].get_position().x0
             right = axes[0, last].get_position().x1
-            fig.text((left + right) / 2, axes[0, first].get_position().y1 + 0.2 / fig.get_figheight(),
-                     text, ha="center", va="bottom", fontsize=7.5)
+            fig.text((left + right) / 2, header_y, text, ha="center", va="bottom", fontsize=7.5)
+        suffix = f" ({regime_label})" if regime_label else ""
+        fig.suptitle(f"Most-confused species pairs{suffix}", fontsize=9,
+                     y=header_y + 0.4 / height, va="bottom")
         save(fig, stem)
     return fig
 

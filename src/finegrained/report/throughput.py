@@ -25,6 +25,7 @@ COLUMNS = {
     "eval_wall_s": "evaluate wall (s)",
     "eval_cpu_s": "evaluate CPU (s)",
     "eval_max_rss_mb": "evaluate max RSS (MB)",
+    "note": "note",
 }
 
 
@@ -68,31 +69,36 @@ def history_speed(history: Mapping[str, list] | None) -> tuple[float | None, flo
 
 
 def throughput_rows(runs: Mapping[str, list[dict]], root: str | os.PathLike = ".",
-                    extra_benchmarks: Mapping[str, str | os.PathLike] | None = None) -> list[dict]:
+                    extra_benchmarks: Mapping[str, str | os.PathLike | tuple] | None = None
+                    ) -> list[dict]:
     """One row per evaluated run (``regime`` + its train variant), from
     :func:`finegrained.report.figures.load_runs`'s runs and their benchmark files, then one
-    per ``extra_benchmarks`` job (name -> TSV: pretraining, the feature cache) with only
-    the wall/CPU/memory columns."""
+    per ``extra_benchmarks`` job (name -> TSV, or (TSV, note): pretraining, the feature
+    cache) with only the wall/CPU/memory columns."""
     root = Path(root)
     rows = []
     for regime, regime_runs in runs.items():
         for run in regime_runs:
-            speed, wait, epochs = history_speed(run.get("history_data"))
+            history = run.get("history_data")
+            speed, wait, epochs = history_speed(history)
+            probe = bool(history) and "l2" in history and speed is None
             bench = run.get("benchmarks") or {}
             train = read_benchmark(root / bench["train"]) if bench.get("train") else None
             ev = read_benchmark(root / bench["evaluate"]) if bench.get("evaluate") else None
             rows.append({
                 "job": regime + (run.get("train_variant") or run.get("variant") or ""),
-                "epochs": epochs,
+                "epochs": None if probe else epochs,
+                "note": f"L-BFGS on cached features, {epochs} L2 strengths" if probe else "",
                 "images_per_second": speed,
                 "input_wait_percent": None if wait is None else 100 * wait,
                 **_benchmark_columns("train", train), **_benchmark_columns("eval", ev)})
     for name, path in (extra_benchmarks or {}).items():
+        path, note = path if isinstance(path, tuple) else (path, "")
         bench = read_benchmark(root / path)
         if bench is not None:
             rows.append({"job": name, "epochs": None, "images_per_second": None,
                          "input_wait_percent": None, **_benchmark_columns("train", bench),
-                         **_benchmark_columns("eval", None)})
+                         **_benchmark_columns("eval", None), "note": note})
     return rows
 
 
@@ -105,7 +111,7 @@ def _benchmark_columns(prefix: str, bench: Mapping | None) -> dict:
 def _format(key: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    if key == "job":
+    if key in ("job", "note"):
         return str(value)
     if key == "epochs":
         return str(int(value))
@@ -125,7 +131,7 @@ def write_throughput(rows: Sequence[Mapping], csv_path, md_path) -> None:
         for row in rows:
             writer.writerow(["" if row.get(k) is None else row.get(k) for k in COLUMNS])
     lines = ["| " + " | ".join(COLUMNS.values()) + " |",
-             "|" + "|".join("---" if k == "job" else "---:" for k in COLUMNS) + "|"]
+             "|" + "|".join("---" if k in ("job", "note") else "---:" for k in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_format(k, row.get(k)) for k in COLUMNS) + " |" for row in rows]
     Path(md_path).write_text("\n".join(lines) + "\n")
 
