@@ -39,7 +39,9 @@ localrules:
     data,
     weights,
     train,
+    select_sweep,
     evaluate,
+    summarize,
     all,
 
 
@@ -50,3 +52,4 @@ rule all:
         rules.weights.input,
         rules.train.input,
         rules.evaluate.input,
+        rules.summarize.output,
