@@ -16,7 +16,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint dry-run report bench clean-demo
+.PHONY: install demo test test-demo lint dry-run report bench clean-demo
 
 $(STAMP): pyproject.toml envs/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ demo: install
 
 test: install
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not demo" tests
+
+# The real demo configuration trained through Snakemake, a kill -9 and the resumed rerun
+# (about 10 minutes on 2 cores; CI runs it after `make test`).
+test-demo: install
+	$(PY) -m pytest -q -m demo tests
 
 lint: install
 	$(SNAKEMAKE) --lint --configfile config/demo.yaml

@@ -40,7 +40,9 @@ localrules:
     data,
     weights,
     train,
+    select_sweep,
     evaluate,
+    summarize,
     figures,
     all,
 
@@ -52,4 +54,5 @@ rule all:
         rules.weights.input,
         rules.train.input,
         rules.evaluate.input,
+        rules.summarize.output,
         rules.figures.input,

@@ -1,6 +1,9 @@
 """The embedded demo trains every transfer regime, each beats chance clearly, transfer from
 the pretrained source model beats scratch, and a train job killed with -9 mid-epoch resumes
-through Snakemake to bit-identical weights and history."""
+through Snakemake to bit-identical weights and history.
+
+About 10 minutes on 2 cores: `make test-demo` runs these (marker `demo`), `make test` the rest;
+CI runs both."""
 
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def demo_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_every_regime_beats_chance_and_transfer_beats_scratch(demo_run):
     top1 = {}
     for regime in REGIMES:
@@ -65,7 +68,7 @@ def _comparable(path: Path):
     return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_kill_9_mid_epoch_then_rerun_gives_identical_weights_and_history(demo_run):
     out = demo_run / "results/demo/train/full_finetune"
     reference = {name: (out / name).read_bytes() for name in ("weights.safetensors",)}

@@ -151,7 +151,7 @@ def evaluate_script():
 
 
 def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_script):
-    from finegrained.evaluate.job import git_revision
+    from finegrained.provenance import git_revision
     from finegrained.models import flatten_state
     from finegrained.models.weights import save_weights, weights_metadata
 
@@ -194,7 +194,9 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
                           text=True)
     assert provenance["git_revision"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert git_revision(tmp_path) is None            # not a checkout
-    assert set(provenance["package_versions"]) == {"jax", "flax", "optax", "numpy", "pyarrow"}
+    assert set(provenance["package_versions"]) == {"python", "jax", "jaxlib", "flax", "optax",
+                                                   "numpy", "pyarrow"}
+    assert provenance["shard_indexes_sha256"] == {"test": provenance["shard_index_sha256"]}
     assert provenance["device"]["count"] >= 1
     assert len(provenance["shard_index_sha256"]) == len(provenance["weights_sha256"]) == 64
 

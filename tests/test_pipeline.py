@@ -43,21 +43,41 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workflow")
-    configfile = workdir / "tiny.yaml"
-    configfile.write_text(yaml.safe_dump(TINY))
+def snakemake(workdir, *configs, target="all", dry_run=False):
+    """Run the workflow in ``workdir`` on the tiny config plus ``configs`` (dicts)."""
+    files = []
+    for i, cfg in enumerate((TINY,) + configs):
+        files.append(workdir / f"config-{i}.yaml")
+        files[-1].write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-         "--configfile", str(REPO / "config" / "config.yaml"), str(configfile),
-         "--cores", "2", "all"],
+         "--configfile", str(REPO / "config" / "config.yaml"), *map(str, files),
+         "--cores", "2", target] + (["-n"] if dry_run else []),
         cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}"
                          for p in sorted((workdir / "results").rglob("*.log")))
         pytest.fail(f"workflow failed:\n{proc.stderr[-5000:]}\n{logs}")
+    return proc
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """rule -> count from the "Job stats" table of a dry run."""
+    lines = dry_run_output.split("Job stats:")[1].splitlines()
+    counts = {}
+    for line in lines[4:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    snakemake(workdir)
     return workdir / "results" / "tiny"
 
 
@@ -162,3 +182,65 @@ def test_every_regime_is_evaluated_on_the_test_split(tiny_run, regime):
     assert predictions.column("image_id").to_pylist() == reader.meta.column("image_id").to_pylist()
     assert predictions.column("label").to_pylist() == reader.labels.tolist()
     assert list((tiny_run / "logs").rglob(f"evaluate/{regime}.log"))
+
+
+REPLICATED = {"regimes": ["full_finetune", "scratch"], "seeds": [0, 1],
+              "sweep": {"full_finetune": {"lr": [0.01, 0.2]}}}
+
+
+@pytest.fixture(scope="module")
+def replicated_run(tiny_run):
+    """The tiny run again with two seeds and an lr sweep of full_finetune (after the other
+    tests: it adds jobs, and its config drops the cached regimes so the cache stays put)."""
+    snakemake(tiny_run.parents[1], REPLICATED, target="summarize")
+    return tiny_run
+
+
+def test_seeds_and_sweep_train_every_point_and_evaluate_the_chosen_one(replicated_run):
+    run = replicated_run
+    for variant in ["+lr=0.01", "+lr=0.2", "+seed=1+lr=0.01", "+seed=1+lr=0.2"]:
+        summary = json.loads((run / "train" / f"full_finetune{variant}" / "summary.json").read_text())
+        assert summary["variant"] == variant
+        assert summary["settings"]["seed"] == (1 if "seed" in variant else 0)
+        lr = summary["settings"]["phases"][0]["train_config"]["base_lr"]
+        assert lr == (0.01 if "lr=0.01" in variant else 0.2)
+    assert (run / "train" / "scratch+seed=1" / "summary.json").exists()
+
+    selection = json.loads((run / "select" / "full_finetune.json").read_text())
+    means = {c["variant"]: c["val_top1_mean"] for c in selection["candidates"]}
+    for variant, mean in means.items():
+        tops = [json.loads((run / "train" / f"full_finetune{v}" / "summary.json").read_text())
+                ["best_val_top1"] for v in (variant, f"+seed=1{variant}")]
+        assert mean == pytest.approx(sum(tops) / 2)
+    chosen = selection["chosen"]
+    assert means[chosen] == max(means.values())
+
+    # only the chosen point meets the test split, once per seed
+    evaluated = sorted(p.parent.name for p in run.glob("eval/full_finetune*/metrics.json"))
+    assert evaluated == ["full_finetune", "full_finetune+seed=1"]
+    for eval_variant, train_variant in [("", chosen), ("+seed=1", f"+seed=1{chosen}")]:
+        metrics = json.loads((run / "eval" / f"full_finetune{eval_variant}" / "metrics.json").read_text())
+        assert metrics["train_variant"] == train_variant
+        from finegrained.fileio import sha256_file
+        assert metrics["provenance"]["weights_sha256"] == sha256_file(
+            run / "train" / f"full_finetune{train_variant}" / "weights.safetensors")
+
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert summary["regimes"]["full_finetune"]["selection"]["chosen"] == chosen
+    assert [r["seed"] for r in summary["regimes"]["scratch"]["runs"]] == [0, 1]
+    row = next(r for r in summary["rows"] if (r["regime"], r["view"], r["metric"])
+               == ("scratch", "center", "top1"))
+    values = [json.loads((run / "eval" / name / "metrics.json").read_text())["views"]["center"]["top1"]
+              for name in ["scratch", "scratch+seed=1"]]
+    assert row["values"] == values and row["n"] == 2
+    assert row["mean"] == pytest.approx(sum(values) / 2)
+    assert "± " in (run / "report" / "tables" / "regime_views.md").read_text()
+
+
+def test_a_changed_evaluation_view_retrains_nothing(replicated_run):
+    changed = dict(REPLICATED, evaluation={"multi_scale_fractions": [0.5, 1.0]})
+    counts = job_counts(snakemake(replicated_run.parents[1], changed, target="summarize",
+                                  dry_run=True).stdout)
+    assert counts == {"evaluate_regime": 4, "summarize": 1}
+    unchanged = snakemake(replicated_run.parents[1], REPLICATED, target="summarize", dry_run=True)
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr

@@ -24,7 +24,10 @@ def read_settings(value: str) -> dict:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    from finegrained.train.loop import NonFiniteLoss, Preempted
+    try:    # JAX is not needed by the light scripts (their environment may lack it)
+        from finegrained.train.loop import NonFiniteLoss, Preempted
+    except ImportError:
+        return (ConfigError, DataError, WeightsError)
     return (ConfigError, DataError, WeightsError, NonFiniteLoss, Preempted)
 
 

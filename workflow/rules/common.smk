@@ -231,6 +231,58 @@ REGIMES = list(_regimes.REGIMES)
 VARIANT_PATTERN = _regimes.VARIANT_PATTERN
 
 
+# ---------------------------------------------------------------------------- replicates, sweeps
+
+from finegrained import protocol as _protocol
+
+_protocol.check_protocol(config)
+
+
+def train_targets():
+    """Every train job: each regime's grid points (if swept) times the replicate seeds."""
+    return [results(f"train/{regime}{variant}/summary.json") for regime in config["regimes"]
+            for variant in _protocol.train_variants(config, regime)]
+
+
+def eval_targets():
+    """One evaluation per regime and replicate (of the chosen grid point, if swept)."""
+    return [results(f"eval/{regime}{variant}/metrics.json") for regime in config["regimes"]
+            for variant in _protocol.replicate_variants(config)]
+
+
+def selection_targets():
+    return [results(f"select/{regime}.json") for regime in config["regimes"]
+            if _protocol.has_sweep(config, regime)]
+
+
+def sweep_candidates(wildcards):
+    """Grid point -> the summary.json of each replicate, for select_sweep."""
+    return {point: [results(f"train/{wildcards.regime}{_protocol.join_variants(point, rep)}/summary.json")
+                    for rep in _protocol.replicate_variants(config)]
+            for point in _protocol.sweep_variants(config, wildcards.regime)}
+
+
+def evaluated_train_dir(wildcards):
+    """train/<job>/ that eval/<regime><variant>/ reads: with a sweep, the chosen grid point
+    (known once select_sweep has run: a checkpoint)."""
+    chosen = None
+    if (_protocol.has_sweep(config, wildcards.regime)
+            and not _protocol.is_sweep_point(config, wildcards.regime, wildcards.variant)):
+        selection = checkpoints.select_sweep.get(regime=wildcards.regime).output.selection
+        chosen = _json.loads(Path(selection).read_text())["chosen"]
+    variant = _protocol.evaluated_train_variant(config, wildcards.regime, wildcards.variant, chosen)
+    return results(f"train/{wildcards.regime}{variant}")
+
+
+def evaluate_inputs(wildcards):
+    train_dir = evaluated_train_dir(wildcards)
+    inputs = {"weights": f"{train_dir}/weights.safetensors", "summary": f"{train_dir}/summary.json"}
+    if (_protocol.has_sweep(config, wildcards.regime)
+            and not _protocol.is_sweep_point(config, wildcards.regime, wildcards.variant)):
+        inputs["selection"] = results(f"select/{wildcards.regime}.json")
+    return inputs
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 from finegrained.evaluate.settings import evaluation_settings as _evaluation_settings

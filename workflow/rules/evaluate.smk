@@ -3,9 +3,8 @@
 
 rule evaluate_regime:
     input:
+        unpack(evaluate_inputs),
         script=script_path("evaluate.py"),
-        weights=results("train/{regime}{variant}/weights.safetensors"),
-        summary=results("train/{regime}{variant}/summary.json"),
         test=results("data/target/shards/test/index.json"),
         classes=results("data/target/manifest/classes.parquet"),
     output:
@@ -33,4 +32,31 @@ rule evaluate_regime:
 
 rule evaluate:
     input:
-        expand(results("eval/{regime}/metrics.json"), regime=config["regimes"]),
+        eval_targets(),
+
+
+# The run's summary: every replicate, the sweep choices, the regime x view table over seeds.
+rule summarize:
+    input:
+        script=script_path("summarize.py"),
+        metrics=eval_targets(),
+        selections=selection_targets(),
+    output:
+        summary=results("report/summary.json"),
+        csv=report(results("report/tables/regime_views.csv"),
+                   caption="../report/regime_views_table.rst", category="Tables"),
+        md=results("report/tables/regime_views.md"),
+    params:
+        run_name=config["run_name"],
+        results_dir=lambda wc, output: Path(output.summary).parents[1],
+        out_dir=lambda wc, output: Path(output.summary).parent,
+    log:
+        results("logs/summarize.log"),
+    resources:
+        **job_resources("light"),
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "python {input.script:q} --run-name {params.run_name:q} --results-dir {params.results_dir:q}"
+        " --metrics {input.metrics:q} --selections {input.selections:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

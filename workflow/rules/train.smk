@@ -71,6 +71,28 @@ rule train_regime:
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+# A sweep's choice on validation: a checkpoint, since the evaluation's input (the chosen
+# grid point's weights) is known only once it has run.
+checkpoint select_sweep:
+    input:
+        unpack(lambda wc: {f"c{i}": paths for i, paths in enumerate(sweep_candidates(wc).values())}),
+        script=script_path("select_sweep.py"),
+    output:
+        selection=results("select/{regime}.json"),
+    params:
+        candidates=lambda wc: _json.dumps(sweep_candidates(wc)),
+    log:
+        results("logs/select/{regime}.log"),
+    resources:
+        **job_resources("light"),
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "python {input.script:q} --regime {wildcards.regime} --candidates {params.candidates:q}"
+        " --out {output.selection:q} > {log:q} 2>&1"
+
+
 rule train:
     input:
-        expand(results("train/{regime}/summary.json"), regime=config["regimes"]),
+        train_targets(),
+        selection_targets(),

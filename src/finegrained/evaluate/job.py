@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -30,12 +28,12 @@ from finegrained.evaluate import metrics as M
 from finegrained.evaluate.views import VIEWS, average_scores, make_view_logits, view_boxes
 from finegrained.fileio import atomic_output, sha256_file, write_json
 from finegrained.models.weights import read_metadata
+from finegrained.provenance import SOURCE_DIR, provenance
 from finegrained.train.job import load_init_model
 
 TOP_K = 5
 #: The view the per-level, calibration, per-class and confusion figures are computed on.
 SUMMARY_VIEW = "ten_crop"
-PROVENANCE_PACKAGES = ("jax", "flax", "optax", "numpy", "pyarrow")
 
 
 def load_trained_model(weights: str | os.PathLike, class_names: list[str]):
@@ -80,38 +78,16 @@ def predict_views(model, reader: ShardReader, views: Mapping[str, list], *, imag
             for name, (labels, probs) in out.items()}
 
 
-def git_revision(directory: str | os.PathLike | None) -> str | None:
-    """``git rev-parse HEAD`` of ``directory``, or None (no git, not a checkout)."""
-    if directory is None:
-        return None
-    try:
-        proc = subprocess.run(["git", "-C", os.fspath(directory), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    revision = proc.stdout.strip() if proc.returncode == 0 else ""
-    return revision or None
-
-
-def _versions() -> dict[str, str | None]:
-    versions = {}
-    for package in PROVENANCE_PACKAGES:
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def _json_float(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
 def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_summary, out_dir,
-                   source_dir=None, log_fn: Callable[[str], None] | None = print) -> dict:
+                   source_dir=SOURCE_DIR, log_fn: Callable[[str], None] | None = print) -> dict:
     """Evaluate the trained ``weights`` on the test split; write predictions and metrics.
 
-    ``metrics.json``: ``regime``, ``variant``, ``n_test``, ``views`` ({view: {top1, top5}},
+    ``metrics.json``: ``regime``, ``variant``, ``train_variant`` (the train job evaluated: with a
+    sweep, the chosen grid point of this replicate), ``n_test``, ``views`` ({view: {top1, top5}},
     fractions), ``summary_view`` (the view the rest is computed on: ``ten_crop``),
     ``per_level`` ({level1.., leaf: top1}, see :func:`metrics.taxonomy_accuracy`), ``ece``
     (15 bins, top-1 confidence), ``per_class`` ({class name: top1}), ``confused_pairs``
@@ -155,9 +131,9 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
     top_labels, top_probs = predictions[SUMMARY_VIEW]
     predicted = top_labels[:, 0]
     summary = json.loads(Path(train_summary).read_text())
-    device = jax.devices()[0]
     result = {
-        "regime": settings["regime"], "variant": settings.get("variant", ""), "n_test": n,
+        "regime": settings["regime"], "variant": settings.get("variant", ""),
+        "train_variant": summary.get("variant", ""), "n_test": n,
         "views": {name: {"top1": M.top_k_accuracy(tl, labels, 1),
                          "top5": M.top_k_accuracy(tl, labels, TOP_K)}
                   for name, (tl, _) in predictions.items()},
@@ -169,13 +145,9 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
         "per_class": M.per_class_accuracy(predicted, labels, names),
         "confused_pairs": M.confused_pairs(predicted, labels, names),
         "provenance": {
-            "config_hash": summary.get("config_hash"),
-            "package_versions": _versions(),
-            "git_revision": git_revision(source_dir),
-            "device": {"platform": device.platform, "kind": device.device_kind,
-                       "count": jax.device_count()},
+            **provenance(config_hash=summary.get("config_hash"), shard_indexes={"test": test_index},
+                         source_dir=source_dir, weights=weights),
             "shard_index_sha256": sha256_file(test_index),
-            "weights_sha256": sha256_file(weights),
         },
     }
     write_json(out_dir / "metrics.json", result)

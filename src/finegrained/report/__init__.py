@@ -1,1 +1,1 @@
-"""Reporting: summary tables over seeds (tables), figures (figures, gallery), the throughput table (throughput)."""
+"""Summaries, tables and figures of a run's results."""

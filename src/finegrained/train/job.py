@@ -36,6 +36,7 @@ from finegrained.models.params import assign_state
 from finegrained.models.transfer import model_options
 from finegrained.models.weights import (load_pretrained, read_metadata, read_tensors,
                                         save_weights, weights_metadata)
+from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.features import FeatureReader
 from finegrained.train.loop import TrainConfig, fit
@@ -188,6 +189,13 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
         "wall_seconds": time.perf_counter() - t0, "config_hash": settings["config_hash"],
         "init_weights_sha256": sha256_file(init_weights) if init_weights else None,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "provenance": provenance(
+            config_hash=settings["config_hash"],
+            shard_indexes={"train": train_index, "val": val_index},
+            init_weights=init_weights if settings["init"] != "random" else None,
+            **({"features_train": Path(features_dir, "train", "index.json"),
+                "features_val": Path(features_dir, "val", "index.json")}
+               if features_dir is not None else {})),
         "settings": settings,
     }
     write_json(out_dir / "summary.json", summary)

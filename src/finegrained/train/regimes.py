@@ -29,7 +29,6 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
-import yaml
 
 from finegrained.errors import ConfigError
 from finegrained.train.augment_settings import is_augmented
@@ -127,8 +126,19 @@ def parse_variant(variant: str) -> dict:
         key, value = part.split("=", 1)
         if key not in VARIANT_KEYS:
             raise ConfigError(f"variant key {key!r} is not one of {VARIANT_KEYS}")
-        out[key] = yaml.safe_load(value)
+        out[key] = _variant_value(value)
     return out
+
+
+def _variant_value(text: str):
+    """A variant value as a number: ``'3'`` -> 3, ``'0.003'`` and ``'1e-05'`` -> float
+    (YAML 1.1 would read ``1e-05`` as a string)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"variant value {text!r} is not a number")
 
 
 def _train_config(recipe: Mapping, run: Mapping, **fields) -> dict:

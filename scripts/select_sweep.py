@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Choose one grid point of a regime's sweep on validation: select/<regime>.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from finegrained import cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--regime", required=True)
+    p.add_argument("--candidates", required=True,
+                   help='JSON: {"<grid point variant>": ["train/<job>/summary.json", ...]}, '
+                        "one summary per replicate")
+    p.add_argument("--out", required=True, help="select/<regime>.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def job():
+        from finegrained.protocol import write_selection
+        selection = write_selection(args.regime, json.loads(args.candidates), args.out)
+        cli.log(f"{args.regime}: chose {selection['chosen']} of "
+                f"{len(selection['candidates'])} grid points ({selection['rule']})")
+
+    return cli.run(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The run's summary: every evaluated replicate, the sweep choices, and the regime x view
+table over replicate seeds (mean, sample std and a 95 % Student-t confidence interval).
+
+``summary.json`` is what the report notebooks read::
+
+    {"run_name", "regimes": {<regime>: {"runs": [{"seed", "variant", "train_variant",
+     "metrics", "predictions", "history", "train_summary",
+     "benchmarks": {"train", "evaluate"}}], "selection": null | select/<regime>.json}},
+     "rows": [{"regime", "view", "metric", "n", "mean", "std", "ci95_low", "ci95_high",
+               "values"}], "provenance"}
+
+Paths are as the workflow names them (relative to its working directory); top-1/top-5 are
+fractions. With one replicate, std and the interval are null: one seed says nothing about
+the spread.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from finegrained.fileio import atomic_output, sha256_file, write_json
+from finegrained.provenance import provenance
+
+VIEW_ORDER = ("center", "ten_crop", "multi_scale")
+METRICS = ("top1", "top5")
+CONFIDENCE = 0.95
+CSV_FIELDS = ("regime", "view", "metric", "n", "mean", "std", "ci95_low", "ci95_high", "values")
+
+
+def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """``n``, ``mean``, sample ``std`` (ddof 1) and the two-sided Student-t interval of the
+    mean at ``confidence``; std and interval are None for fewer than two values."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = math.fsum(values) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "ci95_low": None, "ci95_high": None}
+    from scipy.stats import t   # scipy comes with jax; imported here so the Snakefile stays light
+
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def summarize(metrics_by_regime: Mapping[str, Sequence[Mapping]]) -> list[dict]:
+    """One row per regime, view and metric over the regime's replicates (metrics.json dicts),
+    regimes in the given order, views in :data:`VIEW_ORDER` (then any others)."""
+    rows = []
+    for regime, runs in metrics_by_regime.items():
+        if not runs:
+            continue
+        names = list(runs[0]["views"])
+        for view in sorted(names, key=lambda v: (VIEW_ORDER + (v,)).index(v)):
+            for metric in METRICS:
+                values = [float(run["views"][view][metric]) for run in runs]
+                rows.append({"regime": regime, "view": view, "metric": metric,
+                             **mean_ci(values), "values": values})
+    return rows
+
+
+def _percent(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def markdown_table(rows: Sequence[Mapping], metric: str) -> str:
+    """Regimes x views of ``metric`` in percent: ``mean ± std [CI low, high]``, n per row."""
+    picked = [r for r in rows if r["metric"] == metric]
+    regimes = list(dict.fromkeys(r["regime"] for r in picked))
+    views = list(dict.fromkeys(r["view"] for r in picked))
+    cell = {(r["regime"], r["view"]): r for r in picked}
+    lines = [f"| regime | seeds | {' | '.join(views)} |", "|---|---:|" + "---:|" * len(views)]
+    for regime in regimes:
+        cells, n = [], None
+        for view in views:
+            row = cell.get((regime, view))
+            if row is None:
+                cells.append("")
+                continue
+            n = row["n"]
+            text = _percent(row["mean"])
+            if row["std"] is not None:
+                text += (f" ± {_percent(row['std'])} "
+                         f"[{_percent(row['ci95_low'])}, {_percent(row['ci95_high'])}]")
+            cells.append(text)
+        lines.append(f"| {regime} | {n} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: Sequence[Mapping], csv_path: str | os.PathLike,
+                 md_path: str | os.PathLike) -> None:
+    """The rows as CSV (one per regime, view and metric; values ``;``-joined) and as
+    Markdown (top-1 and top-5 tables, percent)."""
+    with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: ("" if row[k] is None else row[k]) for k in CSV_FIELDS},
+                             "values": ";".join(repr(v) for v in row["values"])})
+    text = ("Test accuracy (%) per regime and test-time view: mean ± sample std "
+            f"[{int(CONFIDENCE * 100)} % Student-t confidence interval] over the replicate "
+            "seeds; a single seed shows its value only.\n\n## Top-1\n\n"
+            + markdown_table(rows, "top1") + "\n## Top-5\n\n" + markdown_table(rows, "top5"))
+    with atomic_output(md_path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def run_record(results_dir: str, metrics_path: str, metrics: Mapping) -> dict:
+    """Where one evaluated replicate's files are, from its metrics.json."""
+    regime = metrics["regime"]
+    variant = metrics.get("variant", "")
+    train_variant = metrics.get("train_variant", variant)
+    train = f"{results_dir}/train/{regime}{train_variant}"
+    summary = json.loads(Path(train, "summary.json").read_text())
+    return {"seed": summary["settings"]["seed"], "variant": variant,
+            "train_variant": train_variant, "metrics": metrics_path,
+            "predictions": str(Path(metrics_path).with_name("predictions.parquet")),
+            "history": f"{train}/history.parquet", "train_summary": f"{train}/summary.json",
+            "benchmarks": {"train": f"{results_dir}/benchmarks/train/{regime}{train_variant}.tsv",
+                           "evaluate": f"{results_dir}/benchmarks/evaluate/{regime}{variant}.tsv"}}
+
+
+def write_summary(*, run_name: str, results_dir: str, metrics_paths: Sequence[str],
+                  selection_paths: Sequence[str], out_dir: str | os.PathLike) -> dict:
+    """summary.json and tables/regime_views.{csv,md} of a run from its evaluations and
+    sweep selections (regimes in the order of ``metrics_paths``)."""
+    selections = {}
+    for path in selection_paths:
+        selection = json.loads(Path(path).read_text())
+        selections[selection["regime"]] = selection
+    regimes: dict[str, dict] = {}
+    metrics_by_regime: dict[str, list] = {}
+    for path in metrics_paths:
+        metrics = json.loads(Path(path).read_text())
+        regime = metrics["regime"]
+        entry = regimes.setdefault(regime, {"runs": [], "selection": selections.get(regime)})
+        entry["runs"].append(run_record(results_dir, str(path), metrics))
+        metrics_by_regime.setdefault(regime, []).append(metrics)
+    rows = summarize(metrics_by_regime)
+    out_dir = Path(out_dir)
+    write_tables(rows, out_dir / "tables" / "regime_views.csv",
+                 out_dir / "tables" / "regime_views.md")
+    summary = {"run_name": run_name, "regimes": regimes, "rows": rows,
+               "provenance": {**provenance(device=False),
+                              "metrics_sha256": {str(p): sha256_file(p) for p in metrics_paths}}}
+    write_json(out_dir / "summary.json", summary)
+    return summary

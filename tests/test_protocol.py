@@ -1,0 +1,114 @@
+"""Replicates, sweeps and the choice on validation (finegrained.protocol)."""
+
+from __future__ import annotations
+
+import pytest
+
+from finegrained.config import validate_config
+from finegrained.errors import ConfigError
+from finegrained import protocol as P
+from finegrained.train.regimes import parse_variant
+
+
+def config(**extra):
+    return validate_config({"dataset": {"demo": {"num_classes": 3}},
+                            "train": {"seed": 0}, **extra})
+
+
+def test_variant_round_trip_and_canonical_order():
+    assert P.format_variant({"lr": 0.003, "seed": 1}) == "+seed=1+lr=0.003"
+    assert P.format_variant({"weight_decay": 1e-05}) == "+weight_decay=1e-05"
+    assert parse_variant("+weight_decay=1e-05") == {"weight_decay": 1e-05}
+    assert parse_variant("+epochs=10") == {"epochs": 10}
+    assert isinstance(parse_variant("+epochs=10")["epochs"], int)
+    assert P.join_variants("+lr=0.01", "+seed=2") == "+seed=2+lr=0.01"
+    assert P.join_variants("", "") == ""
+    with pytest.raises(ConfigError, match="both set"):
+        P.join_variants("+lr=0.01", "+lr=0.1")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_variant("+lr=abc")
+
+
+def test_replicates_keep_the_plain_path_for_train_seed():
+    assert P.replicate_variants(config()) == [""]
+    assert P.replicate_variants(config(seeds=[0, 1, 2])) == ["", "+seed=1", "+seed=2"]
+    cfg = config(seeds=[3, 0])
+    cfg["train"]["seed"] = 3
+    assert P.replicate_variants(cfg) == ["", "+seed=0"]
+
+
+def test_sweep_grid_times_replicates():
+    cfg = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1], "epochs": [2, 4]}})
+    assert P.sweep_variants(cfg, "full_finetune") == [
+        "+lr=0.01+epochs=2", "+lr=0.01+epochs=4", "+lr=0.1+epochs=2", "+lr=0.1+epochs=4"]
+    assert P.sweep_variants(cfg, "scratch") == [""]
+    jobs = P.train_variants(cfg, "full_finetune")
+    assert len(jobs) == 8 and len(set(jobs)) == 8
+    assert "+seed=1+lr=0.1+epochs=4" in jobs and "+lr=0.01+epochs=2" in jobs
+    assert P.train_variants(cfg, "scratch") == ["", "+seed=1"]
+
+
+def test_evaluation_reads_the_chosen_point_of_its_replicate():
+    cfg = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1]}})
+    assert P.evaluated_train_variant(cfg, "full_finetune", "+seed=1", "+lr=0.1") == "+seed=1+lr=0.1"
+    assert P.evaluated_train_variant(cfg, "full_finetune", "", "+lr=0.01") == "+lr=0.01"
+    # an explicit grid point is evaluated as is; an unswept regime needs no choice
+    assert P.evaluated_train_variant(cfg, "full_finetune", "+lr=0.1", None) == "+lr=0.1"
+    assert P.evaluated_train_variant(cfg, "scratch", "+seed=1", None) == "+seed=1"
+    with pytest.raises(ConfigError, match="choice"):
+        P.evaluated_train_variant(cfg, "full_finetune", "+seed=1", None)
+
+
+def test_sweep_config_errors():
+    with pytest.raises(ConfigError, match="not in regimes"):
+        P.check_protocol(config(regimes=["scratch"], sweep={"full_finetune": {"lr": [0.1]}}))
+    with pytest.raises(ConfigError, match="l2_grid"):
+        P.check_protocol(config(sweep={"linear_probe": {"lr": [0.1]}}))
+    with pytest.raises(ConfigError, match="sweep.full_finetune"):
+        config(sweep={"full_finetune": {"arch": [1]}})
+    with pytest.raises(ConfigError, match="seeds"):
+        config(seeds=[1, 1])
+
+
+def summary(variant, top1, loss=1.0):
+    return {"variant": variant, "best_val_top1": top1, "best_val_loss": loss}
+
+
+def test_select_maximises_the_mean_over_replicates():
+    selection = P.select("full_finetune", {
+        "+lr=0.01": [summary("+lr=0.01", 0.9), summary("+seed=1+lr=0.01", 0.5)],   # mean 0.7
+        "+lr=0.1": [summary("+lr=0.1", 0.8), summary("+seed=1+lr=0.1", 0.75)],     # mean 0.775
+    })
+    assert selection["chosen"] == "+lr=0.1" and selection["chosen_overrides"] == {"lr": 0.1}
+    assert [c["val_top1_mean"] for c in selection["candidates"]] == pytest.approx([0.7, 0.775])
+    assert selection["candidates"][0]["replicates"] == ["+lr=0.01", "+seed=1+lr=0.01"]
+    assert selection["metric"] == "best_val_top1" and "mean" in selection["rule"]
+
+
+def test_select_ties_go_to_lower_loss_then_grid_order():
+    tie = P.select("scratch", {"+lr=0.01": [summary("", 0.5, loss=2.0)],
+                               "+lr=0.1": [summary("", 0.5, loss=1.0)]})
+    assert tie["chosen"] == "+lr=0.1"
+    tie = P.select("scratch", {"+lr=0.01": [summary("", 0.5)], "+lr=0.1": [summary("", 0.5)]})
+    assert tie["chosen"] == "+lr=0.01"
+    nan = P.select("scratch", {"+lr=0.01": [summary("", 0.5, loss=float("nan"))],
+                               "+lr=0.1": [summary("", 0.5, loss=3.0)]})
+    assert nan["chosen"] == "+lr=0.1"
+
+
+def test_write_selection_reads_the_summaries_and_records_them(tmp_path):
+    import json
+
+    from finegrained.fileio import sha256_file
+
+    paths = {}
+    for variant, top1 in [("+lr=0.01", 0.4), ("+lr=0.1", 0.6)]:
+        path = tmp_path / f"{variant}.json"
+        path.write_text(json.dumps(summary(variant, top1)))
+        paths[variant] = [str(path)]
+    out = tmp_path / "select" / "scratch.json"
+    selection = P.write_selection("scratch", paths, out)
+    assert json.loads(out.read_text()) == selection and selection["chosen"] == "+lr=0.1"
+    recorded = selection["provenance"]["train_summaries_sha256"]
+    assert recorded == {p[0]: sha256_file(p[0]) for p in paths.values()}
+    assert "device" not in selection["provenance"]

@@ -1,0 +1,84 @@
+"""The run summary and the regime x view table over replicate seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from finegrained.report import tables as T
+
+
+def test_mean_std_and_student_t_interval_by_hand():
+    row = T.mean_ci([0.80, 0.84, 0.88])
+    assert row["n"] == 3 and row["mean"] == pytest.approx(0.84)
+    assert row["std"] == pytest.approx(0.04)                       # sample std, ddof 1
+    half = 4.302652729749464 * 0.04 / math.sqrt(3)                 # t(0.975, df=2)
+    assert row["ci95_low"] == pytest.approx(0.84 - half)
+    assert row["ci95_high"] == pytest.approx(0.84 + half)
+    single = T.mean_ci([0.7])
+    assert single == {"n": 1, "mean": 0.7, "std": None, "ci95_low": None, "ci95_high": None}
+    with pytest.raises(ValueError):
+        T.mean_ci([])
+
+
+def metrics(regime, variant, center, ten_crop, train_variant=None):
+    return {"regime": regime, "variant": variant,
+            "train_variant": variant if train_variant is None else train_variant,
+            "views": {"ten_crop": {"top1": ten_crop, "top5": 1.0},
+                      "center": {"top1": center, "top5": 0.9}}}
+
+
+def test_summarize_rows_and_markdown():
+    rows = T.summarize({"full_finetune": [metrics("full_finetune", "", 0.8, 0.82),
+                                          metrics("full_finetune", "+seed=1", 0.7, 0.74)],
+                        "scratch": [metrics("scratch", "", 0.4, 0.45)]})
+    assert [(r["regime"], r["view"], r["metric"]) for r in rows][:4] == [
+        ("full_finetune", "center", "top1"), ("full_finetune", "center", "top5"),
+        ("full_finetune", "ten_crop", "top1"), ("full_finetune", "ten_crop", "top5")]
+    center = rows[0]
+    assert center["values"] == [0.8, 0.7] and center["mean"] == pytest.approx(0.75)
+    assert center["std"] == pytest.approx(math.sqrt(0.005))
+    md = T.markdown_table(rows, "top1")
+    lines = md.splitlines()
+    assert lines[0] == "| regime | seeds | center | ten_crop |"
+    assert lines[2].startswith("| full_finetune | 2 | 75.0 ± 7.1 [")
+    assert lines[3] == "| scratch | 1 | 40.0 | 45.0 |"
+
+
+def test_write_summary_from_a_run_directory(tmp_path):
+    run = tmp_path / "results" / "r"
+    for regime, variant, train_variant, seed, top1 in [
+            ("full_finetune", "", "+lr=0.1", 0, 0.8),
+            ("full_finetune", "+seed=1", "+seed=1+lr=0.1", 1, 0.7),
+            ("scratch", "", "", 0, 0.4)]:
+        (run / "train" / f"{regime}{train_variant}").mkdir(parents=True)
+        (run / "train" / f"{regime}{train_variant}" / "summary.json").write_text(
+            json.dumps({"settings": {"seed": seed}}))
+        (run / "eval" / f"{regime}{variant}").mkdir(parents=True)
+        (run / "eval" / f"{regime}{variant}" / "metrics.json").write_text(
+            json.dumps(metrics(regime, variant, top1, top1, train_variant)))
+    (run / "select").mkdir()
+    (run / "select" / "full_finetune.json").write_text(
+        json.dumps({"regime": "full_finetune", "chosen": "+lr=0.1"}))
+    paths = [str(run / "eval" / name / "metrics.json")
+             for name in ["full_finetune", "full_finetune+seed=1", "scratch"]]
+    summary = T.write_summary(run_name="r", results_dir=str(run), metrics_paths=paths,
+                              selection_paths=[str(run / "select" / "full_finetune.json")],
+                              out_dir=run / "report")
+    on_disk = json.loads((run / "report" / "summary.json").read_text())
+    assert on_disk == summary
+    ft = on_disk["regimes"]["full_finetune"]
+    assert ft["selection"]["chosen"] == "+lr=0.1"
+    assert [r["seed"] for r in ft["runs"]] == [0, 1]
+    assert ft["runs"][1]["history"] == f"{run}/train/full_finetune+seed=1+lr=0.1/history.parquet"
+    assert ft["runs"][1]["benchmarks"]["evaluate"] == f"{run}/benchmarks/evaluate/full_finetune+seed=1.tsv"
+    assert on_disk["regimes"]["scratch"]["selection"] is None
+    with open(run / "report" / "tables" / "regime_views.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["regime"] == "full_finetune" and rows[0]["n"] == "2"
+    assert rows[0]["values"] == "0.8;0.7"
+    assert rows[-1]["std"] == ""        # one seed: no spread
+    assert "## Top-1" in (run / "report" / "tables" / "regime_views.md").read_text()
