@@ -82,11 +82,10 @@ def _benchmark(path: Path, seconds: float) -> None:
                     f"{seconds}\t0:00:{int(seconds):02d}\t512.5\t900\t400\t450\t1\t2\t90\t{seconds * 1.5}\n")
 
 
-@pytest.fixture
-def fake_run(tmp_path) -> Path:
-    """A run with three regimes: the L-BFGS probe (one seed), full fine-tuning (two seeds,
-    augmented) and two-stage (head + main phases, one seed); 3 species, 12 test images."""
-    root = tmp_path
+def make_fake_run(root: Path) -> Path:
+    """A run under ``root`` with three regimes: the L-BFGS probe (one seed), full fine-tuning
+    (two seeds, augmented, swept) and two-stage (head + main phases, one seed); 3 species,
+    12 test images."""
     run = root / RUN
     data = run / "data/target"
     test_labels = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
@@ -147,7 +146,9 @@ def fake_run(tmp_path) -> Path:
                             "train_summary": rel % "train" + "/summary.json",
                             "benchmarks": {"train": f"{RUN}/benchmarks/train/{regime}{variant}.tsv",
                                            "evaluate": f"{RUN}/benchmarks/evaluate/{regime}{variant}.tsv"}})
-        selection = ({"metric": "val_top1", "chosen": "+lr=0.01", "candidates": ["+lr=0.01", "+lr=0.1"]}
+        selection = ({"metric": "best_val_top1", "chosen": "+lr=0.01",
+                      "candidates": [{"variant": "+lr=0.01", "val_top1_mean": 0.5},
+                                     {"variant": "+lr=0.1", "val_top1_mean": 0.25}]}
                      if regime == "full_finetune" else None)
         summary["regimes"][regime] = {"runs": entries, "selection": selection}
         for view, top1 in VIEWS.items():
@@ -162,6 +163,11 @@ def fake_run(tmp_path) -> Path:
     _benchmark(run / "benchmarks/pretrain.tsv", 100.0)
     _write_json(run / "report/summary.json", summary)
     return root
+
+
+@pytest.fixture
+def fake_run(tmp_path) -> Path:
+    return make_fake_run(tmp_path)
 
 
 @pytest.fixture
@@ -188,7 +194,8 @@ def test_load_runs_reads_every_file(runs):
     assert run["metrics_data"]["views"]["center"]["top1"] == pytest.approx(0.8)
     assert figures.chance_percent(runs) == pytest.approx(100 / 3)
     table = figures.selection_markdown(figures.read_json(f"{RUN}/report/summary.json"))
-    assert table.splitlines()[2] == "| full_finetune | +lr=0.01 | val_top1 | +lr=0.01, +lr=0.1 |"
+    assert table.splitlines()[2] == ("| full_finetune | +lr=0.01 | best_val_top1 "
+                                     "| +lr=0.01 (50.0 %), +lr=0.1 (25.0 %) |")
 
 
 def test_regime_view_bars_one_bar_per_regime_and_view_error_bars_only_over_seeds(runs, tmp_path):
@@ -204,7 +211,7 @@ def test_regime_view_bars_one_bar_per_regime_and_view_error_bars_only_over_seeds
     errorbars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
     assert sum(len(c.lines[2][0].get_segments()) for c in errorbars) == 3
     svg = _written(stem)
-    for text in ("full finetune", "two stage", "10-crop", "multi-scale", "82.5", "chance 33 %"):
+    for text in ("full finetune", "two stage", "10-crop", "multi-scale", "82.5", "chance (33 %)"):
         assert text in svg
     # ci95 draws the rows' interval instead (here mean +- 0.3 = 30 points).
     fig = figures.regime_view_bars(summary["rows"], tmp_path / "ci", error="ci95")

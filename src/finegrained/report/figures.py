@@ -115,20 +115,22 @@ def chance_percent(runs: Mapping[str, list[dict]]) -> float | None:
 
 
 def selection_markdown(summary: Mapping) -> str:
-    """What each regime's sweep chose on validation, and from what, as a Markdown table
-    (empty string without sweeps)."""
+    """What each regime's sweep chose on validation, and from what (every grid point with
+    its mean validation top-1 over the seeds), as a Markdown table; "" without sweeps."""
     lines = []
     for regime, entry in summary["regimes"].items():
         selection = entry.get("selection")
         if not selection:
             continue
-        candidates = ", ".join(str(c.get("train_variant", c) if isinstance(c, Mapping) else c)
-                               for c in selection.get("candidates", []))
+        candidates = ", ".join(
+            f"{c['variant']} ({100 * c['val_top1_mean']:.1f} %)" if isinstance(c, Mapping) else str(c)
+            for c in selection.get("candidates", []))
         lines.append(f"| {regime} | {selection.get('chosen')} | {selection.get('metric')} "
                      f"| {candidates} |")
     if not lines:
         return ""
-    return "\n".join(["| regime | chosen | by | candidates |", "|---|---|---|---|"] + lines) + "\n"
+    return "\n".join(["| regime | chosen | by (mean over seeds) | candidates (mean) |",
+                      "|---|---|---|---|"] + lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- learning curves
