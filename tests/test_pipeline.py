@@ -184,6 +184,27 @@ def test_every_regime_is_evaluated_on_the_test_split(tiny_run, regime):
     assert list((tiny_run / "logs").rglob(f"evaluate/{regime}.log"))
 
 
+REPORT_FIGURES = ("learning_curves", "regime_views", "tta_gain", "taxonomy_levels",
+                  "confused_pairs", "augmentation")
+
+
+def test_all_ends_with_the_report_figures_and_the_html_report(tiny_run):
+    report = tiny_run / "report"
+    for name in REPORT_FIGURES:
+        assert (report / "figures" / f"{name}.png").stat().st_size > 1000
+        assert "<svg" in (report / "figures" / f"{name}.svg").read_text()
+    for name in ("results", "examples"):
+        notebook = json.loads((report / "notebooks" / f"{name}.ipynb").read_text())
+        outputs = [o for c in notebook["cells"] for o in c.get("outputs", [])]
+        assert outputs and not [o for o in outputs if o["output_type"] == "error"]
+    table = (report / "tables" / "throughput.md").read_text()
+    for regime in TINY["regime_settings"]:
+        assert f"| {regime} |" in table
+    html = tiny_run.parents[1] / "report.html"
+    snakemake(tiny_run.parents[1], target=f"--report={html}")
+    assert html.stat().st_size > 100_000
+
+
 REPLICATED = {"regimes": ["full_finetune", "scratch"], "seeds": [0, 1],
               "sweep": {"full_finetune": {"lr": [0.01, 0.2]}}}
 
@@ -244,3 +265,11 @@ def test_a_changed_evaluation_view_retrains_nothing(replicated_run):
     assert counts == {"evaluate_regime": 4, "summarize": 1}
     unchanged = snakemake(replicated_run.parents[1], REPLICATED, target="summarize", dry_run=True)
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+
+
+def test_report_figures_over_seeds_and_a_sweep(replicated_run):
+    snakemake(replicated_run.parents[1], REPLICATED, target="figures")
+    figures = replicated_run / "report" / "figures"
+    assert "mean of 2 seeds, +- 1 std" in (figures / "regime_views.svg").read_text()
+    chosen = json.loads((replicated_run / "select" / "full_finetune.json").read_text())["chosen"]
+    assert chosen.lstrip("+") in (figures / "learning_curves.svg").read_text()
