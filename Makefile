@@ -16,7 +16,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint dry-run report bench clean-demo
+.PHONY: install demo test test-slurm lint dry-run report bench clean-demo
 
 $(STAMP): pyproject.toml envs/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ demo: install
 test: install
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
 	$(PY) -m pytest -q tests
+
+# The pipeline on a real SLURM (about 40 min on a busy 2-core machine; not in `make test`):
+# as root, installs Debian's slurm-wlm + munge if missing, starts a one-node cluster with
+# four fake GPUs (tests/slurm/cluster.sh; `tests/slurm/cluster.sh stop` ends it), runs the
+# shortened demo locally and through profiles/slurm, and compares (tests/test_slurm.py).
+SLURM_TEST_DIR ?= /tmp/finegrained-slurm
+test-slurm: install
+	SLURM_TEST_DIR=$(SLURM_TEST_DIR) tests/slurm/cluster.sh start
+	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf FINEGRAINED_SLURM_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_slurm.py
 
 lint: install
 	$(SNAKEMAKE) --lint --configfile config/demo.yaml
