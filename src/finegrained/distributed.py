@@ -31,6 +31,7 @@ COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
 AGREE_TIMEOUT_MS = 10 * 60 * 1000
+_own_previous_key: str | None = None
 
 
 def launch_settings(env: Mapping[str, str] | None = None) -> dict | None:
@@ -89,9 +90,17 @@ def any_process(flag: bool, name: str) -> bool:
     """True when ``flag`` is True on any process; ``flag`` itself in a single process.
     Host-only (the coordination service's key-value store, no device work), so it does not
     wait for queued steps. ``name`` must be unique for the run (e.g. tagged with the step)."""
+    global _own_previous_key
     if not is_multiprocess():
         return flag
     client, key = _client(), f"finegrained/any/{name}"
-    client.key_value_set(f"{key}/{jax.process_index()}", "1" if flag else "0")
+    own = f"{key}/{jax.process_index()}"
+    client.key_value_set(own, "1" if flag else "0")
     client.wait_at_barrier(f"{key}/barrier", AGREE_TIMEOUT_MS)
-    return any(value == "1" for _, value in client.key_value_dir_get(f"{key}/"))
+    answer = any(value == "1" for _, value in client.key_value_dir_get(f"{key}/"))
+    # Every process has read the previous round (it reached this barrier after), so its
+    # key can go: the store holds one round per process, not one per step of the run.
+    if _own_previous_key is not None:
+        client.key_value_delete(_own_previous_key)
+    _own_previous_key = own
+    return answer
