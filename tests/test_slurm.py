@@ -87,7 +87,11 @@ class Canceller(threading.Thread):
 
     def run(self):
         while not self.done.is_set():
-            queue = _sh("squeue", "-h", "-t", "RUNNING", "-o", "%i|%k")
+            try:
+                queue = _sh("squeue", "-h", "-t", "RUNNING", "-o", "%i|%k")
+            except subprocess.CalledProcessError:    # a busy controller: ask again
+                time.sleep(1)
+                continue
             running = [line.split("|") for line in queue.splitlines()]
             job = next((jid for jid, comment in running
                         if comment.startswith("rule_train_regime") and CANCELLED_JOB in comment),
