@@ -16,7 +16,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-demo lint dry-run report bench clean-demo
+.PHONY: install demo test test-demo test-slurm lint dry-run report bench clean-demo
 
 $(STAMP): pyproject.toml envs/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test: install
 # (about 10 minutes on 2 cores; CI runs it after `make test`).
 test-demo: install
 	$(PY) -m pytest -q -m demo tests
+
+# The pipeline on a real SLURM (about 40 min on a busy 2-core machine; not in `make test`):
+# as root, installs Debian's slurm-wlm + munge if missing, starts a one-node cluster with
+# four fake GPUs (tests/slurm/cluster.sh; `tests/slurm/cluster.sh stop` ends it), runs the
+# shortened demo locally and through profiles/slurm, and compares (tests/test_slurm.py).
+SLURM_TEST_DIR ?= /tmp/finegrained-slurm
+test-slurm: install
+	SLURM_TEST_DIR=$(SLURM_TEST_DIR) tests/slurm/cluster.sh start
+	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf FINEGRAINED_SLURM_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_slurm.py
 
 lint: install
 	$(SNAKEMAKE) --lint --configfile config/demo.yaml

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def job():
+        from finegrained import distributed
+        distributed.initialize()      # several processes under srun / JAX_COORDINATOR_ADDRESS
         from finegrained.train.loop import TrainConfig
         from finegrained.train.pretrain import pretrain
         settings = cli.read_settings(args.settings)

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def job():
+        from finegrained import distributed
+        distributed.initialize()      # several processes under srun / JAX_COORDINATOR_ADDRESS
         from finegrained.train.job import run_job   # after argparse: --help stays fast
         run_job(cli.read_settings(args.settings), train_index=args.train_index,
                 val_index=args.val_index, stats=args.stats, classes=args.classes,

@@ -144,6 +144,9 @@ def job_environment(count: int, *, mem_fraction: float | None = None,
         env["CUDA_VISIBLE_DEVICES"] = ""
         return env, []
     if "SLURM_JOB_ID" in environ:
+        if log:
+            log(f"SLURM job {environ['SLURM_JOB_ID']}: GPU(s) "
+                f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '')!r} as SLURM set them")
         return env, []
     ids = machine_gpu_ids(environ)
     if not ids:

@@ -11,6 +11,9 @@ starting from the previous one's final state, and writes, atomically::
 Checkpoints go to ``checkpoint_dir/<phase>/``; a finished phase leaves ``done.json`` and
 ``done.safetensors`` there, so a rerun after a kill skips it. The directory is removed when
 the job succeeds unless the settings keep it.
+
+With several processes (:mod:`finegrained.distributed`) every process runs the job and only
+process 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
 
+from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
@@ -138,7 +142,8 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             checkpoint_dir, init_weights=None, features_dir=None, log_fn: Callable[[str], None] | None = print) -> dict:
     """Run the phases of ``settings`` and write weights, history and summary."""
     t0 = time.perf_counter()
-    log = log_fn or (lambda _: None)
+    main = distributed.is_main_process()
+    log = (log_fn if main else None) or (lambda _: None)
     label = settings["regime"] + settings.get("variant", "")
     names = manifest_class_names(classes)
     model = build_start_model(settings, init_weights, len(names))
@@ -161,9 +166,10 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
                                checkpoint_dir=phase_dir, label=f"{label}/{phase['name']}",
                                log=log)
             record = {"history": result["history"], "best": result["best"]}
-            if result["best_weights"] is not None:
-                save_weights(phase_dir / "best.safetensors", result["best_weights"])
-            _mark_finished(phase_dir, model, record)
+            if main:
+                if result["best_weights"] is not None:
+                    save_weights(phase_dir / "best.safetensors", result["best_weights"])
+                _mark_finished(phase_dir, model, record)
         for row in record["history"]:
             rows.append({"phase": phase["name"], **row})
         if record["best"] is not None and (best is None or
@@ -173,6 +179,10 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     if best is None:
         raise DataError("validation", f"{label}: no validation result to choose weights by")
     phase_index, best_row, best_file = best
+    # Every process holds the same result; the others wait until process 0 has written it.
+    if not main:
+        distributed.barrier(f"job-done/{label}")
+        return {}
     metadata = weights_metadata(
         arch=settings["arch"], num_classes=len(names), class_names=names,
         input_recipe=model.input_recipe.name, source=f"train:{label}",
@@ -201,6 +211,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     write_json(out_dir / "summary.json", summary)
     if not settings.get("keep_checkpoints", False):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    distributed.barrier(f"job-done/{label}")
     log(f"{label}: best val top-1 {best_row['val_top1']:.4f} (phase {summary['best_phase']}, "
         f"epoch {best_row['epoch']}), {summary['wall_seconds']:.1f}s")
     return summary

@@ -11,12 +11,17 @@ on, and draws the same augmentation (the step's key is ``fold_in(key(seed), step
 :func:`run_epoch` (one epoch of steps, checkpointing and guarding as it goes) and
 :func:`evaluate` (one pass over a split, sums kept on the device). It starts from the
 model's current values (or a checkpoint) and returns the final ``TrainState``.
+
+With several processes (:mod:`finegrained.distributed`) the mesh spans all of them, each
+process loads only its rows of every batch, and a SIGTERM stops every process at the same
+step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import queue
 import signal
@@ -29,12 +34,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from finegrained import distributed
 from finegrained.errors import ConfigError
 from finegrained.models.params import flatten_state
 from finegrained.train import optim
 from finegrained.train.augment import AugmentConfig, Lighting
 from finegrained.train.checkpoint import Checkpointer
-from finegrained.train.sharding import check_batch_size, make_mesh, replicate, shard_batch
+from finegrained.train.sharding import (check_batch_size, local_rows, make_mesh, replicate,
+                                        shard_batch)
 from finegrained.train.steps import (StepConfig, TrainState, create_train_state,
                                      make_eval_metrics_step, make_train_step)
 
@@ -207,21 +214,27 @@ def evaluate(state: TrainState, source: Any, eval_metrics: Callable, batch_size:
 
     The last batch is padded to ``batch_size`` (static shapes, divisible by the devices)
     and masked out of every count. Batches are prepared ahead on the input thread; the
-    per-batch sums stay on the device and are fetched once at the end.
+    per-batch sums stay on the device and are fetched once at the end. With several
+    processes each one reads only its rows of every batch.
     """
     source = as_source(source)
     n, labels = len(source), np.asarray(source.labels, np.int32)
+    rows = local_rows(batch_size, mesh) if mesh is not None else slice(None)
 
     def load(start):
-        idx = np.arange(start, min(start + batch_size, n))
-        images, y = source.gather(idx), labels[idx]
-        pad = batch_size - len(idx)
+        positions = np.arange(start, start + batch_size)[rows]
+        idx = positions[positions < n]
+        # A process whose rows are all padding still needs the image shape: one row, cut.
+        images = source.gather(idx) if len(idx) else source.gather(np.zeros(1, np.int64))[:0]
+        y = labels[idx]
+        pad = len(positions) - len(idx)
         mask = np.concatenate([np.ones(len(idx), bool), np.zeros(pad, bool)])
         if pad:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             y = np.concatenate([y, np.zeros(pad, np.int32)])
         batch = {"image": images, "label": y, "mask": mask}
-        return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
+        return (shard_batch(batch, mesh, batch_size) if mesh is not None
+                else jax.device_put(batch))
 
     sums = []
     prefetch = Prefetcher(range(0, n, batch_size), load, depth)
@@ -299,11 +312,20 @@ def _check_finite(metrics: Mapping, label: str, epoch: int, step: int) -> float:
 
 
 class _StopFlag:
-    """SIGTERM -> a flag the loop checks between steps (then checkpoint and stop)."""
+    """SIGTERM -> a flag the loop checks between steps (then checkpoint and stop).
+
+    With several processes the signal may reach each at a different step, so the loop asks
+    :meth:`agreed`: every process stops at the same step if any of them got it."""
+
+    _fits = itertools.count()    # every process runs the same fits, in the same order
 
     def __init__(self):
         self.set = False
         self._previous = None
+        self._fit = next(self._fits)
+
+    def agreed(self, tag) -> bool:
+        return distributed.any_process(self.set, f"stop/{self._fit}/{tag}")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -389,9 +411,12 @@ def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: s
     first = progress.step - epoch * spe
     batches = epoch_batches(len(source), cfg.batch_size, cfg.seed, epoch)[first:]
     step_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    rows = local_rows(cfg.batch_size, run.mesh)      # this process's part of each batch
 
     def load(idx):
-        return shard_batch({"image": source.gather(idx), "label": labels[idx]}, run.mesh)
+        idx = idx[rows]
+        return shard_batch({"image": source.gather(idx), "label": labels[idx]}, run.mesh,
+                           cfg.batch_size)
 
     bar = _progress_bar(spe, f"{label} epoch {epoch + 1}/{cfg.epochs}")
     if bar is not None:
@@ -421,13 +446,14 @@ def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: s
             pending = (metrics, progress.step)
             every = cfg.checkpoint_every_steps
             mid_epoch = progress.step % spe != 0      # epoch ends checkpoint after eval
-            if mid_epoch and ((every and progress.step % every == 0) or stop.set):
+            stopping = stop.agreed(progress.step)
+            if mid_epoch and ((every and progress.step % every == 0) or stopping):
                 settle()
                 seconds, wait = elapsed()
                 saved = dataclasses.replace(progress, epoch_seconds=progress.epoch_seconds + seconds,
                                             epoch_wait=progress.epoch_wait + wait)
                 save_checkpoint(ckpt, run, saved, best_flat)
-                if stop.set:
+                if stopping:
                     raise Preempted(f"{label}: SIGTERM at epoch {epoch + 1}, step "
                                     f"{progress.step}; checkpoint written, rerun to resume")
             if bar is not None:
@@ -526,7 +552,7 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None, cfg: Train
                 save_checkpoint(ckpt, run, progress, best_flat)
                 log(f"{label} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in record.items()))
-                if stop.set:
+                if stop.agreed(f"epoch{epoch}"):
                     raise Preempted(f"{label}: SIGTERM during epoch {epoch + 1}; checkpoint "
                                     f"written at its end (step {progress.step}), rerun to resume")
     finally:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
@@ -40,7 +41,8 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
     weights (class names from the manifests' ``classes`` table, one output per class even
     if every image of a class was skipped) and a metrics JSON; return the metrics."""
     t0 = time.perf_counter()
-    log = log_fn or (lambda _: None)
+    main = distributed.is_main_process()   # several processes: only process 0 writes
+    log = (log_fn if main else None) or (lambda _: None)
     train = ShardReader(train_index, verify=verify)
     val = ShardReader(val_index, verify=verify)
     class_names = manifest_class_names(classes)
@@ -62,6 +64,9 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         f"{jax.device_count()} x {jax.devices()[0].platform}")
     history = fit(model, train, val, cfg, log_fn=log, lighting=lighting,
                   checkpoint_dir=checkpoint_dir, label="pretrain").history
+    if not main:
+        distributed.barrier("pretrain-done")
+        return {}
 
     recipe = {"pixels": "RGB uint8 or float 0..255, NHWC",
               "normalisation": getattr(model.input_recipe, "name", str(model.input_recipe)),
@@ -94,6 +99,7 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
     write_json(out_metrics, metrics)
     if checkpoint_dir is not None and not keep_checkpoints:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    distributed.barrier("pretrain-done")
     log(f"wrote {out_weights} and {out_metrics}: val top-1 {metrics['final_val_top1']:.4f}, "
         f"{wall:.1f}s")
     return metrics

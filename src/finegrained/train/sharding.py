@@ -1,6 +1,10 @@
 """Data parallelism, declared: a 1-D mesh with axis ``data``; batches split along their
 leading axis, parameters and optimizer state replicated. ``jax.jit`` with these
-``NamedSharding``s inserts the gradient all-reduce itself (no pmap, no psum by hand)."""
+``NamedSharding``s inserts the gradient all-reduce itself (no pmap, no psum by hand).
+
+With several processes (:mod:`finegrained.distributed`) the mesh spans every process's
+devices, and each process supplies only its rows of a global batch (:func:`local_rows`):
+the rows that land on its own devices."""
 
 from __future__ import annotations
 
@@ -38,15 +42,42 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
                          f"{n} devices of the '{DATA_AXIS}' mesh axis; pick a multiple of {n}")
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Put every array of ``batch`` (a pytree) on the mesh, split along its leading axis."""
+def local_rows(batch_size: int, mesh: Mesh) -> slice:
+    """The rows of a global batch of ``batch_size`` that this process feeds: all of them
+    in a single process, else the contiguous block its devices hold on the mesh."""
+    if jax.process_count() == 1:
+        return slice(None)
+    check_batch_size(batch_size, mesh)
+    index_map = data_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    blocks = sorted({(ix[0].start or 0, batch_size if ix[0].stop is None else ix[0].stop)
+                     for ix in index_map.values()})
+    for (_, stop), (start, _) in zip(blocks, blocks[1:]):
+        if stop != start:
+            raise ValueError(f"this process's devices hold rows {blocks} of the batch, "
+                             f"not one contiguous block; order the mesh by process")
+    return slice(blocks[0][0], blocks[-1][1])
+
+
+def shard_batch(batch: Any, mesh: Mesh, global_size: int | None = None) -> Any:
+    """Put every array of ``batch`` (a pytree) on the mesh, split along its leading axis.
+
+    With several processes, ``batch`` holds this process's rows (:func:`local_rows`) of a
+    global batch of ``global_size`` rows, and the result is the global array."""
     leaves = jax.tree_util.tree_leaves(batch)
     if leaves:
         sizes = {int(np.shape(x)[0]) for x in leaves}
         if len(sizes) != 1:
             raise ValueError(f"batch arrays disagree on the leading (batch) size: {sorted(sizes)}")
-        check_batch_size(sizes.pop(), mesh)
-    return jax.device_put(batch, data_sharding(mesh))
+        size = sizes.pop()
+        check_batch_size(size if global_size is None else global_size, mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, data_sharding(mesh))
+    if global_size is None:
+        raise ValueError("with several processes, shard_batch needs the global batch size")
+    sharding = data_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (global_size,) + np.shape(x)[1:]), batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
