@@ -321,8 +321,11 @@ def main(argv=None) -> int:
         "repeats": args.repeats, "mean_file_kb": round(float(mean_kb), 1),
         "per_core": core,
         "targets": {"a_over_b_min_every_repetition": 1.5, "a_over_c_goal": 1.0},
-        "a_over_b_met_in_every_repetition": min(core["ratio_a_over_b"]["values"]) >= 1.5,
-        "a_over_c_met": core["ratio_a_over_c"]["median"] >= 1.0,
+        "targets_judged_on": "CPU time (the machine is shared; the wall clock is kept too)",
+        "a_over_b_met_in_every_repetition": min(core["ratio_a_over_b_cpu"]["values"]) >= 1.5,
+        "a_over_c_met": core["ratio_a_over_c_cpu"]["median"] >= 1.0,
+        "a_over_b_met_in_every_repetition_wall": min(core["ratio_a_over_b"]["values"]) >= 1.5,
+        "a_over_c_met_wall": core["ratio_a_over_c"]["median"] >= 1.0,
         "fused_region_decoder": "not built (libjpeg-turbo jpeg_crop_scanline/"
                                 "jpeg_skip_scanlines need the system libturbojpeg; the "
                                 "default install stays pip-only)",

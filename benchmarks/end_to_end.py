@@ -68,7 +68,13 @@ def read_benchmarks(results: Path) -> dict:
     total = round(sum(e["seconds"] for e in rules.values()), 1)
     return {"rules": rules, "job_seconds_total": total,
             "wall_span_seconds": round(max(ends) - min(starts), 1) if ends else None,
+            "first_job_start": _utc(min(starts)) if ends else None,
+            "last_job_end": _utc(max(ends)) if ends else None,
             "missing_rules": [r for r in DEMO_RULES if r not in rules]}
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
 
 def _number(value) -> float:

@@ -82,7 +82,7 @@ def provenance(r: dict) -> str:
         load = m.get("load_average")
         machine = (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
                    + (f", {m['device']}" if m.get("device") else "")
-                   + (f", load average {load[0]} / {load[1]} / {load[2]} (1/5/15 min)"
+                   + (f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)"
                       if load else ""))
     parts = [f"Measured {r.get('date', '(date not recorded: an older result)')} on {machine}."]
     if r.get("command"):
@@ -113,7 +113,10 @@ def crop_section(r: dict) -> str:
                 ">= 1.0 (the goal)", met(r.get("a_over_c_met"))]]), "",
            "Images per CPU-second count this process's own CPU time: on a shared core the wall "
            "clock also counts the time other jobs held it, so they are the per-core figures "
-           "an idle machine would show; targets are judged on the wall clock.", ""]
+           f"an idle machine would show. Targets judged on: {r.get('targets_judged_on', 'the wall clock')}"
+           + (f"; on the wall clock (a)/(b) >= 1.5 in every repetition: "
+              f"{met(r['a_over_b_met_in_every_repetition_wall'])}, (a)/(c) >= 1.0: "
+              f"{met(r['a_over_c_met_wall'])}" if "a_over_c_met_wall" in r else "") + ".", ""]
     if r.get("fused_region_decoder"):
         out += [f"Fused region decoder: {r['fused_region_decoder']}.", ""]
     scaling = r.get("scaling_with_images")
@@ -274,8 +277,11 @@ def end_to_end_section(r: dict) -> str:
                 "", table(["rule", "jobs", "job seconds (sum)", "longest job (s)",
                            "CPU seconds", "max RSS (MB)"], rows), "",
                 f"Sum of job times {demo['job_seconds_total']} s; wall span of the run "
-                f"(first job start to last job end) about {demo['wall_span_seconds']} s "
-                f"(jobs overlap on the cores).", ""]
+                f"(first job start to last job end) about {demo['wall_span_seconds']} s"
+                + (f", {demo['first_job_start']} to {demo['last_job_end']}"
+                   if demo.get("first_job_start") else "")
+                + ". The machine's load during the demo is not recorded in these files; "
+                  "the load shown above is the one when this summary was taken.", ""]
     dag = r.get("nabirds_dag")
     if dag:
         rows = [[k, v] for k, v in dag["jobs"].items() if k != "total"]
@@ -328,9 +334,9 @@ def summary_rows(results: dict[str, dict]) -> list[list]:
     rows = []
     crop = results.get("crop_throughput", {})
     if "per_core" in crop:
-        rows.append(["1", "crop (a)/(b)", stat(crop["per_core"]["ratio_a_over_b"]),
+        rows.append(["1", "crop (a)/(b), CPU time", stat(crop["per_core"].get("ratio_a_over_b_cpu")),
                      ">= 1.5 every repetition", met(crop.get("a_over_b_met_in_every_repetition"))])
-        rows.append(["1", "crop (a)/(c)", stat(crop["per_core"]["ratio_a_over_c"]), ">= 1.0",
+        rows.append(["1", "crop (a)/(c), CPU time", stat(crop["per_core"].get("ratio_a_over_c_cpu")), ">= 1.0",
                      met(crop.get("a_over_c_met"))])
     loader = results.get("input_pipeline", {})
     if "ratio_ours_over" in loader:

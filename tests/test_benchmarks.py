@@ -63,7 +63,7 @@ def test_render_lays_out_known_unknown_and_outdated_results(tmp_path):
     text = render.render(tmp_path)
     assert text.startswith("# Benchmarks")
     assert "| 2 | shard loader / JPEG folder (photos, 1 process) | 30 [25 - 40] | >= 20x | **met** |" in text
-    assert "## 2. Loader" in text and "Test CPU, 2 cores" in text and "load average 1.0 / 2.0 / 3.0" in text
+    assert "## 2. Loader" in text and "Test CPU, 2 cores" in text and "load average 1.00 / 2.00 / 3.00" in text
     assert "Command: `python benchmarks/x.py` (12 s)." in text
     assert "## A new thing" in text and "| speed | 1.5 |" in text and "| timing | 2 [1 - 3] |" in text
     assert "## 4. Linear probe" in text and "predates the current layout" in text
