@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from _common import SHARED, rates, ratios, shared_path, summary, write_result
+from _common import RESULTS, SHARED, rates, ratios, shared_path, summary, write_result
 from _standin import write_shards, write_standin
 
 TITLE = "Input pipeline: shard loader vs JPEG folder"
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--shared", type=Path, default=SHARED)
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "input_pipeline.json")
     args = p.parse_args(argv)
     annotations = shared_path("data", "nabirds_annotations", base=args.shared)
     if annotations is None:
@@ -228,7 +229,8 @@ def main(argv=None) -> int:
             "every file and shard is in the page cache: no disk reads in any timing",
         ],
     }
-    out = write_result("input_pipeline", TITLE, payload, argv=argv, started=started)
+    out = write_result("input_pipeline", TITLE, payload, argv=argv, started=started,
+                       out=args.out)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
