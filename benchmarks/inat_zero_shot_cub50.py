@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,21 +22,22 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from _common import RESULTS, SHARED, shared_path, write_result
 from finegrained.data.readers import read_dataset
-from finegrained.fileio import write_json
 from finegrained.models.transfer import init_target_model
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def main():
+def main(argv=None):
+    started = time.time()
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    p.add_argument("--shared", type=Path, default=SHARED)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/inat_zero_shot_cub50.json")
-    args = p.parse_args()
-    cub = args.shared / "data" / "cub50"
-    weights = args.shared / "weights"
+    p.add_argument("--out", type=Path, default=RESULTS / "inat_zero_shot_cub50.json")
+    args = p.parse_args(argv)
+    cub = shared_path("data", "cub50", base=args.shared)
+    weights = shared_path("weights", base=args.shared)
+    if cub is None or weights is None:
+        return 0
 
     dataset = read_dataset("cub", cub)
     names = dataset.classes["common_name"].to_pylist()
@@ -84,9 +86,11 @@ def main():
         "seconds": seconds,
         "device": str(jax.devices()[0]),
     }
-    write_json(args.out, result)
+    write_result("inat_zero_shot_cub50", "Zero-shot iNat MobileNetV2 on cub50", result,
+                 argv=argv, started=started, out=args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "per_class_top1"}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,11 +29,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from _common import RESULTS, cpu_name, summary, time_calls, write_result
 from finegrained.models import build_model
 from finegrained.models import depthwise
 from finegrained.train.steps import cross_entropy
 
-REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("grouped", "shifted")
 METHOD = (
     "Ablation: the same step timed once more with every depthwise conv replaced by the "
@@ -50,12 +48,9 @@ def timed(fn, *args, repeats: int) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+    stats = summary(time_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warmup=0),
+                    digits=None)
+    return {"median_s": stats["median"], "min_s": stats["min"], "max_s": stats["max"],
             "first_call_s": first}
 
 
@@ -119,25 +114,15 @@ def measure(size: int, batch: int, classes: int, width: int, repeats: int, impl:
                 timed(train, params, opt_state, images, labels, repeats=repeats))
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv=None) -> int:
+    started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sizes", type=int, nargs="+", default=[160, 224])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     parser.add_argument("--width", type=int, default=64, help="64 = MobileNetV2 1.0")
     parser.add_argument("--classes", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" /
-                        "mobilenet_cpu.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "mobilenet_cpu.json")
     args = parser.parse_args(argv)
     if jax.default_backend() != "cpu":
         print(f"skipping: the default backend is {jax.default_backend()}, not cpu",
@@ -176,6 +161,7 @@ def main(argv=None) -> int:
             for kind in ("forward_eval", "train_step")}
 
     report = {
+        "title": "MobileNetV2 on the CPU: grouped vs shifted depthwise",
         "model": f"mobilenet_v2 width {args.width} (multiplier {args.width / 64:g}), "
                  f"{args.classes} classes, batch_norm false (the pretrained layout)",
         "dtype": "float32", "batch": args.batch, "repeats": args.repeats,
@@ -190,8 +176,8 @@ def main(argv=None) -> int:
                         "cores": len(os.sched_getaffinity(0))
                         if hasattr(os, "sched_getaffinity") else os.cpu_count()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result("mobilenet_cpu", report.pop("title"), report, argv=argv, started=started,
+                 out=args.out)
 
     print(f"MobileNetV2 width {args.width}, float32, batch {args.batch}, CPU "
           f"({report['environment']['cores']} cores); images/s, median [min-max]")
@@ -214,4 +200,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
