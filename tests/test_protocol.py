@@ -49,14 +49,13 @@ def test_sweep_grid_times_replicates():
 
 
 def test_evaluation_reads_the_chosen_point_of_its_replicate():
+    selection = {"chosen": "+lr=0.1"}
+    assert P.chosen_train_variant(selection, "+seed=1") == "+seed=1+lr=0.1"
+    assert P.chosen_train_variant(selection, "") == "+lr=0.1"
     cfg = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1]}})
-    assert P.evaluated_train_variant(cfg, "full_finetune", "+seed=1", "+lr=0.1") == "+seed=1+lr=0.1"
-    assert P.evaluated_train_variant(cfg, "full_finetune", "", "+lr=0.01") == "+lr=0.01"
-    # an explicit grid point is evaluated as is; an unswept regime needs no choice
-    assert P.evaluated_train_variant(cfg, "full_finetune", "+lr=0.1", None) == "+lr=0.1"
-    assert P.evaluated_train_variant(cfg, "scratch", "+seed=1", None) == "+seed=1"
-    with pytest.raises(ConfigError, match="choice"):
-        P.evaluated_train_variant(cfg, "full_finetune", "+seed=1", None)
+    assert P.is_sweep_point(cfg, "full_finetune", "+seed=1+lr=0.1")
+    assert not P.is_sweep_point(cfg, "full_finetune", "+seed=1")
+    assert not P.is_sweep_point(cfg, "scratch", "+lr=0.1")
 
 
 def test_sweep_config_errors():
@@ -112,3 +111,17 @@ def test_write_selection_reads_the_summaries_and_records_them(tmp_path):
     recorded = selection["provenance"]["train_summaries_sha256"]
     assert recorded == {p[0]: sha256_file(p[0]) for p in paths.values()}
     assert "device" not in selection["provenance"]
+
+
+def test_chosen_train_files_and_a_selection_of_another_regime(tmp_path):
+    import json
+
+    from finegrained.errors import DataError
+
+    selection = tmp_path / "full_finetune.json"
+    selection.write_text(json.dumps({"regime": "full_finetune", "chosen": "+lr=0.1"}))
+    weights, summary = P.chosen_train_files(selection, tmp_path / "train", "full_finetune", "+seed=2")
+    assert weights == tmp_path / "train" / "full_finetune+seed=2+lr=0.1" / "weights.safetensors"
+    assert summary.name == "summary.json" and summary.parent == weights.parent
+    with pytest.raises(DataError, match="not for 'scratch'"):
+        P.chosen_train_files(selection, tmp_path / "train", "scratch", "")

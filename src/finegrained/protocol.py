@@ -9,7 +9,8 @@ No JAX here: the Snakefile imports it. A job is a regime plus a *variant*
 - ``sweep: {full_finetune: {lr: [0.003, 0.01]}}`` trains every grid point of every replicate
   (``full_finetune+lr=0.003``, ``full_finetune+seed=1+lr=0.003``, ...). :func:`select` picks
   one grid point from the validation results of all replicates, and the evaluation of each
-  replicate reads that point's training job: the test split sees only the chosen one.
+  replicate reads that point's training job (:func:`chosen_train_variant`): the test split
+  sees only the chosen one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from finegrained.errors import ConfigError
+from finegrained.errors import ConfigError, DataError
 from finegrained.fileio import sha256_file, write_json
 from finegrained.provenance import provenance
 from finegrained.train.regimes import VARIANT_KEYS, parse_variant
@@ -93,14 +94,21 @@ def is_sweep_point(config: Mapping, regime: str, variant: str) -> bool:
     return bool(set(parse_variant(variant)) & set(grid))
 
 
-def evaluated_train_variant(config: Mapping, regime: str, variant: str, chosen: str | None) -> str:
-    """The train job that ``eval/<regime><variant>`` evaluates: with a sweep, replicate
-    ``variant`` at the ``chosen`` grid point; otherwise ``variant`` itself."""
-    if not has_sweep(config, regime) or is_sweep_point(config, regime, variant):
-        return variant
-    if chosen is None:
-        raise ConfigError(f"{regime}: the sweep's choice is needed to evaluate {variant!r}")
-    return join_variants(chosen, variant)
+def chosen_train_variant(selection: Mapping, variant: str) -> str:
+    """The train job that ``eval/<regime><variant>/`` of a swept regime evaluates: replicate
+    ``variant`` at the grid point ``selection`` chose (a select/<regime>.json)."""
+    return join_variants(selection["chosen"], variant)
+
+
+def chosen_train_files(selection_path: str | os.PathLike, train_root: str | os.PathLike,
+                       regime: str, variant: str) -> tuple[Path, Path]:
+    """``(weights, summary.json)`` of the chosen train job under ``train_root``."""
+    selection = json.loads(Path(selection_path).read_text())
+    if selection.get("regime") != regime:
+        raise DataError(selection_path, f"a selection for {selection.get('regime')!r}, "
+                                        f"not for {regime!r}")
+    train_dir = Path(train_root) / f"{regime}{chosen_train_variant(selection, variant)}"
+    return train_dir / "weights.safetensors", train_dir / "summary.json"
 
 
 def check_protocol(config: Mapping) -> None:

@@ -262,25 +262,35 @@ def sweep_candidates(wildcards):
             for point in _protocol.sweep_variants(config, wildcards.regime)}
 
 
-def evaluated_train_dir(wildcards):
-    """train/<job>/ that eval/<regime><variant>/ reads: with a sweep, the chosen grid point
-    (known once select_sweep has run: a checkpoint)."""
-    chosen = None
-    if (_protocol.has_sweep(config, wildcards.regime)
-            and not _protocol.is_sweep_point(config, wildcards.regime, wildcards.variant)):
-        selection = checkpoints.select_sweep.get(regime=wildcards.regime).output.selection
-        chosen = _json.loads(Path(selection).read_text())["chosen"]
-    variant = _protocol.evaluated_train_variant(config, wildcards.regime, wildcards.variant, chosen)
-    return results(f"train/{wildcards.regime}{variant}")
+def _reads_selection(wildcards):
+    """Whether eval/<regime><variant>/ evaluates the point its regime's sweep chose (an
+    explicitly named grid point is evaluated as it is)."""
+    return (_protocol.has_sweep(config, wildcards.regime)
+            and not _protocol.is_sweep_point(config, wildcards.regime, wildcards.variant))
 
 
 def evaluate_inputs(wildcards):
-    train_dir = evaluated_train_dir(wildcards)
-    inputs = {"weights": f"{train_dir}/weights.safetensors", "summary": f"{train_dir}/summary.json"}
-    if (_protocol.has_sweep(config, wildcards.regime)
-            and not _protocol.is_sweep_point(config, wildcards.regime, wildcards.variant)):
-        inputs["selection"] = results(f"select/{wildcards.regime}.json")
-    return inputs
+    """The train job an evaluation reads. For a swept regime: the sweep's choice and every
+    grid point of this replicate (the job opens the chosen one), so the DAG needs no
+    checkpoint and `snakemake -n` shows the whole run."""
+    regime, variant = wildcards.regime, wildcards.variant
+    if not _reads_selection(wildcards):
+        train_dir = results(f"train/{regime}{variant}")
+        return {"weights": f"{train_dir}/weights.safetensors", "summary": f"{train_dir}/summary.json"}
+    points = [results(f"train/{regime}{_protocol.join_variants(p, variant)}")
+              for p in _protocol.sweep_variants(config, regime)]
+    return {"selection": results(f"select/{regime}.json"),
+            "weights": [f"{p}/weights.safetensors" for p in points],
+            "summary": [f"{p}/summary.json" for p in points]}
+
+
+def evaluate_train_args(wildcards, input):
+    """The evaluate script's options naming the trained model (see evaluate_inputs)."""
+    if "selection" in input.keys():
+        train_root = Path(input.summary[0]).parent.parent
+        return (f"--selection {shlex.quote(input.selection)} "
+                f"--train-root {shlex.quote(str(train_root))}")
+    return f"--weights {shlex.quote(input.weights)} --train-summary {shlex.quote(input.summary)}"
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -12,6 +12,7 @@ rule evaluate_regime:
         predictions=results("eval/{regime}{variant}/predictions.parquet"),
     params:
         settings=evaluate_job_settings,
+        train=evaluate_train_args,
         launch=device_launcher(),
         out_dir=lambda wc, output: Path(output.metrics).parent,
     log:
@@ -25,8 +26,7 @@ rule evaluate_regime:
         jax_env()
     shell:
         "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
-        " --test-index {input.test:q} --weights {input.weights:q}"
-        " --train-summary {input.summary:q} --classes {input.classes:q}"
+        " --test-index {input.test:q} {params.train} --classes {input.classes:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 

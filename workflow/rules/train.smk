@@ -71,9 +71,8 @@ rule train_regime:
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
-# A sweep's choice on validation: a checkpoint, since the evaluation's input (the chosen
-# grid point's weights) is known only once it has run.
-checkpoint select_sweep:
+# A sweep's choice on validation; the evaluation of each replicate opens the chosen point.
+rule select_sweep:
     input:
         unpack(lambda wc: {f"c{i}": paths for i, paths in enumerate(sweep_candidates(wc).values())}),
         script=script_path("select_sweep.py"),
