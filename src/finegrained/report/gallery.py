@@ -196,38 +196,6 @@ def augmentation_grid(train_index, stats_path, augment: Mapping, image_size: int
     return fig
 
 
-
-
-def showcase_run(runs: Mapping[str, list[dict]], regime: str | None = None) -> tuple[str, dict] | None:
-    """``(regime, run)`` whose crops a figure shows: the first run of ``regime``, or of the
-    regime best on validation (mean ``best_val_top1`` of its runs; the test split chooses
-    nothing)."""
-    def val(regime_runs):
-        scores = [(r.get("train_summary_data") or {}).get("best_val_top1") for r in regime_runs]
-        scores = [s for s in scores if s is not None]
-        return float(np.mean(scores)) if scores else -1.0
-
-    candidates = {r: rr for r, rr in runs.items() if rr and (regime is None or r == regime)}
-    if not candidates:
-        return None
-    best = max(candidates, key=lambda r: val(candidates[r]))
-    return best, candidates[best][0]
-
-
-def augmented_run(runs: Mapping[str, list[dict]], regime: str | None = None):
-    """``(regime, run, (augment, image_size, phase))`` of the first run (of ``regime``, or of
-    the first regime in order) whose training augments, or None."""
-    for name, regime_runs in runs.items():
-        if regime is not None and name != regime:
-            continue
-        for run in regime_runs:
-            summary = run.get("train_summary_data")
-            recipe = augmentation_recipe(summary) if summary else None
-            if recipe is not None:
-                return name, run, recipe
-    return None
-
-
 def showcase_run(runs: Mapping[str, list[dict]], regime: str | None = None) -> tuple[str, dict] | None:
     """``(regime, run)`` whose crops a figure shows: the first run of ``regime``, or of the
     regime best on validation (mean ``best_val_top1`` of its runs; the test split chooses
