@@ -1,0 +1,1 @@
+"""Reporting: tables (and later figures) read from the result files of finished runs."""
