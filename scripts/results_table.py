@@ -1,7 +1,8 @@
 """Regime x view table of finished runs, from their eval metrics and benchmark files.
 
     python scripts/results_table.py --run "iNat birds=results/cub50_inat" \
-        --run "ImageNet=results/cub50_imagenet" [--levels leaf] [--update docs/results-cub50.md]
+        --run "ImageNet=results/cub50_imagenet" [--levels leaf] \
+        [--update docs/results-cub50.md]
 
 Prints the Markdown table (and one of the jobs' wall times), or with --update writes it between the markers
 ``<!-- results-table:begin -->`` and ``<!-- results-table:end -->`` of that file.

@@ -115,14 +115,16 @@ def job_seconds(run_dir: str | os.PathLike) -> dict[str, float]:
 def markdown_job_times(runs: Iterable[tuple[str, str | os.PathLike]]) -> str:
     """One row per run: the wall time of its data phase (manifests, crops, indexes, colour
     statistics, target init), of each feature, train and evaluate job, and the sum."""
-    lines = ["| weights / run | data jobs (sum) | feature, train and evaluate jobs | sum of all jobs |", "|---|---|---|---|"]
+    lines = ["| weights / run | data jobs (sum) | feature, train and evaluate jobs "
+             "| sum of all jobs |", "|---|---|---|---|"]
+    model_jobs = ("features", "train", "evaluate")
     for label, run_dir in runs:
         times = job_seconds(run_dir)
-        data = sum(s for job, s in times.items()
-                   if job.split("/")[0] not in ("features", "train", "evaluate"))
+        data = sum(s for job, s in times.items() if job.split("/")[0] not in model_jobs)
         jobs = ", ".join(f"{job} {_secs(s)}" for job, s in times.items()
-                         if job.split("/")[0] in ("features", "train", "evaluate"))
-        lines.append(f"| {label} | {_secs(data)} | {jobs or '–'} | {_secs(sum(times.values()))} |")
+                         if job.split("/")[0] in model_jobs)
+        lines.append(f"| {label} | {_secs(data)} | {jobs or '–'} "
+                     f"| {_secs(sum(times.values()))} |")
     return "\n".join(lines) + "\n"
 
 
