@@ -3,7 +3,8 @@ weights in ../shared: the whole photo as the crop (cub50 has no boxes), pooled M
 features of the evaluation view, the L-BFGS linear probe, test top-1 per starting weights.
 
 The pieces are the pipeline's own (crop decoder, target-model init, centre view, probe
-solver), on 8 species at 112 px so that it runs in well under a minute on 2 CPU cores.
+solver), on 8 species at 112 px: about 35 s of CPU time on 2 cores (2-4 min of wall time
+when the machine is shared and busy).
 The full-size figures: docs/results-cub50.md.
 """
 
