@@ -95,11 +95,12 @@ def test_cub50_example_configs_validate(repo_root):
     without ../shared."""
     from finegrained.config import load_config
 
-    examples = repo_root / "config" / "examples"
-    base = load_config(examples / "cub50.yaml")
+    # Snakemake reads config/config.yaml first (the Snakefile's configfile), then these
+    default, examples = repo_root / "config" / "config.yaml", repo_root / "config" / "examples"
+    base = load_config(default, examples / "cub50.yaml")
     assert base["dataset"]["format"] == "cub" and base["backbone"]["arch"] == "mobilenet_v2"
     assert base["train"]["image_size"] == 224
-    small = load_config(examples / "cub50.yaml", examples / "cub50-112px.yaml", overrides={
+    small = load_config(default, examples / "cub50.yaml", examples / "cub50-112px.yaml", overrides={
         "run_name": "cub50_imagenet_112px",
         "backbone": {"weights": "../shared/weights/mobilenet_v2_1.0_224_imagenet.npz"}})
     assert small["train"]["image_size"] == 112 and small["crop"]["size"] == 128
