@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from finegrained.report.tables import (collect_rows, markdown_job_times, markdown_table,
+from finegrained.report.runs_table import (collect_rows, markdown_job_times, markdown_table,
                                        replace_between)
 
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"

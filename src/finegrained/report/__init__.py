@@ -1,1 +1,1 @@
-"""Reporting: tables (and later figures) read from the result files of finished runs."""
+"""Summaries, tables and figures of a run's results."""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finegrained.report.tables import (collect_rows, job_seconds, markdown_job_times,
+from finegrained.report.runs_table import (collect_rows, job_seconds, markdown_job_times,
                                        markdown_table, replace_between)
 
 TSV_HEAD = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
