@@ -1,0 +1,46 @@
+"""Regime x view table of finished runs, from their eval metrics and benchmark files.
+
+    python scripts/results_table.py --run "iNat birds=results/cub50_inat" \
+        --run "ImageNet=results/cub50_imagenet" [--levels leaf] \
+        [--update docs/results-cub50.md]
+
+Prints the Markdown table (and one of the jobs' wall times), or with --update writes it between the markers
+``<!-- results-table:begin -->`` and ``<!-- results-table:end -->`` of that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from finegrained.report.runs_table import (collect_rows, markdown_job_times, markdown_table,
+                                       replace_between)
+
+BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, metavar="LABEL=RESULTS_DIR",
+                   help="a run folder (results/<run_name>) and its label; repeat, in row order")
+    p.add_argument("--levels", nargs="*", default=[], help="taxonomy levels to show (top-1)")
+    p.add_argument("--update", type=Path, help="write the table between the markers of this file")
+    args = p.parse_args()
+    runs = []
+    for spec in args.run:
+        label, sep, run_dir = spec.partition("=")
+        if not sep:
+            p.error(f"--run {spec!r}: expected LABEL=RESULTS_DIR")
+        runs.append((label, run_dir))
+    table = (markdown_table(collect_rows(runs), levels=args.levels)
+             + "\nWall time of every job (Snakemake benchmark files, `s` column):\n\n"
+             + markdown_job_times(runs))
+    if args.update:
+        args.update.write_text(replace_between(args.update.read_text(), table, BEGIN, END))
+    else:
+        print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The regime x view table of one or more runs, from their result files (no JAX).
+
+A run is a ``results/<run_name>/`` folder. For each regime evaluated there the table reads
+
+- ``eval/<regime>/metrics.json``: top-1/top-5 of every test-time view, top-1 per taxonomy
+  level (on the ``summary_view``), the number of test images;
+- ``benchmarks/train/<regime>.tsv`` and ``benchmarks/evaluate/<regime>.tsv``: the wall time
+  (Snakemake's ``s`` column) of the train and evaluate jobs;
+- ``train/<regime>/summary.json``: the best validation top-1 (model selection).
+
+Runs are given in order with a label (e.g. the weights they start from); rows follow the
+runs, then the regimes in :data:`REGIME_ORDER`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+REGIME_ORDER = ("linear_probe", "partial_finetune", "full_finetune", "two_stage", "scratch")
+VIEW_ORDER = ("center", "ten_crop", "multi_scale")
+VIEW_TITLES = {"center": "centre", "ten_crop": "10-crop", "multi_scale": "multi-scale"}
+
+
+def benchmark_seconds(path: str | os.PathLike) -> float | None:
+    """Wall seconds of a job from its Snakemake benchmark TSV (None when absent)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return float(rows[-1]["s"]) if rows else None
+
+
+def _val_top1(summary: Path) -> float | None:
+    if not summary.exists():
+        return None
+    value = json.loads(summary.read_text()).get("best_val_top1")
+    return None if value is None else float(value)
+
+
+def _regimes(run_dir: Path) -> list[str]:
+    found = {p.parent.name for p in (run_dir / "eval").glob("*/metrics.json")}
+    known = [r for r in REGIME_ORDER if r in found]
+    return known + sorted(found - set(known))
+
+
+def run_rows(label: str, run_dir: str | os.PathLike) -> list[dict]:
+    """One row per evaluated regime of ``run_dir``: ``run``, ``regime``, ``n_test``,
+    ``<view>_top1``/``<view>_top5`` (fractions), ``per_level`` ({level: top-1}),
+    ``val_top1``, ``train_seconds``, ``eval_seconds``."""
+    run_dir = Path(run_dir)
+    rows = []
+    for regime in _regimes(run_dir):
+        metrics = json.loads((run_dir / "eval" / regime / "metrics.json").read_text())
+        row = {"run": label, "regime": regime, "n_test": metrics["n_test"],
+               "per_level": dict(metrics.get("per_level") or {}),
+               "val_top1": _val_top1(run_dir / "train" / regime / "summary.json"),
+               "train_seconds": benchmark_seconds(run_dir / "benchmarks/train" / f"{regime}.tsv"),
+               "eval_seconds": benchmark_seconds(run_dir / "benchmarks/evaluate" / f"{regime}.tsv")}
+        for view in VIEW_ORDER:
+            scores = metrics["views"].get(view, {})
+            row[f"{view}_top1"], row[f"{view}_top5"] = scores.get("top1"), scores.get("top5")
+        rows.append(row)
+    return rows
+
+
+def collect_rows(runs: Iterable[tuple[str, str | os.PathLike]]) -> list[dict]:
+    """:func:`run_rows` of every ``(label, run_dir)``, in order."""
+    return [row for label, run_dir in runs for row in run_rows(label, run_dir)]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _secs(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.0f} s" if x < 120 else f"{x / 60:.1f} min"
+
+
+def markdown_table(rows: Sequence[Mapping], levels: Sequence[str] = ()) -> str:
+    """The regime x view table in Markdown: top-1 / top-5 (%) per view, top-1 per taxonomy
+    ``levels`` (on the summary view), best validation top-1, train and evaluate wall time."""
+    head = (["weights / run", "regime"]
+            + [f"{VIEW_TITLES[v]} top-1 / top-5" for v in VIEW_ORDER]
+            + [f"{level} top-1" for level in levels]
+            + ["val top-1", "train", "evaluate"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["run"], f"`{row['regime']}`"]
+        cells += [f"{_pct(row[f'{v}_top1'])} / {_pct(row[f'{v}_top5'])}" for v in VIEW_ORDER]
+        cells += [_pct(row["per_level"].get(level)) for level in levels]
+        cells += [_pct(row["val_top1"]), _secs(row["train_seconds"]), _secs(row["eval_seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def job_seconds(run_dir: str | os.PathLike) -> dict[str, float]:
+    """Wall seconds of every job of a run that left a benchmark file, by the file's path
+    under ``benchmarks/`` without ``.tsv`` (``train/linear_probe``, ``features/train``, ...)."""
+    root = Path(run_dir) / "benchmarks"
+    out = {}
+    for path in sorted(root.rglob("*.tsv")):
+        seconds = benchmark_seconds(path)
+        if seconds is not None:
+            out[path.relative_to(root).with_suffix("").as_posix()] = seconds
+    return out
+
+
+def markdown_job_times(runs: Iterable[tuple[str, str | os.PathLike]]) -> str:
+    """One row per run: the wall time of its data phase (manifests, crops, indexes, colour
+    statistics, target init), of each feature, train and evaluate job, and the sum."""
+    lines = ["| weights / run | data jobs (sum) | feature, train and evaluate jobs "
+             "| sum of all jobs |", "|---|---|---|---|"]
+    model_jobs = ("features", "train", "evaluate")
+    for label, run_dir in runs:
+        times = job_seconds(run_dir)
+        data = sum(s for job, s in times.items() if job.split("/")[0] not in model_jobs)
+        jobs = ", ".join(f"{job} {_secs(s)}" for job, s in times.items()
+                         if job.split("/")[0] in model_jobs)
+        lines.append(f"| {label} | {_secs(data)} | {jobs or '–'} "
+                     f"| {_secs(sum(times.values()))} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_between(text: str, block: str, begin: str, end: str) -> str:
+    """``text`` with everything between the marker lines ``begin`` and ``end`` replaced by
+    ``block`` (markers kept); an error when a marker is missing."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"markers {begin!r} ... {end!r} not found in order")
+    head = text[:start + len(begin)]
+    return head + "\n" + block + text[stop:]

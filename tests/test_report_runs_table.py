@@ -1,0 +1,59 @@
+"""The regime x view table reads eval metrics, train summaries and benchmark files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finegrained.report.runs_table import (collect_rows, job_seconds, markdown_job_times,
+                                       markdown_table, replace_between)
+
+TSV_HEAD = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _run(root, regimes):
+    for regime, (top1, val) in regimes.items():
+        (root / "eval" / regime).mkdir(parents=True)
+        (root / "eval" / regime / "metrics.json").write_text(json.dumps({
+            "regime": regime, "n_test": 10, "per_level": {"leaf": top1},
+            "views": {"center": {"top1": top1 - 0.1, "top5": 1.0},
+                      "ten_crop": {"top1": top1, "top5": 1.0},
+                      "multi_scale": {"top1": top1, "top5": 0.9}}}))
+        (root / "train" / regime).mkdir(parents=True)
+        (root / "train" / regime / "summary.json").write_text(json.dumps({"best_val_top1": val}))
+        for family, seconds in (("train", 150.0), ("evaluate", 30.0)):
+            (root / "benchmarks" / family).mkdir(parents=True, exist_ok=True)
+            (root / "benchmarks" / family / f"{regime}.tsv").write_text(
+                TSV_HEAD + f"{seconds}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t0\n")
+    (root / "benchmarks" / "manifests").mkdir(parents=True)
+    (root / "benchmarks" / "manifests" / "target.tsv").write_text(
+        TSV_HEAD + "4.5\t0:00:04\t1\t1\t1\t1\t0\t0\t0\t0\n")
+    return root
+
+
+def test_rows_follow_runs_then_regime_order(tmp_path):
+    a = _run(tmp_path / "a", {"scratch": (0.2, 0.25), "linear_probe": (0.9, 0.95)})
+    b = _run(tmp_path / "b", {"full_finetune": (0.8, 0.85)})
+    rows = collect_rows([("A", a), ("B", b)])
+    assert [(r["run"], r["regime"]) for r in rows] == [
+        ("A", "linear_probe"), ("A", "scratch"), ("B", "full_finetune")]
+    first = rows[0]
+    assert first["center_top1"] == pytest.approx(0.8) and first["ten_crop_top1"] == 0.9
+    assert first["val_top1"] == 0.95
+    assert first["train_seconds"] == 150.0 and first["eval_seconds"] == 30.0
+    table = markdown_table(rows, levels=["leaf"])
+    assert "| A | `linear_probe` | 80.0 / 100.0 | 90.0 / 100.0 | 90.0 / 90.0 | 90.0 | 95.0 " \
+           "| 2.5 min | 30 s |" in table
+    assert job_seconds(b) == {"evaluate/full_finetune": 30.0, "manifests/target": 4.5,
+                              "train/full_finetune": 150.0}
+    assert "| B | 4 s | evaluate/full_finetune 30 s, train/full_finetune 2.5 min | 3.1 min |" \
+        in markdown_job_times([("B", b)])
+
+
+def test_replace_between_keeps_markers():
+    text = "intro\n<!-- b -->\nold\n<!-- e -->\nrest\n"
+    assert replace_between(text, "new\n", "<!-- b -->", "<!-- e -->") == \
+        "intro\n<!-- b -->\nnew\n<!-- e -->\nrest\n"
+    with pytest.raises(ValueError):
+        replace_between("no markers", "x", "<!-- b -->", "<!-- e -->")
