@@ -64,9 +64,9 @@ def snakemake(workdir, *configs, target="all", dry_run=False):
 
 def job_counts(dry_run_output: str) -> dict[str, int]:
     """rule -> count from the "Job stats" table of a dry run."""
-    lines = dry_run_output.split("Job stats:")[1].splitlines()
+    lines = dry_run_output.split("Job stats:")[1].splitlines()   # '', header, rule, rows
     counts = {}
-    for line in lines[4:]:
+    for line in lines[3:]:
         parts = line.split()
         if len(parts) != 2 or parts[0] == "total":
             break
