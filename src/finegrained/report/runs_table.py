@@ -14,11 +14,12 @@ runs, then the regimes in :data:`REGIME_ORDER`.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from finegrained.report.throughput import read_benchmark
 
 REGIME_ORDER = ("linear_probe", "partial_finetune", "full_finetune", "two_stage", "scratch")
 VIEW_ORDER = ("center", "ten_crop", "multi_scale")
@@ -27,12 +28,8 @@ VIEW_TITLES = {"center": "centre", "ten_crop": "10-crop", "multi_scale": "multi-
 
 def benchmark_seconds(path: str | os.PathLike) -> float | None:
     """Wall seconds of a job from its Snakemake benchmark TSV (None when absent)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return float(rows[-1]["s"]) if rows else None
+    bench = read_benchmark(path)
+    return None if bench is None else bench.get("s")
 
 
 def _val_top1(summary: Path) -> float | None:
