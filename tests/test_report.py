@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import re
 from pathlib import Path
 
 import matplotlib
@@ -230,6 +228,7 @@ def test_learning_curves_panel_per_regime_phases_named(runs, tmp_path):
     for text in ("linear probe", "two stage", "head", "main", "L2 strength", "epoch"):
         assert text in svg
     loss_probe, top1_probe = fig.axes[0], fig.axes[3]
+    assert loss_probe.get_xscale() == "log"
     assert top1_probe.get_xscale() == "log"
     # Two-stage: 2 head + 3 main epochs on one axis, 1..5, the main phase shaded.
     top1_two_stage = fig.axes[5]

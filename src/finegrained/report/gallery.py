@@ -5,9 +5,7 @@ JAX is imported there, on first use).
 
 from __future__ import annotations
 
-import os
 import textwrap
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
