@@ -78,11 +78,17 @@ cub50: install
 	$(SNAKEMAKE) results/cub50_inat/eval/linear_probe/metrics.json $(CUB50) --cores $(CORES)
 	$(SNAKEMAKE) results/cub50_imagenet/eval/linear_probe/metrics.json $(CUB50) --cores $(CORES) \
 	    --config run_name=cub50_imagenet $(IMAGENET)
-	$(SNAKEMAKE) all $(CUB50_112) --cores $(CORES)
-	$(SNAKEMAKE) all $(CUB50_112) --cores $(CORES) --config run_name=cub50_imagenet_112px $(IMAGENET) 'regimes=[linear_probe,full_finetune]'
+	$(SNAKEMAKE) all $(CUB50_112) config/examples/cub50-112px-sweep.yaml --cores $(CORES)
+	$(SNAKEMAKE) all $(CUB50_112) config/examples/cub50-112px-imagenet.yaml --cores $(CORES)
+	$(SNAKEMAKE) all $(CUB50) config/examples/cub50-112px-sgd-probe.yaml --cores $(CORES)
+	$(SNAKEMAKE) all $(CUB50) config/examples/cub50-112px-sgd-probe.yaml \
+	    config/examples/cub50-112px-sgd-probe-augmented.yaml --cores $(CORES)
+	$(PY) benchmarks/cub50_head_fit.py
 	$(PY) scripts/results_table.py --update docs/results-cub50.md --levels leaf \
 	    --run "iNat birds, 224 px=results/cub50_inat" --run "ImageNet, 224 px=results/cub50_imagenet" \
-	    --run "iNat birds, 112 px=results/cub50_inat_112px" --run "ImageNet, 112 px=results/cub50_imagenet_112px"
+	    --run "iNat birds, 112 px=results/cub50_inat_112px" --run "ImageNet, 112 px=results/cub50_imagenet_112px" \
+	    --run "iNat birds, 112 px, SGD probe=results/cub50_inat_112px_sgd_probe" \
+	    --run "iNat birds, 112 px, SGD probe, augmented=results/cub50_inat_112px_sgd_probe_aug"
 
 clean-demo:
 	rm -rf results/demo

@@ -57,3 +57,19 @@ def test_replace_between_keeps_markers():
         "intro\n<!-- b -->\nnew\n<!-- e -->\nrest\n"
     with pytest.raises(ValueError):
         replace_between("no markers", "x", "<!-- b -->", "<!-- e -->")
+
+
+def test_a_swept_regime_reads_its_chosen_training_job(tmp_path):
+    run = _run(tmp_path / "a", {"full_finetune": (0.8, 0.85)})
+    chosen = run / "train" / "full_finetune+lr=0.003"
+    chosen.mkdir()
+    (chosen / "summary.json").write_text(json.dumps({"best_val_top1": 0.9}))
+    (run / "benchmarks" / "train" / "full_finetune+lr=0.003.tsv").write_text(
+        TSV_HEAD + "60.0\t0:01:00\t1\t1\t1\t1\t0\t0\t0\t0\n")
+    metrics = run / "eval" / "full_finetune" / "metrics.json"
+    metrics.write_text(json.dumps(dict(json.loads(metrics.read_text()),
+                                       train_variant="+lr=0.003")))
+    [row] = collect_rows([("A", run)])
+    assert row["train_job"] == "full_finetune+lr=0.003"
+    assert row["val_top1"] == 0.9 and row["train_seconds"] == 60.0
+    assert "| A | `full_finetune` (`+lr=0.003`) | 70.0 / 100.0 |" in markdown_table([row])

@@ -4,9 +4,13 @@ A run is a ``results/<run_name>/`` folder. For each regime evaluated there the t
 
 - ``eval/<regime>/metrics.json``: top-1/top-5 of every test-time view, top-1 per taxonomy
   level (on the ``summary_view``), the number of test images;
-- ``benchmarks/train/<regime>.tsv`` and ``benchmarks/evaluate/<regime>.tsv``: the wall time
+- ``benchmarks/train/<job>.tsv`` and ``benchmarks/evaluate/<regime>.tsv``: the wall time
   (Snakemake's ``s`` column) of the train and evaluate jobs;
-- ``train/<regime>/summary.json``: the best validation top-1 (model selection).
+- ``train/<job>/summary.json``: the best validation top-1 (model selection).
+
+``<job>`` is the training job the evaluation read: ``<regime>``, or for a swept regime the
+grid point chosen on validation (``train_variant`` of the metrics, e.g.
+``full_finetune+epochs=10``), which the regime cell names.
 
 Runs are given in order with a label (e.g. the weights they start from); rows follow the
 runs, then the regimes in :data:`REGIME_ORDER`.
@@ -48,15 +52,16 @@ def _regimes(run_dir: Path) -> list[str]:
 def run_rows(label: str, run_dir: str | os.PathLike) -> list[dict]:
     """One row per evaluated regime of ``run_dir``: ``run``, ``regime``, ``n_test``,
     ``<view>_top1``/``<view>_top5`` (fractions), ``per_level`` ({level: top-1}),
-    ``val_top1``, ``train_seconds``, ``eval_seconds``."""
+    ``val_top1``, ``train_seconds``, ``eval_seconds``, ``train_job``."""
     run_dir = Path(run_dir)
     rows = []
     for regime in _regimes(run_dir):
         metrics = json.loads((run_dir / "eval" / regime / "metrics.json").read_text())
-        row = {"run": label, "regime": regime, "n_test": metrics["n_test"],
+        job = regime + (metrics.get("train_variant") or "")
+        row = {"run": label, "regime": regime, "train_job": job, "n_test": metrics["n_test"],
                "per_level": dict(metrics.get("per_level") or {}),
-               "val_top1": _val_top1(run_dir / "train" / regime / "summary.json"),
-               "train_seconds": benchmark_seconds(run_dir / "benchmarks/train" / f"{regime}.tsv"),
+               "val_top1": _val_top1(run_dir / "train" / job / "summary.json"),
+               "train_seconds": benchmark_seconds(run_dir / "benchmarks/train" / f"{job}.tsv"),
                "eval_seconds": benchmark_seconds(run_dir / "benchmarks/evaluate" / f"{regime}.tsv")}
         for view in VIEW_ORDER:
             scores = metrics["views"].get(view, {})
@@ -89,7 +94,9 @@ def markdown_table(rows: Sequence[Mapping], levels: Sequence[str] = ()) -> str:
             + ["val top-1", "train", "evaluate"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["run"], f"`{row['regime']}`"]
+        job = row.get("train_job", row["regime"])
+        cells = [row["run"], f"`{row['regime']}`"
+                 + (f" (`{job[len(row['regime']):]}`)" if job != row["regime"] else "")]
         cells += [f"{_pct(row[f'{v}_top1'])} / {_pct(row[f'{v}_top5'])}" for v in VIEW_ORDER]
         cells += [_pct(row["per_level"].get(level)) for level in levels]
         cells += [_pct(row["val_top1"]), _secs(row["train_seconds"]), _secs(row["eval_seconds"])]
