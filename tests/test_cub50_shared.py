@@ -106,3 +106,22 @@ def test_cub50_example_configs_validate(repo_root):
     assert small["train"]["image_size"] == 112 and small["crop"]["size"] == 128
     assert small["backbone"]["arch"] == "mobilenet_v2"      # merged key by key
     assert small["regime_settings"]["full_finetune"]["backbone_lr_mult"] == 0.1
+    # every combination `make cub50` runs (docs/results-cub50.md)
+    from finegrained.protocol import check_protocol, train_variants
+    combos = {("cub50-112px.yaml", "cub50-112px-sweep.yaml"): "cub50_inat_112px",
+              ("cub50-112px.yaml", "cub50-112px-imagenet.yaml"): "cub50_imagenet_112px",
+              ("cub50-112px-sgd-probe.yaml",): "cub50_inat_112px_sgd_probe",
+              ("cub50-112px-sgd-probe.yaml", "cub50-112px-sgd-probe-augmented.yaml"):
+                  "cub50_inat_112px_sgd_probe_aug"}
+    for overlays, run_name in combos.items():
+        config = load_config(default, examples / "cub50.yaml", *(examples / o for o in overlays))
+        check_protocol(config)
+        assert config["run_name"] == run_name and config["train"]["image_size"] == 112
+    swept = load_config(default, examples / "cub50.yaml", examples / "cub50-112px.yaml",
+                        examples / "cub50-112px-sweep.yaml")
+    assert train_variants(swept, "two_stage") == ["+backbone_lr_mult=1.0", "+backbone_lr_mult=0.1"]
+    augmented = load_config(default, examples / "cub50.yaml",
+                            examples / "cub50-112px-sgd-probe.yaml",
+                            examples / "cub50-112px-sgd-probe-augmented.yaml")
+    probe = augmented["regime_settings"]["linear_probe"]
+    assert probe["solver"] == "sgd" and probe["augment"]["crop_area"] == [0.25, 1.0]
