@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from finegrained.data.shards import ShardReader
+from finegrained.fileio import sha256_file
 from finegrained.models.weights import read_metadata, read_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +152,21 @@ def test_frozen_regimes_keep_the_pretrained_backbone(tiny_run):
     assert not np.array_equal(probe["head/kernel"], init["head/kernel"])
     assert not np.array_equal(partial["stage4/0/conv1/kernel"], init["stage4/0/conv1/kernel"])
     index = json.loads((tiny_run / "features" / "train" / "index.json").read_text())
-    assert {"stage3", "stage4", "stage3:map"} <= set(index["layers"])
+    assert set(index["layers"]) == {"stage3", "stage4"}
+    maps = json.loads((tiny_run / "features" / "train" / "stage3.map" / "index.json").read_text())
+    assert set(maps["layers"]) == {"stage3:map"} and maps["count"] == index["count"]
+    summary = json.loads((tiny_run / "train" / "partial_finetune" / "summary.json").read_text())
+    assert summary["provenance"]["features_train_stage3:map_sha256"] == sha256_file(
+        tiny_run / "features" / "train" / "stage3.map" / "index.json")
+
+
+def test_dropping_a_regime_reruns_no_feature_cache(tiny_run):
+    """Each boundary map is a job of its own: the probe's pooled cache does not depend on
+    which cached regimes are listed."""
+    regimes = ["linear_probe", "full_finetune", "two_stage", "scratch"]
+    counts = job_counts(snakemake(tiny_run.parents[1], {"regimes": regimes},
+                                  target="summarize", dry_run=True).stdout)
+    assert counts == {"summarize": 1}
 
 
 @pytest.mark.parametrize("regime", ["linear_probe", "partial_finetune", "full_finetune",
@@ -205,14 +220,14 @@ def test_all_ends_with_the_report_figures_and_the_html_report(tiny_run):
     assert html.stat().st_size > 100_000
 
 
-REPLICATED = {"regimes": ["full_finetune", "scratch"], "seeds": [0, 1],
+REPLICATED = {"regimes": ["full_finetune"], "seeds": [0, 1],
               "sweep": {"full_finetune": {"lr": [0.01, 0.2]}}}
 
 
 @pytest.fixture(scope="module")
 def replicated_run(tiny_run):
     """The tiny run again with two seeds and an lr sweep of full_finetune (after the other
-    tests: it adds jobs, and its config drops the cached regimes so the cache stays put)."""
+    tests: it adds jobs)."""
     snakemake(tiny_run.parents[1], REPLICATED, target="summarize")
     return tiny_run
 
@@ -225,7 +240,6 @@ def test_seeds_and_sweep_train_every_point_and_evaluate_the_chosen_one(replicate
         assert summary["settings"]["seed"] == (1 if "seed" in variant else 0)
         lr = summary["settings"]["phases"][0]["train_config"]["base_lr"]
         assert lr == (0.01 if "lr=0.01" in variant else 0.2)
-    assert (run / "train" / "scratch+seed=1" / "summary.json").exists()
 
     selection = json.loads((run / "select" / "full_finetune.json").read_text())
     means = {c["variant"]: c["val_top1_mean"] for c in selection["candidates"]}
@@ -242,17 +256,16 @@ def test_seeds_and_sweep_train_every_point_and_evaluate_the_chosen_one(replicate
     for eval_variant, train_variant in [("", chosen), ("+seed=1", f"+seed=1{chosen}")]:
         metrics = json.loads((run / "eval" / f"full_finetune{eval_variant}" / "metrics.json").read_text())
         assert metrics["train_variant"] == train_variant
-        from finegrained.fileio import sha256_file
         assert metrics["provenance"]["weights_sha256"] == sha256_file(
             run / "train" / f"full_finetune{train_variant}" / "weights.safetensors")
 
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert summary["regimes"]["full_finetune"]["selection"]["chosen"] == chosen
-    assert [r["seed"] for r in summary["regimes"]["scratch"]["runs"]] == [0, 1]
+    assert [r["seed"] for r in summary["regimes"]["full_finetune"]["runs"]] == [0, 1]
     row = next(r for r in summary["rows"] if (r["regime"], r["view"], r["metric"])
-               == ("scratch", "center", "top1"))
+               == ("full_finetune", "center", "top1"))
     values = [json.loads((run / "eval" / name / "metrics.json").read_text())["views"]["center"]["top1"]
-              for name in ["scratch", "scratch+seed=1"]]
+              for name in ["full_finetune", "full_finetune+seed=1"]]
     assert row["values"] == values and row["n"] == 2
     assert row["mean"] == pytest.approx(sum(values) / 2)
     assert "± " in (run / "report" / "tables" / "regime_views.md").read_text()
@@ -262,7 +275,7 @@ def test_a_changed_evaluation_view_retrains_nothing(replicated_run):
     changed = dict(REPLICATED, evaluation={"multi_scale_fractions": [0.5, 1.0]})
     counts = job_counts(snakemake(replicated_run.parents[1], changed, target="summarize",
                                   dry_run=True).stdout)
-    assert counts == {"evaluate_regime": 4, "summarize": 1}
+    assert counts == {"evaluate_regime": 2, "summarize": 1}
     unchanged = snakemake(replicated_run.parents[1], REPLICATED, target="summarize", dry_run=True)
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
 

@@ -78,8 +78,16 @@ def test_the_cut_point_is_also_the_freeze_regex_and_the_cache_layer():
                         regime_settings={"partial_finetune": {"augment": {"flip": 0.5}}})
     phase = regimes.job_settings(augmented, "partial_finetune")["phases"][0]
     assert phase["input"] == {"kind": "pixels", "start": None, "cut": "stage3"}
-    assert "stage3:map" in regimes.cache_layers(config, "train")
-    assert "stage3:map" not in regimes.cache_layers(augmented, "train")
+    assert regimes.cached_layers(config, "partial_finetune") == ["stage3:map"]
+    assert regimes.cached_layers(augmented, "partial_finetune") == []
+    assert regimes.cache_index("train", "stage3:map") == "train/stage3.map/index.json"
+    assert regimes.cache_index("val", "stage4") == "val/index.json"
+    # the pooled cache is the same whichever regimes are listed
+    assert regimes.feature_settings(config, "train")["layers"] == ["stage3", "stage4"]
+    assert regimes.feature_settings(_config(backbone={"arch": "resnet18"},
+                                            regimes=["linear_probe"]), "train") \
+        == regimes.feature_settings(config, "train")
+    assert regimes.feature_settings(config, "val", "stage3:map")["layers"] == ["stage3:map"]
 
 
 def test_full_finetune_has_three_tiers():

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 CONFIG = ["config/demo.yaml", "tests/slurm/short.yaml"]
 LOCAL, CLUSTER = "slurm_local", "slurm_cluster"
-GPU_RULES = {"pretrain", "features", "train_regime", "evaluate_regime"}
+GPU_RULES = {"pretrain", "features", "feature_map", "train_regime", "evaluate_regime"}
 CANCELLED_JOB = "full_finetune"
 
 pytestmark = [

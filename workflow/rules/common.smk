@@ -209,7 +209,9 @@ def train_job_settings(wildcards):
 
 
 def feature_job_settings(wildcards):
-    return _json.dumps(_regimes.feature_settings(config, wildcards.split), sort_keys=True)
+    """The pooled layers of a split (`features`), or one boundary map (`feature_map`)."""
+    layer = f"{wildcards.stage}:map" if hasattr(wildcards, "stage") else None
+    return _json.dumps(_regimes.feature_settings(config, wildcards.split, layer), sort_keys=True)
 
 
 def pretrain_job_settings():
@@ -222,8 +224,10 @@ def train_inputs(wildcards):
     inputs = {}
     if settings["init"] == "pretrained":
         inputs["init"] = results("weights/init.safetensors")
-    if _regimes.uses_cache(config, wildcards.regime, wildcards.variant):
-        inputs["features"] = [results(f"features/{split}/index.json") for split in ("train", "val")]
+    layers = _regimes.cached_layers(config, wildcards.regime, wildcards.variant)
+    if layers:
+        inputs["features"] = [results("features/" + _regimes.cache_index(split, layer))
+                              for layer in layers for split in ("train", "val")]
     return inputs
 
 

@@ -32,6 +32,19 @@ rule features:
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+# One boundary activation (the output of a frozen lower part) that a cached regime reads:
+# a job of its own, so listing or dropping that regime touches no other cache.
+use rule features as feature_map with:
+    output:
+        index=results("features/{split}/{stage}.map/index.json"),
+    log:
+        results("logs/features/{split}/{stage}.map.log"),
+    benchmark:
+        results("benchmarks/features/{split}/{stage}.map.tsv")
+    wildcard_constraints:
+        stage=r"[a-z]+\d*",
+
+
 rule train_regime:
     input:
         unpack(train_inputs),
@@ -48,8 +61,7 @@ rule train_regime:
         settings=train_job_settings,
         init=lambda wc, input: f"--init-weights {input.init!r}" if "init" in input.keys() else "",
         features=lambda wc, input: (
-            f"--features-dir {str(Path(input.features[0]).parents[1])!r}"
-            if "features" in input.keys() else ""
+            f"--features-dir {results('features')!r}" if "features" in input.keys() else ""
         ),
         checkpoints=results("checkpoints/{regime}{variant}"),
         launch=device_launcher(),

@@ -1,13 +1,15 @@
 """The feature cache: the frozen backbone run once over a split, its outputs kept on disk.
 
-For each configured layer the cache holds one float16 (or float32) NPY under
-``<dir>/<split>/`` plus an ``index.json`` (shape, dtype, layer, sha256 of the weights and
-of the shard index it read, the view and the labels' file)::
+For each layer a job extracts, the cache holds one float16 (or float32) NPY in the job's
+folder plus an ``index.json`` (shape, dtype, layer, sha256 of the weights and of the shard
+index it read, the view and the labels' file). The workflow runs one job for the pooled
+layers of a split and one per boundary map (``regimes.cache_index``)::
 
-    features/train/stage4.npy        [V*N, C]      pooled output of stage4
-    features/train/stage3.map.npy    [V*N, h, w, C] full activation after stage3
-    features/train/labels.npy        [V*N] int32
+    features/train/stage4.npy                  [V*N, C]      pooled output of stage4
+    features/train/labels.npy                  [V*N] int32
     features/train/index.json
+    features/train/stage3.map/stage3.map.npy   [V*N, h, w, C] full activation after stage3
+    features/train/stage3.map/labels.npy, index.json
 
 A layer named ``<stage>`` is the globally average-pooled output of that stage (what a
 linear probe reads); ``<stage>:map`` is the activation itself (the boundary of a frozen

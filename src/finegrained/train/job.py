@@ -45,6 +45,7 @@ from finegrained.train.augment import lighting_from_stats
 from finegrained.train.features import FeatureReader
 from finegrained.train.loop import TrainConfig, fit
 from finegrained.train.probe import fit_probe
+from finegrained.train.regimes import cache_index
 
 
 def runtime_options(arch: str, settings: Mapping) -> dict:
@@ -88,9 +89,8 @@ def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool)
         if features_dir is None:
             raise DataError("features", f"phase {phase['name']} reads the feature cache, "
                             f"but no features directory was given")
-        features_dir = Path(features_dir)
-        return (FeatureReader(features_dir / "train" / "index.json", inp["layer"]),
-                FeatureReader(features_dir / "val" / "index.json", inp["layer"]))
+        return tuple(FeatureReader(Path(features_dir) / cache_index(split, inp["layer"]),
+                                   inp["layer"]) for split in ("train", "val"))
     return ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
 
 
@@ -203,9 +203,9 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             config_hash=settings["config_hash"],
             shard_indexes={"train": train_index, "val": val_index},
             init_weights=init_weights if settings["init"] != "random" else None,
-            **({"features_train": Path(features_dir, "train", "index.json"),
-                "features_val": Path(features_dir, "val", "index.json")}
-               if features_dir is not None else {})),
+            **{f"features_{split}_{layer}": Path(features_dir, cache_index(split, layer))
+               for phase in settings["phases"] if phase["input"]["kind"] == "cache"
+               for layer in [phase["input"]["layer"]] for split in ("train", "val")}),
         "settings": settings,
     }
     write_json(out_dir / "summary.json", summary)

@@ -230,23 +230,25 @@ def pretrain_settings(config: Mapping) -> dict:
                                           start=None, cut=None)}
 
 
-def feature_settings(config: Mapping, split: str) -> dict:
-    """The resolved settings of the features rule for ``split``."""
+def feature_settings(config: Mapping, split: str, layer: str | None = None) -> dict:
+    """The resolved settings of one feature-cache job for ``split``: the pooled layers
+    (``layer`` None, the `features` rule) or the one boundary map ``layer`` (`feature_map`).
+    Neither depends on which regimes are listed, so changing `regimes:` reruns no cache."""
     feats, run = config["features"], config["train"]
     views = feats["train_views"] if split == "train" else 0
     return {"arch": config["backbone"]["arch"], "width": config["backbone"]["width"],
             "stage_depths": config["backbone"]["stage_depths"],
             "depthwise_impl": config["backbone"]["depthwise_impl"],
-            "layers": cache_layers(config, split), "views": views,
+            "layers": pooled_layers(config) if layer is None else [layer], "views": views,
             "augment": feats["augment"], "image_size": run["image_size"],
             "eval_crop_fraction": run["eval_crop_fraction"], "seed": run["seed"],
             "batch_size": feats["batch_size"], "dtype": feats["dtype"],
             "verify_shards": config["shards"].get("verify", True)}
 
 
-def cache_layers(config: Mapping, split: str) -> list[str]:
-    """Layers the features rule writes for ``split``: the configured pooled layers (the
-    last stage always) and every boundary map a cached regime reads."""
+def pooled_layers(config: Mapping) -> list[str]:
+    """The pooled layers the features rule caches: ``features.layers`` (default: the last
+    two stages), the last stage always."""
     arch = config["backbone"]["arch"]
     layers = list(config["features"]["layers"] or default_feature_layers(arch))
     stages = body_stages(arch)
@@ -256,17 +258,25 @@ def cache_layers(config: Mapping, split: str) -> list[str]:
                               f"stages are {stages}")
     if stages[-1] not in layers:
         layers.append(stages[-1])
-    for name in config["regimes"]:
-        for phase in job_settings(config, name)["phases"]:
-            layer = phase["input"].get("layer")
-            if phase["input"]["kind"] == "cache" and layer not in layers:
-                layers.append(layer)
     return layers
 
 
-def uses_cache(config: Mapping, regime_name: str, variant: str = "") -> bool:
-    return any(p["input"]["kind"] == "cache"
-               for p in job_settings(config, regime_name, variant)["phases"])
+def cached_layers(config: Mapping, regime_name: str, variant: str = "") -> list[str]:
+    """The cached layers one training job reads (pooled features or boundary maps)."""
+    layers = []
+    for phase in job_settings(config, regime_name, variant)["phases"]:
+        if phase["input"]["kind"] == "cache" and phase["input"]["layer"] not in layers:
+            layers.append(phase["input"]["layer"])
+    return layers
+
+
+def cache_index(split: str, layer: str) -> str:
+    """The index of ``layer``'s cache of ``split``, relative to the run's ``features/``
+    folder: the pooled layers share ``<split>/index.json``; each boundary map
+    (``<stage>:map``) has a job and a folder of its own, ``<split>/<stage>.map/index.json``."""
+    if layer.endswith(":map"):
+        return f"{split}/{layer.replace(':map', '.map')}/index.json"
+    return f"{split}/index.json"
 
 
 def settings_hash(settings: Mapping) -> str:
