@@ -226,7 +226,7 @@ def train_inputs(wildcards):
         inputs["init"] = results("weights/init.safetensors")
     layers = _regimes.cached_layers(config, wildcards.regime, wildcards.variant)
     if layers:
-        inputs["features"] = [results("features/" + _regimes.cache_index(split, layer))
+        inputs["features"] = [results(f"features/{_regimes.cache_index(split, layer)}")
                               for layer in layers for split in ("train", "val")]
     return inputs
 
