@@ -22,7 +22,6 @@ Writes benchmarks/results/cub50_head_fit.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -34,9 +33,7 @@ import optax
 from finegrained.data.shards import ShardReader
 from finegrained.fileio import write_json
 from finegrained.train.probe import fit_probe
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cub50_probe_geometry import pooled_features, top1  # noqa: E402
+from cub50_probe_geometry import pooled_features, top1
 
 REPO = Path(__file__).resolve().parents[1]
 L2_GRID = [1e-4, 1e-3, 1e-2, 1e-1]

@@ -70,6 +70,6 @@ def test_a_swept_regime_reads_its_chosen_training_job(tmp_path):
     metrics.write_text(json.dumps(dict(json.loads(metrics.read_text()),
                                        train_variant="+lr=0.003")))
     [row] = collect_rows([("A", run)])
-    assert row["train_job"] == "full_finetune+lr=0.003"
+    assert row["train_variant"] == "+lr=0.003"
     assert row["val_top1"] == 0.9 and row["train_seconds"] == 60.0
     assert "| A | `full_finetune` (`+lr=0.003`) | 70.0 / 100.0 |" in markdown_table([row])

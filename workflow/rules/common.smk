@@ -209,9 +209,14 @@ def train_job_settings(wildcards):
 
 
 def feature_job_settings(wildcards):
-    """The pooled layers of a split (`features`), or one boundary map (`feature_map`)."""
-    layer = f"{wildcards.stage}:map" if hasattr(wildcards, "stage") else None
-    return _json.dumps(_regimes.feature_settings(config, wildcards.split, layer), sort_keys=True)
+    """The pooled layers of a split (`features`)."""
+    return _json.dumps(_regimes.feature_settings(config, wildcards.split), sort_keys=True)
+
+
+def feature_map_job_settings(wildcards):
+    """One boundary map of a split (`feature_map`)."""
+    return _json.dumps(_regimes.feature_settings(config, wildcards.split, f"{wildcards.stage}:map"),
+                       sort_keys=True)
 
 
 def pretrain_job_settings():

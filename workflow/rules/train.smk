@@ -35,6 +35,8 @@ rule features:
 # One boundary activation (the output of a frozen lower part) that a cached regime reads:
 # a job of its own, so listing or dropping that regime touches no other cache.
 use rule features as feature_map with:
+    params:
+        settings=feature_map_job_settings,
     output:
         index=results("features/{split}/{stage}.map/index.json"),
     log:

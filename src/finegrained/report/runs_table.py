@@ -52,13 +52,15 @@ def _regimes(run_dir: Path) -> list[str]:
 def run_rows(label: str, run_dir: str | os.PathLike) -> list[dict]:
     """One row per evaluated regime of ``run_dir``: ``run``, ``regime``, ``n_test``,
     ``<view>_top1``/``<view>_top5`` (fractions), ``per_level`` ({level: top-1}),
-    ``val_top1``, ``train_seconds``, ``eval_seconds``, ``train_job``."""
+    ``val_top1``, ``train_seconds``, ``eval_seconds``, ``train_variant`` ('' unswept)."""
     run_dir = Path(run_dir)
     rows = []
     for regime in _regimes(run_dir):
         metrics = json.loads((run_dir / "eval" / regime / "metrics.json").read_text())
-        job = regime + (metrics.get("train_variant") or "")
-        row = {"run": label, "regime": regime, "train_job": job, "n_test": metrics["n_test"],
+        variant = metrics.get("train_variant") or ""
+        job = regime + variant
+        row = {"run": label, "regime": regime, "train_variant": variant,
+               "n_test": metrics["n_test"],
                "per_level": dict(metrics.get("per_level") or {}),
                "val_top1": _val_top1(run_dir / "train" / job / "summary.json"),
                "train_seconds": benchmark_seconds(run_dir / "benchmarks/train" / f"{job}.tsv"),
@@ -94,9 +96,8 @@ def markdown_table(rows: Sequence[Mapping], levels: Sequence[str] = ()) -> str:
             + ["val top-1", "train", "evaluate"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        job = row.get("train_job", row["regime"])
-        cells = [row["run"], f"`{row['regime']}`"
-                 + (f" (`{job[len(row['regime']):]}`)" if job != row["regime"] else "")]
+        variant = f" (`{row['train_variant']}`)" if row["train_variant"] else ""
+        cells = [row["run"], f"`{row['regime']}`{variant}"]
         cells += [f"{_pct(row[f'{v}_top1'])} / {_pct(row[f'{v}_top5'])}" for v in VIEW_ORDER]
         cells += [_pct(row["per_level"].get(level)) for level in levels]
         cells += [_pct(row["val_top1"]), _secs(row["train_seconds"]), _secs(row["eval_seconds"])]

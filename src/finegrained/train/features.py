@@ -39,13 +39,11 @@ from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import atomic_output, sha256_file, write_json
 from finegrained.train.augment import AugmentConfig, Lighting, augment_batch, center_crop
-
-MAP_SUFFIX = ":map"
-
+from finegrained.train.regimes import MAP_SUFFIX, layer_stem
 
 def layer_file(layer: str) -> str:
     """File name of a layer's array (``stage3:map`` -> ``stage3.map.npy``)."""
-    return layer.replace(MAP_SUFFIX, ".map") + ".npy"
+    return layer_stem(layer) + ".npy"
 
 
 def parse_layer(layer: str) -> tuple[str, bool]:

@@ -191,6 +191,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(out_dir / "weights.safetensors", read_tensors(best_file), metadata=metadata)
     _write_history(out_dir / "history.parquet", rows)
+    cached = {p["input"]["layer"] for p in settings["phases"] if p["input"]["kind"] == "cache"}
     summary = {
         "regime": settings["regime"], "variant": settings.get("variant", ""),
         "best_phase": settings["phases"][phase_index]["name"], "best_epoch": best_row["epoch"],
@@ -204,8 +205,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             shard_indexes={"train": train_index, "val": val_index},
             init_weights=init_weights if settings["init"] != "random" else None,
             **{f"features_{split}_{layer}": Path(features_dir, cache_index(split, layer))
-               for phase in settings["phases"] if phase["input"]["kind"] == "cache"
-               for layer in [phase["input"]["layer"]] for split in ("train", "val")}),
+               for layer in cached for split in ("train", "val")}),
         "settings": settings,
     }
     write_json(out_dir / "summary.json", summary)

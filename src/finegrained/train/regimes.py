@@ -57,6 +57,8 @@ RUN_KEYS = ("eval_batch_size", "num_devices", "log_every_steps", "checkpoint_eve
 VARIANT_KEYS = ("seed", "lr", "epochs", "batch_size", "weight_decay", "backbone_lr_mult",
                 "label_smoothing", "head_lr", "warmup_epochs")
 VARIANT_PATTERN = r"(\+[a-z_]+=[A-Za-z0-9.\-]+)*"
+#: A cached layer ``<stage>:map`` is that stage's whole activation; ``<stage>`` is its pool.
+MAP_SUFFIX = ":map"
 
 
 def arch_family(arch: str) -> str:
@@ -163,7 +165,7 @@ def _input(arch: str, regime: Mapping, augment: Mapping, freeze_up_to) -> dict:
     augmented = is_augmented(augment)
     if regime["use_cache"] and not augmented:
         pooled = cut == body_stages(arch)[-1]
-        return {"kind": "cache", "layer": cut if pooled else cut + ":map",
+        return {"kind": "cache", "layer": cut if pooled else cut + MAP_SUFFIX,
                 "start": cut, "cut": None}
     return {"kind": "pixels", "start": None, "cut": cut}
 
@@ -274,9 +276,14 @@ def cache_index(split: str, layer: str) -> str:
     """The index of ``layer``'s cache of ``split``, relative to the run's ``features/``
     folder: the pooled layers share ``<split>/index.json``; each boundary map
     (``<stage>:map``) has a job and a folder of its own, ``<split>/<stage>.map/index.json``."""
-    if layer.endswith(":map"):
-        return f"{split}/{layer.replace(':map', '.map')}/index.json"
+    if layer.endswith(MAP_SUFFIX):
+        return f"{split}/{layer_stem(layer)}/index.json"
     return f"{split}/index.json"
+
+
+def layer_stem(layer: str) -> str:
+    """A cached layer's name on disk (``stage3:map`` -> ``stage3.map``)."""
+    return layer.replace(MAP_SUFFIX, ".map")
 
 
 def settings_hash(settings: Mapping) -> str:
