@@ -41,12 +41,12 @@ test-demo: install
 
 # The pipeline on a real SLURM (about 40 min on a busy 2-core machine; not in `make test`):
 # as root, installs Debian's slurm-wlm + munge if missing, starts a one-node cluster with
-# four fake GPUs (tests/slurm/cluster.sh; `tests/slurm/cluster.sh stop` ends it), runs the
-# shortened demo locally and through profiles/slurm, and compares (tests/test_slurm.py).
+# four fake GPUs (tests/workflow/slurm/cluster.sh; `tests/workflow/slurm/cluster.sh stop` ends it), runs the
+# shortened demo locally and through profiles/slurm, and compares (tests/workflow/test_slurm.py).
 SLURM_TEST_DIR ?= /tmp/finegrained-slurm
 test-slurm: install
-	SLURM_TEST_DIR=$(SLURM_TEST_DIR) tests/slurm/cluster.sh start
-	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf FINEGRAINED_SLURM_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_slurm.py
+	SLURM_TEST_DIR=$(SLURM_TEST_DIR) tests/workflow/slurm/cluster.sh start
+	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf FINEGRAINED_SLURM_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/workflow/test_slurm.py
 
 lint: install
 	$(SNAKEMAKE) --lint --configfile config/demo.yaml

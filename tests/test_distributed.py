@@ -29,7 +29,7 @@ WORKER = textwrap.dedent('''
     multi = distributed.initialize()
     import jax, numpy as np
     from flax import nnx
-    from test_train import TinyNet, coloured_squares
+    from helpers.training import TinyNet, coloured_squares
     from finegrained.train.augment import AugmentConfig
     from finegrained.train.loop import TrainConfig, fit
 

@@ -16,7 +16,7 @@ from finegrained.demo import generate_demo_dataset
 from finegrained.data.readers import annotation_files
 from finegrained.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 

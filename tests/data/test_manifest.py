@@ -22,7 +22,7 @@ from test_readers import TINY_CUB, tiny_cub, tiny_nabirds, with_line
 
 OUTPUT_FILES = {"train.parquet", "val.parquet", "test.parquet", "classes.parquet",
                 "taxonomy.parquet", "skipped.json"}
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def read_splits(out_dir: Path) -> dict:

@@ -21,39 +21,7 @@ from finegrained.train.optim import build_optimizer
 from finegrained.train.steps import (StepConfig, create_train_state, make_eval_metrics_step,
                                      make_eval_step,
                                      make_train_step)
-
-
-class TinyNet(nnx.Module):
-    """stem -> stage1 -> head, with BatchNorm; takes uint8/float 0..255 NHWC pixels."""
-
-    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
-        self.dtype = jnp.float32
-        self.stem = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(8, rngs=rngs)
-        self.stage1 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
-        self.stage1_bn = nnx.BatchNorm(16, rngs=rngs)
-        self.head = nnx.Linear(16, num_classes, rngs=rngs)
-
-    def __call__(self, x):
-        x = (x.astype(jnp.float32) / 255.0 - 0.5) * 4.0
-        x = x.astype(self.dtype)
-        x = nnx.relu(self.stem_bn(self.stem(x)))
-        x = nnx.relu(self.stage1_bn(self.stage1(x)))
-        return self.head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
-
-
-def coloured_squares(n: int, size: int = 24, classes: int = 4, seed: int = 0):
-    """Class k: a bright square of colour k at a random place on a noisy grey background."""
-    rng = np.random.default_rng(seed)
-    colours = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 230], [230, 220, 40]])
-    images = rng.integers(90, 150, (n, size, size, 3)).astype(np.uint8)
-    labels = rng.integers(0, classes, n).astype(np.int32)
-    side = size // 2
-    for i, k in enumerate(labels):
-        y, x = rng.integers(0, size - side, 2)
-        images[i, y:y + side, x:x + side] = colours[k]
-    return images, labels
-
+from helpers.training import TinyNet, coloured_squares, write_classes, write_split
 
 SMALL = TrainConfig(epochs=3, batch_size=32, base_lr=0.05, schedule="cosine", warmup_epochs=0,
                     weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
@@ -232,41 +200,11 @@ def test_float16_is_refused(make):
         make(StepConfig(compute_dtype="float64"))
 
 
-def _write_split(root, name, images, labels, class_names):
-    """A one-shard split in the ShardReader index format (npy images + Parquet metadata)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from finegrained.fileio import sha256_file
-    root.mkdir(parents=True, exist_ok=True)
-    meta, npy = root / f"{name}-00000.parquet", root / f"{name}-00000.npy"
-    pq.write_table(pa.table({"label": labels, "class_name": [class_names[k] for k in labels]}),
-                   meta)
-    np.save(npy, images)
-    index = {"split": name, "image_size": images.shape[1], "format": "npy",
-             "count": len(labels), "shards": [
-                 {"meta": meta.name, "meta_sha256": sha256_file(meta), "images": npy.name,
-                  "images_sha256": sha256_file(npy), "count": len(labels)}]}
-    path = root / f"{name}.json"
-    path.write_text(json.dumps(index))
-    return path
-
-
-def _write_classes(path, names):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from finegrained.data.readers import CLASSES_SCHEMA
-    n = len(names)
-    pq.write_table(pa.table({
-        "label": list(range(n)), "class_id": list(range(1, n + 1)), "name": names,
-        "common_name": names, "ancestor_ids": [[]] * n, "ancestor_names": [[]] * n,
-        "depth": [0] * n}, schema=CLASSES_SCHEMA), path)
-
-
 @pytest.fixture(scope="module")
 def pretrain_script():
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py"
     spec = importlib.util.spec_from_file_location("pretrain_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -278,10 +216,10 @@ def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
     from finegrained.models import build_model, flatten_state
     from finegrained.models.weights import read_metadata, read_tensors
     names = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
-    train = _write_split(tmp_path / "shards", "train", *coloured_squares(48, seed=7), names)
-    val = _write_split(tmp_path / "shards", "val", *coloured_squares(10, seed=8), names)
+    train = write_split(tmp_path / "shards", "train", *coloured_squares(48, seed=7), names)
+    val = write_split(tmp_path / "shards", "val", *coloured_squares(10, seed=8), names)
     classes = tmp_path / "classes.parquet"
-    _write_classes(classes, names)
+    write_classes(classes, names)
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"mean": [120.0] * 3, "std": [40.0] * 3,
                                  "eigenvalues": [900.0, 50.0, 10.0],

@@ -128,7 +128,7 @@ def test_init_model_script_reports_bad_input_without_traceback(tmp_path, problem
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "init_model.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "init_model.py"
     classes = _classes_parquet(tmp_path, ["a", "b"])
     weights, _ = _pretrained_file(tmp_path, ["x", "y"])
     args = ["--arch", "resnet18", "--width", "8", "--classes", str(classes),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for the integration test (needs root):
-#   tests/slurm/cluster.sh start   install slurm-wlm + munge if missing, write the config
+#   tests/workflow/slurm/cluster.sh start   install slurm-wlm + munge if missing, write the config
 #                                  under $SLURM_TEST_DIR, start munged, slurmctld, slurmd
-#   tests/slurm/cluster.sh stop    stop the three daemons (by their pid files)
-#   tests/slurm/cluster.sh env     print the `export SLURM_CONF=...` clients need
+#   tests/workflow/slurm/cluster.sh stop    stop the three daemons (by their pid files)
+#   tests/workflow/slurm/cluster.sh env     print the `export SLURM_CONF=...` clients need
 # The node has four fake GPUs: GresTypes=gpu, Gres=gpu:4, gres.conf with AutoDetect=off and
 # File= on character devices made with mknod (major 195, NVIDIA's). Accounting is off, so
 # Snakemake's SLURM plugin needs --slurm-status-command squeue --slurm-no-account, and

@@ -16,9 +16,9 @@ from finegrained.evaluate import metrics as M
 from finegrained.evaluate.views import average_scores, render_view, view_boxes
 from finegrained.train.augment import center_crop
 
-from test_train import _write_classes, _write_split, coloured_squares
+from helpers.training import coloured_squares, write_classes, write_split
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------- views
@@ -157,9 +157,9 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
 
     names = ["red", "green", "blue", "yellow"]
     images, labels = coloured_squares(13, size=24)
-    test_index = _write_split(tmp_path / "shards", "test", images, labels, names)
+    test_index = write_split(tmp_path / "shards", "test", images, labels, names)
     classes = tmp_path / "classes.parquet"
-    _write_classes(classes, names)
+    write_classes(classes, names)
     model = random_model("resnet18", 4, width=8, stage_depths=[1, 1, 1, 1])
     weights = tmp_path / "weights.safetensors"
     save_weights(weights, flatten_state(model), metadata=weights_metadata(

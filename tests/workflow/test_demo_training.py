@@ -21,7 +21,7 @@ import pytest
 
 from finegrained.train.loop import TIMING_FIELDS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REGIMES = ["linear_probe", "partial_finetune", "full_finetune", "two_stage", "scratch"]
 
 

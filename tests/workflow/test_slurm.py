@@ -1,10 +1,10 @@
 """The pipeline on a real SLURM: `make test-slurm` (about 40 minutes on a busy 2-core machine).
 
-Needs the one-node test cluster of tests/slurm/cluster.sh (four fake GPUs, accounting off)
+Needs the one-node test cluster of tests/workflow/slurm/cluster.sh (four fake GPUs, accounting off)
 and snakemake-executor-plugin-slurm; `make test-slurm` starts both, then runs this file with
 FINEGRAINED_SLURM_TEST=1. Otherwise (`make test`) it skips.
 
-The shortened demo (config/demo.yaml + tests/slurm/short.yaml) runs twice: locally
+The shortened demo (config/demo.yaml + tests/workflow/slurm/short.yaml) runs twice: locally
 (run_name slurm_local) and with --profile profiles/slurm (run_name slurm_cluster). While the
 SLURM run trains full_finetune, the test waits for its first checkpoint and scancels the job;
 the profile's retry must resume from that checkpoint. Then:
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-CONFIG = ["config/demo.yaml", "tests/slurm/short.yaml"]
+CONFIG = ["config/demo.yaml", "tests/workflow/slurm/short.yaml"]
 LOCAL, CLUSTER = "slurm_local", "slurm_cluster"
 GPU_RULES = {"pretrain", "features", "feature_map", "train_regime", "evaluate_regime"}
 CANCELLED_JOB = "full_finetune"
@@ -129,7 +129,7 @@ def runs(tmp_path_factory):
     try:
         _sh("sinfo", "-h")
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.fail(f"no SLURM cluster reachable (tests/slurm/cluster.sh start): {exc}")
+        pytest.fail(f"no SLURM cluster reachable (tests/workflow/slurm/cluster.sh start): {exc}")
     logs = tmp_path_factory.mktemp("slurm")
     # The local reference is left to Snakemake (rerun if code or config changed), the SLURM
     # run starts from nothing.
@@ -237,7 +237,7 @@ def test_two_srun_tasks_train_like_one_process(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    tests_dir = str(Path(__file__).resolve().parent)
+    tests_dir = str(Path(__file__).resolve().parents[1])
     single = subprocess.run(
         [sys.executable, str(script), tests_dir, str(tmp_path / "single.json"),
          str(tmp_path / "ckpt-single")],

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from finegrained.data.readers import CLASSES_SCHEMA  # noqa: E402
 from finegrained.report import figures, gallery, throughput  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN = "results/fake"
 NAMES = ["Blue Jay", "Red Knot", "Grey Heron"]
 VIEWS = {"center": 0.70, "ten_crop": 0.75, "multi_scale": 0.80}

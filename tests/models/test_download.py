@@ -180,7 +180,7 @@ def test_script(repo_root, tmp_path):
 def _fetch_rule(workdir: Path, url: str, sha256: str | None, *, strict: bool = False):
     """Run the workflow's fetch_weights rule (only) in ``workdir``."""
     import os
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     backbone = {"weights": url, "weights_sha256": sha256, "weights_require_sha256": strict}
     configfile = workdir / "fetch.yaml"
@@ -232,7 +232,7 @@ def test_user_file_in_resources_weights_is_no_rule_output(tmp_path):
     own.parent.mkdir(parents=True)
     own.write_bytes(b"mine")
     import os
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Runs Snakemake with JAX (and friends) unimportable and without the pip-installed
 # finegrained: the Snakefile must find the library in src/ on its own.

@@ -24,7 +24,7 @@ from finegrained.train.checkpoint import Checkpointer
 from finegrained.train.features import FeatureReader, extract_features
 from finegrained.train.loop import NonFiniteLoss, Preempted, TrainConfig, TIMING_FIELDS, fit
 from finegrained.train.probe import fit_probe
-from test_train import _write_split, coloured_squares
+from helpers.training import coloured_squares, write_split
 
 NAMES = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
 OFF = AugmentConfig.none()
@@ -40,8 +40,8 @@ def tiny_resnet(seed: int = 0):
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    train = _write_split(root, "train", *coloured_squares(64, size=36, seed=0), NAMES)
-    val = _write_split(root, "val", *coloured_squares(24, size=36, seed=1), NAMES)
+    train = write_split(root, "train", *coloured_squares(64, size=36, seed=0), NAMES)
+    val = write_split(root, "val", *coloured_squares(24, size=36, seed=1), NAMES)
     return train, val
 
 
@@ -183,10 +183,10 @@ SCRIPT = textwrap.dedent('''
     import os, sys, json
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, sys.argv[1])
+    sys.path[:0] = sys.argv[1].split(os.pathsep)
     import dataclasses, jax
     from test_regime_training import BASE, tiny_resnet
-    from test_train import coloured_squares
+    from helpers.training import coloured_squares
     from finegrained.train.augment import AugmentConfig
     from finegrained.train.loop import fit
     assert jax.device_count() == 4
@@ -202,7 +202,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_one_and_four_devices_give_the_same_losses():
-    tests_dir = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent
+    tests_dir = os.pathsep.join([str(here), str(here.parent)])
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tests_dir)], env=env,

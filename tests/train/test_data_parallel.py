@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     import jax, numpy as np
     from flax import nnx
-    from test_train import TinyNet, coloured_squares
+    from helpers.training import TinyNet, coloured_squares
     from finegrained.train.augment import AugmentConfig
     from finegrained.train.loop import evaluate
     from finegrained.train.sharding import make_mesh, replicate, shard_batch
@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_step_matches_single_device(tmp_path):
-    tests_dir = Path(__file__).resolve().parent
+    tests_dir = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tests_dir)], env=env,

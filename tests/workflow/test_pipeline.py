@@ -17,7 +17,7 @@ from finegrained.data.shards import ShardReader
 from finegrained.fileio import sha256_file
 from finegrained.models.weights import read_metadata, read_tensors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = {
     "run_name": "tiny",

@@ -19,7 +19,7 @@ import yaml
 from finegrained.demo import generate_demo_dataset
 from finegrained.data.shards import ShardReader
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""Tiny training problems: a small CNN, coloured squares, one-shard splits and class tables."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class TinyNet(nnx.Module):
+    """stem -> stage1 -> head, with BatchNorm; takes uint8/float 0..255 NHWC pixels."""
+
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
+        self.dtype = jnp.float32
+        self.stem = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(8, rngs=rngs)
+        self.stage1 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+        self.stage1_bn = nnx.BatchNorm(16, rngs=rngs)
+        self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = (x.astype(jnp.float32) / 255.0 - 0.5) * 4.0
+        x = x.astype(self.dtype)
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        x = nnx.relu(self.stage1_bn(self.stage1(x)))
+        return self.head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+def coloured_squares(n: int, size: int = 24, classes: int = 4, seed: int = 0):
+    """Class k: a bright square of colour k at a random place on a noisy grey background."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 230], [230, 220, 40]])
+    images = rng.integers(90, 150, (n, size, size, 3)).astype(np.uint8)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    side = size // 2
+    for i, k in enumerate(labels):
+        y, x = rng.integers(0, size - side, 2)
+        images[i, y:y + side, x:x + side] = colours[k]
+    return images, labels
+
+
+def write_split(root, name, images, labels, class_names):
+    """A one-shard split in the ShardReader index format (npy images + Parquet metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from finegrained.fileio import sha256_file
+    root.mkdir(parents=True, exist_ok=True)
+    meta, npy = root / f"{name}-00000.parquet", root / f"{name}-00000.npy"
+    pq.write_table(pa.table({"label": labels, "class_name": [class_names[k] for k in labels]}),
+                   meta)
+    np.save(npy, images)
+    index = {"split": name, "image_size": images.shape[1], "format": "npy",
+             "count": len(labels), "shards": [
+                 {"meta": meta.name, "meta_sha256": sha256_file(meta), "images": npy.name,
+                  "images_sha256": sha256_file(npy), "count": len(labels)}]}
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(index))
+    return path
+
+
+def write_classes(path, names):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from finegrained.data.readers import CLASSES_SCHEMA
+    n = len(names)
+    pq.write_table(pa.table({
+        "label": list(range(n)), "class_id": list(range(1, n + 1)), "name": names,
+        "common_name": names, "ancestor_ids": [[]] * n, "ancestor_names": [[]] * n,
+        "depth": [0] * n}, schema=CLASSES_SCHEMA), path)
