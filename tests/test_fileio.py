@@ -26,3 +26,68 @@ def test_next_attempt_removes_only_its_own_leftovers(tmp_path):
 
 def test_remove_stale_temporaries_in_a_missing_folder(tmp_path):
     assert remove_stale_temporaries(tmp_path / "nope" / "x.json") == []
+
+
+def test_a_nested_temporary_of_a_killed_truncation_is_removed(tmp_path):
+    """A kill between a skip-mode shard's two writes used to leave ``..<name>.<tok>.tmp.<tok>.tmp``
+    (as large as the shard) that no later attempt removed."""
+    out = tmp_path / "shard-00001.npy"
+    nested = tmp_path / "..shard-00001.npy.k2j4_9xa.tmp.0ab1cd2e.tmp"
+    unrelated = tmp_path / "..shard-00011.npy.k2j4_9xa.tmp.0ab1cd2e.tmp"
+    for path in (nested, unrelated):
+        path.write_bytes(b"torn")
+    assert remove_stale_temporaries(out) == [nested]
+    assert unrelated.exists()
+
+
+def test_a_skip_mode_shard_leaves_only_its_outputs(tmp_path, monkeypatch):
+    """The shorter copy of a shard with skipped images is a temporary of the shard itself."""
+    import numpy as np
+
+    from finegrained.data import shards
+
+    final = tmp_path / "shard-00000.npy"
+    with atomic_output(final) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3))
+        made = []
+        real = shards.temporary_path
+        monkeypatch.setattr(shards, "temporary_path", lambda p: made.append(real(p)) or made[-1])
+        shards._truncate_npy(tmp, 3, final)
+        assert made and all(p.name.startswith(".shard-00000.npy.") for p in made)
+    assert np.load(final).shape == (3, 2, 2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+
+
+def test_the_demo_generator_removes_the_folders_of_a_killed_run(tmp_path):
+    from finegrained.demo import generate_demo_dataset
+
+    out = tmp_path / "target"
+    stale = [tmp_path / ".target.ab12cd_3.tmp", tmp_path / ".target.zz99yy00.old"]
+    other = tmp_path / ".source.ab12cd_3.tmp"
+    for folder in (*stale, other):
+        (folder / "images").mkdir(parents=True)
+    generate_demo_dataset(out, num_classes=2, train_per_class=1, test_per_class=1,
+                          min_side=48, max_side=48)
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert (out / "images.txt").is_file()
+
+
+def test_a_committed_file_and_its_rename_reach_the_disk_first(tmp_path, monkeypatch):
+    """fsync of the temporary before the rename and of the folder after it, before
+    atomic_output returns: a power loss cannot leave an empty file under the final name."""
+    import os
+
+    from finegrained import fileio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: events.append(
+        ("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: events.append(
+        ("replace", str(b))) or real_replace(a, b))
+    out = tmp_path / "metrics.json"
+    with atomic_output(out) as tmp:
+        tmp.write_text("{}")
+        name = str(tmp)
+    assert events == [("fsync", name), ("replace", str(out)), ("fsync", str(tmp_path))]

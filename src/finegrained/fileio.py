@@ -1,10 +1,12 @@
-"""Small file helpers: atomic writes (temp file + rename) and content hashes.
+"""Small file helpers: atomic writes (temp file + fsync + rename) and content hashes.
 
 Every output of the pipeline is written through :func:`atomic_output`, so a failed or
-interrupted job never leaves a partial file behind under the final name. A job killed with
-``-9`` (as SLURM does at a time limit or on preemption) cannot remove its temporary files;
-the next attempt at the same output removes them before it starts
-(:func:`remove_stale_temporaries`), so they do not pile up (a NABirds crop shard's is ~265 MB).
+interrupted job never leaves a partial file behind under the final name, and a power loss
+right after a job finished cannot leave an empty file there either (the bytes reach the disk
+before the rename, the rename before the job reports success). A job killed with ``-9`` (as
+SLURM does at a time limit or on preemption) cannot remove its temporary files; the next
+attempt at the same output removes them before it starts (:func:`remove_stale_temporaries`),
+so they do not pile up (a NABirds crop shard's is ~265 MB).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,9 +26,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-#: Temporary names: ``.<name>.<8 random characters from mkstemp>.tmp`` beside the output.
+#: Temporary names: ``.<name>.<8 random characters from mkstemp>.tmp`` beside the output
+#: (:func:`temporary_path`).
 _TMP_SUFFIX = ".tmp"
-_TMP_TOKEN = re.compile(r"[a-z0-9_]{8}")
+_TMP_TOKEN = r"[a-z0-9_]{8}"
+
+
+def _stale_pattern(name: str) -> re.Pattern:
+    """Temporary names of output ``name``: ``.<name>.<token>.tmp``, and the nested
+    ``..<name>.<token>.tmp.<token>.tmp`` that an atomic write *into* a temporary made before
+    temporaries were named after their final output."""
+    return re.compile(rf"(\.{{1,2}}){re.escape(name)}\.{_TMP_TOKEN}\.tmp(\.{_TMP_TOKEN}\.tmp)?")
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -34,16 +45,16 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     output match (``.<name>.<token>.tmp``), so other outputs' files are never touched; one
     output is written by one job at a time, so none of these can still be in use."""
     path = Path(path)
-    prefix = f".{path.name}."
+    pattern = _stale_pattern(path.name)
     removed = []
     try:
         entries = list(os.scandir(path.parent))
     except FileNotFoundError:
         return removed
     for entry in entries:
-        name = entry.name
-        if (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)
-                and _TMP_TOKEN.fullmatch(name[len(prefix):-len(_TMP_SUFFIX)])
+        match = pattern.fullmatch(entry.name)
+        # One leading dot per level: a nested name must carry the nested suffix, and back.
+        if (match and (len(match.group(1)) == 2) == (match.group(2) is not None)
                 and entry.is_file(follow_symlinks=False)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
@@ -54,23 +65,70 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def remove_stale_directories(path: str | os.PathLike, suffixes=(".tmp", ".old")) -> list[Path]:
+    """The folder counterpart of :func:`remove_stale_temporaries`: delete the folders
+    ``.<name>.<token><suffix>`` that killed attempts at building the folder ``path`` (in a
+    temporary beside it, then renamed) left behind."""
+    path = Path(path)
+    ends = "|".join(re.escape(s) for s in suffixes)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_TOKEN}({ends})")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    if removed:
+        print(f"removed {len(removed)} folder(s) left by an interrupted earlier attempt at "
+              f"{path}: {', '.join(p.name for p in removed)}", file=sys.stderr)
+    return removed
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A new empty temporary file beside ``path``, named so that the next attempt at ``path``
+    removes it if this one is killed (:func:`remove_stale_temporaries`)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's entries') bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished temporary file onto ``path`` durably: its bytes are on the disk before
+    the rename, and the rename is on the disk (the folder synced) before this returns."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(Path(path).parent)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+    """Yield a temporary path beside ``path``; move it onto ``path`` (:func:`commit`) only if
+    the block succeeds.
 
     Leftovers of earlier attempts that were killed outright are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = temporary_path(path)
     try:
         yield tmp
         if tmp.exists():  # mkstemp makes 0600 files; give outputs the usual umask permissions
             os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -277,6 +277,32 @@ def test_throughput_table(runs, tmp_path):
     assert "| full_finetune+seed=1 | 4 | 200 | 1.00 | 31 | 46 | 512 | 5.0 | 7.5 | 512 |  |" in md
 
 
+def test_figures_and_tables_are_replaced_whole_or_not_at_all(runs, tmp_path, monkeypatch):
+    """A drawing or formatting failure leaves the previous figure and table as they were."""
+    fig = plt.figure()
+    stem = tmp_path / "figures" / "curve"
+    png, svg = figures.save(fig, stem)
+    before = {png: png.read_bytes(), svg: svg.read_bytes()}
+    rows = throughput.throughput_rows(runs)
+    csv_path, md_path = tmp_path / "t.csv", tmp_path / "t.md"
+    throughput.write_throughput(rows, csv_path, md_path)
+    before[md_path] = md_path.read_bytes()
+
+    def torn(self, path, **kwargs):
+        Path(path).write_bytes(b"<half a figure")
+        raise RuntimeError("renderer died")
+
+    monkeypatch.setattr(type(fig), "savefig", torn)
+    with pytest.raises(RuntimeError, match="renderer died"):
+        figures.save(fig, stem)
+    monkeypatch.setattr(throughput, "_format", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        throughput.write_throughput(rows, csv_path, md_path)
+    plt.close(fig)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in stem.parent.iterdir()) == ["curve.png", "curve.svg"]
+
+
 def test_confused_pairs_pick_the_confused_images(runs, tmp_path):
     regime, run = gallery.showcase_run(runs)
     assert regime == "linear_probe"     # the best on validation: 0.7 (0.55, 0.45)

@@ -37,7 +37,7 @@ from finegrained.data.crop import ASPECTS, OVERFLOWS, Layout
 from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
 from finegrained.errors import ON_BAD_IMAGE, DataError
-from finegrained.fileio import atomic_output, sha256_file, write_json
+from finegrained.fileio import atomic_output, sha256_file, temporary_path, write_json
 
 SHARD_METADATA_KEY = b"finegrained.shard"
 #: Per-crop columns of the rectangle that holds image pixels (x, y, w, h in the S x S crop).
@@ -126,7 +126,7 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
             array.flush()
             del array
             if len(kept) < rows.num_rows:
-                _truncate_npy(tmp_images, len(kept))
+                _truncate_npy(tmp_images, len(kept), out_images)
         meta = rows.take(pa.array(kept, type=pa.int64()))
         meta = meta.append_column("row", pa.array(np.arange(len(kept), dtype=np.int32)))
         for k, name in enumerate(CONTENT_COLUMNS):
@@ -150,17 +150,23 @@ def _crop_row(row: dict, dataset_root, crop_options: dict) -> tuple[np.ndarray, 
                        **crop_options)
 
 
-def _truncate_npy(path: Path, count: int) -> None:
-    """Keep the first ``count`` images of an ``.npy`` written with room for more (skips)."""
+def _truncate_npy(path: Path, count: int, final: str | os.PathLike) -> None:
+    """Keep the first ``count`` images of the temporary ``.npy`` at ``path``, written with room
+    for more (skips). The shorter copy is a temporary of ``final`` too, so a kill in between
+    leaves nothing the next attempt at ``final`` would not remove."""
     full = np.load(path, mmap_mode="r")
-    with atomic_output(path) as tmp:
+    tmp = temporary_path(final)
+    try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(count,) + full.shape[1:])
         if count:
             out[:] = full[:count]
         out.flush()
         del out
-    del full
+        del full
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def encode_image(pixels: np.ndarray, codec: str) -> bytes:

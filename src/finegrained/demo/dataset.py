@@ -25,6 +25,7 @@ from PIL import Image
 from finegrained.demo.draw import render_image, sample_scene
 from finegrained.demo.taxonomy import (DEFAULTS, FEATURES, VARIANT_CODE, Taxonomy,
                                        check_variant, design_taxonomy)
+from finegrained.fileio import remove_stale_directories
 
 JPEG_QUALITY = 90
 #: Fictional photographers' names, for photographers.txt.
@@ -108,6 +109,7 @@ def generate_demo_dataset(out_dir: str | os.PathLike, *, variant: str = "target"
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_directories(out_dir)       # of a generator killed before it could clean up
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         rows = []

@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.parquet as pq
 
+from finegrained.fileio import atomic_output
+
 #: Test-time views in reading order, with the names a reader sees.
 VIEW_LABELS = {"center": "centre crop", "ten_crop": "10-crop", "multi_scale": "multi-scale"}
 #: Views whose gain over the centre crop the TTA figure shows.
@@ -89,9 +91,10 @@ def save(fig, stem: str | os.PathLike) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    with plt.rc_context(STYLE):
-        fig.savefig(paths[0], dpi=150, bbox_inches="tight", metadata={"Software": None})
-        fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    with plt.rc_context(STYLE), atomic_output(paths[0]) as png, atomic_output(paths[1]) as svg:
+        fig.savefig(png, format="png", dpi=150, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(svg, format="svg", bbox_inches="tight",
+                    metadata={"Date": None, "Creator": None})
     return paths
 
 

@@ -13,6 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from finegrained.fileio import atomic_output
+
 #: Columns of the table, with the header a reader sees.
 COLUMNS = {
     "job": "job",
@@ -125,7 +127,7 @@ def write_throughput(rows: Sequence[Mapping], csv_path, md_path) -> None:
     empty cell: not applicable)."""
     for path in (csv_path, md_path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
+    with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(list(COLUMNS))
         for row in rows:
@@ -133,7 +135,8 @@ def write_throughput(rows: Sequence[Mapping], csv_path, md_path) -> None:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |",
              "|" + "|".join("---" if k in ("job", "note") else "---:" for k in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_format(k, row.get(k)) for k in COLUMNS) + " |" for row in rows]
-    Path(md_path).write_text("\n".join(lines) + "\n")
+    with atomic_output(md_path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 __all__ = ["COLUMNS", "history_speed", "read_benchmark", "throughput_rows", "write_throughput"]
