@@ -108,7 +108,7 @@ def test_real_nabirds_geometry_padding_and_windows(nabirds_annotations):
 
 
 def test_box_partly_outside_is_clamped():
-    assert crop_window((-20, 80, 70, 50), (100, 100), 0.0, "keep") == (0, 80, 50, 100)
+    assert crop_window((-20, 80, 70, 40), (100, 100), 0.0, "keep") == (0, 80, 50, 100)
 
 
 @pytest.mark.parametrize("box", [(10, 10, 0, 5), (10, 10, 5, -1), (200, 10, 5, 5),
@@ -116,6 +116,16 @@ def test_box_partly_outside_is_clamped():
 def test_degenerate_boxes_raise(box):
     with pytest.raises(DataError, match="img.jpg"):
         crop_window(box, (100, 100), 0.1, "square", source="img.jpg")
+
+
+@pytest.mark.parametrize("margin", [0.15, 0.5, 2.0])
+def test_a_box_far_outside_the_photo_is_a_data_error_at_any_margin(margin):
+    """``1 1 1e308 1e308`` used to be clamped at the default margin and to overflow at 0.5."""
+    with pytest.raises(DataError, match="by more than 25% of its side") as caught:
+        crop_window((1, 1, 1e308, 1e308), (100, 80), margin, "square", source="img.jpg")
+    assert caught.value.path == "img.jpg"
+    # Real boxes stick out too (NABirds: up to 21.6 % of the side): clamped, not refused.
+    assert crop_window((221, 28, 1024, 683), (1024, 683), margin, "keep")[2] == 1024
 
 
 def test_letterbox_geometry():
@@ -256,6 +266,18 @@ def test_draft_mode_keeps_a_square_window_square(tmp_path, monkeypatch):
     crop = decode_crop(path, (3, 4, 1000, 1000), 128, 0.0, "square")
     assert scales == [4] and crop.content == Layout(0, 0, 128, 128)
     assert np.abs(crop.pixels.astype(int) - (200, 60, 40)).max() <= 3
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_a_multi_frame_file_is_refused_whatever_its_name(tmp_path, fmt):
+    path = tmp_path / "bird.jpg"
+    frames = [box_image(), box_image(colour=BLUE, background=RED)]
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=f"{fmt} file with 2 frames") as caught:
+        decode_crop(path, None, 32, 0.0, "square")
+    assert caught.value.path == str(path)
+    frames[0].save(path, format=fmt)          # one frame: a photo like any other
+    assert decode_crop(path, None, 32, 0.0, "square").pixels.shape == (32, 32, 3)
 
 
 def test_image_size_mismatch_raises(tmp_path):

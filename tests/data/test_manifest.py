@@ -158,15 +158,17 @@ def test_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- command line
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
+def run_script(root, out_dir, **settings) -> subprocess.CompletedProcess:
+    settings = {"format": "cub", "val_fraction": 0.1, "split_seed": 0, "on_bad_image": "error",
+                "check_files": True, "follow_symlinks": False, **settings}
     return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "prepare_manifests.py"),
-                           *args], capture_output=True, text=True, timeout=60)
+                           "--settings", json.dumps(settings), "--root", str(root),
+                           "--out-dir", str(out_dir)], capture_output=True, text=True, timeout=60)
 
 
 def test_script_writes_manifests_and_prints_summary(tmp_path):
     root = tiny_cub(tmp_path / "data", image_files=True)
-    result = run_script("--format", "cub", "--root", str(root), "--out-dir", str(tmp_path / "out"),
-                        "--val-fraction", "0.5", "--seed", "3")
+    result = run_script(root, tmp_path / "out", val_fraction=0.5, split_seed=3)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("cub: 4 images, 2 classes, train 2 / val 0 / test 2")
     assert {p.name for p in (tmp_path / "out").iterdir()} == OUTPUT_FILES
@@ -174,8 +176,7 @@ def test_script_writes_manifests_and_prints_summary(tmp_path):
 
 def test_script_reports_bad_input_without_traceback(tmp_path):
     root = tiny_cub(tmp_path / "data", replace=with_line("train_test_split.txt", 2, "2 7", TINY_CUB))
-    result = run_script("--format", "cub", "--root", str(root), "--out-dir", str(tmp_path / "out"),
-                        "--no-check-files")
+    result = run_script(root, tmp_path / "out", check_files=False)
     assert result.returncode == 1
     assert "train_test_split.txt:2: split flag must be 1 (train) or 0 (test) (value: 7)" in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,6 +3,7 @@ on tiny hand-written folders."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from finegrained.data.readers import check_image_files, read_dataset
+from finegrained.data.readers import check_image_files, image_file, read_dataset
 from finegrained.errors import DataError
 
 # --------------------------------------------------------------------------- tiny datasets
@@ -127,10 +128,11 @@ def test_tiny_nabirds_parses_exactly(tmp_path):
 
 
 def test_partial_overlap_box_is_valid(tmp_path):
-    # Real NABirds boxes run past the border; they are clamped at crop time, not rejected.
-    root = tiny_nabirds(tmp_path, replace=with_line("bounding_boxes.txt", 3, "a-3 -10 -5 150 50"))
+    # Real NABirds boxes run past the border (by up to 21.6 % of the side); they are clamped
+    # at crop time, not rejected.
+    root = tiny_nabirds(tmp_path, replace=with_line("bounding_boxes.txt", 3, "a-3 -10 -5 125 50"))
     row = read_dataset("nabirds", root).images.to_pylist()[2]
-    assert (row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]) == (-10, -5, 150, 50)
+    assert (row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]) == (-10, -5, 125, 50)
 
 
 def test_parts_folder_and_blank_trailing_line_are_ignored(tmp_path):
@@ -206,6 +208,14 @@ BAD_NABIRDS = [
     ("unknown parent", with_line("hierarchy.txt", 4, "11 77"), "hierarchy.txt", 4, 77),
     ("unknown child", with_line("hierarchy.txt", 5, "12 0"), "hierarchy.txt", 5, 12),
     ("hierarchy cycle", with_line("hierarchy.txt", 1, "1 10"), "hierarchy.txt", 3, "1 -> 10 -> 1"),
+    ("width beyond int32", with_line("sizes.txt", 1, "a-1 99999999999 80"), "sizes.txt", 1,
+     "99999999999"),
+    ("class id beyond int64", with_line("image_class_labels.txt", 1, "a-1 99999999999999999999"),
+     "image_class_labels.txt", 1, "99999999999999999999"),
+    ("box far outside the photo", with_line("bounding_boxes.txt", 1, "a-1 1 1 99999 99999"),
+     "bounding_boxes.txt", 1, "1 1 99999 99999"),
+    ("path leaving the root", with_line("images.txt", 2, "a-2 ../../outside/x.jpg"),
+     "images.txt", 2, "../../outside/x.jpg"),
 ]
 
 
@@ -391,7 +401,8 @@ def test_cub50_reads_and_all_photos_exist(cub50):
 
 
 @pytest.mark.parametrize("line, reason", [("a-2 5 5 0 10", "zero or negative area"),
-                                          ("a-2 100 10 20 20", "does not overlap")])
+                                          ("a-2 100 10 20 20", "does not overlap"),
+                                          ("a-2 1 1 99999 99999", "by more than 25%")])
 def test_unusable_box_is_skipped_with_its_reason(tmp_path, line, reason):
     root = tiny_nabirds(tmp_path, replace=with_line("bounding_boxes.txt", 2, line))
     dataset = read_dataset("nabirds", root, on_bad_image="skip")
@@ -408,6 +419,46 @@ def test_dataset_level_faults_stay_fatal_with_skip(tmp_path):
     root = tiny_nabirds(tmp_path, replace=with_line("image_class_labels.txt", 6, "b-3 99"))
     with pytest.raises(DataError, match="class id is not in classes.txt"):
         read_dataset("nabirds", root, on_bad_image="skip")
+    root = tiny_nabirds(tmp_path / "climb", replace=with_line("images.txt", 1, "a-1 ../../x.jpg"))
+    with pytest.raises(DataError, match="leaves the dataset root"):
+        read_dataset("nabirds", root, on_bad_image="skip")
+
+
+def test_a_link_out_of_the_root_is_refused_unless_followed(tmp_path):
+    """images/ may hold links to each other (inside the root); one that points elsewhere is
+    read only with follow_symlinks."""
+    root = tiny_nabirds(tmp_path / "data", image_files=True)
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(b"")
+    (root / "images" / "0010" / "a1.jpg").unlink()
+    (root / "images" / "0010" / "a1.jpg").symlink_to(outside)
+    (root / "images" / "0003" / "b2.jpg").unlink()
+    (root / "images" / "0003" / "b2.jpg").symlink_to("b1.jpg")     # inside: fine
+    dataset = read_dataset("nabirds", root)
+    with pytest.raises(DataError, match="symbolic link") as caught:
+        check_image_files(dataset)
+    assert_names(caught.value, "images.txt", 1, "images/0010/a1.jpg")
+    checked, skipped = check_image_files(dataset, on_bad_image="skip")
+    assert [s["image_id"] for s in skipped] == ["a-1"]
+    assert "follow_symlinks" in skipped[0]["reason"]
+    checked, skipped = check_image_files(dataset, follow_symlinks=True)
+    assert skipped == [] and checked.images.num_rows == 6
+    with pytest.raises(DataError, match="symbolic link"):
+        image_file(root, "images/0010/a1.jpg")
+    assert image_file(root, "images/0010/a1.jpg", follow_symlinks=True) == \
+        root / "images/0010/a1.jpg"
+
+
+def test_a_fifo_or_folder_is_not_a_photo(tmp_path):
+    root = tiny_nabirds(tmp_path, image_files=True)
+    fifo = root / "images" / "0003" / "b1.jpg"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file") as caught:
+        check_image_files(read_dataset("nabirds", root))
+    assert_names(caught.value, "images.txt", 4, "images/0003/b1.jpg")
+    with pytest.raises(DataError, match="not a regular file"):
+        image_file(root, "images/0003/b1.jpg")       # a stat, never an open that blocks
 
 
 def test_blank_photographer_is_no_credit(tmp_path):

@@ -1,5 +1,6 @@
 # Helpers shared by every stage: config validation, output paths, input functions.
 
+import json
 import os
 import shlex
 import sys
@@ -10,6 +11,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from finegrained.config import is_url, load_schema, validate_config
 from finegrained.data.manifest import SPLITS
+from finegrained.data.settings import crop_settings, manifest_settings
 from finegrained.data.readers import DATASET_FORMATS, annotation_files
 from finegrained.models.download import sha256_record
 
@@ -91,22 +93,6 @@ def split_shard_files(kind):
         )
 
     return files
-
-
-def crop_args():
-    """The crop options of crop_shard, only those that change its output (a changed param
-    reruns every crop job)."""
-    crop = config["crop"]
-    args = f"--size {crop['size']} --margin {crop['margin']} --aspect {crop['aspect']}"
-    if crop["aspect"] == "square":
-        args += f" --overflow {crop['overflow']}"
-        if crop["overflow"] == "squeeze":
-            args += f" --max-squeeze {crop['max_squeeze']}"
-    shards = config["shards"]
-    args += f" --format {shards['format']}"
-    if shards["format"] == "parquet":
-        args += f" --codec {shards['codec']}"
-    return args
 
 
 # ---------------------------------------------------------------------------- resources

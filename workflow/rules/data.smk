@@ -41,10 +41,9 @@ rule manifests:
         taxonomy=results("data/{dataset}/manifest/taxonomy.parquet"),
         skipped=results("data/{dataset}/manifest/skipped.json"),
     params:
-        cfg=lambda wc: dataset_config(wc.dataset),
+        settings=lambda wc: json.dumps(manifest_settings(dataset_config(wc.dataset))),
         root=dataset_root,
         out_dir=lambda wc, output: Path(output.train).parent,
-        check_files=lambda wc: "" if dataset_config(wc.dataset)["check_files"] else "--no-check-files",
     log:
         results("logs/manifests/{dataset}.log"),
     benchmark:
@@ -55,10 +54,8 @@ rule manifests:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --format {params.cfg[format]} --root {params.root:q}"
-        " --out-dir {params.out_dir} --val-fraction {params.cfg[val_fraction]}"
-        " --seed {params.cfg[split_seed]} --on-bad-image {params.cfg[on_bad_image]}"
-        " {params.check_files} > {log} 2>&1"
+        "python {input.script:q} --settings {params.settings:q} --root {params.root:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule crop_shard:
@@ -68,11 +65,11 @@ rule crop_shard:
     output:
         **shard_outputs(),
     params:
+        settings=lambda wc: json.dumps(crop_settings(config, dataset_config(wc.dataset), wc.split)),
         root=dataset_root,
-        crop=crop_args(),
-        num_shards=lambda wc: config["shards"]["num_shards"][wc.split],
-        on_bad_image=lambda wc: dataset_config(wc.dataset)["on_bad_image"],
-        images=lambda wc, output: f"--out-images {output.images}" if "images" in output.keys() else "",
+        images=lambda wc, output: (
+            f"--out-images {shlex.quote(output.images)}" if "images" in output.keys() else ""
+        ),
     log:
         results("logs/crop_shard/{dataset}/{split}/{shard}.log"),
     benchmark:
@@ -83,10 +80,9 @@ rule crop_shard:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --manifest {input.manifest} --root {params.root:q}"
-        " --shard {wildcards.shard} --num-shards {params.num_shards} {params.crop}"
-        " --on-bad-image {params.on_bad_image} --out-meta {output.meta} {params.images}"
-        " --out-skipped {output.skipped} > {log} 2>&1"
+        "python {input.script:q} --settings {params.settings:q} --manifest {input.manifest:q}"
+        " --root {params.root:q} --shard {wildcards.shard} --out-meta {output.meta:q}"
+        " {params.images} --out-skipped {output.skipped:q} > {log:q} 2>&1"
 
 
 localrules:

@@ -50,6 +50,10 @@ from finegrained.errors import DataError
 PAD_VALUE = 128
 
 ASPECTS = ("square", "keep")
+#: How far a box may stick out of its photo, as a fraction of the photo's side on that axis.
+#: Real boxes do (201 of NABirds' 48,562, by up to 21.6 % of the side; they are clamped); a
+#: box further out is a corrupt line, e.g. ``1 1 1e308 1e308``, whose margin would overflow.
+BOX_TOLERANCE = 0.25
 #: What a square crop does with a box longer than the photo's short side (see module doc).
 OVERFLOWS = ("pad", "squeeze")
 
@@ -116,7 +120,8 @@ def crop_window(box_xywh: Sequence[float], image_wh: Sequence[int], margin: floa
 def check_box(box_xywh: Sequence[float], image_wh: Sequence[int] | None, *,
               source: str | os.PathLike = "<box>", line: int | None = None) -> None:
     """Raise :class:`DataError` for a box no crop can be cut from: a non-finite value, zero or
-    negative width/height, or (when ``image_wh`` is known) no pixel inside the image.
+    negative width/height, or (when ``image_wh`` is known) no pixel inside the image or an
+    edge more than :data:`BOX_TOLERANCE` of the image's side outside it.
 
     Boxes that only partly leave the image are fine (they are clamped). The one rule for
     both the annotation reader and the cropper.
@@ -136,6 +141,10 @@ def check_box(box_xywh: Sequence[float], image_wh: Sequence[int] | None, *,
     if x >= img_w or y >= img_h or x + w <= 0 or y + h <= 0:
         raise DataError(source, f"bounding box does not overlap the {img_w}x{img_h} image",
                         line=line, value=value)
+    tx, ty = BOX_TOLERANCE * img_w, BOX_TOLERANCE * img_h
+    if x < -tx or y < -ty or x + w > img_w + tx or y + h > img_h + ty:
+        raise DataError(source, f"bounding box leaves the {img_w}x{img_h} image by more than "
+                                f"{BOX_TOLERANCE:.0%} of its side", line=line, value=value)
 
 
 def _place(centre: float, side: int, limit: int, box_lo: int, box_hi: int) -> tuple[int, int]:

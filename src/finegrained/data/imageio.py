@@ -23,7 +23,8 @@ Decisions, in the order they apply:
   mid-grey when it is not square (see :mod:`finegrained.data.crop`), and the rectangle that
   holds image pixels comes with it (:class:`Crop`), so statistics can leave the padding out.
 * **Bad files raise** :class:`~finegrained.errors.DataError` naming the file: missing,
-  unidentifiable, truncated or otherwise undecodable. Nothing global (such as
+  unidentifiable, truncated or otherwise undecodable, or holding several frames (an animated
+  GIF, a multi-page TIFF, whatever its name says; a camera's MPO JPEG is one photo). Nothing global (such as
   ``ImageFile.LOAD_TRUNCATED_IMAGES``) is changed.
 """
 
@@ -60,6 +61,10 @@ _ORIENTATION_TRANSPOSE = {
 #: The transposes that swap width and height.
 _SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
                Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
+
+#: Formats whose extra frames are not other photos: a camera's multi-picture JPEG (MPO)
+#: carries previews after its primary image, which is frame one.
+SINGLE_PHOTO_FORMATS = ("MPO",)
 
 #: Resize filter (bicubic: ~25% cheaper than Lanczos here, visually the same at these ratios)
 #: and Pillow's reduction gap (box-reduce to within 2x of the target, then bicubic).
@@ -112,6 +117,10 @@ def decode_crop(path: str | os.PathLike, box_xywh: Sequence[float] | None, size:
 
 def _crop_open_image(im: Image.Image, path: str, box_xywh, size: int, margin: float,
                      aspect: str, image_wh, squeeze: float) -> Crop:
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1 and im.format not in SINGLE_PHOTO_FORMATS:
+        raise DataError(path, f"{im.format} file with {frames} frames (an animation or a "
+                              f"multi-page file): which frame is the photo is not known")
     stored_w, stored_h = im.size
     if image_wh is not None and (int(image_wh[0]), int(image_wh[1])) != (stored_w, stored_h):
         raise DataError(path, f"stored image size {stored_w}x{stored_h} differs from the "

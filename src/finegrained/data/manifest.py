@@ -118,16 +118,19 @@ def _manifest_tables(dataset: Dataset, split: np.ndarray,
 
 
 def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fraction: float = 0.1,
-                    seed: int = 0, on_bad_image: str = "error", check_files: bool = True) -> dict:
+                    seed: int = 0, on_bad_image: str = "error", check_files: bool = True,
+                    follow_symlinks: bool = False) -> dict:
     """Write the split manifests, class tables and skipped list for ``dataset`` into ``out_dir``.
 
-    ``check_files`` confirms every image file exists first (``on_bad_image``: ``'error'``
-    raises, ``'skip'`` drops the image and lists it in skipped.json, after the images the
-    reader already left out). The same ``seed`` gives byte-identical tables. Returns counts:
+    ``check_files`` confirms every image is a regular file inside the dataset root first
+    (``follow_symlinks``: or reached through a link that leaves it; ``on_bad_image``:
+    ``'error'`` raises, ``'skip'`` drops the image and lists it in skipped.json, after the
+    images the reader already left out). The same ``seed`` gives byte-identical tables. Returns counts:
     images, classes, train/val/test, skipped.
     """
     if check_files:
-        dataset, _ = check_image_files(dataset, on_bad_image=on_bad_image)
+        dataset, _ = check_image_files(dataset, on_bad_image=on_bad_image,
+                                       follow_symlinks=follow_symlinks)
     skipped = list(dataset.skipped)
 
     # Independent streams: the test order does not change when val_fraction does.

@@ -29,9 +29,11 @@ their original class id, which keeps the mapping stable and easy to reproduce by
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -158,13 +160,33 @@ def _finite_float(token: str) -> float:
     return value
 
 
+#: Largest image side and box coordinate accepted (the manifests store sizes as int32).
+MAX_PIXELS = 2 ** 31 - 1
+
+
+def _pixel_int(token: str) -> int:
+    """An integer pixel coordinate or size (NABirds boxes), within int32."""
+    value = int(token)
+    if abs(value) > MAX_PIXELS:
+        raise ValueError(token)
+    return value
+
+
+def _int64(token: str) -> int:
+    """A class id: any integer that fits the manifests' int64 column."""
+    value = int(token)
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(token)
+    return value
+
+
 def _cub_common_name(name: str) -> str:
     """``001.Black_footed_Albatross`` -> ``Black footed Albatross``."""
     return re.sub(r"^\d+\.", "", name).replace("_", " ")
 
 
 DATASET_FORMATS = {
-    "nabirds": FormatSpec("nabirds", _uuid_id, int, boxes_required=True, sizes_required=True,
+    "nabirds": FormatSpec("nabirds", _uuid_id, _pixel_int, boxes_required=True, sizes_required=True,
                           hierarchy_file="hierarchy.txt", common_name=lambda name: name),
     "cub": FormatSpec("cub", _integer_id, _finite_float, boxes_required=False,
                       sizes_required=False, hierarchy_file=None, common_name=_cub_common_name),
@@ -288,7 +310,7 @@ def _bad_boxes(path: Path, boxes: dict, sizes: dict, on_bad_image: str) -> dict[
 
 def _positive_int(token: str) -> int:
     value = int(token)
-    if value <= 0:
+    if not 0 < value <= MAX_PIXELS:
         raise ValueError(token)
     return value
 
@@ -297,7 +319,7 @@ def _positive_int(token: str) -> int:
 
 def _read_hierarchy(path: Path, class_names: dict[int, str]) -> dict[int, _Record]:
     """Read ``<child> <parent>`` lines; both ids must exist in classes.txt."""
-    parents = _read_keyed(path, int, [("parent id", int)])
+    parents = _read_keyed(path, _int64, [("parent id", _int64)])
     for child, record in parents.items():
         if child not in class_names:
             raise DataError(path, "child class id is not in classes.txt", line=record.line,
@@ -396,10 +418,12 @@ def read_dataset(fmt: str, root: str | os.PathLike, *, on_bad_image: str = "erro
     images = _read_keyed(images_path, key, [("path", _text)], rest_is_text=True)
     if not images:
         raise DataError(images_path, "no images listed")
-    labels = _read_keyed(labels_path, key, [("class id", int)])
+    for record in images.values():
+        check_relative_path(record.values[0], images_path, record.line)
+    labels = _read_keyed(labels_path, key, [("class id (64-bit integer)", _int64)])
     split = _read_keyed(split_path, key, [("split flag", int)])
-    sizes = (_read_keyed(sizes_path, key, [("width (positive integer)", _positive_int),
-                                            ("height (positive integer)", _positive_int)])
+    sizes = (_read_keyed(sizes_path, key, [("width (integer, 1 to 2^31-1)", _positive_int),
+                                            ("height (integer, 1 to 2^31-1)", _positive_int)])
              if sizes_path else {})
     boxes = (_read_keyed(boxes_path, key, [(f"box {n}", spec.parse_box_number) for n in "xywh"])
              if boxes_path else {})
@@ -428,7 +452,8 @@ def read_dataset(fmt: str, root: str | os.PathLike, *, on_bad_image: str = "erro
         raise DataError(split_path, f"the {'train' if n_train == 0 else 'test'} split is empty")
 
     class_names = {class_id: record.values[0] for class_id, record in
-                   _read_keyed(classes_path, int, [("name", _text)], rest_is_text=True).items()}
+                   _read_keyed(classes_path, _int64, [("name", _text)],
+                               rest_is_text=True).items()}
     for record in labels.values():
         if record.values[0] not in class_names:
             raise DataError(labels_path, "class id is not in classes.txt", line=record.line,
@@ -480,50 +505,121 @@ def _check_choice(on_bad_image: str) -> None:
 
 # --------------------------------------------------------------------------- image files
 
-def _existing_files(directory: Path) -> set[str]:
-    """Names of the regular files in ``directory`` (empty if it does not exist)."""
+def check_relative_path(rel: str, listing: Path, line: int) -> None:
+    """An images.txt path must name a file under the dataset root by its letters alone: no
+    absolute path, no ``..`` that climbs out (a dataset-level fault, never skipped)."""
+    if _climbs_out(f"{IMAGES_DIR}/{rel}"):
+        raise DataError(listing, "image path leaves the dataset root", line=line, value=rel)
+
+
+def _climbs_out(rel: str) -> bool:
+    lexical = os.path.normpath(rel)
+    return os.path.isabs(rel) or lexical == ".." or lexical.startswith(".." + os.sep)
+
+
+@functools.lru_cache(maxsize=64)
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _outside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    real, real_root = os.path.realpath(path), _real(os.fspath(root))
+    return os.path.commonpath([real, real_root]) != real_root
+
+
+def image_file(root: str | os.PathLike, rel: str, *, follow_symlinks: bool = False) -> Path:
+    """The regular file a manifest path (``images/...``, relative to ``root``) names.
+
+    Raises :class:`DataError` naming the path when it leads outside ``root`` (a ``..``, or,
+    unless ``follow_symlinks``, a symbolic link inside the root that points elsewhere), is
+    missing, or is not a regular file (a FIFO would block the reader forever).
+    """
+    path = Path(root) / rel
+    if _climbs_out(rel):
+        raise DataError(path, "image path leaves the dataset root through '..'")
+    if not follow_symlinks and _outside(path, root):
+        raise DataError(path, f"image path leads outside the dataset root {root} through a "
+                              f"symbolic link (to {os.path.realpath(path)}); set "
+                              f"dataset.follow_symlinks: true to read such files")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(path, "image file not found") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(path, "not a regular file (a folder, FIFO or device): not a photo")
+    return path
+
+
+def _folder_entries(directory: Path) -> dict[str, str]:
+    """``name -> 'file' | 'link' | 'other'`` for the entries of ``directory`` (empty if it
+    does not exist), from one listing: a regular file, a symbolic link (checked one by one),
+    anything else."""
     try:
         with os.scandir(directory) as entries:
-            return {entry.name for entry in entries if entry.is_file()}
+            return {entry.name: ("link" if entry.is_symlink() else
+                                 "file" if entry.is_file(follow_symlinks=False) else "other")
+                    for entry in entries}
     except (FileNotFoundError, NotADirectoryError):
-        return set()
+        return {}
+
+
+def _image_problem(root: Path, rel: str, kind: str | None, folder_outside: bool,
+                   follow_symlinks: bool) -> str | None:
+    """Why a listed image cannot be read (None: it can), from its folder's listing."""
+    if kind is None:
+        return "image file not found"
+    if kind == "file" and not (folder_outside and not follow_symlinks):
+        return None
+    try:
+        image_file(root, rel, follow_symlinks=follow_symlinks)
+    except DataError as error:
+        return error.reason
+    return None
 
 
 def check_image_files(dataset: Dataset, root: str | os.PathLike | None = None, *,
-                      on_bad_image: str = "error") -> tuple[Dataset, list[dict]]:
-    """Confirm every listed image file exists under ``root`` (default: the dataset root).
+                      on_bad_image: str = "error",
+                      follow_symlinks: bool = False) -> tuple[Dataset, list[dict]]:
+    """Confirm every listed image is a regular file under ``root`` (default: the dataset
+    root); a symbolic link that leads outside it counts only with ``follow_symlinks``.
 
-    Returns the dataset (minus missing images when ``on_bad_image='skip'``, which are added
+    Returns the dataset (minus the bad images when ``on_bad_image='skip'``, which are added
     to its ``skipped``) and a list of ``{image_id, path, reason}`` for each image dropped
-    here. With ``'error'`` the first missing file raises a :class:`DataError` naming its
-    images.txt line and path.
+    here. With ``'error'`` the first bad image raises a :class:`DataError` naming its
+    images.txt line, path and reason.
 
     Each image folder is listed once instead of calling ``stat`` per image: 48k images live
     in a few hundred folders, and on network file systems one listing is far cheaper than
-    hundreds of metadata round trips.
+    hundreds of metadata round trips. Only symbolic links and odd entries are looked at one
+    by one.
     """
     _check_choice(on_bad_image)
     root = Path(root) if root is not None else dataset.root
     paths = dataset.images.column("path").to_pylist()
-    listings: dict[str, set[str]] = {}
-    present = np.ones(len(paths), dtype=bool)
+    listings: dict[str, tuple[dict[str, str], bool]] = {}
+    problems: dict[int, str] = {}
     for i, rel in enumerate(paths):
         folder, _, name = rel.rpartition("/")
         if folder not in listings:
-            listings[folder] = _existing_files(root / folder)
-        present[i] = name in listings[folder]
-    if present.all():
+            listings[folder] = (_folder_entries(root / folder), _outside(root / folder, root))
+        entries, folder_outside = listings[folder]
+        problem = _image_problem(root, rel, entries.get(name), folder_outside, follow_symlinks)
+        if problem is not None:
+            problems[i] = problem
+    if not problems:
         return dataset, []
 
-    missing = np.flatnonzero(~present)
     image_ids = dataset.images.column("image_id").to_pylist()
     if on_bad_image == "error":
-        first = int(missing[0])
+        first = min(problems)
         line = dataset.images.column("images_line")[first].as_py()
         raise DataError(dataset.images_file,
-                        f"image file not found: {root / paths[first]} "
-                        f"({len(missing)} missing in all)", line=line, value=paths[first])
-    skipped = [{"image_id": image_ids[i], "path": paths[i], "reason": "image file not found"}
-               for i in missing]
-    return replace(dataset, images=dataset.images.filter(pa.array(present)),
+                        f"{problems[first]}: {root / paths[first]} "
+                        f"({len(problems)} bad image file(s) in all)", line=line,
+                        value=paths[first])
+    skipped = [{"image_id": image_ids[i], "path": paths[i], "reason": reason}
+               for i, reason in problems.items()]
+    keep = np.ones(len(paths), dtype=bool)
+    keep[list(problems)] = False
+    return replace(dataset, images=dataset.images.filter(pa.array(keep)),
                    skipped=dataset.skipped + tuple(skipped)), skipped

@@ -36,6 +36,7 @@ from PIL import Image
 from finegrained.data.crop import ASPECTS, OVERFLOWS, Layout
 from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
+from finegrained.data.readers import image_file
 from finegrained.errors import ON_BAD_IMAGE, DataError
 from finegrained.fileio import atomic_output, sha256_file, temporary_path, write_json
 
@@ -71,13 +72,15 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
                 shard_index: int, num_shards: int, *, size: int, margin: float, aspect: str,
                 overflow: str = "pad", max_squeeze: float = 1.0,
                 fmt: str = "npy", codec: str = "png", on_bad_image: str = "error",
-                out_images: str | os.PathLike | None, out_meta: str | os.PathLike,
-                out_skipped: str | os.PathLike) -> dict:
+                follow_symlinks: bool = False, out_images: str | os.PathLike | None,
+                out_meta: str | os.PathLike, out_skipped: str | os.PathLike) -> dict:
     """Crop one shard of a manifest and write its files atomically; return a small summary.
 
     With ``on_bad_image='error'`` the first bad image raises :class:`DataError` and no output
     file is created; with ``'skip'`` bad images are listed in ``out_skipped`` and left out.
     ``out_images`` is required for ``fmt='npy'`` and must be ``None`` for ``fmt='parquet'``.
+    An image path that leads outside ``dataset_root`` (a symbolic link, unless
+    ``follow_symlinks``) or names no regular file is a bad image (see ``readers.image_file``).
     """
     if fmt not in SHARD_FORMATS or codec not in CODECS or on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"bad shard options: fmt={fmt!r} codec={codec!r} "
@@ -106,7 +109,7 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
         kept, encoded, skipped, contents = [], [], [], []
         for i, row in enumerate(rows.to_pylist()):
             try:
-                crop, content = _crop_row(row, dataset_root, crop_options)
+                crop, content = _crop_row(row, dataset_root, crop_options, follow_symlinks)
             except DataError as exc:
                 if on_bad_image == "error":
                     raise DataError(exc.path, f"{exc.reason} (listed on line {row['images_line']}"
@@ -140,13 +143,15 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
     return {"count": len(kept), "skipped": len(skipped), **settings}
 
 
-def _crop_row(row: dict, dataset_root, crop_options: dict) -> tuple[np.ndarray, Layout]:
+def _crop_row(row: dict, dataset_root, crop_options: dict,
+              follow_symlinks: bool) -> tuple[np.ndarray, Layout]:
     box = tuple(row[k] for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
     if any(v is None for v in box):
         box = None
     width, height = row.get("width"), row.get("height")
     image_wh = (width, height) if width is not None and height is not None else None
-    return decode_crop(Path(dataset_root) / row["path"], box, image_wh=image_wh,
+    path = image_file(dataset_root, row["path"], follow_symlinks=follow_symlinks)
+    return decode_crop(path, box, image_wh=image_wh,
                        **crop_options)
 
 
