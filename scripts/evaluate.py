@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                        classes=args.classes, train_summary=summary, out_dir=args.out_dir,
                        source_dir=Path(__file__).resolve().parents[1], log_fn=cli.log)
 
-    return cli.run(job)
+    return cli.run_on_devices(job)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.log(f"cached {sorted(index['layers'])} for {index['count']} images "
                 f"x {index['views']} view(s)")
 
-    return cli.run(job)
+    return cli.run_on_devices(job)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def job():
-        from finegrained import distributed
-        distributed.initialize()      # several processes under srun / JAX_COORDINATOR_ADDRESS
         from finegrained.train.loop import TrainConfig
         from finegrained.train.pretrain import pretrain
         settings = cli.read_settings(args.settings)
@@ -42,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                  depthwise_impl=settings.get("depthwise_impl", "auto"),
                  verify=settings.get("verify_shards", True), log_fn=cli.log)
 
-    return cli.run(job)
+    return cli.run_on_devices(job)
 
 
 if __name__ == "__main__":

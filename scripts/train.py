@@ -28,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def job():
-        from finegrained import distributed
-        distributed.initialize()      # several processes under srun / JAX_COORDINATOR_ADDRESS
         from finegrained.train.job import run_job   # after argparse: --help stays fast
         run_job(cli.read_settings(args.settings), train_index=args.train_index,
                 val_index=args.val_index, stats=args.stats, classes=args.classes,
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                 init_weights=args.init_weights, features_dir=args.features_dir,
                 log_fn=cli.log)
 
-    return cli.run(job)
+    return cli.run_on_devices(job)
 
 
 if __name__ == "__main__":

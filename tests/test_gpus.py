@@ -24,11 +24,12 @@ HOLD = ("import os, sys, time, pathlib; out = pathlib.Path(sys.argv[1]);"
 
 
 def _env(tmp_path, ids, **extra):
+    """The launcher's environment: ``ids`` as the machine's, ``extra`` on top (None drops)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
+           if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", gpus.IDS_VAR)}
     env.update({gpus.IDS_VAR: ids, gpus.LOCK_DIR_VAR: str(tmp_path / "locks"),
                 "PYTHONPATH": str(REPO / "src")}, **extra)
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def _start(tmp_path, name, ids, count=1, **extra):
@@ -86,15 +87,65 @@ def test_a_multi_gpu_job_gets_distinct_devices_and_a_shared_gpu_is_shared_by_slo
         _stop(o, p)
 
 
-def test_slurm_keeps_its_ids_and_a_cpu_job_sees_no_gpu(tmp_path):
-    env, fds = gpus.job_environment(1, environ={"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "5"},
-                                    lock_dir=tmp_path)
-    assert env["CUDA_VISIBLE_DEVICES"] == "5" and fds == []
+def test_jobs_inside_an_allocation_lease_among_the_gpus_slurm_granted(tmp_path):
+    """Under salloc/sbatch with GPUs 2 and 3 granted, Snakemake's local jobs share those
+    two, one each, with locks of that allocation only."""
+    granted = {"SLURM_JOB_ID": "4711", "CUDA_VISIBLE_DEVICES": "2,3"}
+    allocation = {**granted, gpus.IDS_VAR: None}       # no FINEGRAINED_GPU_IDS
+    jobs = [_start(tmp_path, f"job{i}", None, **allocation) for i in range(2)]
+    held = [_devices(out, proc) for proc, out in jobs]
+    assert sorted(held) == ["2", "3"]
+    waiting, waiting_out = _start(tmp_path, "waiting", None, **allocation)
+    time.sleep(1.0)
+    assert not waiting_out.exists(), "a third job got a GPU while both were leased"
+    _stop(jobs[0][1], jobs[0][0])
+    assert _devices(waiting_out, waiting) == held[0]
+    for proc, out in (jobs[1], (waiting, waiting_out)):
+        _stop(out, proc)
+    assert sorted(p.name for p in (tmp_path / "locks").iterdir()) == ["slurm-4711"]
+    # Another allocation on the node has its own locks, though its ids also read 2 and 3.
+    env, fds = gpus.job_environment(2, environ={**granted, "SLURM_JOB_ID": "4712"},
+                                    lock_dir=gpus.default_lock_dir(
+                                        {gpus.LOCK_DIR_VAR: str(tmp_path / "locks"),
+                                         "SLURM_JOB_ID": "4712"}))
+    assert sorted(env["CUDA_VISIBLE_DEVICES"].split(",")) == ["2", "3"]
+    for fd in fds:
+        os.close(fd)
+
+
+def test_granted_ids_come_from_slurm_when_cuda_visible_devices_is_unset():
+    assert gpus.machine_gpu_ids({"SLURM_JOB_ID": "1", "SLURM_STEP_GPUS": "4,5"}) == ["4", "5"]
+    assert gpus.machine_gpu_ids({"SLURM_JOB_ID": "1", "SLURM_JOB_GPUS": "6"}) == ["6"]
+
+
+def test_a_cpu_job_sees_no_gpu_and_runs_jax_on_the_cpu(tmp_path):
     env, fds = gpus.job_environment(0, environ={gpus.IDS_VAR: "0,1"}, lock_dir=tmp_path)
-    assert env["CUDA_VISIBLE_DEVICES"] == "" and fds == []
-    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["JAX_PLATFORMS"] == "cpu" and fds == []
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and env[gpus.GPUS_VAR] == "0"
     env, _ = gpus.job_environment(0, mem_fraction=0.45, environ={}, lock_dir=tmp_path)
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.45"
+
+
+def test_the_lock_directory_is_private_and_a_planted_link_is_refused(tmp_path):
+    lock_dir = tmp_path / "a" / "locks"
+    chosen, fds = gpus.try_lease(["0"], 1, lock_dir)
+    assert chosen == ["0"] and (lock_dir.stat().st_mode & 0o777) == 0o700
+    assert (lock_dir.parent.stat().st_mode & 0o777) == 0o700
+    for fd in fds:
+        os.close(fd)
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    planted = tmp_path / "b"
+    planted.mkdir(mode=0o700)
+    (planted / "slot0-gpu0.lock").symlink_to(target)
+    with pytest.raises(gpus.LeaseError, match="symbolic link"):
+        gpus.try_lease(["0"], 1, planted)
+    assert target.read_text() == "precious"
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(gpus.LeaseError, match="others could plant locks"):
+        gpus.try_lease(["0"], 1, open_dir)
 
 
 def test_the_machine_ids_come_from_the_environment_first():
@@ -103,5 +154,5 @@ def test_the_machine_ids_come_from_the_environment_first():
 
 
 def test_asking_for_more_gpus_than_the_machine_has_fails(tmp_path):
-    with pytest.raises(ValueError, match="asks for 3 GPUs"):
+    with pytest.raises(gpus.LeaseError, match="asks for 3 GPUs"):
         gpus.lease(["0", "1"], 3, tmp_path)

@@ -1,5 +1,6 @@
 """What every script shares: resolved settings from the command line, and errors printed
-as one line naming the file/value at fault (no traceback) with a non-zero exit."""
+as one line naming the file/value at fault (no traceback) with a non-zero exit; for JAX
+jobs, the device check before any data is read (:func:`run_on_devices`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from finegrained.errors import ConfigError, DataError, WeightsError
+
+__all__ = ["ConfigError", "expected_errors", "log", "read_settings", "run", "run_on_devices"]
 
 
 def read_settings(value: str) -> dict:
@@ -25,10 +28,10 @@ def read_settings(value: str) -> dict:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     try:    # JAX is not needed by the light scripts (their environment may lack it)
-        from finegrained.train.loop import NonFiniteLoss, Preempted
+        from finegrained.train.loop import NonFinite, Preempted
     except ImportError:
         return (ConfigError, DataError, WeightsError)
-    return (ConfigError, DataError, WeightsError, NonFiniteLoss, Preempted)
+    return (ConfigError, DataError, WeightsError, NonFinite, Preempted)
 
 
 def run(main: Callable[[], object]) -> int:
@@ -39,6 +42,18 @@ def run(main: Callable[[], object]) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def run_on_devices(main: Callable[[], object]) -> int:
+    """:func:`run` for a JAX job: join the run's processes (several under ``srun``), check
+    that the devices JAX found are those the rule asked for, then call ``main``."""
+    def job():
+        from finegrained import devices, distributed
+        distributed.initialize()
+        devices.check_job_devices(log=log)
+        return main()
+
+    return run(job)
 
 
 def log(message: str) -> None:

@@ -2,18 +2,24 @@
 
 The Snakefile and the tests use this one function, so a wrong key or value fails the same
 way everywhere: before any job runs, with the dotted path of the offending key.
+
+Values given on Snakemake's command line inside a nested mapping arrive as text
+(``--config 'resources={train: {gpu: 1}}'`` gives ``'1'``): where the schema expects a
+number, a boolean or null, such text is read as one first (:func:`coerce_types`).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import jsonschema
 import yaml
 
-from finegrained.errors import ConfigError
+from finegrained.errors import ConfigError, WeightsError
+from finegrained.models.download import download_path
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -56,17 +62,99 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
+def _resolve(schema: Mapping, root: Mapping) -> Mapping:
+    """``schema`` with a local ``$ref`` (``#/$defs/...``) merged in."""
+    ref = schema.get("$ref")
+    if not ref:
+        return schema
+    target = root
+    for part in ref.lstrip("#/").split("/"):
+        target = target[part]
+    return {**_resolve(target, root), **{k: v for k, v in schema.items() if k != "$ref"}}
+
+
+_NULL_TEXT = ("null", "~", "None")
+_BOOL_TEXT = {"true": True, "false": False}
+
+
+def _coerce_scalar(value, schema: Mapping):
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    if "enum" in schema and not types:
+        types = ["null"] if None in schema["enum"] else []
+    if isinstance(value, str) and "string" not in types:
+        text = value.strip()
+        if "null" in types and text in _NULL_TEXT:
+            return None
+        if "boolean" in types and text.lower() in _BOOL_TEXT:
+            return _BOOL_TEXT[text.lower()]
+        if "integer" in types and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        if "number" in types:
+            try:
+                return float(text)
+            except ValueError:
+                return value
+    if (isinstance(value, float) and value.is_integer() and "integer" in types
+            and "number" not in types):
+        return int(value)        # 32.0 where an integer is meant (a batch size in a sweep)
+    return value
+
+
+def coerce_types(instance, schema: Mapping, root: Mapping | None = None):
+    """Read text as the number, boolean or null the schema expects there (in place for
+    mappings and lists; returns the value). Text that is no such value is left for the
+    validator to name."""
+    root = schema if root is None else root
+    schema = _resolve(schema, root)
+    if isinstance(instance, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, value in instance.items():
+            sub = properties.get(key, extra if isinstance(extra, Mapping) else None)
+            if sub is not None:
+                instance[key] = coerce_types(value, sub, root)
+        return instance
+    if isinstance(instance, list):
+        prefix = schema.get("prefixItems", [])
+        items = schema.get("items")
+        for i, value in enumerate(instance):
+            sub = prefix[i] if i < len(prefix) else items if isinstance(items, Mapping) else None
+            if sub is not None:
+                instance[i] = coerce_types(value, sub, root)
+        return instance
+    return _coerce_scalar(instance, schema)
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
-    """Validate ``config`` in place (filling defaults) and return it; ConfigError names every problem."""
+    """Validate ``config`` in place (text read as numbers where the schema says so, defaults
+    filled in) and return it; ConfigError names every problem once."""
     schema = load_schema() if schema is None else schema
     given_source = isinstance(config.get("pretrain"), Mapping) and "dataset" in config["pretrain"]
+    coerce_types(config, schema)
     errors = sorted(_validator_with_defaults(schema).iter_errors(config),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = [f"  {_dotted(e.absolute_path)}: {e.message}" for e in errors]
+        lines = list(dict.fromkeys(f"  {_dotted(e.absolute_path)}: {e.message}" for e in errors))
+        if any(e.validator == "type" and isinstance(e.instance, str) for e in errors):
+            lines.append("  (text where the schema wants a number, true/false or null: write "
+                         "the value itself, e.g. --config 'resources={train: {gpu: 1}}')")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     _check_cross_field(config, given_source=given_source)
     return config
+
+
+def _check_regexes(config: Mapping[str, Any]) -> None:
+    """Every ``param_groups`` regex compiles (a typo fails now, not inside a job)."""
+    blocks = {f"regime_settings.{name}": block for name, block in config["regime_settings"].items()}
+    blocks["pretrain"] = config["pretrain"]
+    for where, block in blocks.items():
+        for i, (pattern, _) in enumerate(block["param_groups"]):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"{where}.param_groups.{i}: {pattern!r} is not a regular "
+                                  f"expression: {err}") from None
 
 
 def is_url(weights: str) -> bool:
@@ -77,9 +165,25 @@ def _check_cross_field(config: Mapping[str, Any], *, given_source: bool = True) 
     """Rules JSON Schema cannot say clearly."""
     backbone = config["backbone"]
     weights = backbone["weights"]
-    if is_url(weights) and backbone["weights_require_sha256"] and not backbone["weights_sha256"]:
-        raise ConfigError(f"backbone.weights_sha256 is required for a URL when "
-                          f"backbone.weights_require_sha256 is true (backbone.weights: {weights!r})")
+    if is_url(weights):
+        if backbone["weights_require_sha256"] and not backbone["weights_sha256"]:
+            raise ConfigError(f"backbone.weights_sha256 is required for a URL when "
+                              f"backbone.weights_require_sha256 is true (backbone.weights: "
+                              f"{weights!r})")
+        if weights.startswith("http://") and not backbone["weights_allow_http"]:
+            raise ConfigError(f"backbone.weights: {weights!r} is plain http (the bytes could be "
+                              f"changed on the way): use https, or set "
+                              f"backbone.weights_allow_http: true")
+        try:
+            download_path(weights)
+        except WeightsError as exc:
+            raise ConfigError(str(exc)) from None
+    _check_regexes(config)
+    if config["regimes"] and config["dataset"]["val_fraction"] == 0:
+        raise ConfigError(
+            f"dataset.val_fraction is 0, so the validation split is empty, but every regime "
+            f"chooses on it (the epoch to keep, the probe's L2 strength, a sweep's grid point): "
+            f"regimes {list(config['regimes'])}; set dataset.val_fraction above 0 (e.g. 0.1)")
     if weights == "pretrain":
         source, target = config["pretrain"]["dataset"], config["dataset"]
         if not given_source:

@@ -260,8 +260,9 @@ def test_script_writes_a_dataset_the_reader_accepts(tmp_path, repo_root, capsys)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "source"
-    assert script.main(["--out", str(out), "--variant", "source", "--num-classes", "4",
-                        "--train-per-class", "2", "--test-per-class", "1", "--seed", "5"]) == 0
+    settings = {"num_classes": 4, "train_per_class": 2, "test_per_class": 1, "seed": 5}
+    assert script.main(["--out", str(out), "--variant", "source",
+                        "--settings", json.dumps(settings)]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 12
 
     readers = pytest.importorskip("finegrained.data.readers")

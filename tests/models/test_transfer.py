@@ -131,15 +131,18 @@ def test_init_model_script_reports_bad_input_without_traceback(tmp_path, problem
     script = Path(__file__).resolve().parents[2] / "scripts" / "init_model.py"
     classes = _classes_parquet(tmp_path, ["a", "b"])
     weights, _ = _pretrained_file(tmp_path, ["x", "y"])
-    args = ["--arch", "resnet18", "--width", "8", "--classes", str(classes),
-            "--weights", str(weights), "--out-weights", str(tmp_path / "o.safetensors"),
-            "--out-report", str(tmp_path / "o.json")]
+    settings = {"arch": "resnet18", "width": 8, "stage_depths": None,
+                "init_from_source_names": False, "seed": 0}
+    args = ["--classes", str(classes), "--weights", str(weights),
+            "--out-weights", str(tmp_path / "o.safetensors"), "--out-report", str(tmp_path / "o.json")]
     if problem == "garbage classes":
         classes.write_bytes(b"garbage")
         expected = "classes.parquet: cannot read class table"
     else:
-        args += ["--source-class-names", str(tmp_path / "labels.txt"), "--init-from-source-names"]
+        args += ["--source-class-names", str(tmp_path / "labels.txt")]
+        settings["init_from_source_names"] = True
         expected = "labels.txt: class name file not found"
+    args += ["--settings", json.dumps(settings)]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,25 @@ def test_frozen_regimes_keep_the_pretrained_backbone(tiny_run):
     summary = json.loads((tiny_run / "train" / "partial_finetune" / "summary.json").read_text())
     assert summary["provenance"]["features_train_stage3:map_sha256"] == sha256_file(
         tiny_run / "features" / "train" / "stage3.map" / "index.json")
+
+
+def test_config_paths_reach_jobs_without_a_shell_parsing_them(tiny_run, tmp_path):
+    """backbone.weights and source_class_names used to be pasted between single quotes: a
+    path holding ``'; touch PWNED; echo '`` ran that command, and an apostrophe broke the
+    job. Now the file with that name is simply read."""
+    evil = tmp_path / "it's here'; touch PWNED; echo '"
+    evil.mkdir()
+    weights = evil / "w'; touch PWNED2; echo '.safetensors"
+    shutil.copy(tiny_run / "pretrain" / "weights.safetensors", weights)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copytree(tiny_run / "data", workdir / "results" / "tiny" / "data")
+    shutil.copytree(tiny_run / "demo_data", workdir / "results" / "tiny" / "demo_data")
+    snakemake(workdir, {"backbone": {"weights": str(weights)}},
+              target="results/tiny/weights/init.safetensors")
+    assert not list(tmp_path.rglob("PWNED*")) and not list(REPO.glob("PWNED*"))
+    report = json.loads((workdir / "results" / "tiny" / "weights" / "init_report.json").read_text())
+    assert report["weights"] == str(weights) and report["load"]["loaded"] > 0
 
 
 def test_dropping_a_regime_reruns_no_feature_cache(tiny_run):

@@ -15,6 +15,7 @@ from finegrained.config_reference import render_reference
 from finegrained.demo import generate_demo_dataset
 from finegrained.data.readers import annotation_files
 from finegrained.errors import ConfigError
+from finegrained.models.download import download_path
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -82,6 +83,89 @@ def test_url_weights_trusted_on_first_use_unless_strict():
     assert validate_config({"backbone": {"weights": url}})["backbone"]["weights_sha256"] is None
     with pytest.raises(ConfigError, match="weights_sha256"):
         validate_config({"backbone": {"weights": url, "weights_require_sha256": True}})
+
+
+UNRUNNABLE = [
+    # (config, the key path and the reason the message must name)
+    ({"sweep": {"full_finetune": {"batch_size": [0]}}}, "sweep.full_finetune.batch_size.0",
+     "less than the minimum of 1"),
+    ({"sweep": {"full_finetune": {"batch_size": [32.5]}}}, "sweep.full_finetune.batch_size.0",
+     "not of type 'integer'"),
+    ({"sweep": {"full_finetune": {"epochs": [3, 0.5]}}}, "sweep.full_finetune.epochs.1",
+     "not of type 'integer'"),
+    ({"sweep": {"full_finetune": {"backbone_lr_mult": [None]}}},
+     "sweep.full_finetune.backbone_lr_mult.0", "not of type 'number'"),
+    ({"regime_settings": {"full_finetune": {"lr": 0}}}, "regime_settings.full_finetune.lr",
+     "less than or equal to the minimum of 0"),
+    ({"regime_settings": {"two_stage": {"head_lr": 0}}}, "regime_settings.two_stage.head_lr",
+     "less than or equal to the minimum of 0"),
+    ({"regime_settings": {"full_finetune": {"param_groups": [["stage(1/.*", 0.0]]}}},
+     "regime_settings.full_finetune.param_groups.0", "not a regular expression"),
+    ({"pretrain": {"param_groups": [["*", 1.0]]}}, "pretrain.param_groups.0",
+     "not a regular expression"),
+    ({"dataset": {"val_fraction": 0}, "regimes": ["full_finetune"]}, "dataset.val_fraction",
+     "validation split is empty"),
+    ({"backbone": {"weights": "https://h.org/../../../x.safetensors"}}, "backbone.weights",
+     "'..'"),
+    ({"backbone": {"weights": "https://h.org/w/%2e%2e/x.safetensors"}}, "backbone.weights",
+     "percent escapes"),
+    ({"backbone": {"weights": "https:///x.safetensors"}}, "backbone.weights", "host"),
+    ({"backbone": {"weights": "http://h.org/x.safetensors"}}, "backbone.weights_allow_http",
+     "plain http"),
+]
+
+
+@pytest.mark.parametrize("config, key, reason", UNRUNNABLE,
+                         ids=[f"{key}:{reason}" for _, key, reason in UNRUNNABLE])
+def test_values_that_cannot_run_are_refused_naming_the_key(config, key, reason):
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config)
+    assert key in str(caught.value) and reason in str(caught.value)
+
+
+def test_a_sweep_of_integral_floats_keeps_integer_paths():
+    config = validate_config({"sweep": {"full_finetune": {"batch_size": [32.0, 64]}}})
+    assert config["sweep"]["full_finetune"]["batch_size"] == [32, 64]
+    assert all(isinstance(v, int) for v in config["sweep"]["full_finetune"]["batch_size"])
+
+
+def test_numbers_in_a_nested_command_line_config_are_read_as_numbers():
+    """``--config 'resources={train: {gpu: 1}}'`` gives Snakemake's text '1': read as 1 where
+    the schema wants an integer, and the same for numbers, booleans and null."""
+    config = validate_config({"resources": {"train": {"gpu": "1", "gpu_memory_fraction": "null",
+                                                      "mem_mb": "64000"}},
+                              "dataset": {"val_fraction": "0.2", "check_files": "false"},
+                              "sweep": {"full_finetune": {"lr": ["0.01", "1e-3"]}},
+                              "run_name": "2024"})
+    assert config["resources"]["train"]["gpu"] == 1
+    assert config["resources"]["train"]["gpu_memory_fraction"] is None
+    assert config["resources"]["train"]["mem_mb"] == 64000
+    assert config["dataset"]["val_fraction"] == 0.2 and config["dataset"]["check_files"] is False
+    assert config["sweep"]["full_finetune"]["lr"] == [0.01, 0.001]
+    assert config["run_name"] == "2024"                     # a string stays a string
+    with pytest.raises(ConfigError, match="resources.train.gpu: 'one' is not of type"):
+        validate_config({"resources": {"train": {"gpu": "one"}}})
+
+
+def test_url_paths_stay_under_resources_weights():
+    assert download_path("https://huggingface.co/timm/resnet50.a1_in1k/resolve/main/"
+                         "model.safetensors") == ("resources/weights/huggingface.co/timm/"
+                                                  "resnet50.a1_in1k/resolve/main/model.safetensors")
+    with_port = download_path("https://h.org:8443/w.safetensors")
+    with_query = download_path("https://h.org/w.safetensors?rev=2")
+    assert with_port != with_query and "8443" not in with_port and "rev" not in with_query
+    assert with_port.startswith("resources/weights/h.org-") and with_port.endswith("/w.safetensors")
+
+
+def test_unrunnable_values_stop_the_dry_run(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for config, key in [({"dataset": {"val_fraction": 0}}, "dataset.val_fraction"),
+                        ({"backbone": {"weights": "https://h.org/../../x.safetensors"}},
+                         "backbone.weights")]:
+        bad.write_text(yaml.safe_dump(config))
+        proc = _snakemake("all", "-n", "--configfile", "config/demo.yaml", str(bad), check=False)
+        assert proc.returncode != 0 and key in proc.stdout + proc.stderr
+        assert "rule " not in proc.stdout            # no job planned
 
 
 def test_default_config_starts_from_public_imagenet_weights():

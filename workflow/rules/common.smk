@@ -4,7 +4,6 @@ import json
 import os
 import shlex
 import sys
-import urllib.parse
 from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
@@ -13,7 +12,10 @@ from finegrained.config import is_url, load_schema, validate_config
 from finegrained.data.manifest import SPLITS
 from finegrained.data.settings import crop_settings, manifest_settings
 from finegrained.data.readers import DATASET_FORMATS, annotation_files
-from finegrained.models.download import sha256_record
+from finegrained.models.download import WEIGHTS_DIR, download_path, sha256_record
+from finegrained.models.settings import fetch_settings, init_settings
+from finegrained.resources import (device_environment, export_line, family_threads,
+                                   jax_conda_env, rule_resources)
 
 validate_config(config, load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"))
 
@@ -27,7 +29,8 @@ USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_m
 _JOB_PATH = "" if USES_CONDA else f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; "
 shell.prefix(
     f"set -euo pipefail; {_JOB_PATH}"
-    f"export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f"export PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'src'))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    + export_line(device_environment(config)).replace("{", "{{").replace("}", "}}")
 )
 
 DATASETS = ["target", "source"]
@@ -97,66 +100,18 @@ def split_shard_files(kind):
 
 # ---------------------------------------------------------------------------- resources
 
-#: Rule families whose failed jobs retry with more memory and time.
-RETRY_SCALED = ("data", "train")
-
-
-def _cluster_setting(key, *variables):
-    """config.cluster.<key>, else the first environment variable set, else None."""
-    value = config["cluster"][key]
-    if value is None:
-        value = next((os.environ[v] for v in variables if os.environ.get(v)), None)
-    return value
-
 
 def job_threads(family):
-    return config["resources"][family].get("threads", 1)
+    return family_threads(config, family)
 
 
 def job_resources(family, gpu=None):
-    """A rule's resources from config.resources.<family> (unpacked into `resources:`):
-    mem_mb and runtime (times the attempt for the heavy families), gpu (the family's, or
-    `gpu`), and for SLURM the partition, the account and the GPU model (left out when
-    unset, so the cluster's defaults apply). Each request is made once: the SLURM plugin
-    turns `gpu` (+ `gpu_model`) into --gpus, never a second gres."""
-    cfg = config["resources"][family]
-    gpu = cfg.get("gpu", 0) if gpu is None else gpu
-    if family in RETRY_SCALED:
-        res = {"mem_mb": lambda wildcards, attempt: cfg["mem_mb"] * attempt,
-               "runtime": lambda wildcards, attempt: cfg["runtime"] * attempt}
-    else:
-        res = {"mem_mb": cfg["mem_mb"], "runtime": cfg["runtime"]}
-    res["gpu"] = gpu
-    partition = (_cluster_setting("gpu_partition", "FINEGRAINED_GPU_PARTITION") if gpu
-                 else _cluster_setting("cpu_partition", "FINEGRAINED_CPU_PARTITION"))
-    account = _cluster_setting("account", "FINEGRAINED_ACCOUNT", "SLURM_ACCOUNT")
-    if partition:
-        res["slurm_partition"] = partition
-    if account:
-        res["slurm_account"] = account
-    if gpu and cfg.get("gpu_model"):
-        res["gpu_model"] = cfg["gpu_model"]
-    return res
+    """A rule's resources (unpacked into `resources:`): finegrained.resources.rule_resources."""
+    return rule_resources(config, family, gpu)
 
 
 def jax_env(gpu=None):
-    """The conda env of a JAX rule, relative to workflow/rules/: CUDA JAX when it asks for
-    a GPU (`gpu`, default the train family's), CPU JAX otherwise."""
-    gpu = config["resources"]["train"]["gpu"] if gpu is None else gpu
-    return "../../envs/jax-cuda12.yaml" if gpu else "../../envs/jax.yaml"
-
-
-def device_launcher():
-    """Runs a JAX job on its own `resources.gpu` devices (finegrained.gpus); shell use:
-    `{params.launch} {resources.gpu} -- python ...`."""
-    fraction = config["resources"]["train"]["gpu_memory_fraction"]
-    return "python -m finegrained.gpus" + (f" --mem-fraction {fraction}" if fraction else "") + " --count"
-
-
-def stage_depths_arg():
-    """The --stage-depths option of the model scripts, empty for the standard depths."""
-    depths = config["backbone"]["stage_depths"]
-    return f"--stage-depths {' '.join(map(str, depths))}" if depths else ""
+    return jax_conda_env(config, gpu)
 
 
 def backbone_weights_file():
@@ -168,8 +123,7 @@ def backbone_weights_file():
     if weights == "pretrain":
         return results("pretrain/weights.safetensors")
     if is_url(weights):
-        url = urllib.parse.urlsplit(weights)
-        return f"resources/weights/{url.hostname}{url.path}"
+        return download_path(weights)
     return weights
 
 
@@ -220,6 +174,24 @@ def train_inputs(wildcards):
         inputs["features"] = [results(f"features/{_regimes.cache_index(split, layer)}")
                               for layer in layers for split in ("train", "val")]
     return inputs
+
+
+def features_dir_arg(wildcards, input):
+    """--features-dir: the folder the cache indexes among the inputs sit in (from the input
+    paths, so a module's prefix moves it too)."""
+    if "features" not in input.keys():
+        return ""
+    first = _regimes.cached_layers(config, wildcards.regime, wildcards.variant)[0]
+    index = Path(input.features[0])
+    return f"--features-dir {shlex.quote(str(index.parents[len(Path(_regimes.cache_index('train', first)).parts) - 1]))}"
+
+
+def checkpoint_dir(output, relative, job):
+    """results/<run>/checkpoints/<job>, from an output of the job and that output's path
+    relative to results/<run>/ (so a module's prefix moves it too). Not an output: Snakemake
+    keeps it when a job dies, and the rerun resumes from it."""
+    output = Path(output)
+    return str(output.parents[len(Path(relative).parts) - 1] / "checkpoints" / job)
 
 
 REGIMES = list(_regimes.REGIMES)

@@ -11,7 +11,7 @@ rule demo_dataset:
         ),
         images=directory(results("demo_data/{dataset}/images")),
     params:
-        demo=lambda wc: dataset_config(wc.dataset)["demo"],
+        settings=lambda wc: json.dumps(dataset_config(wc.dataset)["demo"]),
         out_dir=lambda wc, output: Path(output.images).parent,
     log:
         results("logs/demo_dataset/{dataset}.log"),
@@ -23,10 +23,8 @@ rule demo_dataset:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --out {params.out_dir} --variant {wildcards.dataset}"
-        " --num-classes {params.demo[num_classes]} --train-per-class {params.demo[train_per_class]}"
-        " --test-per-class {params.demo[test_per_class]} --min-side {params.demo[min_side]}"
-        " --max-side {params.demo[max_side]} --seed {params.demo[seed]} > {log} 2>&1"
+        "python {input.script:q} --settings {params.settings:q} --out {params.out_dir:q}"
+        " --variant {wildcards.dataset} > {log:q} 2>&1"
 
 
 rule manifests:
@@ -107,7 +105,8 @@ rule shard_index:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --split {wildcards.split} --out {output} {input.metas} > {log} 2>&1"
+        "python {input.script:q} --split {wildcards.split} --out {output:q} {input.metas:q}"
+        " > {log:q} 2>&1"
 
 
 rule channel_stats:
@@ -126,7 +125,7 @@ rule channel_stats:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python {input.script:q} --index {input.index} --out {output} > {log} 2>&1"
+        "python {input.script:q} --index {input.index:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule data:

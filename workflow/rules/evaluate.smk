@@ -13,7 +13,6 @@ rule evaluate_regime:
     params:
         settings=evaluate_job_settings,
         train=evaluate_train_args,
-        launch=device_launcher(),
         out_dir=lambda wc, output: Path(output.metrics).parent,
     log:
         results("logs/evaluate/{regime}{variant}.log"),
@@ -25,7 +24,8 @@ rule evaluate_regime:
     conda:
         jax_env()
     shell:
-        "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        " python {input.script:q} --settings {params.settings:q}"
         " --test-index {input.test:q} {params.train} --classes {input.classes:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 

@@ -15,7 +15,6 @@ rule features:
     params:
         settings=feature_job_settings,
         out_dir=lambda wc, output: Path(output.index).parent,
-        launch=device_launcher(),
     log:
         results("logs/features/{split}.log"),
     benchmark:
@@ -26,7 +25,8 @@ rule features:
     conda:
         jax_env()
     shell:
-        "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        " python {input.script:q} --settings {params.settings:q}"
         " --index {input.index:q}"
         " --init-weights {input.init:q} --stats {input.stats:q} --classes {input.classes:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
@@ -61,12 +61,13 @@ rule train_regime:
         summary=results("train/{regime}{variant}/summary.json"),
     params:
         settings=train_job_settings,
-        init=lambda wc, input: f"--init-weights {input.init!r}" if "init" in input.keys() else "",
-        features=lambda wc, input: (
-            f"--features-dir {results('features')!r}" if "features" in input.keys() else ""
+        init=lambda wc, input: (
+            f"--init-weights {shlex.quote(input.init)}" if "init" in input.keys() else ""
         ),
-        checkpoints=results("checkpoints/{regime}{variant}"),
-        launch=device_launcher(),
+        features=features_dir_arg,
+        checkpoints=lambda wc, output: checkpoint_dir(
+            output.weights, f"train/{wc.regime}{wc.variant}/weights.safetensors",
+            f"{wc.regime}{wc.variant}"),
         out_dir=lambda wc, output: Path(output.weights).parent,
     log:
         results("logs/train/{regime}{variant}.log"),
@@ -78,7 +79,8 @@ rule train_regime:
     conda:
         jax_env()
     shell:
-        "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        " python {input.script:q} --settings {params.settings:q}"
         " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
         " {params.init} {params.features} --checkpoint-dir {params.checkpoints:q}"

@@ -17,24 +17,19 @@ if is_url(config["backbone"]["weights"]):
             weights=backbone_weights_file(),
             sha256=backbone_weights_record(),
         params:
-            url=config["backbone"]["weights"],
-            sha256=(
-                f"--sha256 {config['backbone']['weights_sha256']}"
-                if config["backbone"]["weights_sha256"]
-                else ""
-            ),
+            settings=json.dumps(fetch_settings(config["backbone"])),
         log:
-            f"resources/logs/fetch_weights/{Path(backbone_weights_file()).relative_to('resources/weights')}.log",
+            f"resources/logs/fetch_weights/{Path(backbone_weights_file()).relative_to(WEIGHTS_DIR)}.log",
         benchmark:
-            f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to('resources/weights')}.tsv"
+            f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to(WEIGHTS_DIR)}.tsv"
         threads: 1
         resources:
             **job_resources("light"),
         conda:
             "../../envs/data.yaml"
         shell:
-            "python {input.script:q} --url {params.url:q} {params.sha256}"
-            " --out {output.weights:q} > {log:q} 2>&1"
+            "python {input.script:q} --settings {params.settings:q} --out {output.weights:q}"
+            " > {log:q} 2>&1"
 
 
 rule pretrain:
@@ -49,8 +44,8 @@ rule pretrain:
         metrics=results("pretrain/metrics.json"),
     params:
         settings=pretrain_job_settings(),
-        checkpoints=results("checkpoints/pretrain"),
-        launch=device_launcher(),
+        checkpoints=lambda wc, output: checkpoint_dir(
+            output.weights, "pretrain/weights.safetensors", "pretrain"),
     log:
         results("logs/pretrain.log"),
     benchmark:
@@ -61,7 +56,8 @@ rule pretrain:
     conda:
         jax_env()
     shell:
-        "{params.launch} {resources.gpu} -- python {input.script:q} --settings {params.settings:q}"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        " python {input.script:q} --settings {params.settings:q}"
         " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
         " --checkpoint-dir {params.checkpoints:q} --out-weights {output.weights:q}"
@@ -79,14 +75,11 @@ rule init_target_model:
         weights=results("weights/init.safetensors"),
         report=results("weights/init_report.json"),
     params:
-        backbone=config["backbone"],
-        depths=stage_depths_arg(),
-        weights=lambda wc, input: f"--weights '{input.weights}'" if input.weights else "",
+        settings=json.dumps(init_settings(config)),
+        weights=lambda wc, input: f"--weights {shlex.quote(input.weights)}" if input.weights else "",
         names=lambda wc, input: (
-            f"--source-class-names '{input.source_names}'" if input.source_names else ""
+            f"--source-class-names {shlex.quote(input.source_names)}" if input.source_names else ""
         ),
-        match="--init-from-source-names" if config["head"]["init_from_source_names"] else "",
-        seed=config["head"]["seed"],
     log:
         results("logs/init_target_model.log"),
     benchmark:
@@ -97,9 +90,10 @@ rule init_target_model:
     conda:
         jax_env(0)
     shell:
-        "python -m finegrained.gpus --count 0 -- python {input.script:q} --arch {params.backbone[arch]} --width {params.backbone[width]}"
-        " {params.depths} --classes {input.classes} {params.weights} {params.names} {params.match}"
-        " --seed {params.seed} --out-weights {output.weights} --out-report {output.report} > {log} 2>&1"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        " python {input.script:q} --settings {params.settings:q}"
+        " --classes {input.classes:q} {params.weights} {params.names}"
+        " --out-weights {output.weights:q} --out-report {output.report:q} > {log:q} 2>&1"
 
 
 rule weights:

@@ -10,10 +10,17 @@ Two ways to trust the bytes:
 
 * **pinned** (``sha256`` given; ``backbone.weights_require_sha256: true`` makes it required):
   the download must have that hash.
-* **trust on first use** (``sha256=None``): the hash is computed on download, logged, written
-  beside the file and into the run's provenance (``init_report.json``), and every later use
-  checks the file against it (:func:`verify_recorded_sha256`), so a file that changes on disk
-  afterwards is refused. Pin the logged hash to make the run strict.
+* **trust on first use** (``sha256=None``): the hash is computed on download, logged with the
+  config line that pins it, written beside the file and into the run's provenance
+  (``init_report.json``), and every later use checks the file against it
+  (:func:`verify_recorded_sha256`), so a file that changes on disk afterwards is refused.
+  Pin the logged hash to make the run strict.
+
+What a URL can do is bounded: it names one file under ``resources/weights/``
+(:func:`download_path`: no ``..``, no odd characters, port and query hashed into the folder
+name); plain ``http://`` and a redirect from https to http are refused unless allowed; the
+transfer stops at ``max_bytes`` and after ``timeout_s`` seconds in all (a server that
+trickles bytes defeats a per-read timeout, not this one).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import http.client
 import logging
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +42,64 @@ from finegrained.fileio import atomic_output, sha256_file
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: Where downloaded weights go, relative to the working directory.
+WEIGHTS_DIR = "resources/weights"
+#: A path segment of a URL we store: letters, digits, ``._+-``, not starting with a dot
+#: (so no ``.``, ``..`` or hidden files), nothing percent-encoded.
+_SEGMENT = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
+_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_HOST = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_CHUNK = 1 << 20
+
+
+def download_path(url: str, root: str = WEIGHTS_DIR) -> str:
+    """Where the file at ``url`` is kept: ``<root>/<host>/<path>``, or
+    ``<root>/<host>-<12 hex>/<path>`` when the URL has a port or a query (their sha256, so
+    neither reaches the file system as text). Raises :class:`WeightsError` for a URL that
+    could name a file outside ``root``: a ``..`` or ``.`` segment, an empty or odd host,
+    characters outside ``A-Za-z0-9._+-`` (percent escapes included), credentials, no file."""
+    parts = urllib.parse.urlsplit(url)
+    problem = None
+    if parts.scheme not in ("http", "https"):
+        problem = "not an http(s) URL"
+    elif parts.username is not None or parts.password is not None:
+        problem = "credentials in a URL are not stored in a config; use a token-free URL"
+    elif not parts.hostname or not _HOST.fullmatch(parts.hostname):
+        problem = f"host {parts.hostname!r} is empty or has characters outside a-z0-9.-"
+    segments = parts.path.split("/")[1:]
+    if problem is None:
+        if not segments or segments[-1] == "":
+            problem = "the URL names no file"
+        else:
+            bad = [s for s in segments if not _SEGMENT.fullmatch(s)]
+            if bad:
+                problem = (f"path segment {bad[0]!r} is empty, starts with a dot or has "
+                           f"characters outside A-Za-z0-9._+- (percent escapes included)")
+    if problem is not None:
+        raise WeightsError(f"backbone.weights: {url!r}: {problem}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise WeightsError(f"backbone.weights: {url!r}: {exc}") from None
+    folder = parts.hostname
+    if port is not None or parts.query:
+        folder += "-" + hashlib.sha256(f"{port}?{parts.query}".encode()).hexdigest()[:12]
+    return "/".join([root.rstrip("/"), folder, *segments])
+
+
+class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s), and from https only to https unless allowed."""
+
+    def __init__(self, allow_http: bool):
+        super().__init__()
+        self.allow_http = allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new not in ("http", "https") or (new == "http" and not self.allow_http):
+            raise WeightsError(f"{req.full_url}: redirected to {newurl}: refused ({old} -> "
+                               f"{new}; plain http only with backbone.weights_allow_http)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _as_url(url: str | os.PathLike) -> str:
@@ -84,13 +150,16 @@ def _normalise(sha256: str | None, url) -> str | None:
 
 
 def fetch(url: str | os.PathLike, sha256: str | None, dest: str | os.PathLike, *,
-          timeout: float = 60, chunk_size: int = 1 << 20) -> Path:
-    """Download ``url`` (http(s)://, file:// or a local path) to ``dest``; raise
-    ``WeightsError`` on any failure.
+          timeout: float = 60, timeout_s: float = 3600, max_bytes: int = 4 * 10 ** 9,
+          allow_http: bool = False, chunk_size: int = _CHUNK) -> Path:
+    """Download ``url`` (https://, http:// with ``allow_http``, file:// or a local path) to
+    ``dest``; raise ``WeightsError`` on any failure, leaving nothing at ``dest``.
 
     ``sha256`` pins the expected hash (``None``: trust on first use). A ``dest`` that is
     already there is kept if it matches the pinned hash, or, trusting on first use, the hash
     recorded when it was downloaded (a mismatch is then an error: the file changed).
+    ``timeout`` bounds each read, ``timeout_s`` the whole transfer; more than ``max_bytes``
+    (announced or received) is refused.
     """
     dest = Path(dest)
     expected = _normalise(sha256, url)
@@ -114,19 +183,36 @@ def fetch(url: str | os.PathLike, sha256: str | None, dest: str | os.PathLike, *
         stale.unlink(missing_ok=True)
 
     full_url = _as_url(url)
+    if urllib.parse.urlsplit(full_url).scheme == "http" and not allow_http:
+        raise WeightsError(f"{full_url}: plain http is refused (the bytes could be changed on "
+                           f"the way); use https, or set backbone.weights_allow_http: true")
+    opener = urllib.request.build_opener(_RedirectPolicy(allow_http))
     digest = hashlib.sha256()
     received = 0
+    deadline = time.monotonic() + timeout_s
     log.info("downloading %s -> %s", full_url, dest)
     try:
         with atomic_output(dest) as tmp:
-            with urllib.request.urlopen(full_url, timeout=timeout) as response, \
-                    open(tmp, "wb") as out:
+            with opener.open(full_url, timeout=timeout) as response, open(tmp, "wb") as out:
                 length = response.headers.get("Content-Length")
                 length = int(length) if length is not None and length.isdigit() else None
-                while chunk := response.read(chunk_size):
+                if length is not None and length > max_bytes:
+                    raise WeightsError(f"{full_url}: {length} bytes announced, more than the "
+                                       f"{max_bytes} of backbone.weights_max_bytes")
+                # read1: whatever has arrived (up to chunk_size), so a trickling server
+                # meets the deadline instead of a read that waits for a whole chunk.
+                read = getattr(response, "read1", response.read)
+                while chunk := read(chunk_size):
                     digest.update(chunk)
                     out.write(chunk)
                     received += len(chunk)
+                    if received > max_bytes:
+                        raise WeightsError(f"{full_url}: more than the {max_bytes} bytes of "
+                                           f"backbone.weights_max_bytes; stopped")
+                    if time.monotonic() > deadline:
+                        raise WeightsError(f"{full_url}: not done after {timeout_s:g} s "
+                                           f"(backbone.weights_download_timeout), {received} "
+                                           f"bytes in; stopped")
             if length is not None and received != length:
                 raise WeightsError(f"{full_url}: transfer interrupted: received {received} "
                                    f"of {length} bytes")
@@ -146,8 +232,9 @@ def fetch(url: str | os.PathLike, sha256: str | None, dest: str | os.PathLike, *
     _write_record(dest, got)
     if expected is None:
         log.info("downloaded %d bytes, sha256 %s (trusted on first use; recorded in %s and "
-                 "checked on every later use; pin it with backbone.weights_sha256)",
-                 received, got, sha256_record(dest))
+                 "checked on every later use). Pin it: add this line under `backbone:` in "
+                 "your config file:\n    weights_sha256: %s", received, got,
+                 sha256_record(dest), got)
     else:
         log.info("downloaded %d bytes, sha256 %s as pinned", received, got)
     return dest

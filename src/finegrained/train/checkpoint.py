@@ -10,13 +10,22 @@ saving and come back as numpy, so a checkpoint does not depend on the device mes
 Orbax writes each step into a temporary directory and renames it when complete (atomic);
 the newest ``keep`` checkpoints are kept, and leftover temporary directories of a killed
 save are removed when the manager opens.
+
+A job's checkpoint folder records what it was made from (:func:`claim`): the job's settings
+and the sha256 of its input files. A rerun with other settings or inputs (a lowered ``lr``,
+new weights) sets the old checkpoints aside instead of resuming them, so a resumed run is
+always the run its settings describe.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
+
+from finegrained.fileio import sha256_file, write_json
 
 import jax
 import numpy as np
@@ -59,5 +68,91 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(target)))["arrays"]
 
+    def restore_saved(self, step: int) -> dict:
+        """The arrays of checkpoint ``step`` as they were saved (numpy), without a target."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore()))["arrays"]
+
     def close(self) -> None:
         self.manager.close()
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+FINGERPRINT_FILE = "fingerprint.json"
+#: Settings that change how a job runs, not what it computes: checkpoints made with other
+#: values of these are resumed (the hash of the whole settings is not one of them either).
+OPERATIONAL_KEYS = frozenset({"config_hash", "keep_checkpoints", "log_every_steps",
+                              "checkpoint_every_steps", "prefetch_batches"})
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _strip(v) for k, v in obj.items() if k not in OPERATIONAL_KEYS}
+    if isinstance(obj, (list, tuple)):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def fingerprint(settings: Mapping, inputs: Mapping[str, str | os.PathLike | None]) -> dict:
+    """What a job's checkpoints are made from: its settings (JSON; the operational keys left
+    out) and the sha256 of each input file (None for an input the job does not have)."""
+    return {"settings": json.loads(json.dumps(_strip(settings))),
+            "inputs": {name: sha256_file(path) if path is not None else None
+                       for name, path in sorted(inputs.items())}}
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(obj, list):
+        out = {}
+        for i, value in enumerate(obj):
+            out.update(_flatten(value, f"{prefix}{i}."))
+        return out if obj else {prefix[:-1]: []}
+    return {prefix[:-1]: obj}
+
+
+def describe_change(old: Mapping | None, new: Mapping, limit: int = 3) -> str:
+    """The differences between two fingerprints, for one log line."""
+    if old is None:
+        return "no record of the settings they were made with"
+    before, after = _flatten(old), _flatten(new)
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    shown = []
+    for key in changed[:limit]:
+        if key.startswith("inputs."):
+            shown.append(f"another {key[len('inputs.'):]} (sha256 {str(before.get(key))[:12]} -> "
+                         f"{str(after.get(key))[:12]})")
+        else:
+            shown.append(f"{key[len('settings.'):]} {before.get(key)!r} -> {after.get(key)!r}")
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "other settings or inputs: " + "; ".join(shown) + more
+
+
+def claim(directory: str | os.PathLike, expected: Mapping,
+          log: Callable[[str], None] = print) -> Path | None:
+    """Make ``directory`` the checkpoint folder of the job whose :func:`fingerprint` is
+    ``expected``. Checkpoints there that were made from anything else (or that carry no
+    record) are moved to ``<directory>.set-aside-<time>/``, never resumed, and the log says
+    why in one line; returns where they went (None when nothing was set aside)."""
+    directory = Path(directory)
+    record = directory / FINGERPRINT_FILE
+    aside = None
+    if directory.is_dir() and any(directory.iterdir()):
+        try:
+            found = json.loads(record.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            found = None
+        if found != expected:
+            aside = directory.with_name(f"{directory.name}.set-aside-"
+                                        f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+            os.replace(directory, aside)
+            log(f"checkpoints in {directory} were made with {describe_change(found, expected)}: "
+                f"set aside as {aside.name}, not resumed; training starts afresh")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(record, expected)
+    return aside

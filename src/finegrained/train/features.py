@@ -145,14 +145,28 @@ def extract_features(model, shard_index: str | os.PathLike, out_dir: str | os.Pa
 
 
 class FeatureReader:
-    """One cached layer of a split, with the source interface of the training loop."""
+    """One cached layer of a split, with the source interface of the training loop.
 
-    def __init__(self, index_path: str | os.PathLike, layer: str):
+    ``weights`` and ``shard_index``, when given, are the files the reading job was given:
+    a cache made from other weights or another version of the split is refused (as a shard
+    whose bytes changed is), so a cache left over from before a change is never trained on.
+    """
+
+    def __init__(self, index_path: str | os.PathLike, layer: str, *,
+                 weights: str | os.PathLike | None = None,
+                 shard_index: str | os.PathLike | None = None):
         self.index_path = Path(index_path)
         try:
             self.index = json.loads(self.index_path.read_text())
         except FileNotFoundError:
             raise DataError(self.index_path, "feature index not found") from None
+        for what, path, key in (("weights", weights, "weights_sha256"),
+                                ("shard index", shard_index, "shard_index_sha256")):
+            if path is not None and self.index.get(key) != (got := sha256_file(path)):
+                raise DataError(self.index_path, f"this feature cache was made from {what} with "
+                                f"sha256 {self.index.get(key)}, but the job reads {path} "
+                                f"(sha256 {got}): the cache is stale; rebuild it (snakemake "
+                                f"--forcerun features feature_map)")
         if layer not in self.index["layers"]:
             raise DataError(self.index_path, f"layer {layer!r} is not cached here; cached: "
                             f"{sorted(self.index['layers'])}")

@@ -9,7 +9,9 @@ starting from the previous one's final state, and writes, atomically::
     <out_dir>/summary.json          best epoch, its validation figures, wall time, hashes
 
 Checkpoints go to ``checkpoint_dir/<phase>/``; a finished phase leaves ``done.json`` and
-``done.safetensors`` there, so a rerun after a kill skips it. The directory is removed when
+``done.safetensors`` there, so a rerun after a kill skips it. ``checkpoint_dir`` records the
+settings and input hashes it was made from, and a rerun with others sets it aside rather
+than resuming it (:func:`finegrained.train.checkpoint.claim`). The directory is removed when
 the job succeeds unless the settings keep it.
 
 With several processes (:mod:`finegrained.distributed`) every process runs the job and only
@@ -42,6 +44,7 @@ from finegrained.models.weights import (load_pretrained, read_metadata, read_ten
                                         save_weights, weights_metadata)
 from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
+from finegrained.train.checkpoint import claim, fingerprint
 from finegrained.train.features import FeatureReader
 from finegrained.train.loop import TrainConfig, fit
 from finegrained.train.probe import fit_probe
@@ -83,14 +86,18 @@ def build_start_model(settings: Mapping, init_weights: str | os.PathLike | None,
                            stage_depths=stage_depths, **runtime_options(arch, settings))
 
 
-def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool):
+def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool,
+             init_weights=None):
+    """The phase's train and val sources: the shards, or the feature cache (checked against
+    the init weights and shard indexes this job was given)."""
     inp = phase["input"]
     if inp["kind"] == "cache":
         if features_dir is None:
             raise DataError("features", f"phase {phase['name']} reads the feature cache, "
                             f"but no features directory was given")
         return tuple(FeatureReader(Path(features_dir) / cache_index(split, inp["layer"]),
-                                   inp["layer"]) for split in ("train", "val"))
+                                   inp["layer"], weights=init_weights, shard_index=index)
+                     for split, index in (("train", train_index), ("val", val_index)))
     return ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
 
 
@@ -149,6 +156,14 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     model = build_start_model(settings, init_weights, len(names))
     stats_dict = json.loads(Path(stats).read_text())
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    cached = {p["input"]["layer"] for p in settings["phases"] if p["input"]["kind"] == "cache"}
+    cache_indexes = {f"features_{split}_{layer}": Path(features_dir, cache_index(split, layer))
+                     for layer in sorted(cached) for split in ("train", "val")}
+    if main:
+        claim(checkpoint_dir, fingerprint(settings, {
+            "init_weights": init_weights, "train_index": train_index, "val_index": val_index,
+            "stats": stats, "classes": classes, **cache_indexes}), log)
+    distributed.barrier(f"claimed/{label}")
 
     rows, best = [], None
     for i, phase in enumerate(settings["phases"]):
@@ -156,7 +171,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
         record = _finished_phase(phase_dir, model)
         if record is None:
             train, val = _sources(phase, train_index, val_index, features_dir,
-                                  settings.get("verify_shards", True))
+                                  settings.get("verify_shards", True), init_weights)
             log(f"{label} phase {phase['name']}: {len(train)} train / {len(val)} val inputs "
                 f"({phase['input']['kind']}), {jax.device_count()} x "
                 f"{jax.devices()[0].platform}")
@@ -191,7 +206,6 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(out_dir / "weights.safetensors", read_tensors(best_file), metadata=metadata)
     _write_history(out_dir / "history.parquet", rows)
-    cached = {p["input"]["layer"] for p in settings["phases"] if p["input"]["kind"] == "cache"}
     summary = {
         "regime": settings["regime"], "variant": settings.get("variant", ""),
         "best_phase": settings["phases"][phase_index]["name"], "best_epoch": best_row["epoch"],
@@ -204,8 +218,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             config_hash=settings["config_hash"],
             shard_indexes={"train": train_index, "val": val_index},
             init_weights=init_weights if settings["init"] != "random" else None,
-            **{f"features_{split}_{layer}": Path(features_dir, cache_index(split, layer))
-               for layer in cached for split in ("train", "val")}),
+            **cache_indexes),
         "settings": settings,
     }
     write_json(out_dir / "summary.json", summary)

@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -102,8 +103,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite; the run stops at once."""
+class NonFinite(RuntimeError):
+    """The training loss, or a parameter, statistic or optimizer moment, became NaN or
+    infinite; the run stops at once, before any such value reaches a checkpoint."""
 
 
 class Preempted(RuntimeError):
@@ -265,6 +267,10 @@ class Run:
     steps_per_epoch: int
     lighting: Lighting | None
     group_lrs: dict[str, float | None]    # column name -> lr multiplier
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    #: Seconds from :func:`prepare` to the return of this process's first step (tracing and
+    #: compiling it, or loading it from the persistent compilation cache); None until then.
+    first_step_seconds: float | None = None
 
     def lrs(self, step: int) -> dict[str, float]:
         """Learning rate of every trained group at ``step`` (``lr`` is the base group's)."""
@@ -277,6 +283,7 @@ class Run:
 
 def prepare(model: nnx.Module, num_train: int, cfg: TrainConfig, *, mesh=None,
             lighting: Lighting | None = None) -> Run:
+    started = time.perf_counter()
     mesh = mesh if mesh is not None else make_mesh(cfg.num_devices)
     check_batch_size(cfg.batch_size, mesh)
     steps_per_epoch = num_train // cfg.batch_size
@@ -299,16 +306,40 @@ def prepare(model: nnx.Module, num_train: int, cfg: TrainConfig, *, mesh=None,
     eval_metrics = make_eval_metrics_step(cfg.step_config(), mesh=mesh)
     group_lrs = {f"lr:{pattern}": mult for pattern, mult in cfg.param_groups}
     return Run(cfg, mesh, state, train_step, eval_metrics, schedule, steps_per_epoch,
-               lighting, group_lrs)
+               lighting, group_lrs, started=started)
 
 
-def _check_finite(metrics: Mapping, label: str, epoch: int, step: int) -> float:
+def _kept(ckpt: Checkpointer | None) -> str:
+    step = ckpt.latest_step() if ckpt is not None else None
+    return ("no checkpoint was written" if step is None else
+            f"the last good checkpoint, step {step}, is kept") + ", no weights were written"
+
+
+def _check_finite(metrics: Mapping, label: str, epoch: int, step: int,
+                  ckpt: Checkpointer | None) -> float:
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-        raise NonFiniteLoss(f"{label}: non-finite training loss {loss} at epoch {epoch}, "
-                            f"step {step}; stopped (the last good checkpoint is kept, no "
-                            f"weights were written)")
+        raise NonFinite(f"{label}: non-finite training loss {loss} at epoch {epoch}, "
+                        f"step {step}; stopped ({_kept(ckpt)})")
     return loss
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def check_state(run: "Run", label: str, epoch: int, step: int,
+                ckpt: Checkpointer | None) -> None:
+    """Raise :class:`NonFinite` unless every trained parameter, statistic and optimizer
+    moment is finite. The loss the loop reads is the loss *before* a step's update, so an
+    update that overflows shows only here; called before every checkpoint and epoch end."""
+    state = (run.state.params, run.state.rest, run.state.opt_state)
+    if not bool(jax.device_get(_all_finite(state))):
+        raise NonFinite(f"{label}: non-finite parameters after epoch {epoch}, step {step} (the "
+                        f"update diverged; lower the learning rate); stopped ({_kept(ckpt)})")
 
 
 class _StopFlag:
@@ -431,7 +462,7 @@ def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: s
             return
         metrics, step = jax.device_get(pending[0]), pending[1]
         pending = None
-        loss = _check_finite(metrics, label, epoch + 1, step)
+        loss = _check_finite(metrics, label, epoch + 1, step, ckpt)
         progress.epoch_metrics.append([loss, float(metrics["accuracy"])])
 
     def elapsed() -> tuple[float, float]:
@@ -441,6 +472,8 @@ def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: s
         for batch in prefetch:
             rng = jax.random.fold_in(step_key, progress.step)
             run.state, metrics = run.train_step(run.state, batch, rng)
+            if run.first_step_seconds is None:
+                run.first_step_seconds = time.perf_counter() - run.started
             settle()                      # the previous step, while this one runs
             progress.step += 1
             pending = (metrics, progress.step)
@@ -449,6 +482,7 @@ def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: s
             stopping = stop.agreed(progress.step)
             if mid_epoch and ((every and progress.step % every == 0) or stopping):
                 settle()
+                check_state(run, label, epoch + 1, progress.step, ckpt)
                 seconds, wait = elapsed()
                 saved = dataclasses.replace(progress, epoch_seconds=progress.epoch_seconds + seconds,
                                             epoch_wait=progress.epoch_wait + wait)
@@ -491,8 +525,8 @@ def _epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) ->
     return record
 
 
-TIMING_FIELDS = ("images_per_second", "seconds", "input_wait_fraction", "wall_seconds",
-                 "eval_seconds")
+TIMING_FIELDS = ("images_per_second", "seconds", "input_wait_fraction", "first_step_seconds",
+                 "wall_seconds", "eval_seconds")
 
 
 @dataclasses.dataclass
@@ -512,8 +546,9 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None, cfg: Train
     With ``checkpoint_dir``, resumes from the latest checkpoint there (bit-identically:
     same data order, same augmentation, same state), checkpoints every
     ``cfg.checkpoint_every_steps`` and at every epoch end, and on SIGTERM checkpoints and
-    raises :class:`Preempted`. A non-finite loss raises :class:`NonFiniteLoss` naming
-    ``label``, epoch and step. The model is updated in place with the final state.
+    raises :class:`Preempted`. A non-finite loss, or a non-finite parameter before a
+    checkpoint or at an epoch end, raises :class:`NonFinite` naming ``label``, epoch and
+    step; no checkpoint ever holds a non-finite value. The model is updated in place with the final state.
     History rows: epoch, step, lr (+ ``lr:<regex>`` per group), train_loss, train_top1,
     val_loss, val_top1, val_count, images_per_second, seconds, input_wait_fraction.
     """
@@ -528,17 +563,22 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None, cfg: Train
         if restored is not None:
             progress, best_flat = restored
             log(f"{label}: resumed from checkpoint at step {progress.step}")
+    startup_reported = False
     try:
         with _StopFlag() as stop:
             while not progress.done and progress.step < run.steps_per_epoch * cfg.epochs:
                 epoch = progress.step // run.steps_per_epoch
                 run_epoch(run, train_source, epoch, progress, label=label, ckpt=ckpt,
                           best_flat=best_flat, stop=stop, log=log)
+                check_state(run, label, epoch + 1, progress.step, ckpt)
                 t_eval = time.perf_counter()
                 val = (evaluate(run.state, val_source, run.eval_metrics, eval_bs, run.mesh,
                                 cfg.prefetch_batches) if val_source is not None else None)
                 record = _epoch_record(run, epoch, progress, val)
                 record["eval_seconds"] = time.perf_counter() - t_eval
+                if not startup_reported:    # the first epoch this process ran
+                    record["first_step_seconds"] = run.first_step_seconds
+                    startup_reported = True
                 progress.history.append(record)
                 if val is not None:
                     if progress.best is None or val["top1"] > progress.best["val_top1"]:
@@ -568,4 +608,4 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None, cfg: Train
 
 __all__: Sequence[str] = ("TrainConfig", "ArraySource", "as_source", "evaluate", "fit",
                           "epoch_seed", "epoch_batches", "Prefetcher", "FitResult",
-                          "NonFiniteLoss", "Preempted", "TIMING_FIELDS")
+                          "NonFinite", "Preempted", "TIMING_FIELDS", "check_state")

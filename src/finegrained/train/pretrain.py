@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -27,6 +28,7 @@ from finegrained.models import build_model, flatten_state
 from finegrained.models.transfer import model_options
 from finegrained.models.weights import save_weights, weights_metadata
 from finegrained.train.augment import lighting_from_stats
+from finegrained.train.checkpoint import claim, fingerprint
 from finegrained.train.loop import TrainConfig, fit
 
 
@@ -62,8 +64,18 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
     log(f"pretrain {arch} width {width}: {len(train)} train / {len(val)} val images, "
         f"{num_classes} classes, stored {train.image_size}px -> crops {cfg.image_size}px, "
         f"{jax.device_count()} x {jax.devices()[0].platform}")
+    run_dir = None
+    if checkpoint_dir is not None:
+        if main:
+            claim(checkpoint_dir, fingerprint(
+                {"arch": arch, "width": width, "stage_depths": stage_depths,
+                 "depthwise_impl": depthwise_impl, "train_config": cfg.to_dict()},
+                {"train_index": train_index, "val_index": val_index, "stats": stats_json,
+                 "classes": classes}), log)
+        distributed.barrier("pretrain-claimed")
+        run_dir = Path(checkpoint_dir) / "run"
     history = fit(model, train, val, cfg, log_fn=log, lighting=lighting,
-                  checkpoint_dir=checkpoint_dir, label="pretrain").history
+                  checkpoint_dir=run_dir, label="pretrain").history
     if not main:
         distributed.barrier("pretrain-done")
         return {}

@@ -102,9 +102,23 @@ def evaluation_view(images: jax.Array, cfg: StepConfig) -> jax.Array:
     return center_crop(images, cfg.image_size, cfg.eval_crop_fraction)
 
 
+#: Backends whose matrix units run bfloat16 at several times the float32 rate; on a CPU,
+#: bfloat16 convolutions are emulated and slower than float32.
+BF16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def compute_dtype_name(name: str, backend: str | None = None) -> str:
+    """``'auto'`` resolved for ``backend`` (default: JAX's): bfloat16 on GPUs and TPUs,
+    float32 on CPUs; other names as they are."""
+    if name != "auto":
+        return name
+    return "bfloat16" if (backend or jax.default_backend()) in BF16_BACKENDS else "float32"
+
+
 def resolve_compute_dtype(name: str):
-    """The jnp dtype for ``StepConfig.compute_dtype``; ConfigError for anything but
-    'float32' and 'bfloat16'."""
+    """The jnp dtype for ``StepConfig.compute_dtype`` ('auto' by backend); ConfigError for
+    anything but 'auto', 'float32' and 'bfloat16'."""
+    name = compute_dtype_name(name)
     if name == "float16":
         raise ConfigError("compute_dtype 'float16' is not supported (it would need loss "
                           "scaling); use 'bfloat16' (or 'float32')")

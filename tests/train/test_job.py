@@ -1,0 +1,137 @@
+"""One train job (finegrained.train.job) on tiny shards: a checkpoint made with other
+settings or inputs is set aside, never resumed; a stale feature cache is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from finegrained.config import validate_config
+from finegrained.errors import DataError
+from finegrained.models.transfer import write_target_init
+from finegrained.models.weights import read_tensors
+from finegrained.train import regimes
+from finegrained.train.job import run_features_job, run_job
+from finegrained.train.loop import Preempted, TIMING_FIELDS
+from helpers.training import coloured_squares, write_classes, write_split
+
+NAMES = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
+OFF = {"crop_area": [1.0, 1.0], "aspect_ratio": [1.0, 1.0], "flip": 0.0, "brightness": 0.0,
+       "contrast": 0.0, "saturation": 0.0, "pca_lighting": 0.0}
+
+
+def tiny_config(**regime_settings) -> dict:
+    return validate_config({
+        "backbone": {"arch": "resnet18", "width": 8, "stage_depths": [1, 1, 1, 1]},
+        "train": {"image_size": 32, "compute_dtype": "float32", "log_every_steps": 0,
+                  "num_devices": 1},
+        "regime_settings": {name: {"batch_size": 16, "epochs": 2, "warmup_epochs": 0,
+                                   "augment": OFF, **values}
+                            for name, values in regime_settings.items()},
+    })
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    classes = root / "classes.parquet"
+    write_classes(classes, NAMES)
+    init = root / "init.safetensors"
+    write_target_init(classes, init, root / "init.json", arch="resnet18", width=8,
+                      stage_depths=[1, 1, 1, 1], seed=0)
+    stats = root / "stats.json"
+    stats.write_text(json.dumps({"eigval": [1.0, 0.5, 0.1], "eigvec": np.eye(3).tolist()}))
+    return {"train_index": write_split(root, "train", *coloured_squares(48, size=36, seed=0), NAMES),
+            "val_index": write_split(root, "val", *coloured_squares(16, size=36, seed=1), NAMES),
+            "stats": stats, "classes": classes, "init_weights": init}
+
+
+def _history(out_dir):
+    rows = pq.read_table(out_dir / "history.parquet").to_pylist()
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
+
+
+def _sigterm_after_epoch_1(line: str) -> None:
+    if "main epoch 1 " in line:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_checkpoint_made_with_other_settings_is_set_aside_not_resumed(inputs, tmp_path):
+    """Killed after epoch 1 at lr 0.05, rerun at lr 0.01: the rerun starts from the initial
+    weights (the same history and weights as a run that never saw the old checkpoint) and
+    says why; an unchanged rerun resumes."""
+    old = regimes.job_settings(tiny_config(full_finetune={"lr": 0.05}), "full_finetune")
+    new = regimes.job_settings(tiny_config(full_finetune={"lr": 0.01}), "full_finetune")
+    ckpt = tmp_path / "checkpoints" / "full_finetune"
+    with pytest.raises(Preempted):
+        run_job(old, **inputs, out_dir=tmp_path / "killed", checkpoint_dir=ckpt,
+                log_fn=_sigterm_after_epoch_1)
+    assert (ckpt / "0-main").is_dir()
+
+    lines = []
+    run_job(new, **inputs, out_dir=tmp_path / "rerun", checkpoint_dir=ckpt, log_fn=lines.append)
+    run_job(new, **inputs, out_dir=tmp_path / "fresh", checkpoint_dir=tmp_path / "fresh-ck",
+            log_fn=None)
+    [aside] = [line for line in lines if "set aside" in line]
+    assert "phases.0.train_config.base_lr 0.05 -> 0.01" in aside, aside
+    assert not any("resumed from checkpoint" in line for line in lines)
+    assert len(list(ckpt.parent.glob("full_finetune.set-aside-*"))) == 1
+    assert _history(tmp_path / "rerun") == _history(tmp_path / "fresh")
+    assert [row["epoch"] for row in _history(tmp_path / "rerun")] == [1, 2]
+    a = read_tensors(tmp_path / "rerun" / "weights.safetensors")
+    b = read_tensors(tmp_path / "fresh" / "weights.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    # The same settings again (killed, then rerun): resumed, not set aside.
+    with pytest.raises(Preempted):
+        run_job(new, **inputs, out_dir=tmp_path / "k2", checkpoint_dir=ckpt,
+                log_fn=_sigterm_after_epoch_1)
+    lines = []
+    run_job(new, **inputs, out_dir=tmp_path / "resumed", checkpoint_dir=ckpt, log_fn=lines.append)
+    assert any("resumed from checkpoint" in line for line in lines)
+    assert not any("set aside" in line for line in lines)
+    assert _history(tmp_path / "resumed") == _history(tmp_path / "fresh")
+
+
+def test_changed_init_weights_set_a_finished_phase_aside(inputs, tmp_path):
+    settings = regimes.job_settings(tiny_config(full_finetune={"epochs": 1}), "full_finetune")
+    settings["keep_checkpoints"] = True
+    ckpt = tmp_path / "ck"
+    run_job(settings, **inputs, out_dir=tmp_path / "a", checkpoint_dir=ckpt, log_fn=None)
+    assert (ckpt / "0-main" / "done.json").exists()
+    other = tmp_path / "other-init.safetensors"
+    write_target_init(inputs["classes"], other, tmp_path / "other.json", arch="resnet18",
+                      width=8, stage_depths=[1, 1, 1, 1], seed=5)
+    lines = []
+    run_job(settings, **{**inputs, "init_weights": other}, out_dir=tmp_path / "b",
+            checkpoint_dir=ckpt, log_fn=lines.append)
+    assert any("another init_weights" in line and "set aside" in line for line in lines), lines
+    a = read_tensors(tmp_path / "a" / "weights.safetensors")
+    b = read_tensors(tmp_path / "b" / "weights.safetensors")
+    assert not np.array_equal(a["head/kernel"], b["head/kernel"])
+
+
+def test_a_cache_from_other_weights_fails_the_job_naming_the_cache(inputs, tmp_path):
+    config = tiny_config(linear_probe={"l2_grid": [0.01]})
+    settings = regimes.job_settings(config, "linear_probe")
+    features = tmp_path / "features"
+    for split in ("train", "val"):
+        run_features_job(regimes.feature_settings(config, split),
+                         shard_index=inputs[f"{split}_index"], init_weights=inputs["init_weights"],
+                         stats=inputs["stats"], classes=inputs["classes"],
+                         out_dir=features / split, log_fn=None)
+    run_job(settings, **inputs, features_dir=features, out_dir=tmp_path / "ok",
+            checkpoint_dir=tmp_path / "ck1", log_fn=None)
+    swapped = tmp_path / "swapped.safetensors"
+    write_target_init(inputs["classes"], swapped, tmp_path / "s.json", arch="resnet18", width=8,
+                      stage_depths=[1, 1, 1, 1], seed=7)
+    with pytest.raises(DataError, match="feature cache was made from weights") as caught:
+        run_job(settings, **{**inputs, "init_weights": swapped}, features_dir=features,
+                out_dir=tmp_path / "stale", checkpoint_dir=tmp_path / "ck2", log_fn=None)
+    assert caught.value.path == str(features / "train" / "index.json")
+    assert not (tmp_path / "stale").exists()
