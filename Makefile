@@ -1,5 +1,9 @@
 # Quick start: `make demo` (install + whole pipeline on the embedded demo dataset),
 # `make test` (install + test suite). Both need only python3 on the machine.
+#
+# JAX build: GPU=cuda12 (the CUDA 12 build, envs/requirements-cuda12.lock) or GPU=cpu
+# (envs/requirements.lock). Unset: cuda12 when `nvidia-smi -L` lists a GPU, else cpu; every
+# make target says in one line which build it installs and how to choose the other.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,18 +18,33 @@ TORCH ?= torch==2.13.0
 # Where pip looks for it; e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on a machine
 # whose default index would bring the CUDA build.
 TORCH_INDEX ?=
-STAMP := $(VENV)/.installed
+GPU ?=
+DETECTED_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && echo cuda12 || echo cpu)
+JAX_BUILD := $(or $(GPU),$(DETECTED_GPU))
+ifeq ($(filter $(JAX_BUILD),cpu cuda12),)
+$(error GPU=$(GPU): choose GPU=cpu or GPU=cuda12)
+endif
+LOCK := $(if $(filter cuda12,$(JAX_BUILD)),envs/requirements-cuda12.lock,envs/requirements.lock)
+OTHER_BUILD := $(if $(filter cuda12,$(JAX_BUILD)),cpu,cuda12)
+WHY := $(if $(GPU),as GPU=$(GPU) asks,$(if $(filter cuda12,$(DETECTED_GPU)),nvidia-smi lists a GPU,no NVIDIA GPU found by nvidia-smi))
+STAMP := $(VENV)/.installed-$(JAX_BUILD)
 
-.PHONY: install demo test test-demo test-slurm lint dry-run report bench cub50 clean-demo
+.PHONY: install jax-build demo test test-demo test-slurm lint dry-run report bench cub50 \
+	clean-demo device-bundle device-check
 
-$(STAMP): pyproject.toml envs/requirements.lock
+jax-build:
+	@echo "JAX build: $(JAX_BUILD) ($(WHY)); for the $(OTHER_BUILD) build: make <target> GPU=$(OTHER_BUILD)"
+
+$(STAMP): pyproject.toml envs/requirements.lock $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r envs/requirements.lock
+	$(if $(filter cpu,$(JAX_BUILD)),$(PIP) uninstall -q -y jax-cuda12-plugin jax-cuda12-pjrt 2>/dev/null || true)
+	$(PIP) install -q -r $(LOCK)
 	$(PIP) install -q --no-deps -e .
+	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(STAMP)
+install: jax-build $(STAMP)
 
 demo: install
 	$(SNAKEMAKE) all --configfile config/demo.yaml --cores $(CORES)
@@ -92,3 +111,21 @@ cub50: install
 
 clean-demo:
 	rm -rf results/demo
+
+# The GPU device check (benchmarks/device_check.py, issue #16): `make device-bundle` puts what
+# it needs beyond the source tree into .device/ (the MobileNetV2 weights of ../shared, the
+# pure-Python wheels a GPU machine may lack); on the GPU machine, from the repository root:
+#   python benchmarks/device_check.py --bundle .device --out device_check.json
+# then copy the JSON to benchmarks/results/ and run benchmarks/render.py.
+DEVICE_BUNDLE ?= .device
+device-bundle: install
+	rm -rf $(DEVICE_BUNDLE) && mkdir -p $(DEVICE_BUNDLE)/weights $(DEVICE_BUNDLE)/wheels
+	cp ../shared/weights/*.npz ../shared/weights/*.json ../shared/weights/bird.bmp \
+	    $(DEVICE_BUNDLE)/weights/
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    -d $(DEVICE_BUNDLE)/wheels filelock==4.3.2
+
+device-check: install
+	$(PY) benchmarks/device_check.py --bundle $(DEVICE_BUNDLE) \
+	    --out benchmarks/results/device_check.json
+	$(PY) benchmarks/render.py

@@ -26,8 +26,10 @@ Every timed figure is the **median over repetitions, with [min - max]**; ratios 
 per repetition, from measurements made side by side in the same repetition, then
 summarised the same way. The machine these ran on is shared with other jobs (its load
 average is shown with each result: above its core count, the cores were oversubscribed and
-absolute figures are depressed and noisy; ratios suffer less). No GPU was available in
-this session: **the GPU figures of issue #10 are not measured** (see *Training step*).
+absolute figures are depressed and noisy; ratios suffer less). GPU figures come from
+`benchmarks/device_check.py` run on a lent GPU machine (*GPU device check*, issue #16); no
+GPU has been lent to the project yet, so **no GPU figure is measured** (a smoke run on the
+CPU, if shown, only checks the script).
 """
 
 
@@ -309,6 +311,84 @@ def inat_section(r: dict) -> str:
             f"chance {r['chance']:.1%}), mean per-class top-1 {r['mean_per_class_top1']:.1%}.\n")
 
 
+def _gb(value) -> str:
+    return "n/a" if value is None else f"{value / 1e9:.1f} GB"
+
+
+def device_check_section(r: dict) -> str:
+    """The GPU device check (benchmarks/device_check.py): one table per section it ran."""
+    sections, out = r.get("sections", {}), []
+    env = (sections.get("environment") or {}).get("result", {})
+    if r.get("smoke"):
+        out += ["**Smoke run** (toy sizes, to check the script): not GPU figures.", ""]
+    out += [f"Devices: {', '.join(env.get('devices', [])) or 'n/a'} "
+            f"({env.get('device_kind', '?')}, JAX {env.get('jax', '?')}, memory "
+            f"{_gb(env.get('memory_bytes_limit'))}).", ""]
+    ref = (sections.get("mobilenet_reference") or {}).get("result")
+    if ref:
+        rows = [[net, form, v["top5_matches"], f"{v['max_abs_logit_diff']:.2g}"]
+                for net, forms in ref.items() if isinstance(forms, dict)
+                for form, v in forms.items() if isinstance(v, dict)]
+        out += [f"**MobileNetV2 reference logits** (`bird.bmp`; `auto` picks the "
+                f"`{ref.get('depthwise_auto')}` depthwise form here):", "",
+                table(["network", "form / dtype", "top-5 as the reference", "max abs logit diff"],
+                      rows), ""]
+    train = (sections.get("train") or {}).get("result", {})
+    if train:
+        rows = [[k, v.get("batch"), _num(v.get("images_per_second")),
+                 f"{v['input_wait_fraction']:.1%}" if v.get("input_wait_fraction") is not None
+                 else "n/a", _num(v.get("first_step_seconds")),
+                 _gb(v.get("peak_memory_bytes")), v.get("error", "")]
+                for k, v in train.items()]
+        out += ["**Train step through the pipeline's loop** (224 px, augmentation on the "
+                "device, NPY shards from disk through the prefetch thread; second epoch):", "",
+                table(["model / dtype", "batch", "images/s", "input wait", "first step (s)",
+                       "peak memory", "error"], rows), ""]
+    for name, title in (("ten_crop", "10-crop evaluation"),):
+        v = (sections.get(name) or {}).get("result")
+        if v:
+            out += [f"**{title}** ({v.get('arch')} {v.get('dtype')}, batch {v.get('batch')}): "
+                    f"{_num(v.get('images_per_second'))} images/s.", ""]
+    cache = (sections.get("compile_cache") or {}).get("result")
+    if cache:
+        out += [f"**Compilation cache**: first step {_num(cache.get('cold_first_step_s'))} s "
+                f"cold, {_num(cache.get('warm_first_step_s'))} s from the cache "
+                f"(x{_num(cache.get('cold_over_warm'))}; target >= 5x).", ""]
+    for name, title in (("batch_memory", "Batch size and memory (ResNet-50 bf16)"),
+                        ("xla_flags", "XLA flags (ResNet-50 bf16)")):
+        rows_in = (sections.get(name) or {}).get("result") or {}
+        if rows_in:
+            rows = [[k, _num(v.get("images_per_second")), _gb(v.get("peak_memory_bytes")),
+                     v.get("error", "")] for k, v in rows_in.items()]
+            out += [f"**{title}**:", "", table(["setting", "images/s", "peak memory", "error"],
+                                               rows), ""]
+    verdict = r.get("verdict") or {}
+    if verdict:
+        out += [f"Targets: ResNet-50 bf16 >= 5,000 images/s: "
+                f"{met(verdict.get('resnet50_target_met'))}; MobileNetV2 bf16 >= 8,000: "
+                f"{met(verdict.get('mobilenet_v2_target_met'))}; input wait < 5 %: largest "
+                f"{_num(verdict.get('max_input_wait_fraction'))}.", ""]
+    if r.get("skipped"):
+        out += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()) + ".", ""]
+    return "\n".join(out)
+
+
+def compile_cache_section(r: dict) -> str:
+    rows = [[name, stat(m["cold_first_step_s"], " s"), stat(m["warm_first_step_s"], " s"),
+             stat(m["cold_over_warm"]), stat(m.get("cache_mb"), " MB"),
+             met(m.get("target_met_in_every_repetition"))]
+            for name, m in r["models"].items()]
+    return "\n".join([
+        f"Two identical train jobs, fresh processes through the workflow's launcher, sharing a "
+        f"new persistent compilation cache; `first_step_seconds` of each ({r.get('backend')} "
+        f"backend):", "",
+        table(["model", "first job", "second job", "first / second", "cache", ">= 5x"], rows), "",
+        "The cache skips XLA's compilation, not JAX's tracing of the step in Python (the "
+        "second job's remaining time): where compiling is cheap next to tracing (a CPU), the "
+        "ratio stays small; on a GPU, compiling a ResNet-50 step takes far longer than "
+        "tracing it (the device check's figure).", ""])
+
+
 def generic_section(r: dict) -> str:
     rows = [[k, _num(v) if not isinstance(v, dict) else stat(v)] for k, v in r.items()
             if k not in ("benchmark", "title", "date", "command", "machine", "wall_seconds")
@@ -326,6 +406,8 @@ SECTIONS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("end_to_end", "6. End to end", end_to_end_section),
     ("mobilenet_cpu", "MobileNetV2 depthwise convolutions on the CPU", mobilenet_section),
     ("inat_zero_shot_cub50", "Zero-shot iNat MobileNetV2 on cub50", inat_section),
+    ("compile_cache", "Compilation cache (issue #16)", compile_cache_section),
+    ("device_check", "GPU device check (issue #16)", device_check_section),
 ]
 
 

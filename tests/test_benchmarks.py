@@ -104,3 +104,50 @@ def test_read_benchmarks_sums_jobs_per_rule(tmp_path):
     assert out["rules"]["pretrain"]["seconds"] == 10.0
     assert list(out["rules"]) == ["crop_shard", "pretrain"]       # pipeline order
     assert out["job_seconds_total"] == 15.0 and "features" in out["missing_rules"]
+
+
+def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path, repo_root):
+    """The GPU device check's smoke mode on this machine's CPU: the same code path as on
+    a GPU (children per section, the loop on disk shards, the shared compilation cache),
+    so the script cannot rot before a GPU is lent."""
+    import subprocess
+
+    bundle = tmp_path / "bundle"
+    weights = repo_root.parent / "shared" / "weights"
+    if (weights / "expected_outputs.json").exists():
+        bundle.mkdir()
+        (bundle / "weights").symlink_to(weights)
+    out = tmp_path / "device_check.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "device_check.py"), "--smoke",
+                           "--bundle", str(bundle), "--out", str(out), "--budget", "900"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    expected = {"environment", "train", "ten_crop", "compile_cache", "batch_memory", "xla_flags"}
+    if bundle.exists():
+        expected.add("mobilenet_reference")
+        reference = result["sections"]["mobilenet_reference"]["result"]
+        imagenet = reference["mobilenet_v2_1.0_224_imagenet"]
+        assert imagenet["shifted/float32"]["top5_matches"]
+        assert imagenet["shifted/float32"]["max_abs_logit_diff"] < 1e-4
+        assert imagenet["shifted_vs_grouped_float32_max_abs_diff"] < 1e-4
+        assert imagenet["grouped/bfloat16"]["top1_matches"]
+    assert set(result["sections"]) == expected, result["skipped"]
+    text = json.dumps(result["sections"])
+    assert '"error"' not in text, text[:3000]
+    train = result["sections"]["train"]["result"]
+    assert all(row["images_per_second"] > 0 and 0 <= row["input_wait_fraction"] < 1
+               for row in train.values())
+    cache = result["sections"]["compile_cache"]["result"]
+    assert cache["cold_first_step_s"] > cache["warm_first_step_s"] > 0
+    assert result["verdict"]["resnet50_target_met"] is None          # toy sizes judge nothing
+    section = render.device_check_section(result)
+    assert "Smoke run" in section and "Compilation cache" in section
+
+
+def test_the_device_check_measures_the_batch_sizes_of_the_gpu_config(repo_root):
+    import device_check
+    import yaml
+    gpu = yaml.safe_load((repo_root / "config/examples/gpu.yaml").read_text())
+    assert device_check.GPU_BATCH[("resnet50", "bfloat16")] == \
+        gpu["regime_settings"]["full_finetune"]["batch_size"]

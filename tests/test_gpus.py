@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -156,3 +157,33 @@ def test_the_machine_ids_come_from_the_environment_first():
 def test_asking_for_more_gpus_than_the_machine_has_fails(tmp_path):
     with pytest.raises(gpus.LeaseError, match="asks for 3 GPUs"):
         gpus.lease(["0", "1"], 3, tmp_path)
+
+
+CACHED_JOB = """
+import jax, jax.numpy as jnp, json, sys
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+jitted = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+jitted(jnp.ones((64, 64))).block_until_ready()
+print(json.dumps(events))
+"""
+
+
+def test_the_compilation_cache_is_hit_by_a_second_process(tmp_path):
+    """Jobs of a run share one cache through the launcher: the second compiles nothing."""
+    cache = tmp_path / "jax_cache"
+
+    def job():
+        proc = subprocess.run(
+            [sys.executable, "-m", "finegrained.gpus", "--count", "0",
+             "--compilation-cache", str(cache), "--", sys.executable, "-c", CACHED_JOB],
+            env=_env(tmp_path, "0"), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        events = json.loads(proc.stdout.strip().splitlines()[-1])
+        return sum(e.endswith("/cache_hits") for e in events), sum(
+            e.endswith("/cache_misses") for e in events)
+
+    hits, misses = job()                       # compiled, written to the cache
+    assert hits == 0 and misses >= 1
+    assert len([p for p in cache.iterdir() if p.name.endswith("-cache")]) == misses
+    assert job() == (misses, 0)                # read back, nothing compiled

@@ -98,25 +98,6 @@ def test_the_slurm_profile_asks_for_nothing_twice_and_names_no_partition():
         assert name not in text
 
 
-def test_conda_envs_pin_the_versions_of_the_lock_file():
-    lock = {}
-    for line in (REPO / "envs/requirements.lock").read_text().splitlines():
-        if "==" in line:
-            name, version = line.split("==")
-            lock[name.lower().replace("_", "-")] = version.strip()
-    envs = sorted((REPO / "envs").glob("*.yaml"))
-    assert {p.name for p in envs} >= {"data.yaml", "jax.yaml", "jax-cuda12.yaml", "report.yaml"}
-    for path in envs:
-        env = yaml.safe_load(path.read_text())
-        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-        for requirement in pip:
-            name, _, version = requirement.partition("==")
-            name = re.sub(r"\[.*\]", "", name).lower()
-            assert version == lock[name], f"{path.name}: {requirement} (lock: {lock.get(name)})"
-    cuda = yaml.safe_load((REPO / "envs/jax-cuda12.yaml").read_text())
-    assert any(str(r).startswith("jax[cuda12]==") for r in cuda["dependencies"][-1]["pip"])
-
-
 def test_the_jax_free_is_augmented_agrees_with_augment_config():
     from finegrained.train.augment import AugmentConfig
     from finegrained.train.augment_settings import is_augmented

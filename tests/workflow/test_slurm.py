@@ -11,8 +11,10 @@ the profile's retry must resume from that checkpoint. Then:
 
 - every non-local Snakemake job was submitted to SLURM and has its SLURM log, every local
   rule ran on the submitting node;
-- the GPU rules asked SLURM for one GPU (TresPerJob gres:gpu:1) and their jobs saw
-  CUDA_VISIBLE_DEVICES (logged by finegrained.gpus), the others asked for none;
+- the GPU rules asked SLURM for one GPU (TresPerJob gres:gpu:1) and their jobs leased it
+  (logged by finegrained.gpus), the others asked for none;
+- with `cluster.gpu_request: gres` the pretraining job asks by `--gres=gpu:1` instead
+  (TresPerNode gres:gpu:1), on the same one-node cluster (Gres=gpu:4);
 - the retry of the cancelled job resumed from its checkpoint;
 - the results equal the local run's (pretrain, training summaries, test metrics).
 """
@@ -49,9 +51,13 @@ def _sh(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
-def _snakemake(run_name: str, *extra: str, log: Path) -> subprocess.Popen:
-    cmd = [str(SNAKEMAKE), "all", "--configfile", *CONFIG, "--config", f"run_name={run_name}",
-           *extra]
+def _snakemake(run_name: str, *extra: str, log: Path, target: str = "all") -> subprocess.Popen:
+    """Snakemake on the shortened demo; ``extra`` items with ``=`` before the first option
+    are more --config values."""
+    config = [e for e in extra if "=" in e and not e.startswith("-")]
+    options = [e for e in extra if e not in config]
+    cmd = [str(SNAKEMAKE), target, "--configfile", *CONFIG, "--config", f"run_name={run_name}",
+           *config, *options]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
 
@@ -199,8 +205,29 @@ def test_gpu_rules_got_one_gpu_each(runs):
     assert gpu_logs
     for log in set(gpu_logs):
         text = (REPO / log).read_text()
-        assert re.search(r"\[finegrained\.gpus\] SLURM job \d+: GPU\(s\) "
-                         r"CUDA_VISIBLE_DEVICES='\d'", text), (log, text[:500])
+        assert re.search(r"\[finegrained\.gpus\] GPU\(s\) \d of SLURM job \d+'s GPUs \d "
+                         r"leased", text), (log, text[:500])
+
+
+def test_the_gres_route_asks_by_gres(tmp_path):
+    """`cluster.gpu_request: gres`: the GPU job's sbatch asks `--gres=gpu:1` (SLURM records
+    it per node), not `--gpus`; a CPU job asks for no GPU either way."""
+    name = "slurm_gres"
+    shutil.rmtree(REPO / "results" / name, ignore_errors=True)
+    log = tmp_path / "gres.log"
+    proc = _snakemake(name, "cluster={gpu_request: gres}", "pretrain={epochs: 1}",
+                      "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
+                      "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "5",
+                      target=f"results/{name}/pretrain/weights.safetensors", log=log)
+    console = log.read_text() if proc.wait() == 0 else pytest.fail(log.read_text()[-5000:])
+    records = _slurm_jobs(re.findall(r"submitted with SLURM jobid (\d+)", console))
+    by_rule = {re.match(r"rule_(\w+?)(_wildcards_|$)", r["Comment"]).group(1): r
+               for r in records.values()}
+    assert by_rule["pretrain"].get("TresPerNode") == "gres:gpu:1", by_rule["pretrain"]
+    assert "gpu" not in by_rule["pretrain"].get("TresPerJob", ""), by_rule["pretrain"]
+    assert "gpu" not in by_rule["crop_shard"].get("TresPerNode", "") + by_rule[
+        "crop_shard"].get("TresPerJob", "")
+    assert by_rule["pretrain"]["JobState"] == "COMPLETED"
 
 
 def test_cancelled_training_job_resumed_from_its_checkpoint(runs):

@@ -55,7 +55,7 @@ def test_readme_config_reference_matches_schema():
         "`python scripts/config_reference.py --update README.md`")
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml", "examples/gpu.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(REPO / "config" / "config.yaml", REPO / "config" / name)
     assert config["crop"]["size"] >= 16
