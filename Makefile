@@ -48,6 +48,7 @@ install: jax-build $(STAMP)
 
 demo: install
 	$(SNAKEMAKE) all --configfile config/demo.yaml --cores $(CORES)
+	@echo; $(PY) scripts/show_results.py results/demo --report-command "make report"
 
 test: install
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi

@@ -28,8 +28,8 @@ summarised the same way. The machine these ran on is shared with other jobs (its
 average is shown with each result: above its core count, the cores were oversubscribed and
 absolute figures are depressed and noisy; ratios suffer less). GPU figures come from
 `benchmarks/device_check.py` run on a lent GPU machine (*GPU device check*, issue #16); no
-GPU has been lent to the project yet, so **no GPU figure is measured** (a smoke run on the
-CPU, if shown, only checks the script).
+GPU has been lent to the project yet, so **the GPU figures are not measured** (a smoke run
+on the CPU, if shown, only checks the script).
 """
 
 

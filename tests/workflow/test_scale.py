@@ -77,17 +77,24 @@ def test_resources_come_from_the_rule_family_and_the_cluster_settings(tmp_path):
     out = _run([*_demo(tmp_path, config), "-n", "-p", "all"], cwd=tmp_path,
                env={"FINEGRAINED_CPU_PARTITION": "short", "FINEGRAINED_ACCOUNT": "birds"})
     train = _job(out, "train_regime")
-    for resource in ("gpu=1", "gpu_model=a100", "runtime=60", "slurm_partition=gpuq",
-                     "slurm_account=birds", "mem_mb=8000"):
+    for resource in ("gpu=1", "gpu_model=a100", "lease_gpus=1", "runtime=60",
+                     "slurm_partition=gpuq", "slurm_account=birds", "mem_mb=8000"):
         assert resource in train, train
-    assert "python -m finegrained.gpus --mem-fraction 0.45 --count 1 -- python" in train
+    assert "python -m finegrained.gpus --count 1 --rule train_regime -- python" in train
     crop = _job(out, "crop_shard")
     assert "slurm_partition=short" in crop and "gpu=0" in crop and "gpu_model" not in crop
     init = _job(out, "init_target_model")
     assert "gpu=0" in init and "slurm_partition=short" in init
-    assert "--count 0 -- python" in init
+    assert "--count 0 --rule init_target_model -- python" in init
     # Light rules run on the submitting node.
     assert "localrules" not in out and re.search(r"^(local)?rule shard_index:", out, re.M)
+    # The gres route: the GPU request becomes --gres (never beside a gpu resource).
+    gres = _run([*_demo(tmp_path, {**config, "cluster": {"gpu_request": "gres"}}), "-n", "-p",
+                 "all"], cwd=tmp_path)
+    train = _job(gres, "train_regime")
+    assert "gres=gpu:a100:1" in train and "lease_gpus=1" in train
+    assert not re.search(r"\bgpu=|gpu_model=", train), train
+    assert "gres=" not in _job(gres, "crop_shard")
 
 
 def test_the_slurm_profile_asks_for_nothing_twice_and_names_no_partition():

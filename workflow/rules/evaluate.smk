@@ -11,6 +11,7 @@ rule evaluate_regime:
         metrics=results("eval/{regime}{variant}/metrics.json"),
         predictions=results("eval/{regime}{variant}/predictions.parquet"),
     params:
+        rule="evaluate_regime",
         settings=evaluate_job_settings,
         train=evaluate_train_args,
         out_dir=lambda wc, output: Path(output.metrics).parent,
@@ -24,7 +25,7 @@ rule evaluate_regime:
     conda:
         jax_env()
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
         " --test-index {input.test:q} {params.train} --classes {input.classes:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -13,6 +13,7 @@ rule features:
     output:
         index=results("features/{split}/index.json"),
     params:
+        rule="features",
         settings=feature_job_settings,
         out_dir=lambda wc, output: Path(output.index).parent,
     log:
@@ -25,7 +26,7 @@ rule features:
     conda:
         jax_env()
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
         " --index {input.index:q}"
         " --init-weights {input.init:q} --stats {input.stats:q} --classes {input.classes:q}"
@@ -36,6 +37,7 @@ rule features:
 # a job of its own, so listing or dropping that regime touches no other cache.
 use rule features as feature_map with:
     params:
+        rule="feature_map",
         settings=feature_map_job_settings,
     output:
         index=results("features/{split}/{stage}.map/index.json"),
@@ -60,6 +62,7 @@ rule train_regime:
         history=results("train/{regime}{variant}/history.parquet"),
         summary=results("train/{regime}{variant}/summary.json"),
     params:
+        rule="train_regime",
         settings=train_job_settings,
         init=lambda wc, input: (
             f"--init-weights {shlex.quote(input.init)}" if "init" in input.keys() else ""
@@ -79,7 +82,7 @@ rule train_regime:
     conda:
         jax_env()
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
         " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"

@@ -43,6 +43,7 @@ rule pretrain:
         weights=results("pretrain/weights.safetensors"),
         metrics=results("pretrain/metrics.json"),
     params:
+        rule="pretrain",
         settings=pretrain_job_settings(),
         checkpoints=lambda wc, output: checkpoint_dir(
             output.weights, "pretrain/weights.safetensors", "pretrain"),
@@ -56,7 +57,7 @@ rule pretrain:
     conda:
         jax_env()
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
         " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
@@ -75,6 +76,7 @@ rule init_target_model:
         weights=results("weights/init.safetensors"),
         report=results("weights/init_report.json"),
     params:
+        rule="init_target_model",
         settings=json.dumps(init_settings(config)),
         weights=lambda wc, input: f"--weights {shlex.quote(input.weights)}" if input.weights else "",
         names=lambda wc, input: (
@@ -90,7 +92,7 @@ rule init_target_model:
     conda:
         jax_env(0)
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {rule} --"
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
         " --classes {input.classes:q} {params.weights} {params.names}"
         " --out-weights {output.weights:q} --out-report {output.report:q} > {log:q} 2>&1"

@@ -150,3 +150,18 @@ def write_summary(*, run_name: str, results_dir: str, metrics_paths: Sequence[st
                               "metrics_sha256": {str(p): sha256_file(p) for p in metrics_paths}}}
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def run_answer(run_dir: str | os.PathLike, report_command: str | None = None) -> str:
+    """What a finished run says in a few lines: its top-1 table (regime x view), where the
+    figures and tables are, and how to build the HTML report."""
+    run_dir = Path(run_dir)
+    tables, figures = run_dir / "report" / "tables", run_dir / "report" / "figures"
+    text = (tables / "regime_views.md").read_text()
+    top1 = text.split("## Top-1", 1)[1].split("## Top-5", 1)[0].strip()
+    names = ", ".join(sorted(p.stem for p in figures.glob("*.png")))
+    command = report_command or f"snakemake --configfile <your config> --report {run_dir}/report.html"
+    return "\n".join([f"Test top-1 (%) of run {run_dir.name}, per regime and test-time view:",
+                      "", top1, "", f"Figures (PNG, SVG): {figures}/ ({names})",
+                      f"Tables: {tables}/ (regime_views, throughput; CSV and Markdown)",
+                      f"HTML report with every figure: {command}"])
