@@ -1,16 +1,35 @@
 # Fine-grained bird classification by transfer learning: table of contents.
 # Default configuration: config/config.yaml (real NABirds); the demo: --configfile config/demo.yaml.
+# Also a module of another workflow (`module finegrained: snakefile: "<clone>/Snakefile"`):
+# everything read from this workflow's own tree comes from FINEGRAINED_DIR, not from the
+# host's folder (workflow.basedir there), and config/README.md shows the host's lines.
 
 import sys
 from pathlib import Path
 
-# The rule files import the library from this checkout, so any Snakemake loads the workflow
-# (one without the package installed too: it needs only numpy, pyyaml and jsonschema, no JAX).
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+min_version("9")
+
+FINEGRAINED_DIR = Path(str(workflow.current_basedir))
+# The rule files and every job import the library from this checkout (first on the path),
+# so any Snakemake loads the workflow: one without the package installed too (it needs only
+# numpy, pyyaml and jsonschema, no JAX). Two checkouts (or a checkout and an installed copy)
+# must not mix: another `finegrained` imported first stops the run.
+sys.path.insert(0, str(FINEGRAINED_DIR / "src"))
+import finegrained  # noqa: E402
+
+if Path(finegrained.__file__).resolve().parent != (FINEGRAINED_DIR / "src" / "finegrained").resolve():
+    raise WorkflowError(
+        f"the finegrained library imported is {Path(finegrained.__file__).parent}, not this "
+        f"workflow's {FINEGRAINED_DIR / 'src' / 'finegrained'}: another checkout or an installed "
+        f"copy was imported first (two modules from different clones?); use one clone per run"
+    )
 
 
-# Found beside this file, so `snakemake -s <repo>/Snakefile -d <elsewhere>` works too.
-configfile: f"{workflow.basedir}/config/config.yaml"
+# Skipped when a host passes its own config to the module.
+configfile: FINEGRAINED_DIR / "config" / "config.yaml"
 
 
 include: "workflow/rules/common.smk"

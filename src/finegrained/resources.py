@@ -93,11 +93,24 @@ def device_environment(config: Mapping) -> dict[str, str]:
     return env
 
 
-def export_line(env: Mapping[str, str]) -> str:
-    """``export A=... B=...;`` for a shell prefix (values quoted), or ''."""
-    if not env:
-        return ""
-    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "; "
+def shell_prefix(config: Mapping, src: str | os.PathLike,
+                 python_bin: str | os.PathLike | None) -> str:
+    """What every job's shell runs first (Snakemake's ``shell.prefix``): strict mode (the
+    prefix replaces Snakemake's own ``set -euo pipefail;``), the Python of the environment
+    Snakemake runs in first on PATH (``python_bin``; None inside per-rule conda envs), this
+    checkout's library first on PYTHONPATH (conda envs hold only third-party packages), and
+    the device launcher's settings (:func:`device_environment`). Formatted like a shell
+    command by Snakemake, so braces are doubled."""
+    parts = ["set -euo pipefail; "]
+    if python_bin is not None:
+        parts.append(f"export PATH={shlex.quote(os.fspath(python_bin))}:\"$PATH\"; ")
+    parts.append(f"export PYTHONPATH={shlex.quote(os.fspath(src))}"
+                 "${PYTHONPATH:+:$PYTHONPATH}; ")
+    env = device_environment(config)
+    if env:
+        parts.append("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+                     + "; ")
+    return "".join(parts).replace("{", "{{").replace("}", "}}")
 
 
 def jax_conda_env(config: Mapping, gpu: int | None = None) -> str:

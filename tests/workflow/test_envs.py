@@ -82,3 +82,42 @@ def test_make_installs_the_cuda_build_where_a_gpu_is_listed_and_says_which(tmp_p
     assert "requirements-cuda12.lock" in chosen.stdout
     wrong = _make_install(tmp_path, "GPU=rocm")
     assert wrong.returncode != 0 and "choose GPU=cpu or GPU=cuda12" in wrong.stderr
+
+
+def _declared(requirements) -> set[str]:
+    return {re.split(r"[<>=\[; ]", r, maxsplit=1)[0].lower().replace("_", "-")
+            for r in requirements}
+
+
+def test_every_package_the_library_imports_is_declared():
+    """pyproject.toml names every third-party import of src/ (the report's in its extra),
+    with a range the lock satisfies."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = _declared(project["dependencies"])
+    report = core | _declared(project["optional-dependencies"]["report"])
+    distributions = packages_distributions()
+    missing = []
+    for path in sorted((REPO / "src" / "finegrained").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "finegrained":
+                    continue
+                dists = {d.lower() for d in distributions.get(top, [top])}
+                allowed = report if "report" in path.parts else core
+                if not dists & allowed:
+                    missing.append(f"{path.relative_to(REPO)}: {name} ({', '.join(dists)})")
+    assert not missing, "undeclared imports:\n" + "\n".join(missing)
+    from packaging.requirements import Requirement
+    lock = _pins(REPO / "envs/requirements.lock")
+    for requirement in project["dependencies"] + project["optional-dependencies"]["report"]:
+        req = Requirement(requirement)
+        assert req.specifier.contains(lock[req.name.lower()]), (requirement, lock[req.name.lower()])

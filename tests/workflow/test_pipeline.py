@@ -20,29 +20,8 @@ from finegrained.models.weights import read_metadata, read_tensors
 
 REPO = Path(__file__).resolve().parents[2]
 
-TINY = {
-    "run_name": "tiny",
-    "dataset": {"format": "nabirds", "val_fraction": 0.2,
-                "demo": {"num_classes": 3, "train_per_class": 10, "test_per_class": 4,
-                         "min_side": 64, "max_side": 96, "seed": 3}},
-    "crop": {"size": 40, "margin": 0.1, "aspect": "square"},
-    "shards": {"format": "npy", "num_shards": {"train": 2, "val": 1, "test": 2}},
-    "backbone": {"arch": "resnet18", "width": 8, "weights": "pretrain"},
-    "pretrain": {
-        "dataset": {"format": "nabirds", "val_fraction": 0.2,
-                    "demo": {"num_classes": 4, "train_per_class": 10, "test_per_class": 2,
-                             "min_side": 64, "max_side": 96, "seed": 4}},
-        "epochs": 2, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0, "image_size": 32,
-        "compute_dtype": "float32"},
-    "train": {"image_size": 32, "compute_dtype": "float32", "log_every_steps": 0},
-    "regime_settings": {
-        "linear_probe": {"l2_grid": [0.001, 0.1], "lbfgs_max_iter": 50},
-        "partial_finetune": {"epochs": 1, "batch_size": 8},
-        "full_finetune": {"epochs": 1, "batch_size": 8},
-        "two_stage": {"head_epochs": 1, "epochs": 1, "batch_size": 8},
-        "scratch": {"epochs": 1, "batch_size": 8}},
-    "resources": {"train": {"threads": 2, "mem_mb": 4000, "gpu": 0}},
-}
+#: The tiny run: the workflow catalog's smoke-test config (.test/config/config.yaml).
+TINY = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
 
 
 def snakemake(workdir, *configs, target="all", dry_run=False):
@@ -178,6 +157,20 @@ def test_config_paths_reach_jobs_without_a_shell_parsing_them(tiny_run, tmp_path
     assert not list(tmp_path.rglob("PWNED*")) and not list(REPO.glob("PWNED*"))
     report = json.loads((workdir / "results" / "tiny" / "weights" / "init_report.json").read_text())
     assert report["weights"] == str(weights) and report["load"]["loaded"] > 0
+
+
+def test_a_finished_run_says_what_it_found(tiny_run):
+    """What `make demo` ends with: the top-1 table, where the figures are, the report."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "show_results.py"),
+                           str(tiny_run), "--report-command", "make report"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("Test top-1 (%) of run tiny, per regime and test-time view:")
+    assert "| linear probe |" in out.lower().replace("_", " ") or "linear_probe" in out
+    assert "Figures (PNG, SVG):" in out and "regime_views" in out
+    assert out.rstrip().endswith("HTML report with every figure: make report")
+    assert len(out.splitlines()) < 20
 
 
 def test_dropping_a_regime_reruns_no_feature_cache(tiny_run):

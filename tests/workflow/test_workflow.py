@@ -171,6 +171,20 @@ def test_unrunnable_values_stop_the_dry_run(tmp_path):
         assert "rule " not in proc.stdout            # no job planned
 
 
+def test_a_missing_dataset_root_is_named_at_the_dry_run(tmp_path):
+    proc = _snakemake("all", "-n", "--config", f"dataset={{root: {tmp_path / 'nabirds'}}}",
+                      check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"dataset.root: '{tmp_path / 'nabirds'}'" in text and "does not exist" in text
+    assert "docs/nabirds.md" in text
+    (tmp_path / "nabirds").mkdir()
+    (tmp_path / "nabirds" / "images.txt").write_text("")
+    proc = _snakemake("all", "-n", "--config", f"dataset={{root: {tmp_path / 'nabirds'}}}",
+                      check=False)
+    assert "has no image_class_labels.txt" in proc.stdout + proc.stderr
+
+
 def test_default_config_starts_from_public_imagenet_weights():
     config = load_config(REPO / "config" / "config.yaml")
     assert config["backbone"]["weights"].startswith("https://")

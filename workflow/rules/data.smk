@@ -19,7 +19,7 @@ rule demo_dataset:
         results("benchmarks/demo_dataset/{dataset}.tsv")
     threads: 1
     resources:
-        **job_resources("data"),
+        **rule_resources(config, "data"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -48,7 +48,7 @@ rule manifests:
         results("benchmarks/manifests/{dataset}.tsv")
     threads: 1
     resources:
-        **job_resources("data"),
+        **rule_resources(config, "data"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -60,6 +60,7 @@ rule crop_shard:
     input:
         script=script_path("crop_shard.py"),
         manifest=results("data/{dataset}/manifest/{split}.parquet"),
+        annotations=annotation_inputs,
     output:
         **shard_outputs(),
     params:
@@ -72,9 +73,9 @@ rule crop_shard:
         results("logs/crop_shard/{dataset}/{split}/{shard}.log"),
     benchmark:
         results("benchmarks/crop_shard/{dataset}/{split}/{shard}.tsv")
-    threads: job_threads("data")
+    threads: family_threads(config, "data")
     resources:
-        **job_resources("data"),
+        **rule_resources(config, "data"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -101,7 +102,7 @@ rule shard_index:
         results("benchmarks/shard_index/{dataset}/{split}.tsv")
     threads: 1
     resources:
-        **job_resources("light"),
+        **rule_resources(config, "light"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -121,7 +122,7 @@ rule channel_stats:
         results("benchmarks/channel_stats/{dataset}.tsv")
     threads: 1
     resources:
-        **job_resources("data"),
+        **rule_resources(config, "data"),
     conda:
         "../../envs/data.yaml"
     shell:

@@ -12,18 +12,20 @@ rule evaluate_regime:
         predictions=results("eval/{regime}{variant}/predictions.parquet"),
     params:
         rule="evaluate_regime",
-        settings=evaluate_job_settings,
+        settings=lambda wc: json.dumps(
+            evaluation_settings(config, wc.regime, wc.variant), sort_keys=True
+        ),
         train=evaluate_train_args,
         out_dir=lambda wc, output: Path(output.metrics).parent,
     log:
         results("logs/evaluate/{regime}{variant}.log"),
     benchmark:
         results("benchmarks/evaluate/{regime}{variant}.tsv")
-    threads: job_threads("train")
+    threads: family_threads(config, "train")
     resources:
-        **job_resources("train"),
+        **rule_resources(config, "train"),
     conda:
-        jax_env()
+        jax_conda_env(config)
     shell:
         "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
@@ -54,7 +56,7 @@ rule summarize:
     log:
         results("logs/summarize.log"),
     resources:
-        **job_resources("light"),
+        **rule_resources(config, "light"),
     conda:
         "../../envs/report.yaml"
     shell:

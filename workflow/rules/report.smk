@@ -23,14 +23,14 @@ rule report_results:
     params:
         figures=lambda wc, output: Path(output.learning_curves).parent,
         tables=lambda wc, output: Path(output.throughput).parent,
-        benchmarks=results("benchmarks"),
+        benchmarks=lambda wc, output: run_folder(output.notebook, "report/notebooks/results.ipynb") / "benchmarks",
     log:
         results("logs/report/results.log"),
     benchmark:
         results("benchmarks/report/results.tsv")
     threads: 1
     resources:
-        **job_resources("light"),
+        **rule_resources(config, "light"),
     conda:
         "../../envs/report.yaml"
     shell:
@@ -62,7 +62,7 @@ rule report_examples:
         results("benchmarks/report/examples.tsv")
     threads: 1
     resources:
-        **job_resources("light"),
+        **rule_resources(config, "light"),
     conda:
         "../../envs/report.yaml"
     shell:

@@ -14,17 +14,17 @@ rule features:
         index=results("features/{split}/index.json"),
     params:
         rule="features",
-        settings=feature_job_settings,
+        settings=lambda wc: json.dumps(regimes.feature_settings(config, wc.split), sort_keys=True),
         out_dir=lambda wc, output: Path(output.index).parent,
     log:
         results("logs/features/{split}.log"),
     benchmark:
         results("benchmarks/features/{split}.tsv")
-    threads: job_threads("train")
+    threads: family_threads(config, "train")
     resources:
-        **job_resources("train"),
+        **rule_resources(config, "train"),
     conda:
-        jax_env()
+        jax_conda_env(config)
     shell:
         "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
@@ -38,7 +38,9 @@ rule features:
 use rule features as feature_map with:
     params:
         rule="feature_map",
-        settings=feature_map_job_settings,
+        settings=lambda wc: json.dumps(
+            regimes.feature_settings(config, wc.split, f"{wc.stage}:map"), sort_keys=True
+        ),
     output:
         index=results("features/{split}/{stage}.map/index.json"),
     log:
@@ -63,10 +65,10 @@ rule train_regime:
         summary=results("train/{regime}{variant}/summary.json"),
     params:
         rule="train_regime",
-        settings=train_job_settings,
-        init=lambda wc, input: (
-            f"--init-weights {shlex.quote(input.init)}" if "init" in input.keys() else ""
+        settings=lambda wc: json.dumps(
+            regimes.job_settings(config, wc.regime, wc.variant), sort_keys=True
         ),
+        init=optional_flag("--init-weights", "init"),
         features=features_dir_arg,
         checkpoints=lambda wc, output: checkpoint_dir(
             output.weights, f"train/{wc.regime}{wc.variant}/weights.safetensors",
@@ -76,11 +78,11 @@ rule train_regime:
         results("logs/train/{regime}{variant}.log"),
     benchmark:
         results("benchmarks/train/{regime}{variant}.tsv")
-    threads: job_threads("train")
+    threads: family_threads(config, "train")
     resources:
-        **job_resources("train"),
+        **rule_resources(config, "train"),
     conda:
-        jax_env()
+        jax_conda_env(config)
     shell:
         "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
@@ -98,11 +100,11 @@ rule select_sweep:
     output:
         selection=results("select/{regime}.json"),
     params:
-        candidates=lambda wc: _json.dumps(sweep_candidates(wc)),
+        candidates=lambda wc: json.dumps(sweep_candidates(wc)),
     log:
         results("logs/select/{regime}.log"),
     resources:
-        **job_resources("light"),
+        **rule_resources(config, "light"),
     conda:
         "../../envs/report.yaml"
     shell:

@@ -24,7 +24,7 @@ if is_url(config["backbone"]["weights"]):
             f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to(WEIGHTS_DIR)}.tsv"
         threads: 1
         resources:
-            **job_resources("light"),
+            **rule_resources(config, "light"),
         conda:
             "../../envs/data.yaml"
         shell:
@@ -44,18 +44,18 @@ rule pretrain:
         metrics=results("pretrain/metrics.json"),
     params:
         rule="pretrain",
-        settings=pretrain_job_settings(),
+        settings=json.dumps(regimes.pretrain_settings(config), sort_keys=True),
         checkpoints=lambda wc, output: checkpoint_dir(
             output.weights, "pretrain/weights.safetensors", "pretrain"),
     log:
         results("logs/pretrain.log"),
     benchmark:
         results("benchmarks/pretrain.tsv")
-    threads: job_threads("train")
+    threads: family_threads(config, "train")
     resources:
-        **job_resources("train"),
+        **rule_resources(config, "train"),
     conda:
-        jax_env()
+        jax_conda_env(config)
     shell:
         "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"
@@ -71,26 +71,24 @@ rule init_target_model:
         classes=results("data/target/manifest/classes.parquet"),
         weights=lambda wc: backbone_weights_file() or [],
         weights_sha256=lambda wc: backbone_weights_record() or [],
-        source_names=lambda wc: config["backbone"]["source_class_names"] or [],
+        source_names=lambda wc: source_class_names() or [],
     output:
         weights=results("weights/init.safetensors"),
         report=results("weights/init_report.json"),
     params:
         rule="init_target_model",
         settings=json.dumps(init_settings(config)),
-        weights=lambda wc, input: f"--weights {shlex.quote(input.weights)}" if input.weights else "",
-        names=lambda wc, input: (
-            f"--source-class-names {shlex.quote(input.source_names)}" if input.source_names else ""
-        ),
+        weights=optional_flag("--weights", "weights"),
+        names=optional_flag("--source-class-names", "source_names"),
     log:
         results("logs/init_target_model.log"),
     benchmark:
         results("benchmarks/init_target_model.tsv")
     threads: 1
     resources:
-        **job_resources("train", gpu=0),
+        **rule_resources(config, "train", gpu=0),
     conda:
-        jax_env(0)
+        jax_conda_env(config, 0)
     shell:
         "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
         " python {input.script:q} --settings {params.settings:q}"

@@ -129,6 +129,21 @@ class FormatSpec:
         return names + [("photographers.txt", False)]
 
 
+def dataset_root_problem(fmt: str, root: str | os.PathLike, key: str = "dataset") -> str | None:
+    """Why ``root`` cannot be the dataset folder of a ``fmt`` dataset (one line naming the
+    config key, the path and the page that explains the layout), or None."""
+    root = Path(root)
+    missing = [name for name, required in DATASET_FORMATS[fmt].annotation_names()
+               if required and not (root / name).is_file()]
+    if root.is_dir() and not missing:
+        return None
+    what = ("does not exist" if not root.exists() else "is not a folder" if not root.is_dir()
+            else f"has no {', '.join(missing)}")
+    return (f"{key}.root: {os.fspath(root)!r} ({root.absolute()}) {what}: put the extracted "
+            f"{fmt} dataset there (images.txt, ..., images/) or set {key}.root; the layout: "
+            f"docs/nabirds.md")
+
+
 def annotation_files(fmt: str, root: str | os.PathLike, *,
                      all_optional: bool = False) -> list[Path]:
     """The files :func:`read_dataset` reads in ``root``: the required ones (present or not)
