@@ -55,10 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--step-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "augment_cpu.json")
     args = parser.parse_args(argv)
-    from finegrained.train.augment import AugmentConfig, Lighting, augment_batch, center_crop
+    from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
 
     recipe = default_recipe()
-    cfg = AugmentConfig.from_dict(recipe)
+    cfg = Augmentation.from_dict(recipe)
     lighting = Lighting(EIGVAL.astype(np.float32), EIGVEC.astype(np.float32))
     images = jax.device_put(np.random.default_rng(0).integers(
         0, 256, (args.batch, STORED, STORED, 3), np.uint8))

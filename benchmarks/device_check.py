@@ -185,18 +185,21 @@ def train(args: dict) -> dict:
     import numpy as np
 
     from finegrained.data.shards import ShardReader
-    from finegrained.train.augment import AugmentConfig, Lighting
-    from finegrained.train.loop import TrainConfig, fit
+    from finegrained.train.augment import Lighting
+    from finegrained.train.loop import fit
+    from finegrained.train.settings import default_settings
 
     folder = Path(args["data"])
     train_index = write_random_shards(folder / "train", args["images"], args["stored"],
                                       args["classes"])
     val_index = write_random_shards(folder / "val", args["batch"], args["stored"],
                                     args["classes"], seed=1)
-    cfg = TrainConfig(epochs=args["epochs"], batch_size=args["batch"],
-                      image_size=args["image"], compute_dtype=args["dtype"],
-                      warmup_epochs=0, log_every_steps=0, augment=AugmentConfig(),
-                      num_devices=1, prefetch_batches=4)
+    # The schema's default augmentation (random-resized crop, flip, colour jitter, PCA
+    # lighting), as every training job of the workflow draws it.
+    cfg = default_settings(epochs=args["epochs"], batch_size=args["batch"],
+                           image_size=args["image"], compute_dtype=args["dtype"],
+                           warmup_epochs=0, log_every_steps=0, num_devices=1,
+                           prefetch_batches=4)
     lighting = Lighting(np.array([0.2, 0.02, 0.005], np.float32), np.eye(3, dtype=np.float32))
     model = random_model(args["arch"], args["width"], args["classes"], args.get("stage_depths"))
     result = fit(model, ShardReader(train_index), ShardReader(val_index), cfg, log_fn=None,

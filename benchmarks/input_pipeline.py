@@ -53,7 +53,7 @@ def shard_epochs(reader, batch_size: int, epochs: int, seed: int) -> int:
     """Every full batch of ``epochs`` shuffled epochs through the training loop's loader;
     returns the number of images delivered (on the device)."""
     import jax
-    from finegrained.train.loop import Prefetcher, epoch_batches
+    from finegrained.train.input_pipeline import Prefetcher, epoch_batches
     from finegrained.train.sharding import make_mesh, shard_batch
 
     mesh, labels = make_mesh(1), reader.labels
@@ -132,14 +132,17 @@ def training_input_wait(index: Path, batch_size: int) -> dict:
     from flax import nnx
     from finegrained.data.shards import ShardReader
     from finegrained.models import build_model
-    from finegrained.train.augment import AugmentConfig
-    from finegrained.train.loop import TrainConfig, fit
+    from finegrained.train.augment import Augmentation
+    from finegrained.train.loop import fit
+    from finegrained.train.settings import default_settings
 
     reader = ShardReader(index)
     model = build_model("resnet18", 555, width=16, rngs=nnx.Rngs(0))
-    cfg = TrainConfig(epochs=2, batch_size=batch_size, image_size=TRAIN_SIZE,
-                      compute_dtype="float32", warmup_epochs=0, log_every_steps=0,
-                      checkpoint_every_steps=0, augment=AugmentConfig(flip=0.5, brightness=0.2))
+    flip_and_brightness = Augmentation.none().replace(
+        crop_area=(0.25, 1.0), aspect_ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.2)
+    cfg = default_settings(epochs=2, batch_size=batch_size, image_size=TRAIN_SIZE,
+                           compute_dtype="float32", warmup_epochs=0, log_every_steps=0,
+                           checkpoint_every_steps=0, augment=flip_and_brightness)
     epoch = fit(model, reader, None, cfg, log_fn=None).history[-1]  # the first compiles
     return {"model": "resnet18 width 16", "batch_size": batch_size,
             "steps": len(reader) // batch_size,

@@ -66,13 +66,14 @@ def prepare_step(arch: str, batch: int, compute_dtype: str, augment=None, lighti
     """``(step, args)``: the pipeline's jitted train step for ``arch`` and one batch."""
     from flax import nnx
     from finegrained.models import build_model
-    from finegrained.train.augment import AugmentConfig
-    from finegrained.train.loop import TrainConfig, prepare
+    from finegrained.train.augment import Augmentation
+    from finegrained.train.loop import prepare
+    from finegrained.train.settings import default_settings
     from finegrained.train.sharding import shard_batch
 
     model = build_model(arch, NUM_CLASSES, rngs=nnx.Rngs(seed))
-    cfg = TrainConfig(epochs=1, batch_size=batch, compute_dtype=compute_dtype, image_size=224,
-                      augment=augment or AugmentConfig.none(), num_devices=1)
+    cfg = default_settings(epochs=1, batch_size=batch, compute_dtype=compute_dtype,
+                           image_size=224, augment=augment or Augmentation.none(), num_devices=1)
     run = prepare(model, batch * 10, cfg, lighting=lighting)
     rng = np.random.default_rng(seed)
     data = shard_batch({"image": rng.integers(0, 256, (batch, STORED, STORED, 3), np.uint8),

@@ -12,7 +12,7 @@ from finegrained import cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--settings", required=True,
-                   help="resolved settings (arch, width, stage_depths, train_config): JSON or @file")
+                   help="resolved settings (arch, width, stage_depths, train_settings): JSON or @file")
     p.add_argument("--train-index", required=True, help="shard index of the training split")
     p.add_argument("--val-index", required=True, help="shard index of the validation split")
     p.add_argument("--stats", required=True, help="colour statistics JSON of the training crops")
@@ -27,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def job():
-        from finegrained.train.loop import TrainConfig
+        from finegrained.train.settings import TrainSettings
         from finegrained.train.pretrain import pretrain
         settings = cli.read_settings(args.settings)
         pretrain(args.train_index, args.val_index, args.stats, args.classes,
                  arch=settings["arch"], width=settings["width"],
                  stage_depths=settings["stage_depths"],
-                 cfg=TrainConfig.from_dict(settings["train_config"]),
+                 settings=TrainSettings.from_dict(settings["train_settings"]),
                  out_weights=args.out_weights, out_metrics=args.out_metrics,
                  checkpoint_dir=args.checkpoint_dir,
                  keep_checkpoints=settings.get("keep_checkpoints", False),

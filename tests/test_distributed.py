@@ -30,16 +30,17 @@ WORKER = textwrap.dedent('''
     import jax, numpy as np
     from flax import nnx
     from helpers.training import TinyNet, coloured_squares
-    from finegrained.train.augment import AugmentConfig
-    from finegrained.train.loop import TrainConfig, fit
+    from finegrained.train.loop import fit
+    from finegrained.train.settings import default_settings
+    from helpers.training import crop_and_flip
 
     assert jax.device_count() == 4, jax.devices()
     assert multi == (jax.process_count() == 2)
-    cfg = TrainConfig(epochs=2, batch_size=8, eval_batch_size=8, base_lr=0.05,
-                      warmup_epochs=0, weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
-                      augment=AugmentConfig(crop_area=(0.6, 1.0), flip=0.5),
-                      compute_dtype="float32", seed=3, log_every_steps=0,
-                      checkpoint_every_steps=2, prefetch_batches=2)
+    cfg = default_settings(epochs=2, batch_size=8, eval_batch_size=8, lr=0.05,
+                           warmup_epochs=0, weight_decay=1e-4, image_size=20,
+                           eval_crop_fraction=1.0, augment=crop_and_flip(crop_area=(0.6, 1.0)),
+                           compute_dtype="float32", seed=3, log_every_steps=0,
+                           checkpoint_every_steps=2, prefetch_batches=2)
     train = coloured_squares(24, seed=0)
     val = coloured_squares(12, seed=1)   # the last eval batch: process 1's rows all padding
     model = TinyNet(4, rngs=nnx.Rngs(0))

@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import json
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from finegrained.train.augment import Augmentation
+from finegrained.train.settings import default_settings
+from finegrained.train.steps import StepOptions
+
+
+def crop_and_flip(**more) -> Augmentation:
+    """A random-resized crop (area 0.25-1, aspect 3/4-4/3) and a flip, nothing else unless
+    ``more`` names it: the augmentation most tests of the machinery use."""
+    return Augmentation.none().replace(**{"crop_area": (0.25, 1.0),
+                                          "aspect_ratio": (3 / 4, 4 / 3), "flip": 0.5, **more})
+
+
+def step_options(**changes) -> StepOptions:
+    """The step options of the schema's default settings in float32 with
+    :func:`crop_and_flip`, with ``changes``."""
+    options = default_settings(compute_dtype="float32", augment=crop_and_flip()).step_options()
+    return dataclasses.replace(options, **changes)
 
 
 class TinyNet(nnx.Module):

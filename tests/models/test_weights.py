@@ -122,6 +122,9 @@ def test_merge_head_absent_from_pretrained_is_fine():
     del loaded["head/kernel"], loaded["head/bias"]
     merged, report = merge_params(init, loaded)
     np.testing.assert_array_equal(merged["head/kernel"], init["head/kernel"])
+    np.testing.assert_array_equal(merged["stem/conv/kernel"], loaded["stem/conv/kernel"])
+    assert report["loaded"] == 4 and report["total"] == 6 and report["replaced_head"] is True
+    assert sorted(report["kept_from_init"]) == ["head/bias", "head/kernel"]
 
 
 def test_merge_keep_head_requires_same_shape():

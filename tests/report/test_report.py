@@ -114,7 +114,7 @@ def make_fake_run(root: Path) -> Path:
                 history = _history(spans, seed)
                 augment = AUGMENT if regime == "full_finetune" else NO_AUGMENT
                 phases = [{"name": p, "kind": "sgd",
-                           "train_config": {"augment": augment, "image_size": 12}} for p in spans]
+                           "train_settings": {"augment": augment, "image_size": 12}} for p in spans]
             pq.write_table(pa.table(history), train_dir / "history.parquet")
             _write_json(train_dir / "summary.json",
                         {"regime": regime, "variant": variant, "num_classes": 3,
@@ -233,8 +233,9 @@ def test_learning_curves_panel_per_regime_phases_named(runs, tmp_path):
     # Two-stage: 2 head + 3 main epochs on one axis, 1..5, the main phase shaded.
     top1_two_stage = fig.axes[5]
     assert list(top1_two_stage.lines[0].get_xdata()) == [1, 2, 3, 4, 5]
-    assert any(isinstance(p, matplotlib.patches.Polygon) or p.get_x() == 2.5
-               for p in top1_two_stage.patches)
+    # The main phase (epochs 3-5) shaded from 2.5 to 5.5, the head phase not.
+    [shade] = top1_two_stage.patches
+    assert (shade.get_x(), shade.get_x() + shade.get_width()) == pytest.approx((2.5, 5.5))
     # Two seeds of full fine-tuning: two validation top-1 lines (+ train and chosen markers).
     assert len(fig.axes[4].lines) == 2 * 3
 

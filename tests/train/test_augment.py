@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from finegrained.train import augment as aug
-from finegrained.train.augment import (AugmentConfig, Lighting, lighting_from_stats,
+from finegrained.train.augment import (Augmentation, Lighting, lighting_from_stats,
                                        lighting_offset, pca_alpha)
+from helpers.training import crop_and_flip
 
-NONE = AugmentConfig.none()
+NONE = Augmentation.none()
 # Jitted as the train step uses them (eager execution compiles every op: slow on CPU).
 augment_batch = jax.jit(aug.augment_batch, static_argnums=(2, 3))
 center_crop = jax.jit(aug.center_crop, static_argnums=(1, 2))
@@ -34,7 +35,7 @@ def lighting():
 
 
 def test_shapes_and_dtype(images, lighting):
-    cfg = AugmentConfig(scale_jitter=0.2, brightness=0.3, contrast=0.3, saturation=0.3,
+    cfg = crop_and_flip(scale_jitter=0.2, brightness=0.3, contrast=0.3, saturation=0.3,
                         pca_lighting=0.1)
     out = augment_batch(images, jax.random.key(0), cfg, 16, lighting)
     assert out.shape == (4, 16, 16, 3) and out.dtype == jnp.float32
@@ -87,11 +88,11 @@ def test_pca_lighting_adds_exact_offset(images, lighting):
 
 def test_lighting_needs_statistics(images):
     with pytest.raises(ValueError, match="stats"):
-        aug.augment_batch(images, jax.random.key(0), AugmentConfig(pca_lighting=0.1), 16)
+        aug.augment_batch(images, jax.random.key(0), crop_and_flip(pca_lighting=0.1), 16)
 
 
 def test_keys_decide_the_output(images, lighting):
-    cfg = AugmentConfig(scale_jitter=0.3, brightness=0.2, contrast=0.2, saturation=0.2,
+    cfg = crop_and_flip(scale_jitter=0.3, brightness=0.2, contrast=0.2, saturation=0.2,
                         pca_lighting=0.1)
     fn = lambda k: augment_batch(images, k, cfg, 16, lighting)  # noqa: E731
     a, b, c = fn(jax.random.key(0)), fn(jax.random.key(0)), fn(jax.random.key(1))
@@ -120,9 +121,14 @@ def test_random_crop_zooms_in(images):
     assert np.all((spans > 90) & (spans < 160)), spans
 
 
-def test_lighting_from_stats_short_keys():
-    light = lighting_from_stats({"eigval": [3, 2, 1], "eigvec": np.eye(3).tolist()})
-    assert isinstance(light, Lighting) and light.eigvec.shape == (3, 3)
+def test_lighting_from_stats_short_and_long_keys():
+    eigvec = np.array([[0.6, -0.8, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    short = lighting_from_stats({"eigval": [3, 2, 1], "eigvec": eigvec.tolist()})
+    long = lighting_from_stats({"eigenvalues": [3, 2, 1], "eigenvectors": eigvec.tolist()})
+    for light in (short, long):
+        assert isinstance(light, Lighting)
+        assert light.eigval.dtype == np.float32 and light.eigval.tolist() == [3.0, 2.0, 1.0]
+        np.testing.assert_array_equal(light.eigvec, eigvec.astype(np.float32))
 
 
 # --- rotation -----------------------------------------------------------------------------
@@ -138,7 +144,7 @@ def _ramp(batch: int = 4, side: int = 64) -> jnp.ndarray:
 
 
 def test_rotation_off_keeps_the_unrotated_resampler_bit_for_bit(images):
-    cfg = AugmentConfig(scale_jitter=0.2, flip=0.0, rotation=0.0, hue=0.0)
+    cfg = crop_and_flip(scale_jitter=0.2, flip=0.0, rotation=0.0, hue=0.0)
 
     @jax.jit
     def unrotated(images, key):   # the crop as it was before rotation existed
@@ -150,7 +156,7 @@ def test_rotation_off_keeps_the_unrotated_resampler_bit_for_bit(images):
 
 
 def test_rotated_crop_shapes_and_keys(images):
-    cfg = AugmentConfig(rotation=45.0, hue=0.2, brightness=0.2)
+    cfg = crop_and_flip(rotation=45.0, hue=0.2, brightness=0.2)
     out = augment_batch(images, jax.random.key(0), cfg, 16)
     assert out.shape == (4, 16, 16, 3) and out.dtype == jnp.float32
     np.testing.assert_array_equal(out, augment_batch(images, jax.random.key(0), cfg, 16))
@@ -162,7 +168,7 @@ def test_rotated_crop_shapes_and_keys(images):
 
 @pytest.mark.parametrize("cfg", [
     dataclasses.replace(NONE, rotation=45.0),
-    AugmentConfig(crop_area=(0.08, 1.0), aspect_ratio=(0.5, 2.0), scale_jitter=0.3,
+    crop_and_flip(crop_area=(0.08, 1.0), aspect_ratio=(0.5, 2.0), scale_jitter=0.3,
                   rotation=45.0)])
 def test_rotation_shows_no_empty_corners(cfg):
     # A constant image stays that constant everywhere, with random boxes too. (The sampler
@@ -175,7 +181,7 @@ def test_rotation_shows_no_empty_corners(cfg):
 
 def test_fitted_rotated_box_lies_inside_and_is_the_largest():
     key = jax.random.key(9)
-    cfg = AugmentConfig(crop_area=(0.05, 1.0), aspect_ratio=(0.3, 3.0), scale_jitter=0.5)
+    cfg = crop_and_flip(crop_area=(0.05, 1.0), aspect_ratio=(0.3, 3.0), scale_jitter=0.5)
     height, width = 30, 50
     boxes = aug._sample_boxes(key, cfg, 256, height, width)
     angles = jax.random.uniform(jax.random.key(10), (256,), minval=-np.pi, maxval=np.pi)
@@ -278,3 +284,19 @@ def test_hue_jitter_in_augment_batch(images):
     assert all(not np.allclose(same[0], same[i]) for i in range(1, 4))   # per example
     gray = jnp.full((4, 24, 24, 3), 77, jnp.uint8)
     np.testing.assert_allclose(augment_batch(gray, key, cfg, 24), 77.0, atol=1e-3)
+
+
+def test_the_jax_free_is_augmented_agrees_with_the_augmentation():
+    """The workflow asks a config block (no JAX on the head node), the job its Augmentation."""
+    from finegrained.config import validate_config
+    from finegrained.train.augment_settings import is_augmented
+
+    off = dataclasses.asdict(Augmentation.none())
+    schema_default = validate_config({})["features"]["augment"]
+    cases = [(off, False), (schema_default, True), ({**off, "flip": 0.5}, True),
+             ({**off, "crop_area": [0.5, 1.0]}, True), ({**off, "aspect_ratio": [0.9, 1.0]}, True)]
+    cases += [({**off, name: 0.1}, True) for name in ("scale_jitter", "rotation", "brightness",
+                                                       "contrast", "saturation", "hue",
+                                                       "pca_lighting")]
+    for case, expected in cases:
+        assert is_augmented(case) == is_augmented(Augmentation.from_dict(case)) == expected, case

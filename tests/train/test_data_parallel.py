@@ -19,16 +19,15 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     import jax, numpy as np
     from flax import nnx
-    from helpers.training import TinyNet, coloured_squares
-    from finegrained.train.augment import AugmentConfig
-    from finegrained.train.loop import evaluate
+    from helpers.training import TinyNet, coloured_squares, crop_and_flip, step_options
     from finegrained.train.sharding import make_mesh, replicate, shard_batch
-    from finegrained.train.steps import (StepConfig, create_train_state, make_eval_metrics_step,
+    from finegrained.train.steps import (create_train_state, make_eval_metrics_step,
                                          make_train_step)
+    from finegrained.train.validation import validate
 
     assert jax.device_count() == 4, jax.devices()
-    cfg = StepConfig(image_size=20, augment=AugmentConfig(brightness=0.2, scale_jitter=0.2),
-                     label_smoothing=0.1)
+    cfg = step_options(image_size=20, augment=crop_and_flip(brightness=0.2, scale_jitter=0.2),
+                       label_smoothing=0.1)
     images, labels = coloured_squares(16, seed=0)
     batch = {"image": images, "label": labels}
     rng = jax.random.key(11)
@@ -36,7 +35,7 @@ SCRIPT = textwrap.dedent('''
     results = {}
     for n in (1, 4):
         mesh = make_mesh(n)
-        state = create_train_state(TinyNet(4, rngs=nnx.Rngs(0)), base_lr=0.1,
+        state = create_train_state(TinyNet(4, rngs=nnx.Rngs(0)), lr=0.1,
                                    weight_decay=1e-4, param_groups=[("stem/.*", 0.5)])
         state = replicate(state, mesh)
         sharded = shard_batch(batch, mesh)
@@ -44,9 +43,9 @@ SCRIPT = textwrap.dedent('''
         new_state, metrics = make_train_step(cfg, mesh=mesh)(state, sharded, rng)
         leaf = jax.tree_util.tree_leaves(new_state.params)[0]
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == n
-        results[n] = (jax.device_get((new_state.params, new_state.rest)),
+        results[n] = (jax.device_get((new_state.params, new_state.stats)),
                       float(metrics["loss"]))
-        ev = evaluate(new_state, coloured_squares(13, seed=2), make_eval_metrics_step(cfg, mesh=mesh),
+        ev = validate(new_state, coloured_squares(13, seed=2), make_eval_metrics_step(cfg, mesh=mesh),
                       batch_size=8, mesh=mesh)
         assert ev["count"] == 13, ev
         results[n] += (ev["top1"],)

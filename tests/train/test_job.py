@@ -78,7 +78,7 @@ def test_a_checkpoint_made_with_other_settings_is_set_aside_not_resumed(inputs, 
     run_job(new, **inputs, out_dir=tmp_path / "fresh", checkpoint_dir=tmp_path / "fresh-ck",
             log_fn=None)
     [aside] = [line for line in lines if "set aside" in line]
-    assert "phases.0.train_config.base_lr 0.05 -> 0.01" in aside, aside
+    assert "phases.0.train_settings.lr 0.05 -> 0.01" in aside, aside
     assert not any("resumed from checkpoint" in line for line in lines)
     assert len(list(ckpt.parent.glob("full_finetune.set-aside-*"))) == 1
     assert _history(tmp_path / "rerun") == _history(tmp_path / "fresh")

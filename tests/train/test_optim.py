@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 
 from finegrained.errors import ConfigError
-from finegrained.train.augment import AugmentConfig
+from finegrained.train.augment import Augmentation
 from finegrained.train.optim import build_optimizer, make_schedule, param_names
-from finegrained.train.steps import (StepConfig, create_train_state, cross_entropy,
+from finegrained.train.steps import (create_train_state, cross_entropy,
                                      make_train_step)
+from helpers.training import step_options
 
 # Tiny real backbones: the torchvision / TF parameter paths, few blocks, few channels.
 MODELS = {
@@ -82,7 +83,7 @@ def _decayed(tx, params) -> dict[str, np.ndarray]:
 def test_weight_decay_applies_to_kernels_only(model, name, optimizer):
     params = nnx.state(model(name), nnx.Param)
     wd = 0.01
-    tx = build_optimizer(params, base_lr=1.0, schedule="constant", optimizer=optimizer,
+    tx = build_optimizer(params, lr=1.0, schedule="constant", optimizer=optimizer,
                          weight_decay=wd)
     before, updates = _flat(params), _decayed(tx, params)
     assert set(updates) == set(before)
@@ -131,7 +132,7 @@ def test_adamw_two_steps_match_numpy():
     grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32),
                                     params) for _ in range(2)]
     lr, wd, b1, b2, eps, stem_mult = 0.01, 0.05, 0.9, 0.999, 1e-8, 0.5
-    tx = build_optimizer(params, base_lr=lr, schedule="constant", optimizer="adamw",
+    tx = build_optimizer(params, lr=lr, schedule="constant", optimizer="adamw",
                          weight_decay=wd, b1=b1, b2=b2, param_groups=[(r"stem/.*", stem_mult)])
     state, current = tx.init(params), params
     expected = {n: p.astype(np.float64) for n, p in _flat(params).items()}
@@ -168,17 +169,17 @@ def _batches(n: int, size: int = 32, classes: int = 5, seed: int = 0):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2_bn"])
 def test_frozen_stem_and_stage1_stay_bit_identical(model, name):
     groups = [(r"(stem|stage1)/.*", 0)]
-    state = create_train_state(model(name, seed=1), base_lr=0.1, schedule="constant",
+    state = create_train_state(model(name, seed=1), lr=0.1, schedule="constant",
                                weight_decay=1e-3, param_groups=groups)
     frozen_names = set(_flat(state.frozen))
     assert frozen_names and all(n.startswith(("stem/", "stage1/")) for n in frozen_names)
     assert not any(n.startswith(("stem/", "stage1/")) for n in _flat(state.params))
-    before = {**_flat(state.frozen), **_flat(state.rest), **_flat(state.params)}
-    step = make_train_step(StepConfig(image_size=32, augment=AugmentConfig.none()))
+    before = {**_flat(state.frozen), **_flat(state.stats), **_flat(state.params)}
+    step = make_train_step(step_options(image_size=32, augment=Augmentation.none()))
     for i, batch in enumerate(_batches(2)):
         state, metrics = step(state, batch, jax.random.key(i))
     assert np.isfinite(float(metrics["loss"]))
-    after = {**_flat(state.frozen), **_flat(state.rest), **_flat(state.params)}
+    after = {**_flat(state.frozen), **_flat(state.stats), **_flat(state.params)}
     assert set(after) == set(before)
     early = [n for n in before if n.startswith(("stem/", "stage1/"))]
     stats = [n for n in early if n.endswith(("/mean", "/var"))]

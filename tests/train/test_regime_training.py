@@ -20,18 +20,19 @@ from flax import nnx
 
 from finegrained.models import build_model, flatten_state
 from finegrained.train import regimes
-from finegrained.train.augment import AugmentConfig, center_crop
+from finegrained.train.augment import Augmentation, center_crop
 from finegrained.train.checkpoint import Checkpointer
 from finegrained.train.features import FeatureReader, extract_features
-from finegrained.train.loop import NonFinite, Preempted, TrainConfig, TIMING_FIELDS, fit
+from finegrained.train.loop import NonFinite, Preempted, TIMING_FIELDS, fit
+from finegrained.train.settings import default_settings
 from finegrained.train.probe import fit_probe
-from helpers.training import coloured_squares, write_split
+from helpers.training import coloured_squares, crop_and_flip, write_split
 
 NAMES = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
-OFF = AugmentConfig.none()
-BASE = TrainConfig(epochs=2, batch_size=16, base_lr=0.05, warmup_epochs=0, image_size=32,
-                   eval_crop_fraction=0.875, compute_dtype="float32", num_devices=1,
-                   log_every_steps=0, weight_decay=1e-4, augment=OFF)
+OFF = Augmentation.none()
+BASE = default_settings(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0, image_size=32,
+                        eval_crop_fraction=0.875, compute_dtype="float32", num_devices=1,
+                        log_every_steps=0, weight_decay=1e-4, augment=OFF)
 
 
 def tiny_resnet(seed: int = 0):
@@ -60,7 +61,7 @@ def _reader(path):
 def test_frozen_stages_and_their_batch_norm_stay_bit_identical(splits):
     model = tiny_resnet()
     before = flatten_state(model)
-    cfg = dataclasses.replace(BASE, epochs=1, augment=AugmentConfig(flip=0.5, brightness=0.2),
+    cfg = dataclasses.replace(BASE, epochs=1, augment=crop_and_flip(flip=0.5, brightness=0.2),
                               param_groups=tuple(map(tuple, _groups("stride8"))), cut="stage2")
     fit(model, _reader(splits[0]), _reader(splits[1]), cfg, log_fn=None)
     after = flatten_state(model)
@@ -140,7 +141,7 @@ def _comparable(history):
 def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tmp_path):
     train, val = splits
     cfg = dataclasses.replace(BASE, epochs=2, checkpoint_every_steps=3, log_every_steps=1,
-                              augment=AugmentConfig(flip=0.5, brightness=0.2, crop_area=(0.5, 1)))
+                              augment=crop_and_flip(flip=0.5, brightness=0.2, crop_area=(0.5, 1)))
     straight = tiny_resnet()
     ref = fit(straight, _reader(train), _reader(val), cfg, log_fn=None,
               checkpoint_dir=tmp_path / "a")
@@ -180,7 +181,7 @@ def _finite_checkpoints(directory):
 
 def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(splits, tmp_path):
     train, val = splits
-    cfg = dataclasses.replace(BASE, base_lr=1e12, checkpoint_every_steps=1, epochs=3)
+    cfg = dataclasses.replace(BASE, lr=1e12, checkpoint_every_steps=1, epochs=3)
     with pytest.raises(NonFinite, match=r"probe/x: non-finite .* at epoch 1, step \d"):
         fit(tiny_resnet(), _reader(train), _reader(val), cfg, log_fn=None,
             checkpoint_dir=tmp_path / "ck", label="probe/x")

@@ -1,5 +1,5 @@
 """From config to job settings: presets, overrides, freeze points, parameter groups, variants,
-and one default per TrainConfig field (the schema's)."""
+and every TrainSettings field named and defaulted by the schema alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from finegrained.config import load_config, load_schema
 from finegrained.errors import ConfigError
 from finegrained.train import regimes
-from finegrained.train.loop import TrainConfig
+from finegrained.train.settings import TrainSettings, default_settings
 
 
 def _config(**overrides):
@@ -20,28 +20,40 @@ def _config(**overrides):
 
 def test_every_regime_resolves_to_complete_train_configs():
     config = _config()
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
     for name in config["regimes"]:
         settings = regimes.job_settings(config, name)
         json.dumps(settings)     # a JSON the job reads
         for phase in settings["phases"]:
             if phase["kind"] == "sgd":
                 # every field is set from config: nothing is left to the dataclass defaults
-                assert set(phase["train_config"]) == fields, name
-                TrainConfig.from_dict(phase["train_config"])
-    assert set(regimes.pretrain_settings(config)["train_config"]) == fields
+                assert set(phase["train_settings"]) == fields, name
+                TrainSettings.from_dict(phase["train_settings"])
+    assert set(regimes.pretrain_settings(config)["train_settings"]) == fields
 
 
-def test_train_config_defaults_equal_the_schema():
+def test_the_schema_is_the_only_home_of_a_default():
+    """TrainSettings' fields are the schema's recipe and run keys under their own names
+    (``lr`` is ``lr`` end to end), none has a default of its own, and default_settings gives
+    the schema's values; the variant keys are the sweep's keys and the seed."""
     schema = load_schema()
     recipe = schema["$defs"]["recipe"]["properties"]
     run = schema["$defs"]["run"]["properties"]
-    cfg = TrainConfig()
-    for key, field in regimes.RECIPE_KEYS.items():
-        if key != "augment":
-            assert getattr(cfg, field) == recipe[key]["default"], key
-    for key in regimes.RUN_KEYS:
-        assert getattr(cfg, key) == run[key]["default"], key
+    fields = dataclasses.fields(TrainSettings)
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in fields)
+    assert {f.name for f in fields} == (set(recipe) | set(run) | {"start", "cut"}) - {
+        "keep_checkpoints"}
+    settings = default_settings()
+    for key, prop in [*recipe.items(), *run.items()]:
+        if key not in ("augment", "keep_checkpoints", "param_groups"):
+            assert getattr(settings, key) == prop["default"], key
+    augment = schema["$defs"]["augment"]["properties"]
+    for key, prop in augment.items():
+        value = getattr(settings.augment, key)
+        assert (list(value) if isinstance(value, tuple) else value) == prop["default"], key
+    assert regimes.VARIANT_KEYS == ("seed", *schema["properties"]["sweep"][
+        "additionalProperties"]["properties"])
 
 
 def test_a_partial_override_keeps_the_rest_of_the_preset():
@@ -72,7 +84,7 @@ def test_the_cut_point_is_also_the_freeze_regex_and_the_cache_layer():
     partial = regimes.job_settings(config, "partial_finetune")["phases"][0]
     assert partial["input"] == {"kind": "cache", "layer": "stage3:map", "start": "stage3",
                                 "cut": None}
-    assert partial["train_config"]["param_groups"] == [["(stem|stage1|stage2|stage3)/.*", 0.0]]
+    assert partial["train_settings"]["param_groups"] == [["(stem|stage1|stage2|stage3)/.*", 0.0]]
     # with augmentation the frozen part runs online, cut off from the gradient
     augmented = _config(backbone={"arch": "resnet18"},
                         regime_settings={"partial_finetune": {"augment": {"flip": 0.5}}})
@@ -93,7 +105,7 @@ def test_the_cut_point_is_also_the_freeze_regex_and_the_cache_layer():
 def test_full_finetune_has_three_tiers():
     config = _config(regime_settings={"full_finetune": {"freeze_stem": True,
                                                         "backbone_lr_mult": 0.01}})
-    groups = regimes.job_settings(config, "full_finetune")["phases"][0]["train_config"][
+    groups = regimes.job_settings(config, "full_finetune")["phases"][0]["train_settings"][
         "param_groups"]
     assert groups == [["(stem)/.*", 0.0], ["head/.*", 1.0], [".*", 0.01]]
 
@@ -102,13 +114,13 @@ def test_two_stage_is_a_head_phase_then_the_rest_with_fresh_streams():
     config = _config()
     head, main = regimes.job_settings(config, "two_stage")["phases"]
     assert head["name"] == "head" and main["name"] == "main"
-    assert head["train_config"]["base_lr"] == 0.1 and head["train_config"]["patience"] == 2
-    assert head["train_config"]["epochs"] == 10
-    assert head["train_config"]["param_groups"] == [
+    assert head["train_settings"]["lr"] == 0.1 and head["train_settings"]["patience"] == 2
+    assert head["train_settings"]["epochs"] == 10
+    assert head["train_settings"]["param_groups"] == [
         ["(stem|stage1|stage2|stage3|stage4)/.*", 0.0]]
-    assert main["train_config"]["param_groups"] == []       # all layers at lr
-    assert main["train_config"]["base_lr"] == 0.001
-    assert head["train_config"]["seed"] != main["train_config"]["seed"]
+    assert main["train_settings"]["param_groups"] == []       # all layers at lr
+    assert main["train_settings"]["lr"] == 0.001
+    assert head["train_settings"]["seed"] != main["train_settings"]["seed"]
 
 
 def test_probe_is_lbfgs_on_the_last_stage_pooled():
@@ -123,7 +135,7 @@ def test_variants_override_one_job():
     config = _config()
     base = regimes.job_settings(config, "full_finetune")
     v = regimes.job_settings(config, "full_finetune", "+seed=2+lr=0.003")
-    assert v["seed"] == 2 and v["phases"][0]["train_config"]["base_lr"] == 0.003
+    assert v["seed"] == 2 and v["phases"][0]["train_settings"]["lr"] == 0.003
     assert v["config_hash"] != base["config_hash"]
     assert regimes.parse_variant("") == {}
     with pytest.raises(ConfigError, match="not one of"):

@@ -15,18 +15,21 @@ import pytest
 from flax import nnx
 
 from finegrained.errors import ConfigError
-from finegrained.train.augment import AugmentConfig, center_crop
-from finegrained.train.loop import TrainConfig, evaluate, fit
+from finegrained.train.augment import Augmentation, center_crop
+from finegrained.train.loop import fit
+from finegrained.train.settings import default_settings
+from finegrained.train.validation import validate
 from finegrained.train.optim import build_optimizer
-from finegrained.train.steps import (StepConfig, create_train_state, make_eval_metrics_step,
+from finegrained.train.steps import (create_train_state, make_eval_metrics_step,
                                      make_eval_step,
                                      make_train_step)
-from helpers.training import TinyNet, coloured_squares, write_classes, write_split
+from helpers.training import (TinyNet, coloured_squares, crop_and_flip, step_options,
+                              write_classes, write_split)
 
-SMALL = TrainConfig(epochs=3, batch_size=32, base_lr=0.05, schedule="cosine", warmup_epochs=0,
-                    weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
-                    augment=AugmentConfig(crop_area=(0.6, 1.0), flip=0.5), seed=0,
-                    num_devices=1, compute_dtype="float32", log_every_steps=0)
+SMALL = default_settings(epochs=3, batch_size=32, lr=0.05, schedule="cosine", warmup_epochs=0,
+                         weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
+                         augment=crop_and_flip(crop_area=(0.6, 1.0)), seed=0, num_devices=1,
+                         compute_dtype="float32", log_every_steps=0)
 
 
 def test_learns_a_tiny_problem():
@@ -52,10 +55,10 @@ def test_learns_a_tiny_problem():
 def test_eval_counts_every_example_once():
     images, labels = coloured_squares(37, seed=3)
     model = TinyNet(4, rngs=nnx.Rngs(1))
-    cfg = StepConfig(image_size=20, eval_crop_fraction=1.0)
-    state = create_train_state(model, base_lr=0.1)
+    cfg = step_options(image_size=20, eval_crop_fraction=1.0)
+    state = create_train_state(model, lr=0.1)
     eval_step = make_eval_step(cfg)
-    result = evaluate(state, (images, labels), make_eval_metrics_step(cfg),
+    result = validate(state, (images, labels), make_eval_metrics_step(cfg),
                       batch_size=8)   # 4 full + 5 of 8
     assert result["count"] == 37
     full = np.asarray(eval_step(state, {"image": images, "label": labels}))
@@ -77,7 +80,7 @@ def _steps(state, cfg, n, seed=0):
 def test_frozen_group_is_bit_identical_and_has_no_optimizer_state():
     model = TinyNet(4, rngs=nnx.Rngs(2))
     groups = ((r"stem/.*", 0.0), (r"stage1/.*", None))
-    state = create_train_state(model, base_lr=0.5, weight_decay=0.1, param_groups=groups)
+    state = create_train_state(model, lr=0.5, weight_decay=0.1, param_groups=groups)
     frozen_before = jax.tree_util.tree_map(np.array, state.frozen)
     trained_before = jax.tree_util.tree_map(np.array, state.params)
     assert set(nnx.to_pure_dict(state.frozen)) == {"stem", "stage1"}
@@ -85,7 +88,7 @@ def test_frozen_group_is_bit_identical_and_has_no_optimizer_state():
     n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state))
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     assert n_opt <= n_trainable + 4   # momentum for trainable leaves only (+ counters)
-    state, _ = _steps(state, StepConfig(image_size=20), 3)
+    state, _ = _steps(state, step_options(image_size=20), 3)
     for a, b in zip(jax.tree_util.tree_leaves(frozen_before),
                     jax.tree_util.tree_leaves(state.frozen)):
         assert np.array_equal(a, np.asarray(b)) and a.tobytes() == np.asarray(b).tobytes()
@@ -93,24 +96,24 @@ def test_frozen_group_is_bit_identical_and_has_no_optimizer_state():
              zip(jax.tree_util.tree_leaves(trained_before), jax.tree_util.tree_leaves(state.params))]
     assert all(moved)
     # stem_bn's own parameters train, so its statistics update in train mode
-    assert not np.allclose(np.asarray(state.rest["stem_bn"]["mean"][...]), 0.0)
+    assert not np.allclose(np.asarray(state.stats["stem_bn"]["mean"][...]), 0.0)
 
 
 def test_batch_norm_of_a_frozen_group_keeps_its_running_statistics():
     model = TinyNet(4, rngs=nnx.Rngs(2))
     groups = ((r"stem(_bn)?/.*", 0.0),)
-    state = create_train_state(model, base_lr=0.5, param_groups=groups)
-    state, _ = _steps(state, StepConfig(image_size=20), 3)
-    frozen_bn = state.rest["stem_bn"]
+    state = create_train_state(model, lr=0.5, param_groups=groups)
+    state, _ = _steps(state, step_options(image_size=20), 3)
+    frozen_bn = state.stats["stem_bn"]
     np.testing.assert_array_equal(np.asarray(frozen_bn["mean"][...]), 0.0)
     np.testing.assert_array_equal(np.asarray(frozen_bn["var"][...]), 1.0)
-    assert not np.allclose(np.asarray(state.rest["stage1_bn"]["mean"][...]), 0.0)
+    assert not np.allclose(np.asarray(state.stats["stage1_bn"]["mean"][...]), 0.0)
 
 
 def test_lr_multiplier_scales_the_first_sgd_step():
     params = {"head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
               "stem": {"kernel": jnp.ones((3, 3))}}
-    tx = build_optimizer(params, base_lr=0.1, schedule="constant", total_steps=10,
+    tx = build_optimizer(params, lr=0.1, schedule="constant", total_steps=10,
                          optimizer="sgd", momentum=0.0, param_groups=[(r"stem/.*", 0.1)])
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -121,10 +124,10 @@ def test_lr_multiplier_scales_the_first_sgd_step():
     assert stem_move / head_move == pytest.approx(0.1, rel=1e-5)
     # Through the train step: the first momentum step is -lr * mult * grad, and the first
     # gradient is the same from the same init, so the stem moves exactly 0.1x as far.
-    cfg = StepConfig(image_size=20, augment=AugmentConfig.none())
+    cfg = step_options(image_size=20, augment=Augmentation.none())
     moves = []
     for groups in ((), ((r"stem/.*", 0.1),)):
-        state = create_train_state(TinyNet(4, rngs=nnx.Rngs(3)), base_lr=0.1,
+        state = create_train_state(TinyNet(4, rngs=nnx.Rngs(3)), lr=0.1,
                                    schedule="constant", weight_decay=0.0, param_groups=groups)
         new_state, _ = _steps(state, cfg, 1)
         before, after = nnx.to_pure_dict(state.params), nnx.to_pure_dict(new_state.params)
@@ -140,32 +143,39 @@ def test_lr_multiplier_scales_the_first_sgd_step():
 
 def test_unmatched_group_regex_is_an_error():
     with pytest.raises(ConfigError, match="match no parameter"):
-        create_train_state(TinyNet(4, rngs=nnx.Rngs(0)), base_lr=0.1,
+        create_train_state(TinyNet(4, rngs=nnx.Rngs(0)), lr=0.1,
                            param_groups=[(r"backbone/.*", 0)])
 
 
 def test_same_seed_same_parameters():
+    """Two runs with one seed end bit-identical, and they did train: every parameter and
+    statistic moved away from the shared initial values."""
+    initial = nnx.to_pure_dict(nnx.state(TinyNet(4, rngs=nnx.Rngs(5))))
+
     def run():
         model = TinyNet(4, rngs=nnx.Rngs(5))
         fit(model, coloured_squares(64, seed=4), None,
             dataclasses.replace(SMALL, epochs=1, batch_size=16,
-                                augment=AugmentConfig(brightness=0.2, scale_jitter=0.2)),
+                                augment=crop_and_flip(brightness=0.2, scale_jitter=0.2)),
             log_fn=None)
         return nnx.to_pure_dict(nnx.state(model))
     a, b = run(), run()
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y, start in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                           jax.tree_util.tree_leaves(initial)):
         np.testing.assert_array_equal(x, y)
+        if np.issubdtype(np.asarray(start).dtype, np.floating):
+            assert not np.array_equal(x, start), "fit left a parameter unchanged"
 
 
 def test_bfloat16_compute_is_used_and_close_to_float32(random_model):
     """bf16 changes the numbers (so compute_dtype is not ignored), but only by bf16
     rounding; parameters and running statistics stay float32 through a bf16 train step."""
     model = random_model("resnet18", 4, width=8, stage_depths=[1, 1, 1, 1], seed=6)
-    state = create_train_state(model, base_lr=0.05, schedule="constant")
+    state = create_train_state(model, lr=0.05, schedule="constant")
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
              "label": rng.integers(0, 4, 8).astype(np.int32)}
-    f32, bf16 = (StepConfig(image_size=32, augment=AugmentConfig.none(), compute_dtype=d)
+    f32, bf16 = (step_options(image_size=32, augment=Augmentation.none(), compute_dtype=d)
                  for d in ("float32", "bfloat16"))
     ref = np.asarray(make_eval_step(f32)(state, batch))
     low = make_eval_step(bf16)(state, batch)
@@ -180,7 +190,7 @@ def test_bfloat16_compute_is_used_and_close_to_float32(random_model):
     for cfg in (f32, bf16):
         new[cfg.compute_dtype], metrics = make_train_step(cfg)(state, batch, jax.random.key(0))
         assert np.isfinite(float(metrics["loss"]))
-    for leaf in jax.tree_util.tree_leaves((new["bfloat16"].params, new["bfloat16"].rest)):
+    for leaf in jax.tree_util.tree_leaves((new["bfloat16"].params, new["bfloat16"].stats)):
         assert leaf.dtype == jnp.float32
     before = jax.tree_util.tree_leaves(state.params)
     step32, step16 = (np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
@@ -195,9 +205,9 @@ def test_bfloat16_compute_is_used_and_close_to_float32(random_model):
 @pytest.mark.parametrize("make", [make_train_step, make_eval_step])
 def test_float16_is_refused(make):
     with pytest.raises(ConfigError, match="use 'bfloat16'"):
-        make(StepConfig(compute_dtype="float16"))
+        make(step_options(compute_dtype="float16"))
     with pytest.raises(ConfigError, match="compute_dtype must be one of"):
-        make(StepConfig(compute_dtype="float64"))
+        make(step_options(compute_dtype="float64"))
 
 
 @pytest.fixture(scope="module")

@@ -251,7 +251,7 @@ def test_seeds_and_sweep_train_every_point_and_evaluate_the_chosen_one(replicate
         summary = json.loads((run / "train" / f"full_finetune{variant}" / "summary.json").read_text())
         assert summary["variant"] == variant
         assert summary["settings"]["seed"] == (1 if "seed" in variant else 0)
-        lr = summary["settings"]["phases"][0]["train_config"]["base_lr"]
+        lr = summary["settings"]["phases"][0]["train_settings"]["lr"]
         assert lr == (0.01 if "lr=0.01" in variant else 0.2)
 
     selection = json.loads((run / "select" / "full_finetune.json").read_text())

@@ -7,6 +7,8 @@ from typing import Mapping
 from finegrained.train.regimes import parse_variant
 
 AVERAGES = ("softmax", "logits")
+#: The test-time views, in reading order (see ``finegrained.evaluate.views``).
+VIEWS = ("center", "ten_crop", "multi_scale")
 
 
 def evaluation_settings(config: Mapping, regime: str, variant: str = "") -> dict:

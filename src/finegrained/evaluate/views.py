@@ -22,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finegrained.evaluate.settings import VIEWS
 # The one resampler of the project (train/augment.py): the centre view here is
 # bit-identical to the validation view.
 from finegrained.train.augment import _resample
 
-VIEWS = ("center", "ten_crop", "multi_scale")
+__all__ = ["VIEWS", "View", "average_scores", "make_view_logits", "render_view",
+           "ten_crop_views", "view_boxes"]
+
 
 #: A view: window (y0, x0, h, w) in pixels and whether it is mirrored.
 View = tuple[tuple[float, float, float, float], bool]

@@ -133,7 +133,7 @@ def augmentation_recipe(train_summary: Mapping) -> tuple[dict, int, str] | None:
     """``(augment dict, image_size, phase name)`` of the last augmented phase of a train job
     (its ``summary.json``), or None when no phase augments."""
     for phase in reversed(train_summary["settings"]["phases"]):
-        cfg = phase.get("train_config")
+        cfg = phase.get("train_settings")
         if cfg and is_augmented(cfg.get("augment", {})):
             return dict(cfg["augment"]), int(cfg["image_size"]), phase["name"]
     return None
@@ -165,16 +165,17 @@ def augmentation_grid(train_index, stats_path, augment: Mapping, image_size: int
     recipe) and the split's PCA lighting, at the network's input size."""
     import jax
 
-    from finegrained.train.augment import AugmentConfig, augment_batch, lighting_from_stats
+    from finegrained.train.augment import Augmentation, augment_batch, lighting_from_stats
     from finegrained.report.figures import read_json
 
     reader = ShardReader(train_index)
     labels = reader.labels
     first = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)][:n_images]
     images = reader.gather(np.asarray(first, np.int64))
-    cfg = AugmentConfig.from_dict(augment)
-    lighting = lighting_from_stats(read_json(stats_path)) if cfg.pca_lighting > 0 else None
-    draw = jax.jit(lambda x, key: augment_batch(x, key, cfg, image_size, lighting))
+    augmentation = Augmentation.from_dict(augment)
+    lighting = (lighting_from_stats(read_json(stats_path)) if augmentation.pca_lighting > 0
+                else None)
+    draw = jax.jit(lambda x, key: augment_batch(x, key, augmentation, image_size, lighting))
     views = [np.asarray(draw(images, jax.random.fold_in(jax.random.key(seed), d)))
              for d in range(n_draws)]
     with plt.rc_context(STYLE):

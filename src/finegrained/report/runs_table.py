@@ -13,7 +13,7 @@ grid point chosen on validation (``train_variant`` of the metrics, e.g.
 ``full_finetune+epochs=10``), which the regime cell names.
 
 Runs are given in order with a label (e.g. the weights they start from); rows follow the
-runs, then the regimes in :data:`REGIME_ORDER`.
+runs, then the regimes in the order of ``finegrained.train.regimes.REGIMES``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from finegrained.evaluate.settings import VIEWS
 from finegrained.report.throughput import read_benchmark
+from finegrained.train.regimes import REGIMES
 
-REGIME_ORDER = ("linear_probe", "partial_finetune", "full_finetune", "two_stage", "scratch")
-VIEW_ORDER = ("center", "ten_crop", "multi_scale")
 VIEW_TITLES = {"center": "centre", "ten_crop": "10-crop", "multi_scale": "multi-scale"}
 
 
@@ -45,7 +45,7 @@ def _val_top1(summary: Path) -> float | None:
 
 def _regimes(run_dir: Path) -> list[str]:
     found = {p.parent.name for p in (run_dir / "eval").glob("*/metrics.json")}
-    known = [r for r in REGIME_ORDER if r in found]
+    known = [r for r in REGIMES if r in found]
     return known + sorted(found - set(known))
 
 
@@ -65,7 +65,7 @@ def run_rows(label: str, run_dir: str | os.PathLike) -> list[dict]:
                "val_top1": _val_top1(run_dir / "train" / job / "summary.json"),
                "train_seconds": benchmark_seconds(run_dir / "benchmarks/train" / f"{job}.tsv"),
                "eval_seconds": benchmark_seconds(run_dir / "benchmarks/evaluate" / f"{regime}.tsv")}
-        for view in VIEW_ORDER:
+        for view in VIEWS:
             scores = metrics["views"].get(view, {})
             row[f"{view}_top1"], row[f"{view}_top5"] = scores.get("top1"), scores.get("top5")
         rows.append(row)
@@ -91,14 +91,14 @@ def markdown_table(rows: Sequence[Mapping], levels: Sequence[str] = ()) -> str:
     """The regime x view table in Markdown: top-1 / top-5 (%) per view, top-1 per taxonomy
     ``levels`` (on the summary view), best validation top-1, train and evaluate wall time."""
     head = (["weights / run", "regime"]
-            + [f"{VIEW_TITLES[v]} top-1 / top-5" for v in VIEW_ORDER]
+            + [f"{VIEW_TITLES[v]} top-1 / top-5" for v in VIEWS]
             + [f"{level} top-1" for level in levels]
             + ["val top-1", "train", "evaluate"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         variant = f" (`{row['train_variant']}`)" if row["train_variant"] else ""
         cells = [row["run"], f"`{row['regime']}`{variant}"]
-        cells += [f"{_pct(row[f'{v}_top1'])} / {_pct(row[f'{v}_top5'])}" for v in VIEW_ORDER]
+        cells += [f"{_pct(row[f'{v}_top1'])} / {_pct(row[f'{v}_top5'])}" for v in VIEWS]
         cells += [_pct(row["per_level"].get(level)) for level in levels]
         cells += [_pct(row["val_top1"]), _secs(row["train_seconds"]), _secs(row["eval_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -23,10 +23,10 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from finegrained.evaluate.settings import VIEWS
 from finegrained.fileio import atomic_output, sha256_file, write_json
 from finegrained.provenance import provenance
 
-VIEW_ORDER = ("center", "ten_crop", "multi_scale")
 METRICS = ("top1", "top5")
 CONFIDENCE = 0.95
 CSV_FIELDS = ("regime", "view", "metric", "n", "mean", "std", "ci95_low", "ci95_high", "values")
@@ -50,13 +50,13 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
 
 def summarize(metrics_by_regime: Mapping[str, Sequence[Mapping]]) -> list[dict]:
     """One row per regime, view and metric over the regime's replicates (metrics.json dicts),
-    regimes in the given order, views in :data:`VIEW_ORDER` (then any others)."""
+    regimes in the given order, views in :data:`VIEWS` (then any others)."""
     rows = []
     for regime, runs in metrics_by_regime.items():
         if not runs:
             continue
         names = list(runs[0]["views"])
-        for view in sorted(names, key=lambda v: (VIEW_ORDER + (v,)).index(v)):
+        for view in sorted(names, key=lambda v: (VIEWS + (v,)).index(v)):
             for metric in METRICS:
                 values = [float(run["views"][view][metric]) for run in runs]
                 rows.append({"regime": regime, "view": view, "metric": metric,

@@ -34,13 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finegrained.errors import ConfigError
+
 # ITU-R BT.601 luma weights, as torchvision / tf.image use for grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Every augmentation magnitude; the zero value of each disables it.
+class Augmentation:
+    """Every augmentation magnitude; the zero value of each disables it. The values come
+    from the config (``$defs/augment`` of the schema, where their defaults live).
 
     crop_area: (min, max) fraction of the image area kept by the random-resized crop
       (Inception uses (0.08, 1.0)); (1.0, 1.0) with aspect_ratio (1, 1) keeps the full image.
@@ -63,29 +66,39 @@ class AugmentConfig:
       eigen-decomposition from the stats JSON.
     """
 
-    crop_area: tuple[float, float] = (0.25, 1.0)
-    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    scale_jitter: float = 0.0
-    rotation: float = 0.0
-    flip: float = 0.5
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    pca_lighting: float = 0.0
+    crop_area: tuple[float, float]
+    aspect_ratio: tuple[float, float]
+    scale_jitter: float
+    rotation: float
+    flip: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    pca_lighting: float
 
     @classmethod
-    def none(cls) -> "AugmentConfig":
-        """No augmentation at all: full image, no flip, no colour change."""
-        return cls(crop_area=(1.0, 1.0), aspect_ratio=(1.0, 1.0), scale_jitter=0.0, flip=0.0)
+    def none(cls) -> "Augmentation":
+        """No augmentation at all: the full image, no flip, no colour change (the view an
+        un-augmented training step and the evaluation share)."""
+        return cls(crop_area=(1.0, 1.0), aspect_ratio=(1.0, 1.0), scale_jitter=0.0,
+                   rotation=0.0, flip=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
+                   hue=0.0, pca_lighting=0.0)
 
     @classmethod
-    def from_dict(cls, d: Mapping | None) -> "AugmentConfig":
-        d = dict(d or {})
+    def from_dict(cls, d: Mapping) -> "Augmentation":
+        """From a config ``augment`` block (every key given, as the validated config has)."""
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != fields:
+            raise ConfigError(f"augment: unknown keys {sorted(set(d) - fields)}, missing keys "
+                              f"{sorted(fields - set(d))}")
         for key in ("crop_area", "aspect_ratio"):
-            if key in d:
-                d[key] = tuple(float(v) for v in d[key])
+            d[key] = tuple(float(v) for v in d[key])
         return cls(**d)
+
+    def replace(self, **changes) -> "Augmentation":
+        return dataclasses.replace(self, **changes)
 
 
 class Lighting(NamedTuple):
@@ -148,7 +161,7 @@ def center_crop(images: jax.Array, out: int, crop_fraction: float = 0.875) -> ja
     return _resample(images, jnp.broadcast_to(box, (batch, 4)), out)
 
 
-def _sample_boxes(rng: jax.Array, cfg: AugmentConfig, batch: int, height: int,
+def _sample_boxes(rng: jax.Array, cfg: Augmentation, batch: int, height: int,
                   width: int) -> jax.Array:
     """Crop boxes ``(y0, x0, h, w)`` in pixels, ``[batch, 4]``, one per example."""
     u = jax.random.uniform(rng, (batch, 5))
@@ -294,7 +307,7 @@ def shift_hue(images: jax.Array, delta: jax.Array) -> jax.Array:
     return value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def augment_batch(images: jax.Array, rng: jax.Array, cfg: AugmentConfig, out_size: int,
+def augment_batch(images: jax.Array, rng: jax.Array, cfg: Augmentation, out_size: int,
                   lighting: Lighting | None = None) -> jax.Array:
     """Random training view of a uint8 batch ``[B, H, W, 3]`` -> float32 ``[B, out, out, 3]``."""
     if cfg.pca_lighting > 0 and lighting is None:
@@ -341,22 +354,22 @@ def augment_batch(images: jax.Array, rng: jax.Array, cfg: AugmentConfig, out_siz
     return x
 
 
-def pca_alpha(rng: jax.Array, cfg: AugmentConfig, batch: int) -> jax.Array:
+def pca_alpha(rng: jax.Array, cfg: Augmentation, batch: int) -> jax.Array:
     """The lighting ``alpha`` that :func:`augment_batch` draws for ``rng`` (for tests/inspection)."""
     k_light = jax.random.split(rng, 6)[5]
     return cfg.pca_lighting * jax.random.normal(k_light, (batch, 3))
 
 
-def rotation_angles(rng: jax.Array, cfg: AugmentConfig, batch: int) -> jax.Array:
+def rotation_angles(rng: jax.Array, cfg: Augmentation, batch: int) -> jax.Array:
     """The per-example rotations in degrees that :func:`augment_batch` draws for ``rng``."""
     return _uniform(jax.random.fold_in(rng, 6), batch, cfg.rotation)
 
 
-def hue_shifts(rng: jax.Array, cfg: AugmentConfig, batch: int) -> jax.Array:
+def hue_shifts(rng: jax.Array, cfg: Augmentation, batch: int) -> jax.Array:
     """The per-example hue shifts (turns) that :func:`augment_batch` draws for ``rng``."""
     return _uniform(jax.random.fold_in(rng, 7), batch, cfg.hue)
 
 
-__all__: Sequence[str] = ("AugmentConfig", "Lighting", "lighting_from_stats", "lighting_offset",
+__all__: Sequence[str] = ("Augmentation", "Lighting", "lighting_from_stats", "lighting_offset",
                           "augment_batch", "center_crop", "shift_hue", "pca_alpha",
                           "rotation_angles", "hue_shifts")

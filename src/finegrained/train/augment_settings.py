@@ -10,20 +10,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-#: Magnitudes whose zero value disables a random change (the getattr default covers fields
-#: an older or newer ``AugmentConfig`` does not have).
+#: Magnitudes whose zero value disables a random change.
 RANDOM_MAGNITUDES = ("scale_jitter", "brightness", "contrast", "saturation", "pca_lighting",
                      "rotation", "hue")
 
 
 def is_augmented(cfg: Any) -> bool:
-    """Whether ``cfg`` (an ``AugmentConfig`` or its dict) draws anything at random. A
-    training view that is not augmented is the evaluation view (``center_crop`` at
-    ``eval_crop_fraction``), which is what the feature cache stores, so a cached and an
-    online run see the same inputs.
-
-    A key missing from a dict has ``AugmentConfig``'s default: random for ``crop_area``,
-    ``aspect_ratio`` and ``flip``, zero for the magnitudes."""
+    """Whether ``cfg`` (an ``Augmentation`` or a config ``augment`` block) draws anything at
+    random. A training view that is not augmented is the evaluation view (``center_crop``
+    at ``eval_crop_fraction``), which is what the feature cache stores, so a cached and an
+    online run see the same inputs."""
     if isinstance(cfg, Mapping):
         get = cfg.get
     else:

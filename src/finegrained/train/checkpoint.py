@@ -1,4 +1,5 @@
-"""Checkpoints of a training run with orbax: arrays + a JSON of the loop's bookkeeping.
+"""Checkpoints of a training run with orbax (arrays + a JSON of the loop's bookkeeping),
+what stops a run for one (SIGTERM), and what a checkpoint folder was made from.
 
 A checkpoint holds everything that makes a resumed run continue bit-identically: the
 trainable parameters, the non-parameter state (BatchNorm statistics), the optimizer state,
@@ -19,12 +20,17 @@ always the run its settings describe.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from finegrained import distributed
 from finegrained.fileio import sha256_file, write_json
 
 import jax
@@ -156,3 +162,84 @@ def claim(directory: str | os.PathLike, expected: Mapping,
     directory.mkdir(parents=True, exist_ok=True)
     write_json(record, expected)
     return aside
+
+
+# ---------------------------------------------------------------------------- the loop's state
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived (SLURM preemption or time limit); a checkpoint was written."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """The loop's bookkeeping, saved as JSON in every checkpoint."""
+
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    epoch_metrics: list = dataclasses.field(default_factory=list)   # [loss, acc] per step
+    epoch_seconds: float = 0.0
+    epoch_wait: float = 0.0
+    best: dict | None = None        # the history row of the best validation epoch
+    stale_epochs: int = 0           # epochs since the best (early stopping)
+    done: bool = False
+
+
+def state_arrays(state, best: dict | None) -> dict:
+    """What a checkpoint holds of a ``TrainState`` (frozen parameters are rebuilt from the
+    job's initial weights), and the best-on-validation weights so far."""
+    arrays = {"step": state.step, "params": state.params, "stats": state.stats,
+              "opt_state": state.opt_state}
+    if best is not None:
+        arrays["best"] = best
+    return arrays
+
+
+def save_checkpoint(ckpt: Checkpointer | None, state, progress: Progress,
+                    best_flat: dict | None) -> None:
+    if ckpt is None:
+        return
+    ckpt.save(progress.step, state_arrays(state, best_flat), dataclasses.asdict(progress))
+
+
+def restore_checkpoint(ckpt: Checkpointer, state, best_like: Callable[[], dict]):
+    """``(state, progress, best)`` from the latest checkpoint (the state's arrays on the
+    host, in ``state``'s structure), or None when there is none. ``best_like`` gives the
+    structure of the best weights (called only when the checkpoint holds them)."""
+    step = ckpt.latest_step()
+    if step is None:
+        return None
+    meta = ckpt.restore_meta(step)
+    like = best_like() if meta.get("best") is not None else None
+    arrays = ckpt.restore_arrays(step, state_arrays(state, like))
+    state = state.replace(step=arrays["step"], params=arrays["params"], stats=arrays["stats"],
+                          opt_state=arrays["opt_state"])
+    return state, Progress(**meta), arrays.get("best")
+
+
+class StopFlag:
+    """SIGTERM -> a flag the loop checks between steps (then checkpoint and stop).
+
+    With several processes the signal may reach each at a different step, so the loop asks
+    :meth:`agreed`: every process stops at the same step if any of them got it."""
+
+    _fits = itertools.count()    # every process runs the same fits, in the same order
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+        self._fit = next(self._fits)
+
+    def agreed(self, tag) -> bool:
+        return distributed.any_process(self.set, f"stop/{self._fit}/{tag}")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

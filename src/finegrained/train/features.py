@@ -38,7 +38,7 @@ import numpy as np
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import atomic_output, sha256_file, write_json
-from finegrained.train.augment import AugmentConfig, Lighting, augment_batch, center_crop
+from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
 from finegrained.train.regimes import MAP_SUFFIX, layer_stem
 
 def layer_file(layer: str) -> str:
@@ -54,7 +54,7 @@ def parse_layer(layer: str) -> tuple[str, bool]:
 
 
 def _extract_fn(model, layers: Sequence[str], image_size: int, crop_fraction: float,
-                augment: AugmentConfig | None, lighting: Lighting | None):
+                augment: Augmentation | None, lighting: Lighting | None):
     """A jitted ``(images uint8, key) -> {layer: array}`` running the backbone once."""
     from flax import nnx
 
@@ -84,7 +84,7 @@ def _extract_fn(model, layers: Sequence[str], image_size: int, crop_fraction: fl
 
 def extract_features(model, shard_index: str | os.PathLike, out_dir: str | os.PathLike, *,
                      layers: Sequence[str], image_size: int, eval_crop_fraction: float,
-                     views: int = 0, augment: AugmentConfig | None = None,
+                     views: int = 0, augment: Augmentation | None = None,
                      lighting: Lighting | None = None, seed: int = 0, batch_size: int = 128,
                      dtype: str = "float16", weights_sha256: str | None = None,
                      verify: bool = False,

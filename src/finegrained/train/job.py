@@ -47,7 +47,8 @@ from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.checkpoint import claim, fingerprint
 from finegrained.train.features import FeatureReader
-from finegrained.train.loop import TrainConfig, fit
+from finegrained.train.loop import fit
+from finegrained.train.settings import TrainSettings
 from finegrained.train.probe import fit_probe
 from finegrained.train.regimes import cache_index
 
@@ -143,15 +144,15 @@ def run_phase(phase: Mapping, model, train, val, *, lighting, checkpoint_dir: Pa
         flat["head/kernel"], flat["head/bias"] = probe["kernel"], probe["bias"]
         assign_state(model, flat)
         return {"history": probe["history"], "best": probe["best"], "best_weights": flat}
-    cfg = TrainConfig.from_dict(phase["train_config"])
-    result = fit(model, train, val, cfg, log_fn=log, lighting=lighting,
-                 checkpoint_dir=checkpoint_dir, label=label)
+    result = fit(model, train, val, TrainSettings.from_dict(phase["train_settings"]),
+                 log_fn=log, lighting=lighting, checkpoint_dir=checkpoint_dir, label=label)
     return {"history": result.history, "best": result.best,
             "best_weights": result.best_weights, "stopped_early": result.stopped_early}
 
 
 def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_dir,
-            checkpoint_dir, init_weights=None, features_dir=None, log_fn: Callable[[str], None] | None = print) -> dict:
+            checkpoint_dir, init_weights=None, features_dir=None,
+            log_fn: Callable[[str], None] | None = print) -> dict:
     """Run the phases of ``settings`` and write weights, history and summary."""
     t0 = time.perf_counter()
     main = distributed.is_main_process()
@@ -180,7 +181,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             log(f"{label} phase {phase['name']}: {len(train)} train / {len(val)} val inputs "
                 f"({phase['input']['kind']}), {jax.device_count()} x "
                 f"{jax.devices()[0].platform}")
-            augment = phase.get("train_config", {}).get("augment", {})
+            augment = phase.get("train_settings", {}).get("augment", {})
             lighting = lighting_from_stats(stats_dict) if augment.get("pca_lighting") else None
             result = run_phase(phase, model, train, val, lighting=lighting,
                                checkpoint_dir=phase_dir, label=f"{label}/{phase['name']}",
@@ -238,14 +239,14 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
 def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, classes, out_dir,
                      log_fn: Callable[[str], None] | None = print) -> dict:
     """The features rule: the frozen pretrained backbone over one split (see ``features``)."""
-    from finegrained.train.augment import AugmentConfig
+    from finegrained.train.augment import Augmentation
     from finegrained.train.features import extract_features
 
     names = manifest_class_names(classes)
     model = load_init_model(settings["arch"], len(names), init_weights,
                             width=settings["width"], stage_depths=settings["stage_depths"],
                             **runtime_options(settings["arch"], settings))
-    augment = AugmentConfig.from_dict(settings["augment"])
+    augment = Augmentation.from_dict(settings["augment"])
     lighting = (lighting_from_stats(json.loads(Path(stats).read_text()))
                 if augment.pca_lighting > 0 else None)
     return extract_features(

@@ -127,21 +127,21 @@ def trainable_filter(param_groups: ParamGroups | None) -> Callable[[tuple, Any],
     return _filter
 
 
-def make_schedule(base_lr: float, schedule: str, total_steps: int, warmup_steps: int = 0,
+def make_schedule(lr: float, schedule: str, total_steps: int, warmup_steps: int = 0,
                   end_lr_fraction: float = 0.0) -> optax.Schedule:
-    """'cosine': linear warmup from 0 then cosine decay to ``end_lr_fraction * base_lr`` at
+    """'cosine': linear warmup from 0 then cosine decay to ``end_lr_fraction * lr`` at
     ``total_steps``; 'constant': linear warmup then flat."""
     warmup_steps = int(max(0, warmup_steps))
     if schedule == "cosine":
         total_steps = max(int(total_steps), warmup_steps + 1)
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
-            decay_steps=total_steps, end_value=end_lr_fraction * base_lr)
+            init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+            decay_steps=total_steps, end_value=end_lr_fraction * lr)
     if schedule == "constant":
         if warmup_steps == 0:
-            return optax.constant_schedule(base_lr)
+            return optax.constant_schedule(lr)
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, base_lr, warmup_steps), optax.constant_schedule(base_lr)],
+            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
             [warmup_steps])
     raise ConfigError(f"unknown schedule {schedule!r}; use 'cosine' or 'constant'")
 
@@ -166,7 +166,7 @@ def _group_transform(schedule: optax.Schedule, lr_mult: float, *, optimizer: str
     raise ConfigError(f"unknown optimizer {optimizer!r}; use 'momentum', 'sgd' or 'adamw'")
 
 
-def build_optimizer(params: Any, *, base_lr: float, schedule: str = "cosine",
+def build_optimizer(params: Any, *, lr: float, schedule: str = "cosine",
                     total_steps: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
                     optimizer: str = "momentum", momentum: float = 0.9, nesterov: bool = False,
                     b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.0,
@@ -182,7 +182,7 @@ def build_optimizer(params: Any, *, base_lr: float, schedule: str = "cosine",
     groups = normalize_groups(param_groups)
     if check:
         check_groups(jax.tree_util.tree_leaves(param_names(params)), param_groups)
-    sched = make_schedule(base_lr, schedule, total_steps, warmup_steps, end_lr_fraction)
+    sched = make_schedule(lr, schedule, total_steps, warmup_steps, end_lr_fraction)
     kwargs = dict(optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
                   nesterov=nesterov, b1=b1, b2=b2)
     transforms = {DEFAULT: _group_transform(sched, 1.0, **kwargs), FROZEN: optax.set_to_zero()}

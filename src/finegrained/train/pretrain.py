@@ -1,7 +1,7 @@
 """Source pretraining: train a backbone from scratch on the source dataset's shards and
 write its weights (safetensors, with class names and recipe in the metadata) and metrics.
 
-The first user of the training foundation: ``TrainConfig`` with no ``param_groups`` (every
+The first user of the training foundation: ``TrainSettings`` with no ``param_groups`` (every
 parameter trains at the base learning rate) is "from scratch"; the transfer regimes later
 reuse ``fit`` with other groups.
 """
@@ -29,12 +29,13 @@ from finegrained.models.transfer import model_options
 from finegrained.models.weights import save_weights, weights_metadata
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.checkpoint import claim, fingerprint
-from finegrained.train.loop import TrainConfig, fit
+from finegrained.train.loop import fit
+from finegrained.train.settings import TrainSettings
 
 
 def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
              stats_json: str | os.PathLike, classes: str | os.PathLike, *, arch: str,
-             width: int, cfg: TrainConfig,
+             width: int, settings: TrainSettings,
              out_weights: str | os.PathLike, out_metrics: str | os.PathLike,
              stage_depths: Sequence[int] | None = None, checkpoint_dir=None,
              keep_checkpoints: bool = False, verify: bool = False,
@@ -55,26 +56,26 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
                             f"of the {num_classes} classes of {classes}")
     with open(stats_json) as f:
         stats = json.load(f)
-    lighting = lighting_from_stats(stats) if cfg.augment.pca_lighting > 0 else None
+    lighting = lighting_from_stats(stats) if settings.augment.pca_lighting > 0 else None
 
     options = model_options(arch, None)  # from scratch: MobileNetV2 trains with batch norm
     runtime = {"depthwise_impl": depthwise_impl} if arch == "mobilenet_v2" else {}
     model = build_model(arch, num_classes, width=width, stage_depths=stage_depths,
-                        rngs=nnx.Rngs(cfg.seed), **options, **runtime)
+                        rngs=nnx.Rngs(settings.seed), **options, **runtime)
     log(f"pretrain {arch} width {width}: {len(train)} train / {len(val)} val images, "
-        f"{num_classes} classes, stored {train.image_size}px -> crops {cfg.image_size}px, "
+        f"{num_classes} classes, stored {train.image_size}px -> crops {settings.image_size}px, "
         f"{jax.device_count()} x {jax.devices()[0].platform}")
     run_dir = None
     if checkpoint_dir is not None:
         if main:
             claim(checkpoint_dir, fingerprint(
                 {"arch": arch, "width": width, "stage_depths": stage_depths,
-                 "depthwise_impl": depthwise_impl, "train_config": cfg.to_dict()},
+                 "depthwise_impl": depthwise_impl, "train_settings": settings.to_dict()},
                 {"train_index": train_index, "val_index": val_index, "stats": stats_json,
                  "classes": classes}), log)
         distributed.barrier("pretrain-claimed")
         run_dir = Path(checkpoint_dir) / "run"
-    history = fit(model, train, val, cfg, log_fn=log, lighting=lighting,
+    history = fit(model, train, val, settings, log_fn=log, lighting=lighting,
                   checkpoint_dir=run_dir, label="pretrain").history
     if not main:
         distributed.barrier("pretrain-done")
@@ -82,15 +83,15 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
 
     recipe = {"pixels": "RGB uint8 or float 0..255, NHWC",
               "normalisation": getattr(model.input_recipe, "name", str(model.input_recipe)),
-              "train_image_size": cfg.image_size, "stored_image_size": train.image_size,
-              "eval_crop_fraction": cfg.eval_crop_fraction}
+              "train_image_size": settings.image_size, "stored_image_size": train.image_size,
+              "eval_crop_fraction": settings.eval_crop_fraction}
     metadata = weights_metadata(
         arch=arch, num_classes=num_classes, class_names=class_names,
         input_recipe=getattr(model.input_recipe, "name", str(model.input_recipe)),
         source="pretrain", width=str(width),
         stage_depths=json.dumps(list(stage_depths) if stage_depths else None),
-        image_size=str(cfg.image_size), input=json.dumps(recipe),
-        train_config=json.dumps(cfg.to_dict()), **options)
+        image_size=str(settings.image_size), input=json.dumps(recipe),
+        train_settings=json.dumps(settings.to_dict()), **options)
     save_weights(out_weights, flatten_state(model), metadata=metadata)
 
     wall = time.perf_counter() - t0
@@ -105,7 +106,7 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         # after the first epoch, which includes compilation
         "train_images_per_second": float(np.median(later)),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "config": cfg.to_dict(),
+        "settings": settings.to_dict(),
         "history": history,
     }
     write_json(out_metrics, metrics)

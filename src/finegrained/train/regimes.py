@@ -4,7 +4,7 @@ Every regime is the same mechanism with other values (``regime_settings.<name>``
 config schema, which holds every default): parameter groups by regex with learning-rate
 multipliers, a recipe, an augmentation, and whether the frozen part's output is read from
 the feature cache. This module turns a regime's preset into *phases*, each a complete
-``TrainConfig`` dict (or an L-BFGS solve), with nothing left to defaults; a job receives
+``TrainSettings`` dict (or an L-BFGS solve), with nothing left to defaults; a job receives
 that JSON and does what it says. A regime gets no code path of its own beyond caching:
 
 - ``freeze_up_to: strideK`` freezes every stage whose output is at most 1/K of the input
@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from finegrained.config import load_schema
 from finegrained.errors import ConfigError
 from finegrained.train.augment_settings import is_augmented
 
@@ -43,19 +44,14 @@ STAGE_STRIDES = {
 }
 FREEZE_CHOICES = ("stem", "stride2", "stride4", "stride8", "stride16", "stride32")
 
-#: Recipe keys (config name -> TrainConfig field).
-RECIPE_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "base_lr",
-               "schedule": "schedule", "warmup_epochs": "warmup_epochs",
-               "end_lr_fraction": "end_lr_fraction", "optimizer": "optimizer",
-               "momentum": "momentum", "nesterov": "nesterov", "weight_decay": "weight_decay",
-               "label_smoothing": "label_smoothing", "patience": "patience",
-               "augment": "augment"}
-#: Run-level keys (config `train:` / `pretrain:`), same names in TrainConfig.
-RUN_KEYS = ("eval_batch_size", "num_devices", "log_every_steps", "checkpoint_every_steps",
-            "prefetch_batches", "image_size", "eval_crop_fraction", "compute_dtype", "seed")
-#: Keys a variant may override (job settings, not structure).
-VARIANT_KEYS = ("seed", "lr", "epochs", "batch_size", "weight_decay", "backbone_lr_mult",
-                "label_smoothing", "head_lr", "warmup_epochs")
+_SCHEMA = load_schema()
+#: Recipe keys (``$defs/recipe``; ``param_groups`` is resolved per regime) and run keys
+#: (``$defs/run``; ``keep_checkpoints`` is the job's): with the parameter groups and the input
+#: placement, the fields of ``TrainSettings``, under the same names.
+RECIPE_KEYS = tuple(k for k in _SCHEMA["$defs"]["recipe"]["properties"] if k != "param_groups")
+RUN_KEYS = tuple(k for k in _SCHEMA["$defs"]["run"]["properties"] if k != "keep_checkpoints")
+#: Keys a variant may override: what a sweep may vary, and the replicate seed.
+VARIANT_KEYS = ("seed", *_SCHEMA["properties"]["sweep"]["additionalProperties"]["properties"])
 VARIANT_PATTERN = r"(\+[a-z_]+=[A-Za-z0-9.\-]+)*"
 #: A cached layer ``<stage>:map`` is that stage's whole activation; ``<stage>`` is its pool.
 MAP_SUFFIX = ":map"
@@ -143,8 +139,9 @@ def _variant_value(text: str):
     raise ConfigError(f"variant value {text!r} is not a number")
 
 
-def _train_config(recipe: Mapping, run: Mapping, **fields) -> dict:
-    d = {field: copy.deepcopy(recipe[key]) for key, field in RECIPE_KEYS.items()}
+def _train_settings(recipe: Mapping, run: Mapping, **fields) -> dict:
+    """A complete ``TrainSettings`` dict: the recipe's keys, the run's, then ``fields``."""
+    d = {key: copy.deepcopy(recipe[key]) for key in RECIPE_KEYS}
     d.update({key: run[key] for key in RUN_KEYS})
     d.update(fields)
     return d
@@ -194,19 +191,19 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
             head = dict(regime, freeze_up_to="stride32", freeze_stem=False, param_groups=[])
             inp = _input(arch, regime, regime["augment"], "stride32")
             phases.append({"name": "head", "kind": "sgd", "input": inp,
-                           "train_config": _train_config(
+                           "train_settings": _train_settings(
                                dict(regime, epochs=regime["head_epochs"], lr=regime["head_lr"],
                                     patience=regime["head_patience"]),
                                run, param_groups=param_groups(arch, head),
                                start=inp["start"], cut=inp["cut"])})
         inp = _input(arch, regime, regime["augment"], regime["freeze_up_to"])
         phases.append({"name": "main", "kind": "sgd", "input": inp,
-                       "train_config": _train_config(
+                       "train_settings": _train_settings(
                            regime, run, param_groups=param_groups(arch, regime),
                            start=inp["start"], cut=inp["cut"])})
     for i, phase in enumerate(phases):
-        if "train_config" in phase:
-            phase["train_config"]["seed"] = phase_seed(run["seed"], i)
+        if "train_settings" in phase:
+            phase["train_settings"]["seed"] = phase_seed(run["seed"], i)
     settings = {
         "regime": regime_name, "variant": variant, "arch": arch, "init": regime["init"],
         "width": config["backbone"]["width"], "stage_depths": config["backbone"]["stage_depths"],
@@ -219,7 +216,7 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
 
 
 def pretrain_settings(config: Mapping) -> dict:
-    """The resolved settings of the pretrain rule: architecture and one TrainConfig dict
+    """The resolved settings of the pretrain rule: architecture and one TrainSettings dict
     (the ``pretrain`` block holds every recipe and run key)."""
     block = config["pretrain"]
     backbone = config["backbone"]
@@ -228,7 +225,7 @@ def pretrain_settings(config: Mapping) -> dict:
             "depthwise_impl": backbone["depthwise_impl"],
             "verify_shards": config["shards"].get("verify", True),
             "keep_checkpoints": block["keep_checkpoints"],
-            "train_config": _train_config(block, block, param_groups=list(block["param_groups"]),
+            "train_settings": _train_settings(block, block, param_groups=list(block["param_groups"]),
                                           start=None, cut=None)}
 
 

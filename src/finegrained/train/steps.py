@@ -3,7 +3,8 @@
 
 NNX pattern: functional split/merge under plain ``jax.jit``. The model is split once into
 ``graphdef`` (static structure) and three ``nnx.State`` pytrees: trainable params, frozen
-params and the rest (BatchNorm statistics, ...). The step merges them into a throw-away
+params and the statistics (every non-Param variable: BatchNorm's running mean and
+variance). The step merges them into a throw-away
 module inside the traced function, runs it, and splits the new statistics back out. Why not
 ``nnx.jit``: the state is then an ordinary pytree, so (1) the step is a pure function of
 its inputs as big_vision/flax-imagenet write it, (2) ``jax.jit``'s ``in_shardings`` /
@@ -26,8 +27,8 @@ from flax import nnx, struct
 
 from finegrained.errors import ConfigError
 from finegrained.train import optim
-from finegrained.train.augment import AugmentConfig, Lighting, augment_batch, center_crop
-from finegrained.train.augment_settings import is_augmented  # noqa: F401 (its old home)
+from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
+from finegrained.train.augment_settings import is_augmented
 from finegrained.train.sharding import data_sharding, replicated
 
 # No float16: it needs loss scaling (small gradients underflow), which the step does not do.
@@ -40,18 +41,18 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     params: nnx.State       # trainable nnx.Param leaves
     frozen: nnx.State       # nnx.Param leaves whose group lr_mult is 0 / None
-    rest: nnx.State         # everything else: BatchNorm mean/var, ...
+    stats: nnx.State        # every other variable: BatchNorm's running mean and variance
     opt_state: Any
     graphdef: Any = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
     def merge(self) -> nnx.Module:
         """A module holding this state (for export: ``nnx.update(model, ...)`` or flatten)."""
-        return nnx.merge(self.graphdef, self.params, self.frozen, self.rest)
+        return nnx.merge(self.graphdef, self.params, self.frozen, self.stats)
 
 
 def split_model(model: nnx.Module, param_groups: optim.ParamGroups | None):
-    """``graphdef, trainable, frozen, rest`` for the groups (see ``optim``)."""
+    """``graphdef, trainable, frozen, statistics`` for the groups (see ``optim``)."""
     all_names = [optim.path_name(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     optim.check_groups(all_names, param_groups)
     return nnx.split(model, optim.trainable_filter(param_groups), nnx.Param, ...)
@@ -60,23 +61,24 @@ def split_model(model: nnx.Module, param_groups: optim.ParamGroups | None):
 def create_train_state(model: nnx.Module, *, param_groups: optim.ParamGroups | None = None,
                        **optimizer_kwargs) -> TrainState:
     """Split ``model`` by ``param_groups`` and build the optimizer for the trainable part.
-    ``optimizer_kwargs`` go to :func:`optim.build_optimizer` (base_lr, schedule, ...)."""
-    graphdef, params, frozen, rest = split_model(model, param_groups)
+    ``optimizer_kwargs`` go to :func:`optim.build_optimizer` (lr, schedule, ...)."""
+    graphdef, params, frozen, stats = split_model(model, param_groups)
     tx = optim.build_optimizer(params, param_groups=param_groups, check=False,
                                **optimizer_kwargs)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, rest=rest,
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, stats=stats,
                       opt_state=tx.init(params), graphdef=graphdef, tx=tx)
 
 
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """What the step functions do besides the optimizer (static under jit)."""
+class StepOptions:
+    """What the step functions do besides the optimizer (static under jit); built from a
+    run's settings (``TrainSettings.step_options``)."""
 
-    image_size: int = 224                # side of the crop fed to the model
-    eval_crop_fraction: float = 0.875    # centre crop for evaluation (see augment.center_crop)
-    augment: AugmentConfig = AugmentConfig()
-    label_smoothing: float = 0.0
-    compute_dtype: str = "float32"       # 'bfloat16': forward/backward in bf16, params f32
+    image_size: int                      # side of the crop fed to the model
+    eval_crop_fraction: float            # centre crop for evaluation (see augment.center_crop)
+    augment: Augmentation
+    label_smoothing: float
+    compute_dtype: str                   # 'auto' | 'float32' | 'bfloat16' (params stay float32)
     # Batches hold the output of stage ``start`` (cached features/activations, float) instead
     # of pixels; no augmentation or cropping is applied to them. None: uint8 pixels.
     start: str | None = None
@@ -85,7 +87,7 @@ class StepConfig:
     cut: str | None = None
 
 
-def training_view(images: jax.Array, rng: jax.Array, cfg: StepConfig,
+def training_view(images: jax.Array, rng: jax.Array, cfg: StepOptions,
                   lighting: Lighting | None = None) -> jax.Array:
     """What the network sees of a training batch: cached inputs as they are, pixels
     augmented, or (augmentation off) the deterministic evaluation view."""
@@ -96,7 +98,7 @@ def training_view(images: jax.Array, rng: jax.Array, cfg: StepConfig,
     return augment_batch(images, rng, cfg.augment, cfg.image_size, lighting)
 
 
-def evaluation_view(images: jax.Array, cfg: StepConfig) -> jax.Array:
+def evaluation_view(images: jax.Array, cfg: StepOptions) -> jax.Array:
     if cfg.start is not None:
         return images
     return center_crop(images, cfg.image_size, cfg.eval_crop_fraction)
@@ -116,7 +118,7 @@ def compute_dtype_name(name: str, backend: str | None = None) -> str:
 
 
 def resolve_compute_dtype(name: str):
-    """The jnp dtype for ``StepConfig.compute_dtype`` ('auto' by backend); ConfigError for
+    """The jnp dtype for ``StepOptions.compute_dtype`` ('auto' by backend); ConfigError for
     anything but 'auto', 'float32' and 'bfloat16'."""
     name = compute_dtype_name(name)
     if name == "float16":
@@ -150,7 +152,7 @@ def freeze_frozen_batch_norms(model: nnx.Module, frozen: nnx.State) -> None:
                 module.use_running_average = True
 
 
-def _forward(graphdef, params, frozen, rest, images: jax.Array, *, train: bool, dtype,
+def _forward(graphdef, params, frozen, stats, images: jax.Array, *, train: bool, dtype,
              start: str | None = None, cut: str | None = None):
     """Logits (float32) and the new non-Param state.
 
@@ -160,7 +162,7 @@ def _forward(graphdef, params, frozen, rest, images: jax.Array, *, train: bool, 
     module only, so the state and graphdef in TrainState never change. The model
     normalises its (float32) input itself and casts to the compute dtype afterwards.
     """
-    model = nnx.merge(graphdef, params, frozen, rest, copy=True)
+    model = nnx.merge(graphdef, params, frozen, stats, copy=True)
     model.train() if train else model.eval()
     if train:
         freeze_frozen_batch_norms(model, frozen)
@@ -184,7 +186,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepConfig,
+def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepOptions,
                   lighting: Lighting | None = None,
                   schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
     """Augment on device -> forward in train mode -> loss -> grads -> optimizer update."""
@@ -192,35 +194,35 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepCo
     images = training_view(batch["image"], rng, cfg, lighting)
     labels = batch["label"]
 
-    def loss_fn(params, frozen, rest):
-        logits, new_rest = _forward(state.graphdef, params, frozen, rest, images, train=True,
+    def loss_fn(params, frozen, stats):
+        logits, new_stats = _forward(state.graphdef, params, frozen, stats, images, train=True,
                                     dtype=dtype, start=cfg.start, cut=cfg.cut)
         loss = jnp.mean(cross_entropy(logits, labels, cfg.label_smoothing))
-        return loss, (logits, new_rest)
+        return loss, (logits, new_stats)
 
-    (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, state.rest)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.frozen, state.stats)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss,
                "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, rest=new_rest,
+    new_state = state.replace(step=state.step + 1, params=params, stats=new_stats,
                               opt_state=opt_state)
     return new_state, metrics
 
 
-def eval_step_fn(state: TrainState, batch: dict, *, cfg: StepConfig) -> jax.Array:
+def eval_step_fn(state: TrainState, batch: dict, *, cfg: StepOptions) -> jax.Array:
     """Logits (float32) of the centre-cropped batch in eval mode (running BatchNorm stats)."""
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     images = evaluation_view(batch["image"], cfg)
-    logits, _ = _forward(state.graphdef, state.params, state.frozen, state.rest, images,
+    logits, _ = _forward(state.graphdef, state.params, state.frozen, state.stats, images,
                          train=False, dtype=dtype, start=cfg.start)
     return logits
 
 
-def eval_metrics_fn(state: TrainState, batch: dict, *, cfg: StepConfig) -> dict:
+def eval_metrics_fn(state: TrainState, batch: dict, *, cfg: StepOptions) -> dict:
     """Summed correct count and cross-entropy over the batch's valid rows (``batch['mask']``):
     evaluation stays on the device and the host fetches the sums once per pass."""
     logits = eval_step_fn(state, batch, cfg=cfg)
@@ -232,7 +234,7 @@ def eval_metrics_fn(state: TrainState, batch: dict, *, cfg: StepConfig) -> dict:
             "count": jnp.sum(mask)}
 
 
-def make_train_step(cfg: StepConfig, *, lighting: Lighting | None = None,
+def make_train_step(cfg: StepOptions, *, lighting: Lighting | None = None,
                     schedule: optax.Schedule | None = None, mesh=None,
                     donate: bool = False) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted. With a ``mesh``, the
@@ -250,7 +252,7 @@ def make_train_step(cfg: StepConfig, *, lighting: Lighting | None = None,
     return jax.jit(step, **kwargs)
 
 
-def make_eval_metrics_step(cfg: StepConfig, *, mesh=None) -> Callable:
+def make_eval_metrics_step(cfg: StepOptions, *, mesh=None) -> Callable:
     """``eval_metrics(state, batch) -> {correct, loss, count}`` sums, jitted (replicated)."""
     def step(state, batch):
         return eval_metrics_fn(state, batch, cfg=cfg)
@@ -262,7 +264,7 @@ def make_eval_metrics_step(cfg: StepConfig, *, mesh=None) -> Callable:
     return jax.jit(step, **kwargs)
 
 
-def make_eval_step(cfg: StepConfig, *, mesh=None) -> Callable:
+def make_eval_step(cfg: StepOptions, *, mesh=None) -> Callable:
     """``eval_step(state, batch) -> logits``, jitted; logits sharded like the batch."""
     resolve_compute_dtype(cfg.compute_dtype)
 
