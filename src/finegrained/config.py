@@ -196,7 +196,8 @@ def _check_cross_field(config: Mapping[str, Any], *, given_source: bool = True) 
                               f"pretraining on it would show the backbone the target's test "
                               f"images; name another dataset")
     if config["head"]["init_from_source_names"] and weights == "none":
-        raise ConfigError("head.init_from_source_names needs source weights (backbone.weights is 'none')")
+        raise ConfigError("head.init_from_source_names needs source weights "
+                          "(backbone.weights is 'none')")
 
 
 def merge(base: dict, override: Mapping) -> dict:

@@ -230,7 +230,8 @@ def job_environment(count: int, *, mem_fraction: float | None = None,
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> None:
     env_default = environ.get
-    p = argparse.ArgumentParser(prog="python -m finegrained.gpus", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m finegrained.gpus",
+                                description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, required=True, help="GPUs the job uses (0: none)")
     p.add_argument("--rule", default="", help="the Snakemake rule, for the backend check's message")

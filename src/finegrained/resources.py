@@ -51,15 +51,15 @@ def rule_resources(config: Mapping, family: str, gpu: int | None = None,
     """The ``resources:`` of a rule of ``family`` (``gpu`` overrides the family's count):
     mem_mb and runtime (callables of the attempt for the heavy families, so a retry asks for
     more), the GPU request of ``cluster.gpu_request``, ``lease_gpus``, partition, account."""
-    cfg = config["resources"][family]
+    requests = config["resources"][family]
     gpu = family_gpus(config, family) if gpu is None else gpu
     if family in RETRY_SCALED:
         res: dict[str, Any] = {
-            "mem_mb": lambda wildcards, attempt: cfg["mem_mb"] * attempt,
-            "runtime": lambda wildcards, attempt: cfg["runtime"] * attempt}
+            "mem_mb": lambda wildcards, attempt: requests["mem_mb"] * attempt,
+            "runtime": lambda wildcards, attempt: requests["runtime"] * attempt}
     else:
-        res = {"mem_mb": cfg["mem_mb"], "runtime": cfg["runtime"]}
-    model = cfg.get("gpu_model") if gpu else None
+        res = {"mem_mb": requests["mem_mb"], "runtime": requests["runtime"]}
+    model = requests.get("gpu_model") if gpu else None
     if config["cluster"]["gpu_request"] == "gres":
         if gpu:
             res["gres"] = ":".join(["gpu", *([model] if model else []), str(gpu)])

@@ -20,7 +20,8 @@ def crop_settings(config: Mapping, dataset: Mapping, split: str) -> dict:
     square = crop["aspect"] == "square"
     return {"size": crop["size"], "margin": crop["margin"], "aspect": crop["aspect"],
             "overflow": crop["overflow"] if square else None,
-            "max_squeeze": crop["max_squeeze"] if square and crop["overflow"] == "squeeze" else None,
+            "max_squeeze": (crop["max_squeeze"] if square and crop["overflow"] == "squeeze"
+                            else None),
             "format": shards["format"],
             "codec": shards["codec"] if shards["format"] == "parquet" else None,
             "num_shards": shards["num_shards"][split],

@@ -133,9 +133,9 @@ def augmentation_recipe(train_summary: Mapping) -> tuple[dict, int, str] | None:
     """``(augment dict, image_size, phase name)`` of the last augmented phase of a train job
     (its ``summary.json``), or None when no phase augments."""
     for phase in reversed(train_summary["settings"]["phases"]):
-        cfg = phase.get("train_settings")
-        if cfg and is_augmented(cfg.get("augment", {})):
-            return dict(cfg["augment"]), int(cfg["image_size"]), phase["name"]
+        train_settings = phase.get("train_settings")
+        if train_settings and is_augmented(train_settings.get("augment", {})):
+            return dict(train_settings["augment"]), int(train_settings["image_size"]), phase["name"]
     return None
 
 

@@ -1,7 +1,8 @@
 """Random augmentation on the accelerator: jittable, static shapes, per-example randomness.
 
-``augment_batch(images, rng, cfg, out_size, lighting)`` turns a uint8 batch ``[B, S, S, 3]``
-into float32 ``[B, out, out, 3]`` on the 0..255 scale (the model normalises inside). Every
+``augment_batch(images, rng, augmentation, out_size, lighting)`` turns a uint8 batch
+``[B, S, S, 3]`` into float32 ``[B, out, out, 3]`` on the 0..255 scale (the model
+normalises inside). Every
 example draws its own crop box, rotation, flip and colour changes (``[B, ...]`` arrays of
 random numbers from ``rng``), so the result depends only on ``rng`` and the batch, never on
 how the batch is sharded.
@@ -161,18 +162,19 @@ def center_crop(images: jax.Array, out: int, crop_fraction: float = 0.875) -> ja
     return _resample(images, jnp.broadcast_to(box, (batch, 4)), out)
 
 
-def _sample_boxes(rng: jax.Array, cfg: Augmentation, batch: int, height: int,
+def _sample_boxes(rng: jax.Array, augmentation: Augmentation, batch: int, height: int,
                   width: int) -> jax.Array:
     """Crop boxes ``(y0, x0, h, w)`` in pixels, ``[batch, 4]``, one per example."""
     u = jax.random.uniform(rng, (batch, 5))
-    area = cfg.crop_area[0] + u[:, 0] * (cfg.crop_area[1] - cfg.crop_area[0])
-    lo, hi = np.log(cfg.aspect_ratio[0]), np.log(cfg.aspect_ratio[1])
+    low, high = augmentation.crop_area
+    area = low + u[:, 0] * (high - low)
+    lo, hi = np.log(augmentation.aspect_ratio[0]), np.log(augmentation.aspect_ratio[1])
     ratio = jnp.exp(lo + u[:, 1] * (hi - lo))
     # Fractions of the image height and width: fh * fw = area, fw / fh = ratio.
     fh = jnp.sqrt(area / ratio)
     fw = jnp.sqrt(area * ratio)
-    if cfg.scale_jitter > 0:
-        zoom = 1.0 + u[:, 2] * cfg.scale_jitter
+    if augmentation.scale_jitter > 0:
+        zoom = 1.0 + u[:, 2] * augmentation.scale_jitter
         fh, fw = fh / zoom, fw / zoom
     # Boxes wider/taller than the image are clipped (instead of Inception's rejection loop).
     h = jnp.clip(fh, 0.0, 1.0) * height
@@ -307,10 +309,10 @@ def shift_hue(images: jax.Array, delta: jax.Array) -> jax.Array:
     return value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def augment_batch(images: jax.Array, rng: jax.Array, cfg: Augmentation, out_size: int,
+def augment_batch(images: jax.Array, rng: jax.Array, augmentation: Augmentation, out_size: int,
                   lighting: Lighting | None = None) -> jax.Array:
     """Random training view of a uint8 batch ``[B, H, W, 3]`` -> float32 ``[B, out, out, 3]``."""
-    if cfg.pca_lighting > 0 and lighting is None:
+    if augmentation.pca_lighting > 0 and lighting is None:
         raise ValueError("pca_lighting > 0 needs the eigval/eigvec Lighting from the stats JSON")
     batch, height, width = images.shape[:3]
     k_box, k_flip, k_bright, k_contrast, k_sat, k_light = jax.random.split(rng, 6)
@@ -318,56 +320,57 @@ def augment_batch(images: jax.Array, rng: jax.Array, cfg: Augmentation, out_size
     # above (and every older configuration's output) stay as they were.
     k_rotation, k_hue = jax.random.fold_in(rng, 6), jax.random.fold_in(rng, 7)
 
-    boxes = _sample_boxes(k_box, cfg, batch, height, width)
-    if cfg.rotation > 0:
-        angles = jnp.deg2rad(_uniform(k_rotation, batch, cfg.rotation))
+    boxes = _sample_boxes(k_box, augmentation, batch, height, width)
+    if augmentation.rotation > 0:
+        angles = jnp.deg2rad(_uniform(k_rotation, batch, augmentation.rotation))
         boxes = _fit_rotated_boxes(boxes, angles, height, width)
         x = _rotated_resample(images, boxes, angles, out_size)
     else:
         x = _resample(images, boxes, out_size)
 
-    if cfg.flip > 0:
-        flip = jax.random.bernoulli(k_flip, cfg.flip, (batch, 1, 1, 1))
+    if augmentation.flip > 0:
+        flip = jax.random.bernoulli(k_flip, augmentation.flip, (batch, 1, 1, 1))
         x = jnp.where(flip, x[:, :, ::-1, :], x)
 
     colour = False
-    if cfg.brightness > 0:
-        x = x * _uniform_factor(k_bright, batch, cfg.brightness)
+    if augmentation.brightness > 0:
+        x = x * _uniform_factor(k_bright, batch, augmentation.brightness)
         colour = True
-    if cfg.contrast > 0:
+    if augmentation.contrast > 0:
         mean = jnp.mean(_grayscale(x), axis=(1, 2, 3), keepdims=True)
-        x = (x - mean) * _uniform_factor(k_contrast, batch, cfg.contrast) + mean
+        x = (x - mean) * _uniform_factor(k_contrast, batch, augmentation.contrast) + mean
         colour = True
-    if cfg.saturation > 0:
+    if augmentation.saturation > 0:
         gray = _grayscale(x)
-        x = (x - gray) * _uniform_factor(k_sat, batch, cfg.saturation) + gray
+        x = (x - gray) * _uniform_factor(k_sat, batch, augmentation.saturation) + gray
         colour = True
-    if cfg.hue > 0:
-        x = shift_hue(x, _uniform(k_hue, batch, cfg.hue))
+    if augmentation.hue > 0:
+        x = shift_hue(x, _uniform(k_hue, batch, augmentation.hue))
         colour = True
     if colour:
         x = jnp.clip(x, 0.0, 255.0)
 
-    if cfg.pca_lighting > 0:
-        alpha = cfg.pca_lighting * jax.random.normal(k_light, (batch, 3))
+    if augmentation.pca_lighting > 0:
+        alpha = augmentation.pca_lighting * jax.random.normal(k_light, (batch, 3))
         x = x + lighting_offset(alpha, lighting)[:, None, None, :]
     return x
 
 
-def pca_alpha(rng: jax.Array, cfg: Augmentation, batch: int) -> jax.Array:
-    """The lighting ``alpha`` that :func:`augment_batch` draws for ``rng`` (for tests/inspection)."""
+def pca_alpha(rng: jax.Array, augmentation: Augmentation, batch: int) -> jax.Array:
+    """The lighting ``alpha`` that :func:`augment_batch` draws for ``rng`` (for tests and
+    inspection)."""
     k_light = jax.random.split(rng, 6)[5]
-    return cfg.pca_lighting * jax.random.normal(k_light, (batch, 3))
+    return augmentation.pca_lighting * jax.random.normal(k_light, (batch, 3))
 
 
-def rotation_angles(rng: jax.Array, cfg: Augmentation, batch: int) -> jax.Array:
+def rotation_angles(rng: jax.Array, augmentation: Augmentation, batch: int) -> jax.Array:
     """The per-example rotations in degrees that :func:`augment_batch` draws for ``rng``."""
-    return _uniform(jax.random.fold_in(rng, 6), batch, cfg.rotation)
+    return _uniform(jax.random.fold_in(rng, 6), batch, augmentation.rotation)
 
 
-def hue_shifts(rng: jax.Array, cfg: Augmentation, batch: int) -> jax.Array:
+def hue_shifts(rng: jax.Array, augmentation: Augmentation, batch: int) -> jax.Array:
     """The per-example hue shifts (turns) that :func:`augment_batch` draws for ``rng``."""
-    return _uniform(jax.random.fold_in(rng, 7), batch, cfg.hue)
+    return _uniform(jax.random.fold_in(rng, 7), batch, augmentation.hue)
 
 
 __all__: Sequence[str] = ("Augmentation", "Lighting", "lighting_from_stats", "lighting_offset",

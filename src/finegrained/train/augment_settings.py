@@ -15,16 +15,16 @@ RANDOM_MAGNITUDES = ("scale_jitter", "brightness", "contrast", "saturation", "pc
                      "rotation", "hue")
 
 
-def is_augmented(cfg: Any) -> bool:
-    """Whether ``cfg`` (an ``Augmentation`` or a config ``augment`` block) draws anything at
+def is_augmented(augmentation: Any) -> bool:
+    """Whether ``augmentation`` (an ``Augmentation`` or a config ``augment`` block) draws anything at
     random. A training view that is not augmented is the evaluation view (``center_crop``
     at ``eval_crop_fraction``), which is what the feature cache stores, so a cached and an
     online run see the same inputs."""
-    if isinstance(cfg, Mapping):
-        get = cfg.get
+    if isinstance(augmentation, Mapping):
+        get = augmentation.get
     else:
         def get(name, default=None):
-            return getattr(cfg, name, default)
+            return getattr(augmentation, name, default)
     crop_area, aspect_ratio = get("crop_area"), get("aspect_ratio")
     fixed = (crop_area is not None and tuple(crop_area) == (1.0, 1.0)
              and aspect_ratio is not None and tuple(aspect_ratio) == (1.0, 1.0)

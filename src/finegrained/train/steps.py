@@ -87,21 +87,21 @@ class StepOptions:
     cut: str | None = None
 
 
-def training_view(images: jax.Array, rng: jax.Array, cfg: StepOptions,
+def training_view(images: jax.Array, rng: jax.Array, options: StepOptions,
                   lighting: Lighting | None = None) -> jax.Array:
     """What the network sees of a training batch: cached inputs as they are, pixels
     augmented, or (augmentation off) the deterministic evaluation view."""
-    if cfg.start is not None:
+    if options.start is not None:
         return images
-    if not is_augmented(cfg.augment):
-        return center_crop(images, cfg.image_size, cfg.eval_crop_fraction)
-    return augment_batch(images, rng, cfg.augment, cfg.image_size, lighting)
+    if not is_augmented(options.augment):
+        return center_crop(images, options.image_size, options.eval_crop_fraction)
+    return augment_batch(images, rng, options.augment, options.image_size, lighting)
 
 
-def evaluation_view(images: jax.Array, cfg: StepOptions) -> jax.Array:
-    if cfg.start is not None:
+def evaluation_view(images: jax.Array, options: StepOptions) -> jax.Array:
+    if options.start is not None:
         return images
-    return center_crop(images, cfg.image_size, cfg.eval_crop_fraction)
+    return center_crop(images, options.image_size, options.eval_crop_fraction)
 
 
 #: Backends whose matrix units run bfloat16 at several times the float32 rate; on a CPU,
@@ -186,18 +186,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepOptions,
+def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, options: StepOptions,
                   lighting: Lighting | None = None,
                   schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
     """Augment on device -> forward in train mode -> loss -> grads -> optimizer update."""
-    dtype = resolve_compute_dtype(cfg.compute_dtype)
-    images = training_view(batch["image"], rng, cfg, lighting)
+    dtype = resolve_compute_dtype(options.compute_dtype)
+    images = training_view(batch["image"], rng, options, lighting)
     labels = batch["label"]
 
     def loss_fn(params, frozen, stats):
         logits, new_stats = _forward(state.graphdef, params, frozen, stats, images, train=True,
-                                    dtype=dtype, start=cfg.start, cut=cfg.cut)
-        loss = jnp.mean(cross_entropy(logits, labels, cfg.label_smoothing))
+                                    dtype=dtype, start=options.start, cut=options.cut)
+        loss = jnp.mean(cross_entropy(logits, labels, options.label_smoothing))
         return loss, (logits, new_stats)
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -213,19 +213,19 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, cfg: StepOp
     return new_state, metrics
 
 
-def eval_step_fn(state: TrainState, batch: dict, *, cfg: StepOptions) -> jax.Array:
+def eval_step_fn(state: TrainState, batch: dict, *, options: StepOptions) -> jax.Array:
     """Logits (float32) of the centre-cropped batch in eval mode (running BatchNorm stats)."""
-    dtype = resolve_compute_dtype(cfg.compute_dtype)
-    images = evaluation_view(batch["image"], cfg)
+    dtype = resolve_compute_dtype(options.compute_dtype)
+    images = evaluation_view(batch["image"], options)
     logits, _ = _forward(state.graphdef, state.params, state.frozen, state.stats, images,
-                         train=False, dtype=dtype, start=cfg.start)
+                         train=False, dtype=dtype, start=options.start)
     return logits
 
 
-def eval_metrics_fn(state: TrainState, batch: dict, *, cfg: StepOptions) -> dict:
+def eval_metrics_fn(state: TrainState, batch: dict, *, options: StepOptions) -> dict:
     """Summed correct count and cross-entropy over the batch's valid rows (``batch['mask']``):
     evaluation stays on the device and the host fetches the sums once per pass."""
-    logits = eval_step_fn(state, batch, cfg=cfg)
+    logits = eval_step_fn(state, batch, options=options)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -234,16 +234,17 @@ def eval_metrics_fn(state: TrainState, batch: dict, *, cfg: StepOptions) -> dict
             "count": jnp.sum(mask)}
 
 
-def make_train_step(cfg: StepOptions, *, lighting: Lighting | None = None,
+def make_train_step(options: StepOptions, *, lighting: Lighting | None = None,
                     schedule: optax.Schedule | None = None, mesh=None,
                     donate: bool = False) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted. With a ``mesh``, the
     batch is split over its 'data' axis and state/metrics are replicated (explicit
     shardings); XLA inserts the gradient all-reduce."""
-    resolve_compute_dtype(cfg.compute_dtype)   # refuse a bad dtype now, not at the first call
+    resolve_compute_dtype(options.compute_dtype)   # refuse a bad dtype now, not at the first call
 
     def step(state, batch, rng):
-        return train_step_fn(state, batch, rng, cfg=cfg, lighting=lighting, schedule=schedule)
+        return train_step_fn(state, batch, rng, options=options, lighting=lighting,
+                             schedule=schedule)
 
     kwargs = {"donate_argnums": (0,)} if donate else {}
     if mesh is not None:
@@ -252,10 +253,10 @@ def make_train_step(cfg: StepOptions, *, lighting: Lighting | None = None,
     return jax.jit(step, **kwargs)
 
 
-def make_eval_metrics_step(cfg: StepOptions, *, mesh=None) -> Callable:
+def make_eval_metrics_step(options: StepOptions, *, mesh=None) -> Callable:
     """``eval_metrics(state, batch) -> {correct, loss, count}`` sums, jitted (replicated)."""
     def step(state, batch):
-        return eval_metrics_fn(state, batch, cfg=cfg)
+        return eval_metrics_fn(state, batch, options=options)
 
     kwargs = {}
     if mesh is not None:
@@ -264,12 +265,12 @@ def make_eval_metrics_step(cfg: StepOptions, *, mesh=None) -> Callable:
     return jax.jit(step, **kwargs)
 
 
-def make_eval_step(cfg: StepOptions, *, mesh=None) -> Callable:
+def make_eval_step(options: StepOptions, *, mesh=None) -> Callable:
     """``eval_step(state, batch) -> logits``, jitted; logits sharded like the batch."""
-    resolve_compute_dtype(cfg.compute_dtype)
+    resolve_compute_dtype(options.compute_dtype)
 
     def step(state, batch):
-        return eval_step_fn(state, batch, cfg=cfg)
+        return eval_step_fn(state, batch, options=options)
 
     kwargs = {}
     if mesh is not None:
