@@ -243,6 +243,10 @@ def test_shell_prefix_keeps_strict_mode(tmp_path):
     for name in ("workflow", "src", "config"):
         (tmp_path / name).symlink_to(REPO / name)
     (tmp_path / "Snakefile").write_text(
+        'import sys\n'
+        'from pathlib import Path\n'
+        'FINEGRAINED_DIR = Path(str(workflow.current_basedir))\n'
+        'sys.path.insert(0, str(FINEGRAINED_DIR / "src"))\n'
         'configfile: "config/demo.yaml"\n'
         'include: "workflow/rules/common.smk"\n'
         'rule probe:\n'
