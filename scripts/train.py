@@ -19,9 +19,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classes", required=True, help="classes.parquet of the target manifests")
     p.add_argument("--init-weights", default=None, help="weights/init.safetensors (pretrained regimes)")
     p.add_argument("--features-dir", default=None, help="the feature cache (cached regimes)")
+    p.add_argument("--probe-weights", default=None,
+                   help="train/linear_probe<seed>/weights.safetensors (head_from: linear_probe)")
+    p.add_argument("--probe-summary", default=None, help="the probe job's summary.json")
     p.add_argument("--checkpoint-dir", required=True, help="where checkpoints go (kept on failure)")
     p.add_argument("--out-dir", required=True, help="results/<run>/train/<regime>")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.probe_weights is None) != (args.probe_summary is None):
+        p.error("give --probe-weights and --probe-summary together")
+    return args
+
+
+def probe_files(args: argparse.Namespace) -> dict | None:
+    if args.probe_weights is None:
+        return None
+    return {"weights": args.probe_weights, "summary": args.probe_summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_index=args.val_index, stats=args.stats, classes=args.classes,
                 out_dir=args.out_dir, checkpoint_dir=args.checkpoint_dir,
                 init_weights=args.init_weights, features_dir=args.features_dir,
-                log_fn=cli.log)
+                probe=probe_files(args), log_fn=cli.log)
 
     return cli.run_on_devices(job)
 

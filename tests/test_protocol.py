@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finegrained.config import validate_config
-from finegrained.errors import ConfigError
+from finegrained.errors import ConfigError, DataError
 from finegrained import protocol as P
 from finegrained.train.regimes import parse_variant
 
@@ -69,8 +69,9 @@ def test_sweep_config_errors():
         config(seeds=[1, 1])
 
 
-def summary(variant, top1, loss=1.0):
-    return {"variant": variant, "best_val_top1": top1, "best_val_loss": loss}
+def summary(variant, top1, loss=1.0, select_by="val_top1"):
+    return {"variant": variant, "best_val_top1": top1, "best_val_loss": loss,
+            "select_by": select_by}
 
 
 def test_select_maximises_the_mean_over_replicates():
@@ -81,7 +82,27 @@ def test_select_maximises_the_mean_over_replicates():
     assert selection["chosen"] == "+lr=0.1" and selection["chosen_overrides"] == {"lr": 0.1}
     assert [c["val_top1_mean"] for c in selection["candidates"]] == pytest.approx([0.7, 0.775])
     assert selection["candidates"][0]["replicates"] == ["+lr=0.01", "+seed=1+lr=0.01"]
-    assert selection["metric"] == "best_val_top1" and "mean" in selection["rule"]
+    assert selection["select_by"] == "val_top1" and "mean" in selection["rule"]
+    assert "top-1" in selection["rule"]
+
+
+def test_select_by_val_loss_picks_the_lower_mean_loss():
+    """Top-1 prefers +lr=0.01, the loss +lr=0.1: each rule picks its own, says which, and
+    refuses summaries whose epochs another rule chose."""
+    candidates = {
+        "+lr=0.01": [summary("+lr=0.01", 0.9, 1.2, "val_loss"),
+                     summary("+seed=1+lr=0.01", 0.8, 1.0, "val_loss")],      # 0.85, 1.1
+        "+lr=0.1": [summary("+lr=0.1", 0.8, 0.7, "val_loss"),
+                    summary("+seed=1+lr=0.1", 0.8, 0.9, "val_loss")],        # 0.80, 0.8
+    }
+    by_loss = P.select("full_finetune", candidates, "val_loss")
+    assert by_loss["chosen"] == "+lr=0.1" and by_loss["select_by"] == "val_loss"
+    assert by_loss["rule"].startswith("lowest validation loss")
+    assert [c["val_loss_mean"] for c in by_loss["candidates"]] == pytest.approx([1.1, 0.8])
+    with pytest.raises(DataError, match="chosen by val_loss, the run selects by val_top1"):
+        P.select("full_finetune", candidates, "val_top1")
+    relabelled = {k: [{**s, "select_by": "val_top1"} for s in v] for k, v in candidates.items()}
+    assert P.select("full_finetune", relabelled, "val_top1")["chosen"] == "+lr=0.01"
 
 
 def test_select_ties_go_to_lower_loss_then_grid_order():

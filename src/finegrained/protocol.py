@@ -11,13 +11,17 @@ No JAX here: the Snakefile imports it. A job is a regime plus a *variant*
   one grid point from the validation results of all replicates, and the evaluation of each
   replicate reads that point's training job (:func:`chosen_train_variant`): the test split
   sees only the chosen one.
+- ``protocol.select_by`` is the one comparison every choice uses (:mod:`finegrained.selection`).
+- ``protocol.refit: true`` trains the chosen recipe once more on train + validation for the
+  chosen epochs (:func:`refit_settings`), under ``refit/<regime><replicate>/``; the
+  evaluation reads that model.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
-import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -25,13 +29,8 @@ from typing import Mapping, Sequence
 from finegrained.errors import ConfigError, DataError
 from finegrained.fileio import sha256_file, write_json
 from finegrained.provenance import provenance
-from finegrained.train.regimes import VARIANT_KEYS, parse_variant
-
-#: What :func:`select` maximises, per candidate: the mean over replicates of this field of
-#: the train job's summary.json (the best epoch's validation top-1).
-SELECTION_METRIC = "best_val_top1"
-SELECTION_RULE = ("highest mean validation top-1 over the replicates (each replicate at its "
-                  "best epoch); ties: lower mean validation loss, then the first in grid order")
+from finegrained.selection import RULES, selection_key
+from finegrained.train.regimes import VARIANT_KEYS, job_settings, parse_variant, settings_hash
 
 
 def format_variant(overrides: Mapping) -> str:
@@ -94,6 +93,12 @@ def is_sweep_point(config: Mapping, regime: str, variant: str) -> bool:
     return bool(set(parse_variant(variant)) & set(grid))
 
 
+def uses_refit(config: Mapping, regime: str, variant: str) -> bool:
+    """Whether ``eval/<regime><variant>/`` reads a refit: with ``protocol.refit``, unless the
+    variant names a grid point itself (evaluated as trained)."""
+    return bool(config["protocol"]["refit"]) and not is_sweep_point(config, regime, variant)
+
+
 def chosen_train_variant(selection: Mapping, variant: str) -> str:
     """The train job that ``eval/<regime><variant>/`` of a swept regime evaluates: replicate
     ``variant`` at the grid point ``selection`` chose (a select/<regime>.json)."""
@@ -124,45 +129,103 @@ def check_protocol(config: Mapping) -> None:
             raise ConfigError(f"sweep.{regime}.seed: replicate seeds go in `seeds:`")
 
 
-def select(regime: str, candidates: Mapping[str, Sequence[Mapping]]) -> dict:
+def select(regime: str, candidates: Mapping[str, Sequence[Mapping]],
+           select_by: str = "val_top1") -> dict:
     """Choose one grid point of ``regime``'s sweep from its train summaries.
 
-    ``candidates``: grid point variant -> the summary.json of each of its replicates. Returns
-    what the report states: the rule, every candidate's validation figures, the choice.
+    ``candidates``: grid point variant -> the summary.json of each of its replicates. The
+    rule (``select_by``) compares the means over the replicates of each one's best epoch.
+    Returns what the report states: the rule, every candidate's validation figures, the
+    choice. A summary chosen by another rule is refused (its epochs were picked by it).
     """
     rows = []
     for order, (variant, summaries) in enumerate(candidates.items()):
         if not summaries:
             raise ConfigError(f"{regime}{variant}: no train results to select from")
-        top1 = [float(s[SELECTION_METRIC]) for s in summaries]
+        for s in summaries:
+            if s.get("select_by", "val_top1") != select_by:
+                raise DataError(f"{regime}{s.get('variant', '')}", f"its best epoch was chosen "
+                                f"by {s.get('select_by')}, the run selects by {select_by}: "
+                                f"retrain it")
+        top1 = [float(s["best_val_top1"]) for s in summaries]
         loss = [float(s["best_val_loss"]) for s in summaries]
         rows.append({"variant": variant, "overrides": parse_variant(variant),
                      "replicates": [s.get("variant", "") for s in summaries],
                      "val_top1": top1, "val_top1_mean": sum(top1) / len(top1),
-                     "val_loss_mean": sum(loss) / len(loss), "order": order})
-    best = min(rows, key=lambda r: (-r["val_top1_mean"], _nan_last(r["val_loss_mean"]),
-                                    r["order"]))
+                     "val_loss": loss, "val_loss_mean": sum(loss) / len(loss), "order": order})
+    best = min(rows, key=lambda r: (*selection_key(r["val_top1_mean"], r["val_loss_mean"],
+                                                   select_by), r["order"]))
     for row in rows:
         del row["order"]
-    return {"regime": regime, "metric": SELECTION_METRIC, "rule": SELECTION_RULE,
+    return {"regime": regime, "select_by": select_by,
+            "rule": f"{RULES[select_by]} in grid order; means over the replicates, each at its "
+                    f"best epoch",
             "chosen": best["variant"], "chosen_overrides": best["overrides"],
             "candidates": rows}
 
 
-def _nan_last(x: float) -> float:
-    return math.inf if math.isnan(x) else x
-
-
 def write_selection(regime: str, candidates: Mapping[str, Sequence[str | os.PathLike]],
-                    out: str | os.PathLike) -> dict:
+                    out: str | os.PathLike, select_by: str = "val_top1") -> dict:
     """:func:`select` on the train summaries at ``candidates`` (grid point -> one summary.json
     path per replicate), written to ``out`` with provenance (the summaries' sha256)."""
     summaries = {variant: [json.loads(Path(p).read_text()) for p in paths]
                  for variant, paths in candidates.items()}
-    selection = select(regime, summaries)
+    selection = select(regime, summaries, select_by)
     selection["provenance"] = {
         **provenance(device=False),
         "train_summaries_sha256": {str(p): sha256_file(p)
                                    for paths in candidates.values() for p in paths}}
     write_json(out, selection)
     return selection
+
+
+# ---------------------------------------------------------------------------- refit
+
+
+def refit_request(config: Mapping, regime: str, variant: str) -> dict:
+    """What a refit job of ``regime`` for replicate ``variant`` is told at planning time:
+    the config hash of every train job it may repeat (the grid points of this replicate),
+    so the summary it reads is checked against the current config."""
+    points = sweep_variants(config, regime) if has_sweep(config, regime) else [""]
+    return {"regime": regime, "variant": variant,
+            "select_by": config["protocol"]["select_by"],
+            "candidates": {join_variants(p, variant): job_settings(
+                config, regime, join_variants(p, variant))["config_hash"] for p in points}}
+
+
+def refit_settings(request: Mapping, summary: Mapping) -> dict:
+    """The settings of a refit: the phases of the chosen train job (its ``summary``), each
+    trained on train + validation for the epochs that job ran, the best phase for its best
+    epoch (on the schedule planned for all its epochs), later phases dropped; the L-BFGS
+    probe with its chosen L2 strength; a probe head from the refit probe."""
+    want = request["candidates"].get(summary.get("variant"))
+    if want is None or summary["config_hash"] != want:
+        raise DataError(f"train/{summary.get('regime')}{summary.get('variant', '')}",
+                        f"this summary is not of a train job the current config asks for "
+                        f"(config hash {summary['config_hash'][:12]}; expected one of "
+                        f"{sorted(h[:12] for h in request['candidates'].values())}): rerun it")
+    if summary.get("select_by") != request["select_by"]:
+        raise DataError(f"train/{summary['regime']}{summary['variant']}",
+                        f"its epoch was chosen by {summary.get('select_by')}, the run selects "
+                        f"by {request['select_by']}: rerun it")
+    settings = copy.deepcopy(summary["settings"])
+    phases = []
+    for phase in settings["phases"]:
+        if phase["kind"] == "lbfgs":
+            phase["l2_grid"] = [summary["best"]["l2"]]
+        elif phase["kind"] == "sgd":
+            phase["stop_after_epochs"] = (summary["best_epoch"]
+                                          if phase["name"] == summary["best_phase"]
+                                          else summary["phase_epochs"][phase["name"]])
+        elif phase["kind"] == "probe_head":
+            phase["probe"]["refit"] = True
+        phases.append(phase)
+        if phase["name"] == summary["best_phase"]:
+            break
+    settings.update(phases=phases, variant=request["variant"], refit={
+        "train_config_hash": summary["config_hash"], "train_variant": summary["variant"],
+        "select_by": summary["select_by"], "best_phase": summary["best_phase"],
+        "best_epoch": summary["best_epoch"], "best_val_top1": summary["best_val_top1"],
+        "trained_on": "train+val"})
+    settings["config_hash"] = settings_hash(settings)
+    return settings

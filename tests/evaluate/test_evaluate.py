@@ -138,7 +138,7 @@ def test_per_class_and_confused_pairs():
 # ---------------------------------------------------------------------------- the job
 
 CONTRACT = {"regime", "variant", "n_test", "views", "summary_view", "per_level", "ece",
-            "per_class", "confused_pairs", "provenance"}
+            "per_class", "confused_pairs", "protocol", "provenance"}
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +166,23 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
         arch="resnet18", num_classes=4, class_names=names, width="8",
         stage_depths=json.dumps([1, 1, 1, 1])))
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"config_hash": "f" * 64}))
+    summary.write_text(json.dumps({     # a refit of the grid point +lr=0.1
+        "config_hash": "f" * 64, "variant": "", "refit": True, "select_by": "val_loss",
+        "trained_on": "train+val", "train_count": 64,
+        "settings": {"refit": {"train_variant": "+lr=0.1"}}}))
     settings = {"regime": "full_finetune", "variant": "", "image_size": 16,
                 "eval_crop_fraction": 0.875, "multi_scale_fractions": [0.75, 1.0],
-                "average": "softmax", "batch_size": 8, "verify_shards": True}
+                "average": "softmax", "batch_size": 8, "verify_shards": True,
+                "protocol": {"select_by": "val_loss", "refit": True}}
+
+    # A model made under another protocol than the run's is refused.
+    args = ["--test-index", str(test_index), "--weights", str(weights), "--train-summary",
+            str(summary), "--classes", str(classes), "--out-dir", str(tmp_path / "other")]
+    for protocol in ({"select_by": "val_loss", "refit": False},
+                     {"select_by": "val_top1", "refit": True}):
+        assert evaluate_script.main(["--settings", json.dumps({**settings, "protocol": protocol}),
+                                     *args]) == 1
+        assert not (tmp_path / "other").exists()
 
     # Through the script, as the rule runs it.
     rc = evaluate_script.main([
@@ -180,6 +193,9 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert CONTRACT <= set(written)
     assert written["n_test"] == 13 and written["summary_view"] == "ten_crop"
+    assert written["protocol"] == {"select_by": "val_loss", "refit": True,
+                                   "trained_on": "train+val", "train_count": 64}
+    assert written["train_variant"] == "+lr=0.1"
     assert set(written["views"]) == {"center", "ten_crop", "multi_scale"}
     for view in written["views"].values():
         assert 0.0 <= view["top1"] <= view["top5"] <= 1.0

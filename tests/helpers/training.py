@@ -89,3 +89,43 @@ def write_classes(path, names):
         "label": list(range(n)), "class_id": list(range(1, n + 1)), "name": names,
         "common_name": names, "ancestor_ids": [[]] * n, "ancestor_names": [[]] * n,
         "depth": [0] * n}, schema=CLASSES_SCHEMA), path)
+
+
+# --- one train job's inputs ---------------------------------------------------------------
+
+JOB_CLASSES = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
+NO_AUGMENT = {"crop_area": [1.0, 1.0], "aspect_ratio": [1.0, 1.0], "flip": 0.0,
+              "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "pca_lighting": 0.0}
+
+
+def tiny_job_config(protocol=None, **regime_settings) -> dict:
+    """A validated config for jobs on :func:`job_inputs`: a tiny ResNet at 32 px, one
+    device, float32, two epochs of batches of 16 without augmentation unless overridden."""
+    from finegrained.config import validate_config
+    return validate_config({
+        "backbone": {"arch": "resnet18", "width": 8, "stage_depths": [1, 1, 1, 1]},
+        "train": {"image_size": 32, "compute_dtype": "float32", "log_every_steps": 0,
+                  "num_devices": 1},
+        "protocol": protocol or {},
+        "regime_settings": {name: {"batch_size": 16, "epochs": 2, "warmup_epochs": 0,
+                                   "augment": NO_AUGMENT, **values}
+                            for name, values in regime_settings.items()},
+    })
+
+
+def job_inputs(root) -> dict:
+    """run_job's inputs under ``root``: 48 train / 16 val coloured squares of 4 classes,
+    their class table, colour statistics and a target init (seed 0)."""
+    from finegrained.models.transfer import write_target_init
+    classes = root / "classes.parquet"
+    write_classes(classes, JOB_CLASSES)
+    init = root / "init.safetensors"
+    write_target_init(classes, init, root / "init.json", arch="resnet18", width=8,
+                      stage_depths=[1, 1, 1, 1], seed=0)
+    stats = root / "stats.json"
+    stats.write_text(json.dumps({"eigval": [1.0, 0.5, 0.1], "eigvec": np.eye(3).tolist()}))
+    return {"train_index": write_split(root, "train", *coloured_squares(48, size=36, seed=0),
+                                       JOB_CLASSES),
+            "val_index": write_split(root, "val", *coloured_squares(16, size=36, seed=1),
+                                     JOB_CLASSES),
+            "stats": stats, "classes": classes, "init_weights": init}

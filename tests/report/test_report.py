@@ -144,9 +144,11 @@ def make_fake_run(root: Path) -> Path:
                             "train_summary": rel % "train" + "/summary.json",
                             "benchmarks": {"train": f"{RUN}/benchmarks/train/{regime}{variant}.tsv",
                                            "evaluate": f"{RUN}/benchmarks/evaluate/{regime}{variant}.tsv"}})
-        selection = ({"metric": "best_val_top1", "chosen": "+lr=0.01",
-                      "candidates": [{"variant": "+lr=0.01", "val_top1_mean": 0.5},
-                                     {"variant": "+lr=0.1", "val_top1_mean": 0.25}]}
+        selection = ({"select_by": "val_top1", "chosen": "+lr=0.01",
+                      "candidates": [{"variant": "+lr=0.01", "val_top1_mean": 0.5,
+                                      "val_loss_mean": 1.25},
+                                     {"variant": "+lr=0.1", "val_top1_mean": 0.25,
+                                      "val_loss_mean": 2.0}]}
                      if regime == "full_finetune" else None)
         summary["regimes"][regime] = {"runs": entries, "selection": selection}
         for view, top1 in VIEWS.items():
@@ -192,8 +194,9 @@ def test_load_runs_reads_every_file(runs):
     assert run["metrics_data"]["views"]["center"]["top1"] == pytest.approx(0.8)
     assert figures.chance_percent(runs) == pytest.approx(100 / 3)
     table = figures.selection_markdown(figures.read_json(f"{RUN}/report/summary.json"))
-    assert table.splitlines()[2] == ("| full_finetune | +lr=0.01 | best_val_top1 "
-                                     "| +lr=0.01 (50.0 %), +lr=0.1 (25.0 %) |")
+    assert table.splitlines()[2] == ("| full_finetune | +lr=0.01 | val_top1 "
+                                     "| +lr=0.01 (50.0 %, loss 1.250), +lr=0.1 (25.0 %, "
+                                     "loss 2.000) |")
 
 
 def test_regime_view_bars_one_bar_per_regime_and_view_error_bars_only_over_seeds(runs, tmp_path):

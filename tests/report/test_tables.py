@@ -32,9 +32,10 @@ def metrics(regime, variant, center, ten_crop, train_variant=None):
 
 
 def test_summarize_rows_and_markdown():
+    refit = {"select_by": "val_loss", "refit": True, "trained_on": "train+val"}
     rows = T.summarize({"full_finetune": [metrics("full_finetune", "", 0.8, 0.82),
                                           metrics("full_finetune", "+seed=1", 0.7, 0.74)],
-                        "scratch": [metrics("scratch", "", 0.4, 0.45)]})
+                        "scratch": [{**metrics("scratch", "", 0.4, 0.45), "protocol": refit}]})
     assert [(r["regime"], r["view"], r["metric"]) for r in rows][:4] == [
         ("full_finetune", "center", "top1"), ("full_finetune", "center", "top5"),
         ("full_finetune", "ten_crop", "top1"), ("full_finetune", "ten_crop", "top5")]
@@ -43,9 +44,9 @@ def test_summarize_rows_and_markdown():
     assert center["std"] == pytest.approx(math.sqrt(0.005))
     md = T.markdown_table(rows, "top1")
     lines = md.splitlines()
-    assert lines[0] == "| regime | seeds | center | ten_crop |"
-    assert lines[2].startswith("| full_finetune | 2 | 75.0 ± 7.1 [")
-    assert lines[3] == "| scratch | 1 | 40.0 | 45.0 |"
+    assert lines[0] == "| regime | protocol | seeds | center | ten_crop |"
+    assert lines[2].startswith("| full_finetune | val_top1, train | 2 | 75.0 ± 7.1 [")
+    assert lines[3] == "| scratch | val_loss, refit on train+val | 1 | 40.0 | 45.0 |"
 
 
 def test_write_summary_from_a_run_directory(tmp_path):

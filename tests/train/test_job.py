@@ -11,44 +11,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from finegrained.config import validate_config
 from finegrained.errors import DataError
 from finegrained.models.transfer import write_target_init
 from finegrained.models.weights import read_tensors
 from finegrained.train import regimes
 from finegrained.train.job import run_features_job, run_job
 from finegrained.train.loop import Preempted, TIMING_FIELDS
-from helpers.training import coloured_squares, write_classes, write_split
-
-NAMES = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
-OFF = {"crop_area": [1.0, 1.0], "aspect_ratio": [1.0, 1.0], "flip": 0.0, "brightness": 0.0,
-       "contrast": 0.0, "saturation": 0.0, "pca_lighting": 0.0}
-
-
-def tiny_config(**regime_settings) -> dict:
-    return validate_config({
-        "backbone": {"arch": "resnet18", "width": 8, "stage_depths": [1, 1, 1, 1]},
-        "train": {"image_size": 32, "compute_dtype": "float32", "log_every_steps": 0,
-                  "num_devices": 1},
-        "regime_settings": {name: {"batch_size": 16, "epochs": 2, "warmup_epochs": 0,
-                                   "augment": OFF, **values}
-                            for name, values in regime_settings.items()},
-    })
+from helpers.training import job_inputs, tiny_job_config as tiny_config
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("job")
-    classes = root / "classes.parquet"
-    write_classes(classes, NAMES)
-    init = root / "init.safetensors"
-    write_target_init(classes, init, root / "init.json", arch="resnet18", width=8,
-                      stage_depths=[1, 1, 1, 1], seed=0)
-    stats = root / "stats.json"
-    stats.write_text(json.dumps({"eigval": [1.0, 0.5, 0.1], "eigvec": np.eye(3).tolist()}))
-    return {"train_index": write_split(root, "train", *coloured_squares(48, size=36, seed=0), NAMES),
-            "val_index": write_split(root, "val", *coloured_squares(16, size=36, seed=1), NAMES),
-            "stats": stats, "classes": classes, "init_weights": init}
+    return job_inputs(tmp_path_factory.mktemp("job"))
 
 
 def _history(out_dir):

@@ -189,3 +189,55 @@ def test_frozen_stem_and_stage1_stay_bit_identical(model, name):
     later = [n for n in before if n not in early]
     moved = {n: not np.array_equal(after[n], before[n]) for n in later}
     assert all(moved.values()), [n for n, m in moved.items() if not m]
+
+
+# --- L2-SP --------------------------------------------------------------------------------
+
+def test_l2_sp_update_equals_the_hand_computation(model):
+    """Plain SGD with L2-SP, one step from parameters moved away from where the optimizer
+    started: pretrained kernels get -lr (g + alpha (w - w0)), head kernels -lr (g + beta w),
+    biases and BatchNorm parameters -lr g; weight_decay is not used on top."""
+    lr, alpha, beta = 0.5, 0.3, 0.02
+    params = nnx.state(model("resnet18"), nnx.Param)
+    tx = build_optimizer(params, lr=lr, schedule="constant", optimizer="sgd", momentum=0.0,
+                         weight_decay=0.1, regularizer="l2_sp", l2_sp_alpha=alpha,
+                         l2_sp_beta=beta)
+    state = tx.init(params)
+    key = jax.random.key(0)
+    moved = jax.tree_util.tree_map(
+        lambda w: w + jax.random.normal(jax.random.fold_in(key, w.size), w.shape), params)
+    grads = jax.tree_util.tree_map(
+        lambda w: jax.random.normal(jax.random.fold_in(key, w.size + 1), w.shape), params)
+    updates, _ = jax.jit(tx.update)(grads, state, moved)
+    w0, w, g, u = _flat(params), _flat(moved), _flat(grads), _flat(updates)
+    kernels = [k for k in w0 if k.endswith("/kernel") and not k.startswith("head/")]
+    assert kernels and "head/kernel" in w0 and "stem/bn/scale" in w0
+    for k in w0:
+        if k == "head/kernel":
+            expected = -lr * (g[k] + beta * w[k])
+        elif k in kernels:
+            expected = -lr * (g[k] + alpha * (w[k] - w0[k]))
+        else:
+            expected = -lr * g[k]
+        np.testing.assert_allclose(u[k], expected, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_l2_sp_pulls_the_weights_back_toward_the_pretrained_ones(model):
+    """Without a gradient, L2-SP shrinks the distance to the starting kernels by (1 - lr
+    alpha) per step, while weight decay pulls them toward zero instead."""
+    lr, alpha = 0.1, 0.5
+    params = nnx.state(model("resnet18"), nnx.Param)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    tx = build_optimizer(params, lr=lr, schedule="constant", optimizer="momentum",
+                         momentum=0.0, regularizer="l2_sp", l2_sp_alpha=alpha, l2_sp_beta=0.0)
+    state = tx.init(params)
+    w = jax.tree_util.tree_map(lambda p: p + 1.0, params)      # displaced by 1 everywhere
+    step = jax.jit(lambda w, s: tx.update(zeros, s, w))
+    for _ in range(3):
+        updates, state = step(w, state)
+        w = optax.apply_updates(w, updates)
+    start, now = _flat(params), _flat(w)
+    k = "stage1/0/conv1/kernel"
+    np.testing.assert_allclose(now[k] - start[k], (1 - lr * alpha) ** 3, rtol=1e-5)
+    np.testing.assert_allclose(now["head/kernel"] - start["head/kernel"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(now["stem/bn/bias"] - start["stem/bn/bias"], 1.0, rtol=1e-6)

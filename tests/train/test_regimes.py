@@ -42,7 +42,7 @@ def test_the_schema_is_the_only_home_of_a_default():
     fields = dataclasses.fields(TrainSettings)
     assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                for f in fields)
-    assert {f.name for f in fields} == (set(recipe) | set(run) | {"start", "cut"}) - {
+    assert {f.name for f in fields} == (set(recipe) | set(run) | {"start", "cut", "select_by"}) - {
         "keep_checkpoints"}
     settings = default_settings()
     for key, prop in [*recipe.items(), *run.items()]:
@@ -110,10 +110,34 @@ def test_full_finetune_has_three_tiers():
     assert groups == [["(stem)/.*", 0.0], ["head/.*", 1.0], [".*", 0.01]]
 
 
-def test_two_stage_is_a_head_phase_then_the_rest_with_fresh_streams():
+def test_two_stage_starts_from_the_probe_then_trains_everything_in_tiers():
+    """The default two-stage recipe is LP-FT: the probe job's head (same replicate seed, its
+    config hash named so a changed probe changes this job), then every layer at the seeds'
+    tiers (new head at lr, pretrained at lr x 0.1)."""
     config = _config()
     head, main = regimes.job_settings(config, "two_stage")["phases"]
-    assert head["name"] == "head" and main["name"] == "main"
+    assert head == {"name": "head", "kind": "probe_head",
+                    "input": {"kind": "probe", "start": None, "cut": None},
+                    "probe": {"regime": "linear_probe", "variant": "",
+                              "config_hash": regimes.job_settings(config, "linear_probe")[
+                                  "config_hash"]}}
+    assert main["train_settings"]["lr"] == 0.01
+    assert main["train_settings"]["param_groups"] == [["head/.*", 1.0], [".*", 0.1]]
+    assert regimes.job_settings(config, "two_stage", "+seed=2+lr=0.003")["phases"][0][
+        "probe"]["variant"] == "+seed=2"
+    probe_changed = _config(regime_settings={"linear_probe": {"l2_grid": [0.1]}})
+    assert (regimes.job_settings(probe_changed, "two_stage")["config_hash"]
+            != regimes.job_settings(config, "two_stage")["config_hash"])
+
+
+def test_two_stage_from_sgd_keeps_the_head_only_sgd_phase():
+    """head_from: sgd resolves to the head-only SGD phase (head_lr, head_patience,
+    head_epochs, the whole backbone frozen) and then the regime's own phase, with fresh
+    streams, as before LP-FT existed."""
+    config = _config(regime_settings={"two_stage": {"head_from": "sgd", "lr": 0.001,
+                                                    "backbone_lr_mult": 1.0}})
+    head, main = regimes.job_settings(config, "two_stage")["phases"]
+    assert head["name"] == "head" and main["name"] == "main" and head["kind"] == "sgd"
     assert head["train_settings"]["lr"] == 0.1 and head["train_settings"]["patience"] == 2
     assert head["train_settings"]["epochs"] == 10
     assert head["train_settings"]["param_groups"] == [
@@ -121,6 +145,37 @@ def test_two_stage_is_a_head_phase_then_the_rest_with_fresh_streams():
     assert main["train_settings"]["param_groups"] == []       # all layers at lr
     assert main["train_settings"]["lr"] == 0.001
     assert head["train_settings"]["seed"] != main["train_settings"]["seed"]
+
+
+def test_recipes_that_cannot_hold_are_refused():
+    with pytest.raises(ConfigError, match="l2_sp pulls the weights toward the pretrained"):
+        regimes.job_settings(_config(regime_settings={"scratch": {"regularizer": "l2_sp"}}),
+                             "scratch")
+    with pytest.raises(ConfigError, match="pretrain: regularizer l2_sp"):
+        regimes.pretrain_settings(_config(pretrain={"regularizer": "l2_sp"}))
+    with pytest.raises(ConfigError, match="head_from linear_probe needs a pretrained regime"):
+        regimes.job_settings(_config(regime_settings={"scratch": {"head_from": "linear_probe"}}),
+                             "scratch")
+    with pytest.raises(ConfigError, match="freeze_up_to: stride32"):
+        regimes.job_settings(_config(regime_settings={"linear_probe": {
+            "solver": "sgd", "freeze_up_to": "stride16"}}), "two_stage")
+    l2sp = regimes.job_settings(_config(regime_settings={"full_finetune": {
+        "regularizer": "l2_sp", "l2_sp_alpha": 0.5}}), "full_finetune")
+    assert l2sp["phases"][0]["train_settings"]["regularizer"] == "l2_sp"
+    assert l2sp["phases"][0]["train_settings"]["l2_sp_alpha"] == 0.5
+
+
+def test_select_by_reaches_every_choice():
+    config = _config(protocol={"select_by": "val_loss"})
+    for name in config["regimes"]:
+        settings = regimes.job_settings(config, name)
+        assert settings["select_by"] == "val_loss"
+        for phase in settings["phases"]:
+            if phase["kind"] == "sgd":
+                assert phase["train_settings"]["select_by"] == "val_loss"
+            if phase["kind"] == "lbfgs":
+                assert phase["select_by"] == "val_loss"
+    assert regimes.pretrain_settings(config)["train_settings"]["select_by"] == "val_loss"
 
 
 def test_probe_is_lbfgs_on_the_last_stage_pooled():

@@ -114,3 +114,31 @@ def test_the_slurm_profile_asks_for_nothing_twice_and_names_no_partition():
     text = yaml.safe_dump(profile)
     for name in ("gres", "slurm_partition", "slurm_account", "set-resources"):
         assert name not in text
+
+
+def test_refit_and_the_probe_head_are_file_edges_of_the_dag(tmp_path):
+    """With protocol.refit, every regime gets a refit job whose model the evaluation reads;
+    two-stage reads the probe job's weights (its refit reads the refit probe's), and a
+    `regimes:` without linear_probe still runs the probe it starts from."""
+    out = _run([*_demo(tmp_path, {"protocol": {"refit": True, "select_by": "val_loss"}}),
+                "-n", "-p", "all"], cwd=tmp_path, plain=True)
+    stats = out.split("Job stats:")[1].split("\n\n")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
+    assert counts["refit_regime"] == "5" and counts["evaluate_regime"] == "5", counts
+    evaluation = re.findall(r"--rule evaluate_regime -- python .*", out)
+    assert len(evaluation) == 5
+    assert all(re.search(r"--weights results/demo/refit/\w+/weights.safetensors", e)
+               for e in evaluation), evaluation
+    train = [line for line in re.findall(r"--rule train_regime -- python .*", out)
+             if '"regime": "two_stage"' in line]
+    assert len(train) == 1 and "--probe-weights results/demo/train/linear_probe/weights" in train[0]
+    refit = [line for line in re.findall(r"--rule refit_regime -- python .*", out)
+             if '"regime": "two_stage"' in line]
+    assert len(refit) == 1 and "--probe-weights results/demo/refit/linear_probe/weights" in refit[0]
+    assert '"select_by": "val_loss"' in refit[0]
+
+    alone = _run([*_demo(tmp_path, {"regimes": ["two_stage"]}), "-n", "-p", "all"],
+                 cwd=tmp_path, plain=True)
+    stats = alone.split("Job stats:")[1].split("\n\n")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
+    assert counts["train_regime"] == "2" and counts["evaluate_regime"] == "1", counts

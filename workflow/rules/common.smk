@@ -172,8 +172,9 @@ def optional_flag(flag, name):
 # ---------------------------------------------------------------------------- training
 
 
-def train_inputs(wildcards):
-    """Init weights for pretrained regimes; the feature cache for cached ones."""
+def train_inputs(wildcards, folder="train"):
+    """Init weights for pretrained regimes; the feature cache for cached ones; the linear
+    probe job's weights and summary (under `folder`: train, or refit) for a probe head."""
     settings = regimes.job_settings(config, wildcards.regime, wildcards.variant)
     inputs = {}
     if settings["init"] == "pretrained":
@@ -183,7 +184,19 @@ def train_inputs(wildcards):
         inputs["features"] = [
             results(f"features/{regimes.cache_index(split, layer)}") for layer in layers for split in ("train", "val")
         ]
+    for phase in settings["phases"]:
+        if phase["kind"] == "probe_head":
+            probe_dir = results(f"{folder}/{phase['probe']['regime']}{phase['probe']['variant']}")
+            inputs["probe_weights"] = f"{probe_dir}/weights.safetensors"
+            inputs["probe_summary"] = f"{probe_dir}/summary.json"
     return inputs
+
+
+def probe_args(wildcards, input):
+    """--probe-weights/--probe-summary for a job that starts from the probe's head."""
+    if "probe_weights" not in input.keys():
+        return ""
+    return f"--probe-weights {shlex.quote(input.probe_weights)} --probe-summary {shlex.quote(input.probe_summary)}"
 
 
 def features_dir_arg(wildcards, input):
@@ -215,6 +228,17 @@ def eval_targets():
     ]
 
 
+def refit_targets():
+    """One refit per regime and replicate with `protocol.refit`."""
+    if not config["protocol"]["refit"]:
+        return []
+    return [
+        results(f"refit/{regime}{variant}/summary.json")
+        for regime in config["regimes"]
+        for variant in protocol.replicate_variants(config)
+    ]
+
+
 def selection_targets():
     return [results(f"select/{regime}.json") for regime in config["regimes"] if protocol.has_sweep(config, regime)]
 
@@ -230,10 +254,10 @@ def sweep_candidates(wildcards):
     }
 
 
-def evaluate_inputs(wildcards):
-    """The train job an evaluation reads. For a swept regime (unless the variant names a grid
-    point itself): the sweep's choice and every grid point of this replicate (the job opens
-    the chosen one), so the DAG needs no checkpoint and `snakemake -n` shows the whole run."""
+def chosen_train_inputs(wildcards):
+    """The train job chosen on validation. For a swept regime (unless the variant names a
+    grid point itself): the sweep's choice and every grid point of this replicate (the job
+    opens the chosen one), so the DAG needs no checkpoint and `snakemake -n` shows the run."""
     regime, variant = wildcards.regime, wildcards.variant
     if not protocol.has_sweep(config, regime) or protocol.is_sweep_point(config, regime, variant):
         train_dir = results(f"train/{regime}{variant}")
@@ -246,9 +270,38 @@ def evaluate_inputs(wildcards):
     }
 
 
+def evaluate_inputs(wildcards):
+    """The model an evaluation reads: the chosen train job, or with `protocol.refit` its
+    refit on train + validation (an explicitly requested grid point: its train job)."""
+    regime, variant = wildcards.regime, wildcards.variant
+    if protocol.uses_refit(config, regime, variant):
+        refit_dir = results(f"refit/{regime}{variant}")
+        return {"weights": f"{refit_dir}/weights.safetensors", "summary": f"{refit_dir}/summary.json"}
+    return chosen_train_inputs(wildcards)
+
+
+def refit_inputs(wildcards):
+    """A refit reads the chosen train job's summary (see chosen_train_inputs), the inputs of
+    that job, and the refit probe for a probe head."""
+    chosen = {k: v for k, v in chosen_train_inputs(wildcards).items() if k != "weights"}
+    return {**train_inputs(wildcards, folder="refit"), **chosen}
+
+
 def evaluate_train_args(wildcards, input):
     """The evaluate script's options naming the trained model (see evaluate_inputs)."""
     if "selection" in input.keys():
-        train_root = Path(input.summary[0]).parent.parent
-        return f"--selection {shlex.quote(input.selection)} --train-root {shlex.quote(str(train_root))}"
+        return chosen_selection_args(wildcards, input)
     return f"--weights {shlex.quote(input.weights)} --train-summary {shlex.quote(input.summary)}"
+
+
+def chosen_selection_args(wildcards, input):
+    """--selection/--train-root of a swept regime's choice."""
+    train_root = Path(input.summary[0]).parent.parent
+    return f"--selection {shlex.quote(input.selection)} --train-root {shlex.quote(str(train_root))}"
+
+
+def refit_train_args(wildcards, input):
+    """The refit script's options naming the chosen train job (see refit_inputs)."""
+    if "selection" in input.keys():
+        return chosen_selection_args(wildcards, input)
+    return f"--train-summary {shlex.quote(input.summary)}"

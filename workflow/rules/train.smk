@@ -70,6 +70,7 @@ rule train_regime:
         ),
         init=optional_flag("--init-weights", "init"),
         features=features_dir_arg,
+        probe=probe_args,
         checkpoints=lambda wc, output: checkpoint_dir(
             output.weights, f"train/{wc.regime}{wc.variant}/weights.safetensors",
             f"{wc.regime}{wc.variant}"),
@@ -88,7 +89,7 @@ rule train_regime:
         " python {input.script:q} --settings {params.settings:q}"
         " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
-        " {params.init} {params.features} --checkpoint-dir {params.checkpoints:q}"
+        " {params.init} {params.features} {params.probe} --checkpoint-dir {params.checkpoints:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
@@ -101,6 +102,7 @@ rule select_sweep:
         selection=results("select/{regime}.json"),
     params:
         candidates=lambda wc: json.dumps(sweep_candidates(wc)),
+        select_by=config["protocol"]["select_by"],
     log:
         results("logs/select/{regime}.log"),
     resources:
@@ -109,10 +111,56 @@ rule select_sweep:
         "../../envs/report.yaml"
     shell:
         "python {input.script:q} --regime {wildcards.regime} --candidates {params.candidates:q}"
-        " --out {output.selection:q} > {log:q} 2>&1"
+        " --select-by {params.select_by} --out {output.selection:q} > {log:q} 2>&1"
+
+
+# protocol.refit: the recipe and epochs chosen on validation, trained once more on train +
+# validation; the evaluation reads this model.
+rule refit_regime:
+    input:
+        unpack(refit_inputs),
+        script=script_path("refit.py"),
+        train=results("data/target/shards/train/index.json"),
+        val=results("data/target/shards/val/index.json"),
+        stats=results("data/target/stats.json"),
+        classes=results("data/target/manifest/classes.parquet"),
+    output:
+        weights=results("refit/{regime}{variant}/weights.safetensors"),
+        history=results("refit/{regime}{variant}/history.parquet"),
+        summary=results("refit/{regime}{variant}/summary.json"),
+    params:
+        rule="refit_regime",
+        request=lambda wc: json.dumps(
+            protocol.refit_request(config, wc.regime, wc.variant), sort_keys=True
+        ),
+        chosen=refit_train_args,
+        init=optional_flag("--init-weights", "init"),
+        features=features_dir_arg,
+        probe=probe_args,
+        checkpoints=lambda wc, output: checkpoint_dir(
+            output.weights, f"refit/{wc.regime}{wc.variant}/weights.safetensors",
+            f"refit-{wc.regime}{wc.variant}"),
+        out_dir=lambda wc, output: Path(output.weights).parent,
+    log:
+        results("logs/refit/{regime}{variant}.log"),
+    benchmark:
+        results("benchmarks/refit/{regime}{variant}.tsv")
+    threads: family_threads(config, "train")
+    resources:
+        **rule_resources(config, "train"),
+    conda:
+        jax_conda_env(config)
+    shell:
+        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
+        " python {input.script:q} --request {params.request:q} {params.chosen}"
+        " --train-index {input.train:q}"
+        " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
+        " {params.init} {params.features} {params.probe} --checkpoint-dir {params.checkpoints:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule train:
     input:
         train_targets(),
         selection_targets(),
+        refit_targets(),

@@ -91,12 +91,21 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
     fractions), ``summary_view`` (the view the rest is computed on: ``ten_crop``),
     ``per_level`` ({level1.., leaf: top1}, see :func:`metrics.taxonomy_accuracy`), ``ece``
     (15 bins, top-1 confidence), ``per_class`` ({class name: top1}), ``confused_pairs``
-    ([true, predicted, count], 20 most frequent), ``provenance`` (config_hash of the train
-    job, package versions, git revision of ``source_dir``, device, sha256 of the test shard
-    index and of the weights).
+    ([true, predicted, count], 20 most frequent), ``protocol`` (select_by, refit, trained_on,
+    train_count: the images the model was trained on), ``provenance`` (config_hash of the
+    train job, package versions, git revision of ``source_dir``, device, sha256 of the test
+    shard index and of the weights).
     """
     log = log_fn or (lambda _: None)
     label = settings["regime"] + settings.get("variant", "")
+    summary = json.loads(Path(train_summary).read_text())
+    protocol = settings["protocol"]
+    if bool(summary.get("refit")) != protocol["refit"] or (
+            summary.get("select_by", "val_top1") != protocol["select_by"]):
+        raise DataError(train_summary, f"the model was made under select_by "
+                        f"{summary.get('select_by')}, refit {bool(summary.get('refit'))}; the "
+                        f"run asks for select_by {protocol['select_by']}, refit "
+                        f"{protocol['refit']}: rerun its train job")
     table = read_classes(classes)
     names = table.column("common_name").to_pylist()
     model = load_trained_model(weights, names)
@@ -130,10 +139,13 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
 
     top_labels, top_probs = predictions[SUMMARY_VIEW]
     predicted = top_labels[:, 0]
-    summary = json.loads(Path(train_summary).read_text())
+    train_variant = (summary["settings"]["refit"]["train_variant"] if summary.get("refit")
+                     else summary.get("variant", ""))
     result = {
         "regime": settings["regime"], "variant": settings.get("variant", ""),
-        "train_variant": summary.get("variant", ""), "n_test": n,
+        "train_variant": train_variant, "n_test": n,
+        "protocol": {**protocol, "trained_on": summary.get("trained_on", "train"),
+                     "train_count": summary.get("train_count")},
         "views": {name: {"top1": M.top_k_accuracy(tl, labels, 1),
                          "top5": M.top_k_accuracy(tl, labels, TOP_K)}
                   for name, (tl, _) in predictions.items()},

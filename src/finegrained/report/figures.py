@@ -119,16 +119,18 @@ def chance_percent(runs: Mapping[str, list[dict]]) -> float | None:
 
 def selection_markdown(summary: Mapping) -> str:
     """What each regime's sweep chose on validation, and from what (every grid point with
-    its mean validation top-1 over the seeds), as a Markdown table; "" without sweeps."""
+    its mean validation top-1 and loss over the seeds), as a Markdown table; "" without
+    sweeps."""
     lines = []
     for regime, entry in summary["regimes"].items():
         selection = entry.get("selection")
         if not selection:
             continue
         candidates = ", ".join(
-            f"{c['variant']} ({100 * c['val_top1_mean']:.1f} %)" if isinstance(c, Mapping) else str(c)
+            f"{c['variant']} ({100 * c['val_top1_mean']:.1f} %, loss {c['val_loss_mean']:.3f})"
+            if isinstance(c, Mapping) else str(c)
             for c in selection.get("candidates", []))
-        lines.append(f"| {regime} | {selection.get('chosen')} | {selection.get('metric')} "
+        lines.append(f"| {regime} | {selection.get('chosen')} | {selection.get('select_by')} "
                      f"| {candidates} |")
     if not lines:
         return ""

@@ -29,7 +29,8 @@ from finegrained.provenance import provenance
 
 METRICS = ("top1", "top5")
 CONFIDENCE = 0.95
-CSV_FIELDS = ("regime", "view", "metric", "n", "mean", "std", "ci95_low", "ci95_high", "values")
+CSV_FIELDS = ("regime", "protocol", "view", "metric", "n", "mean", "std", "ci95_low",
+              "ci95_high", "values")
 
 
 def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
@@ -48,19 +49,29 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
     return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
 
 
+def protocol_label(metrics: Mapping) -> str:
+    """How an evaluated model was chosen and what it was trained on, in a few words
+    (``val_top1, train`` or ``val_loss, refit on train+val``)."""
+    protocol = metrics.get("protocol") or {"select_by": "val_top1", "refit": False}
+    return (f"{protocol['select_by']}, "
+            + ("refit on train+val" if protocol.get("refit") else "train"))
+
+
 def summarize(metrics_by_regime: Mapping[str, Sequence[Mapping]]) -> list[dict]:
     """One row per regime, view and metric over the regime's replicates (metrics.json dicts),
-    regimes in the given order, views in :data:`VIEWS` (then any others)."""
+    regimes in the given order, views in :data:`VIEWS` (then any others); each row names
+    the protocol of its runs (:func:`protocol_label`)."""
     rows = []
     for regime, runs in metrics_by_regime.items():
         if not runs:
             continue
+        protocol = "; ".join(dict.fromkeys(protocol_label(run) for run in runs))
         names = list(runs[0]["views"])
         for view in sorted(names, key=lambda v: (VIEWS + (v,)).index(v)):
             for metric in METRICS:
                 values = [float(run["views"][view][metric]) for run in runs]
-                rows.append({"regime": regime, "view": view, "metric": metric,
-                             **mean_ci(values), "values": values})
+                rows.append({"regime": regime, "protocol": protocol, "view": view,
+                             "metric": metric, **mean_ci(values), "values": values})
     return rows
 
 
@@ -69,12 +80,15 @@ def _percent(x: float | None) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping], metric: str) -> str:
-    """Regimes x views of ``metric`` in percent: ``mean ± std [CI low, high]``, n per row."""
+    """Regimes x views of ``metric`` in percent: ``mean ± std [CI low, high]``, n and the
+    protocol (selection rule, training data) per row."""
     picked = [r for r in rows if r["metric"] == metric]
     regimes = list(dict.fromkeys(r["regime"] for r in picked))
     views = list(dict.fromkeys(r["view"] for r in picked))
     cell = {(r["regime"], r["view"]): r for r in picked}
-    lines = [f"| regime | seeds | {' | '.join(views)} |", "|---|---:|" + "---:|" * len(views)]
+    protocol = {r["regime"]: r.get("protocol", "") for r in picked}
+    lines = [f"| regime | protocol | seeds | {' | '.join(views)} |",
+             "|---|---|---:|" + "---:|" * len(views)]
     for regime in regimes:
         cells, n = [], None
         for view in views:
@@ -88,7 +102,7 @@ def markdown_table(rows: Sequence[Mapping], metric: str) -> str:
                 text += (f" ± {_percent(row['std'])} "
                          f"[{_percent(row['ci95_low'])}, {_percent(row['ci95_high'])}]")
             cells.append(text)
-        lines.append(f"| {regime} | {n} | {' | '.join(cells)} |")
+        lines.append(f"| {regime} | {protocol[regime]} | {n} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +118,9 @@ def write_tables(rows: Sequence[Mapping], csv_path: str | os.PathLike,
                              "values": ";".join(repr(v) for v in row["values"])})
     text = ("Test accuracy (%) per regime and test-time view: mean ± sample std "
             f"[{int(CONFIDENCE * 100)} % Student-t confidence interval] over the replicate "
-            "seeds; a single seed shows its value only.\n\n## Top-1\n\n"
+            "seeds; a single seed shows its value only. Protocol: the rule that chose epochs "
+            "and grid points on validation, and whether the evaluated model was refitted on "
+            "train + validation.\n\n## Top-1\n\n"
             + markdown_table(rows, "top1") + "\n## Top-5\n\n" + markdown_table(rows, "top5"))
     with atomic_output(md_path) as tmp:
         Path(tmp).write_text(text)

@@ -34,6 +34,39 @@ class ArraySource:
         return self.images[np.asarray(indices)]
 
 
+class ConcatSource:
+    """Several sources read as one (a refit's train + validation splits): rows of the first,
+    then of the second, ...; ``gather`` returns rows in the order asked."""
+
+    def __init__(self, *sources: Any):
+        if not sources:
+            raise ValueError("ConcatSource needs at least one source")
+        self.sources = [as_source(s) for s in sources]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+        self.labels = np.concatenate([np.asarray(s.labels, np.int32) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices)
+        which = np.searchsorted(self.offsets, indices, side="right") - 1
+        parts, out = [], None
+        for i, source in enumerate(self.sources):
+            rows = np.nonzero(which == i)[0]
+            if len(rows):
+                parts.append((rows, source.gather(indices[rows] - self.offsets[i])))
+        for rows, values in parts:
+            if out is None:
+                out = np.empty((len(indices),) + values.shape[1:], values.dtype)
+            out[rows] = values
+        return out
+
+    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        loaded = [s.load_all() for s in self.sources]
+        return np.concatenate([x for x, _ in loaded]), np.concatenate([y for _, y in loaded])
+
+
 def as_source(source: Any):
     if isinstance(source, (tuple, list)) and len(source) == 2:
         return ArraySource(*source)

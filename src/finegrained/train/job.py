@@ -1,12 +1,18 @@
 """One `train` job: resolved settings in, the best model, its history and a summary out.
 
 The job builds the target model (pretrained init or random), runs the settings' phases in
-order (SGD through :func:`finegrained.train.loop.fit`, or the L-BFGS probe), each phase
-starting from the previous one's final state, and writes, atomically::
+order (SGD through :func:`finegrained.train.loop.fit`, the L-BFGS probe, or the probe job's
+head read from its weights), each phase starting from the previous one's final state, and
+writes, atomically::
 
     <out_dir>/weights.safetensors   the model that was best on the validation split
+                                    (``protocol.select_by``; a refit: the final model)
     <out_dir>/history.parquet       one row per epoch (per L2 strength for L-BFGS)
     <out_dir>/summary.json          best epoch, its validation figures, wall time, hashes
+
+A refit (``settings["refit"]``, made by :func:`finegrained.protocol.refit_settings` from a
+train job's summary) trains the same phases on train + validation for the epochs that job
+chose, without validation, and writes the final model under ``refit/<regime>/``.
 
 Checkpoints go to ``checkpoint_dir/<phase>/``; a finished phase leaves ``done.json`` and
 ``done.safetensors`` there, so a rerun after a kill skips it. ``checkpoint_dir`` records the
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import jax
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
@@ -46,7 +53,9 @@ from finegrained.models.weights import (read_metadata, read_tensors, save_weight
 from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.checkpoint import claim, fingerprint
+from finegrained.selection import better
 from finegrained.train.features import FeatureReader
+from finegrained.train.input_pipeline import ConcatSource
 from finegrained.train.loop import fit
 from finegrained.train.settings import TrainSettings
 from finegrained.train.probe import fit_probe
@@ -93,18 +102,21 @@ def build_start_model(settings: Mapping, init_weights: str | os.PathLike | None,
 
 
 def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool,
-             init_weights=None):
+             init_weights=None, refit: bool = False):
     """The phase's train and val sources: the shards, or the feature cache (checked against
-    the init weights and shard indexes this job was given)."""
+    the init weights and shard indexes this job was given). A refit trains on both splits
+    and validates on none."""
     inp = phase["input"]
     if inp["kind"] == "cache":
         if features_dir is None:
             raise DataError("features", f"phase {phase['name']} reads the feature cache, "
                             f"but no features directory was given")
-        return tuple(FeatureReader(Path(features_dir) / cache_index(split, inp["layer"]),
-                                   inp["layer"], weights=init_weights, shard_index=index)
-                     for split, index in (("train", train_index), ("val", val_index)))
-    return ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
+        train, val = (FeatureReader(Path(features_dir) / cache_index(split, inp["layer"]),
+                                    inp["layer"], weights=init_weights, shard_index=index)
+                      for split, index in (("train", train_index), ("val", val_index)))
+    else:
+        train, val = ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
+    return (ConcatSource(train, val), None) if refit else (train, val)
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -132,32 +144,97 @@ def _mark_finished(directory: Path, model, record: dict) -> None:
     write_json(directory / "done.json", record)
 
 
+def recipe_hash(summary: Mapping) -> str:
+    """The config hash of the train job a summary's model comes from (for a refit: the
+    train job whose recipe it repeated)."""
+    settings = summary["settings"]
+    return (settings.get("refit") or {}).get("train_config_hash", settings["config_hash"])
+
+
+def probe_head(phase: Mapping, model, probe: Mapping | None, init_weights) -> dict:
+    """A ``probe_head`` phase: the linear probe job's solved head, set on ``model``.
+
+    ``probe``: ``{"weights", "summary"}`` paths of that job. Refused unless the summary is
+    of the probe recipe the settings name (its config hash), on the same init weights, and a
+    refit exactly when this job is one, and unless every tensor but the head equals the
+    model's: the probe trained the head alone, so nothing else may differ.
+    """
+    want = phase["probe"]
+    if probe is None:
+        raise DataError("probe", f"phase {phase['name']} starts from the "
+                        f"{want['regime']}{want['variant']} job's head, but no probe "
+                        f"weights were given")
+    summary = json.loads(Path(probe["summary"]).read_text())
+    refit = bool(want.get("refit", False))
+    problems = []
+    if recipe_hash(summary) != want["config_hash"]:
+        problems.append(f"it was trained with other settings (config hash "
+                        f"{recipe_hash(summary)[:12]}, expected {want['config_hash'][:12]})")
+    if bool(summary["settings"].get("refit")) != refit:
+        problems.append("it is " + ("not " if refit else "") + "a refit on train + validation")
+    if init_weights is not None and summary.get("init_weights_sha256") != sha256_file(init_weights):
+        problems.append("it started from other init weights")
+    tensors = read_tensors(probe["weights"])
+    current = flatten_state(model)
+    if set(tensors) != set(current):
+        problems.append("its tensors are not this model's")
+    else:
+        changed = [k for k in current if not k.startswith("head/")
+                   and not np.array_equal(np.asarray(current[k]), np.asarray(tensors[k]))]
+        if changed:
+            problems.append(f"its backbone differs from the init weights ({changed[:3]})")
+    if problems:
+        raise DataError(probe["summary"], f"cannot start {phase['name']} from this probe: "
+                        + "; ".join(problems))
+    current["head/kernel"], current["head/bias"] = tensors["head/kernel"], tensors["head/bias"]
+    assign_state(model, current)
+    source = f"{want['regime']}{want['variant']}" + (" (refit)" if refit else "")
+    row = dict(summary["best"] if summary.get("best") else summary["final"])
+    row.update(head_from=source, head_weights_sha256=sha256_file(probe["weights"]))
+    log_row = {k: v for k, v in row.items() if k in ("val_top1", "val_loss", "l2")}
+    validated = bool(summary.get("best"))
+    return {"history": [row], "best": row if validated else None,
+            "best_weights": current if validated else None,
+            "source": source, "log": f"head from {source}: {log_row}"}
+
+
 def run_phase(phase: Mapping, model, train, val, *, lighting, checkpoint_dir: Path,
               label: str, log: Callable[[str], None]) -> dict:
-    """Run one phase on ``model`` (updated in place); its history, best row and weights."""
+    """Run one SGD or L-BFGS phase on ``model`` (updated in place); its history, best row
+    and weights (None without validation)."""
     if phase["kind"] == "lbfgs":
         tx, ty = train.load_all()
-        vx, vy = val.load_all()
+        vx, vy = val.load_all() if val is not None else (None, None)
         probe = fit_probe(tx, ty, vx, vy, model.num_classes, l2_grid=phase["l2_grid"],
-                          max_iter=phase["max_iter"], log_fn=log)
+                          max_iter=phase["max_iter"], select_by=phase["select_by"], log_fn=log)
         flat = flatten_state(model)
         flat["head/kernel"], flat["head/bias"] = probe["kernel"], probe["bias"]
         assign_state(model, flat)
-        return {"history": probe["history"], "best": probe["best"], "best_weights": flat}
+        return {"history": probe["history"], "best": probe["best"],
+                "best_weights": flat if probe["best"] is not None else None}
     result = fit(model, train, val, TrainSettings.from_dict(phase["train_settings"]),
-                 log_fn=log, lighting=lighting, checkpoint_dir=checkpoint_dir, label=label)
+                 log_fn=log, lighting=lighting, checkpoint_dir=checkpoint_dir, label=label,
+                 stop_after_epochs=phase.get("stop_after_epochs"))
     return {"history": result.history, "best": result.best,
             "best_weights": result.best_weights, "stopped_early": result.stopped_early}
 
 
 def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_dir,
-            checkpoint_dir, init_weights=None, features_dir=None,
+            checkpoint_dir, init_weights=None, features_dir=None, probe=None,
             log_fn: Callable[[str], None] | None = print) -> dict:
-    """Run the phases of ``settings`` and write weights, history and summary."""
+    """Run the phases of ``settings`` and write weights, history and summary.
+
+    ``probe``: ``{"weights", "summary"}`` of the linear probe job a ``probe_head`` phase
+    reads. With ``settings["refit"]`` (:func:`finegrained.protocol.refit_settings`) every
+    phase trains on train + validation for the epochs chosen before, and the model written
+    is the final one.
+    """
     t0 = time.perf_counter()
     main = distributed.is_main_process()
     log = (log_fn if main else None) or (lambda _: None)
     label = settings["regime"] + settings.get("variant", "")
+    refit = bool(settings.get("refit"))
+    select_by = settings["select_by"]
     names = manifest_class_names(classes)
     model = build_start_model(settings, init_weights, len(names))
     stats_dict = json.loads(Path(stats).read_text())
@@ -165,20 +242,27 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     cached = {p["input"]["layer"] for p in settings["phases"] if p["input"]["kind"] == "cache"}
     cache_indexes = {f"features_{split}_{layer}": Path(features_dir, cache_index(split, layer))
                      for layer in sorted(cached) for split in ("train", "val")}
+    probe_files = {f"probe_{k}": v for k, v in (probe or {}).items()}
     if main:
         claim(checkpoint_dir, fingerprint(settings, {
             "init_weights": init_weights, "train_index": train_index, "val_index": val_index,
-            "stats": stats, "classes": classes, **cache_indexes}), log)
+            "stats": stats, "classes": classes, **cache_indexes, **probe_files}), log)
     distributed.barrier(f"claimed/{label}")
 
-    rows, best = [], None
+    rows, best, phase_epochs, head_from = [], None, {}, None
     for i, phase in enumerate(settings["phases"]):
         phase_dir = checkpoint_dir / f"{i}-{phase['name']}"
         record = _finished_phase(phase_dir, model)
-        if record is None:
+        if record is None and phase["kind"] == "probe_head":
+            result = probe_head(phase, model, probe, init_weights)
+            log(f"{label} phase {phase['name']}: {result['log']}")
+            record = {"history": result["history"], "best": result["best"],
+                      "source": result["source"]}
+        elif record is None:
             train, val = _sources(phase, train_index, val_index, features_dir,
-                                  settings.get("verify_shards", True), init_weights)
-            log(f"{label} phase {phase['name']}: {len(train)} train / {len(val)} val inputs "
+                                  settings.get("verify_shards", True), init_weights, refit)
+            log(f"{label} phase {phase['name']}: {len(train)} train / "
+                f"{len(val) if val is not None else 0} val inputs "
                 f"({phase['input']['kind']}), {jax.device_count()} x "
                 f"{jax.devices()[0].platform}")
             augment = phase.get("train_settings", {}).get("augment", {})
@@ -187,36 +271,48 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
                                checkpoint_dir=phase_dir, label=f"{label}/{phase['name']}",
                                log=log)
             record = {"history": result["history"], "best": result["best"]}
-            if main:
-                if result["best_weights"] is not None:
-                    save_weights(phase_dir / "best.safetensors", result["best_weights"])
-                _mark_finished(phase_dir, model, record)
+        else:
+            result = None
+        if result is not None and main:
+            if result["best_weights"] is not None:
+                save_weights(phase_dir / "best.safetensors", result["best_weights"])
+            _mark_finished(phase_dir, model, record)
+        head_from = record.get("source", head_from)
+        phase_epochs[phase["name"]] = len(record["history"])
         for row in record["history"]:
             rows.append({"phase": phase["name"], **row})
-        if record["best"] is not None and (best is None or
-                                           record["best"]["val_top1"] > best[1]["val_top1"]):
+        if record["best"] is not None and (best is None or better(record["best"], best[1],
+                                                                   select_by)):
             best = (i, record["best"], phase_dir / "best.safetensors")
 
-    if best is None:
+    if best is None and not refit:
         raise DataError("validation", f"{label}: no validation result to choose weights by")
-    phase_index, best_row, best_file = best
     # Every process holds the same result; the others wait until process 0 has written it.
     if not main:
         distributed.barrier(f"job-done/{label}")
         return {}
     metadata = weights_metadata(
         arch=settings["arch"], num_classes=len(names), class_names=names,
-        input_recipe=model.input_recipe.name, source=f"train:{label}",
+        input_recipe=model.input_recipe.name, source=f"{'refit' if refit else 'train'}:{label}",
         width=str(settings["width"]), stage_depths=json.dumps(settings["stage_depths"]),
         **model_options(settings["arch"], init_weights if settings["init"] != "random" else None))
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(out_dir / "weights.safetensors", read_tensors(best_file), metadata=metadata)
+    weights = flatten_state(model) if refit else read_tensors(best[2])
+    save_weights(out_dir / "weights.safetensors", weights, metadata=metadata)
     _write_history(out_dir / "history.parquet", rows)
+    best_row = None if refit else best[1]
     summary = {
         "regime": settings["regime"], "variant": settings.get("variant", ""),
-        "best_phase": settings["phases"][phase_index]["name"], "best_epoch": best_row["epoch"],
-        "best_val_top1": best_row["val_top1"], "best_val_loss": best_row["val_loss"],
-        "best": best_row, "epochs_run": len(rows), "num_classes": len(names),
+        "select_by": select_by, "refit": refit,
+        "trained_on": "train+val" if refit else "train",
+        "train_count": rows[-1].get("train_count") if rows else None,
+        "best_phase": None if refit else settings["phases"][best[0]]["name"],
+        "best_epoch": None if refit else best_row["epoch"],
+        "best_val_top1": None if refit else best_row["val_top1"],
+        "best_val_loss": None if refit else best_row["val_loss"],
+        "best": best_row, "final": rows[-1] if rows else None,
+        "epochs_run": len(rows), "phase_epochs": phase_epochs, "head_from": head_from,
+        "num_classes": len(names),
         "wall_seconds": time.perf_counter() - t0, "config_hash": settings["config_hash"],
         "init_weights_sha256": sha256_file(init_weights) if init_weights else None,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -224,15 +320,20 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             config_hash=settings["config_hash"],
             shard_indexes={"train": train_index, "val": val_index},
             init_weights=init_weights if settings["init"] != "random" else None,
-            **cache_indexes),
+            **cache_indexes, **probe_files),
         "settings": settings,
     }
     write_json(out_dir / "summary.json", summary)
     if not settings.get("keep_checkpoints", False):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     distributed.barrier(f"job-done/{label}")
-    log(f"{label}: best val top-1 {best_row['val_top1']:.4f} (phase {summary['best_phase']}, "
-        f"epoch {best_row['epoch']}), {summary['wall_seconds']:.1f}s")
+    if refit:
+        log(f"{label}: refit on train + validation ({summary['train_count']} inputs), "
+            f"{summary['wall_seconds']:.1f}s")
+    else:
+        log(f"{label}: best val top-1 {best_row['val_top1']:.4f}, val loss "
+            f"{best_row['val_loss']:.4f} ({select_by}; phase {summary['best_phase']}, "
+            f"epoch {best_row['epoch']}), {summary['wall_seconds']:.1f}s")
     return summary
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 
 from finegrained.errors import ConfigError
 from finegrained.models.params import flatten_state
+from finegrained.selection import better
 from finegrained.train import optim
 from finegrained.train.augment import Lighting
 from finegrained.train.checkpoint import (Checkpointer, Preempted, Progress, StopFlag,
@@ -63,6 +64,7 @@ class Run:
     eval_metrics: Callable
     schedule: Callable
     steps_per_epoch: int
+    num_train: int                        # training examples (the epoch's data)
     group_lrs: dict[str, float | None]    # history column name -> lr multiplier
     started: float
     #: Seconds from :func:`prepare` to the return of this process's first step (tracing and
@@ -90,8 +92,12 @@ class FitResult:
 def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
         settings: TrainSettings, *, log_fn: Callable[[str], None] | None = print,
         lighting: Lighting | None = None, mesh=None, checkpoint_dir=None,
-        label: str = "train") -> FitResult:
+        label: str = "train", stop_after_epochs: int | None = None) -> FitResult:
     """Train ``model`` (starting from its current values) with ``settings``.
+
+    ``stop_after_epochs`` ends the run after that many epochs of the schedule planned for
+    ``settings.epochs`` (a refit repeating a chosen epoch). Without ``val_source`` no
+    validation runs: no best row, no best weights, no early stopping.
 
     With ``checkpoint_dir``, resumes from the latest checkpoint there (bit-identically:
     same data order, same augmentation, same state), checkpoints every
@@ -100,7 +106,8 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
     checkpoint or at an epoch end, raises :class:`NonFinite` naming ``label``, epoch and
     step; no checkpoint ever holds a non-finite value. The model is updated in place with
     the final state. History rows: epoch, step, lr (+ ``lr:<regex>`` per group),
-    train_loss, train_top1, val_loss, val_top1, val_count, and the :data:`TIMING_FIELDS`.
+    train_count, train_loss, train_top1, val_loss, val_top1, val_count, and the
+    :data:`TIMING_FIELDS`. The best epoch is chosen by ``settings.select_by``.
     """
     log = log_fn or (lambda _: None)
     train_source = as_source(train_source)
@@ -115,9 +122,10 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
             run.state = replicate(jax.tree_util.tree_map(jnp.asarray, state), run.mesh)
             log(f"{label}: resumed from checkpoint at step {progress.step}")
     first_epoch_here = True
+    epochs = min(settings.epochs, stop_after_epochs or settings.epochs)
     try:
         with StopFlag() as stop:
-            while not progress.done and progress.step < run.steps_per_epoch * settings.epochs:
+            while not progress.done and progress.step < run.steps_per_epoch * epochs:
                 epoch = progress.step // run.steps_per_epoch
                 run_epoch(run, train_source, epoch, progress, label=label, ckpt=ckpt,
                           best_weights=best_weights, stop=stop, log=log)
@@ -165,7 +173,8 @@ def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=
         model, param_groups=settings.param_groups, lr=settings.lr, schedule=settings.schedule,
         total_steps=total_steps, warmup_steps=warmup_steps, weight_decay=settings.weight_decay,
         optimizer=settings.optimizer, momentum=settings.momentum, nesterov=settings.nesterov,
-        end_lr_fraction=settings.end_lr_fraction)
+        end_lr_fraction=settings.end_lr_fraction, regularizer=settings.regularizer,
+        l2_sp_alpha=settings.l2_sp_alpha, l2_sp_beta=settings.l2_sp_beta)
     # Donated train state: the step updates it in place (a CPU cannot donate; no warning).
     donate = jax.default_backend() != "cpu"
     options = settings.step_options()
@@ -174,7 +183,7 @@ def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=
     eval_metrics = make_eval_metrics_step(options, mesh=mesh)
     group_lrs = {f"lr:{pattern}": mult for pattern, mult in settings.param_groups}
     return Run(settings, mesh, replicate(state, mesh), train_step, eval_metrics, schedule,
-               steps_per_epoch, group_lrs, started)
+               steps_per_epoch, num_train, group_lrs, started)
 
 
 def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: str,
@@ -263,7 +272,7 @@ def epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) -> 
     metrics = np.asarray(progress.epoch_metrics, np.float64)
     seconds = max(progress.epoch_seconds, 1e-9)
     record = {"epoch": epoch + 1, "step": progress.step, **run.lrs(progress.step - 1),
-              "train_loss": float(metrics[:, 0].mean()), "train_top1": float(metrics[:, 1].mean())}
+              "train_count": run.num_train, "train_loss": float(metrics[:, 0].mean()), "train_top1": float(metrics[:, 1].mean())}
     if val is not None:
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_count=val["count"])
     record.update(images_per_second=len(metrics) * run.settings.batch_size / seconds,
@@ -273,11 +282,11 @@ def epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) -> 
 
 def end_epoch(run: Run, progress: Progress, record: dict, best_weights: dict | None,
               ckpt: Checkpointer | None) -> dict | None:
-    """Book an epoch: its row, the best weights so far (on validation top-1), early
-    stopping (``patience``), the epoch's checkpoint. Returns the best weights."""
+    """Book an epoch: its row, the best weights so far (``select_by``), early stopping
+    (``patience``), the epoch's checkpoint. Returns the best weights."""
     progress.history.append(record)
     if "val_top1" in record:
-        if progress.best is None or record["val_top1"] > progress.best["val_top1"]:
+        if better(record, progress.best, run.settings.select_by):
             progress.best, progress.stale_epochs = record, 0
             host = jax.device_get((run.state.params, run.state.frozen, run.state.stats))
             best_weights = flatten_state(nnx.merge(run.state.graphdef, *host))

@@ -23,9 +23,10 @@ stateless), so the mechanism is safe either way.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from finegrained.errors import ConfigError
@@ -151,18 +152,66 @@ def _decay_mask(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.ndim > 1, tree)
 
 
+REGULARIZERS = ("weight_decay", "l2_sp")
+#: Parameters of the new classifier, which L2-SP decays toward zero (it has no pretrained
+#: values to be pulled back to).
+HEAD = re.compile(r"head/.*")
+
+
+class L2SPState(NamedTuple):
+    anchor: Any          # the trained parameters' values when the optimizer was initialised
+
+
+def l2_sp(alpha: float, beta: float) -> optax.GradientTransformation:
+    """L2-SP (Li et al., ICML 2018): adds the gradient of ``alpha/2 |w - w0|^2`` to each
+    pretrained kernel's and of ``beta/2 |w|^2`` to each head kernel's gradient (``w0``: the
+    value at ``init``, kept in the state, so a resumed run pulls toward the same point).
+    Kernels only (ndim > 1), as weight decay; biases and BatchNorm parameters are free."""
+
+    def init(params):
+        # A copy of its own: the state must not share buffers with the (donated) params.
+        return L2SPState(anchor=jax.tree_util.tree_map(lambda w: jnp.array(w, copy=True),
+                                                       params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("l2_sp needs the parameters (optax.chain passes them)")
+
+        def add(path, g, w, w0):
+            if w.ndim <= 1:
+                return g
+            w32 = w.astype(jnp.float32)
+            if HEAD.fullmatch(path_name(path)):
+                pull = beta * w32
+            else:
+                pull = alpha * (w32 - w0.astype(jnp.float32))
+            return (g.astype(jnp.float32) + pull).astype(g.dtype)
+
+        return jax.tree_util.tree_map_with_path(add, updates, params, state.anchor), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def _group_transform(schedule: optax.Schedule, lr_mult: float, *, optimizer: str,
                      weight_decay: float, momentum: float, nesterov: bool,
-                     b1: float, b2: float) -> optax.GradientTransformation:
+                     b1: float, b2: float, regularizer: str = "weight_decay",
+                     l2_sp_alpha: float = 0.0,
+                     l2_sp_beta: float = 0.0) -> optax.GradientTransformation:
     lr = lambda step: lr_mult * schedule(step)  # noqa: E731
+    if regularizer not in REGULARIZERS:
+        raise ConfigError(f"unknown regularizer {regularizer!r}; use one of {REGULARIZERS}")
+    parts = []
+    if regularizer == "l2_sp":
+        parts.append(l2_sp(l2_sp_alpha, l2_sp_beta))
+        weight_decay = 0.0
     if optimizer in ("momentum", "sgd"):
-        parts = []
         if weight_decay:
             parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
         parts.append(optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
         return optax.chain(*parts)
     if optimizer == "adamw":
-        return optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask)
+        return optax.chain(*parts, optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay,
+                                               mask=_decay_mask))
     raise ConfigError(f"unknown optimizer {optimizer!r}; use 'momentum', 'sgd' or 'adamw'")
 
 
@@ -170,21 +219,25 @@ def build_optimizer(params: Any, *, lr: float, schedule: str = "cosine",
                     total_steps: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
                     optimizer: str = "momentum", momentum: float = 0.9, nesterov: bool = False,
                     b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.0,
-                    param_groups: ParamGroups | None = None,
+                    regularizer: str = "weight_decay", l2_sp_alpha: float = 0.0,
+                    l2_sp_beta: float = 0.0, param_groups: ParamGroups | None = None,
                     check: bool = True) -> optax.GradientTransformation:
     """One optax transformation for ``params`` (any pytree: nnx.State or nested dicts).
 
     Each group gets the same optimizer with its learning rate (and so its decoupled
     weight decay for adamw) scaled by ``lr_mult``; frozen groups get ``set_to_zero``.
-    Weight decay applies to kernels (ndim > 1) only. ``check`` raises on regexes that
-    match no name in ``params`` (turn off when ``params`` holds only the trainable part).
+    Weight decay applies to kernels (ndim > 1) only; ``regularizer='l2_sp'`` replaces it
+    with :func:`l2_sp` toward the values ``params`` hold at ``init``. ``check`` raises on
+    regexes that match no name in ``params`` (turn off when ``params`` holds only the
+    trainable part).
     """
     groups = normalize_groups(param_groups)
     if check:
         check_groups(jax.tree_util.tree_leaves(param_names(params)), param_groups)
     sched = make_schedule(lr, schedule, total_steps, warmup_steps, end_lr_fraction)
     kwargs = dict(optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
-                  nesterov=nesterov, b1=b1, b2=b2)
+                  nesterov=nesterov, b1=b1, b2=b2, regularizer=regularizer,
+                  l2_sp_alpha=l2_sp_alpha, l2_sp_beta=l2_sp_beta)
     transforms = {DEFAULT: _group_transform(sched, 1.0, **kwargs), FROZEN: optax.set_to_zero()}
     for i, (_, mult) in enumerate(groups):
         if not is_frozen(mult):

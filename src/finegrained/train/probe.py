@@ -3,8 +3,9 @@
 Multinomial logistic regression ``softmax(x W + b)`` on cached pooled features, minimising
 the mean cross-entropy plus ``l2 / 2 * |W|^2`` (the bias is not penalised) with
 ``optax.lbfgs`` (zoom line search) from zero weights. Every strength of the grid is fitted
-on the training features and scored on the validation split; the best validation top-1
-(ties: lower validation loss) is kept. Features are centred and scaled by the training
+on the training features and scored on the validation split; the best by ``select_by``
+(:mod:`finegrained.selection`) is kept. Without a validation split (a refit on train +
+validation) the grid holds the one strength chosen before. Features are centred and scaled by the training
 statistics for conditioning; the returned ``W, b`` act on the raw features, so they drop
 into the model's ``head`` Linear as they are.
 """
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from finegrained.selection import better
 
 
 def _objective(w_and_b, x, y, l2):
@@ -64,37 +67,46 @@ def _scores(w, b, x, y) -> tuple[float, float]:
             float(-logp[np.arange(len(y)), y].mean()))
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-              num_classes: int, *, l2_grid: Sequence[float], max_iter: int = 500,
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None,
+              val_y: np.ndarray | None, num_classes: int, *, l2_grid: Sequence[float],
+              max_iter: int = 500, select_by: str = "val_top1",
               log_fn: Callable[[str], None] | None = None) -> dict:
-    """Fit one probe per L2 strength, keep the best on validation.
+    """Fit one probe per L2 strength, keep the best on validation (``select_by``).
 
-    Returns ``{"kernel" [D, K], "bias" [K], "l2", "history": [row per strength]}``; each
-    row has l2, iterations, objective, train/val top-1 and loss, seconds.
+    Returns ``{"kernel" [D, K], "bias" [K], "l2", "best", "history": [row per strength]}``;
+    each row has l2, iterations, objective, train count, train/val top-1 and loss, seconds.
+    Without validation data (``val_x`` None) ``l2_grid`` must hold one strength, and
+    ``best`` is None.
     """
+    if val_x is None and len(l2_grid) != 1:
+        raise ValueError(f"without a validation split there is nothing to choose among "
+                         f"{list(l2_grid)}: give the one chosen strength")
     log = log_fn or (lambda _: None)
     x = np.asarray(train_x, np.float32)
     mean, std = x.mean(0), x.std(0) + 1e-6
     xs = jnp.asarray((x - mean) / std)
-    vs = jnp.asarray((np.asarray(val_x, np.float32) - mean) / std)
-    ty, vy = jnp.asarray(train_y, jnp.int32), np.asarray(val_y)
+    ty = jnp.asarray(train_y, jnp.int32)
     rows, best = [], None
     for i, l2 in enumerate(l2_grid):
         t0 = time.perf_counter()
         (w, b), info = solve(xs, ty, num_classes, float(l2), max_iter)
         train_top1, train_loss = _scores(w, b, xs, train_y)
-        val_top1, val_loss = _scores(w, b, vs, vy)
-        row = {"epoch": i + 1, "l2": float(l2), **info, "train_top1": train_top1,
-               "train_loss": train_loss, "val_top1": val_top1, "val_loss": val_loss,
-               "val_count": int(len(vy)), "seconds": time.perf_counter() - t0}
+        row = {"epoch": i + 1, "l2": float(l2), **info, "train_count": int(len(train_y)),
+               "train_top1": train_top1, "train_loss": train_loss}
+        if val_x is not None:
+            vs = (np.asarray(val_x, np.float32) - mean) / std
+            val_top1, val_loss = _scores(w, b, vs, val_y)
+            row.update(val_top1=val_top1, val_loss=val_loss, val_count=int(len(val_y)))
+        row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        log(f"probe l2 {l2:g}: {info['iterations']} iterations, train top-1 {train_top1:.4f}, "
-            f"val top-1 {val_top1:.4f}, val loss {val_loss:.4f}")
-        if best is None or (val_top1, -val_loss) > (best[0]["val_top1"], -best[0]["val_loss"]):
+        log(f"probe l2 {l2:g}: {info['iterations']} iterations, train top-1 {train_top1:.4f}"
+            + (f", val top-1 {row['val_top1']:.4f}, val loss {row['val_loss']:.4f}"
+               if val_x is not None else ""))
+        if best is None or (val_x is not None and better(row, best[0], select_by)):
             best = (row, np.asarray(w), np.asarray(b))
     row, w, b = best
     # Undo the standardisation: x_s W = (x - mean) / std W  =>  W' = W / std, b' = b - mean W'.
     kernel = w / std[:, None]
     bias = b - mean @ kernel
     return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32),
-            "l2": row["l2"], "best": row, "history": rows}
+            "l2": row["l2"], "best": row if val_x is not None else None, "history": rows}

@@ -11,8 +11,10 @@ that JSON and does what it says. A regime gets no code path of its own beyond ca
   resolution (:func:`frozen_stages`; the same resolution in ResNet and MobileNetV2) and is
   also the forward cut point: the cache holds the activation after the last frozen stage
   (:func:`cut_stage`), pooled when that is the whole backbone.
-- ``head_epochs > 0`` adds a head-only phase before the regime's own (two-stage training),
-  with its own lr and patience and fresh data-order and augmentation streams afterwards.
+- ``head_from: linear_probe`` starts with the linear probe job's converged head (a phase
+  that reads the probe's weights: LP-FT); ``head_from: sgd`` with ``head_epochs > 0`` adds a
+  head-only SGD phase with its own lr and patience. Either way the regime's own phase
+  follows, with fresh data-order and augmentation streams.
 - ``solver: lbfgs`` (whole backbone frozen, no augmentation) solves the probe on the
   cached pooled features instead of running SGD.
 
@@ -167,6 +169,29 @@ def _input(arch: str, regime: Mapping, augment: Mapping, freeze_up_to) -> dict:
     return {"kind": "pixels", "start": None, "cut": cut}
 
 
+PROBE = "linear_probe"
+
+
+def _check_recipe(where: str, recipe: Mapping, init: str) -> None:
+    if recipe["regularizer"] == "l2_sp" and init != "pretrained":
+        raise ConfigError(f"{where}: regularizer l2_sp pulls the weights toward the pretrained "
+                          f"ones, but this job starts from a random initialisation; use "
+                          f"regularizer: weight_decay")
+
+
+def probe_source(config: Mapping, seed: int) -> dict:
+    """The linear probe job whose head a ``head_from: linear_probe`` job starts from: the
+    replicate at ``seed``, with the config hash its summary must carry."""
+    probe = config["regime_settings"][PROBE]
+    if probe["freeze_up_to"] != "stride32" or probe["init"] != "pretrained":
+        raise ConfigError(f"head_from: linear_probe needs regime_settings.{PROBE} to train the "
+                          f"head alone on the pretrained backbone (init: pretrained, "
+                          f"freeze_up_to: stride32)")
+    variant = "" if int(seed) == int(config["train"]["seed"]) else f"+seed={int(seed)}"
+    return {"regime": PROBE, "variant": variant,
+            "config_hash": job_settings(config, PROBE, variant)["config_hash"]}
+
+
 def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
     """The resolved settings of one train job (JSON-serialisable, no defaults left)."""
     if regime_name not in config["regime_settings"]:
@@ -177,6 +202,8 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
     for key, value in overrides.items():
         (run if key == "seed" else regime)[key] = value
     arch = config["backbone"]["arch"]
+    select_by = config["protocol"]["select_by"]
+    _check_recipe(f"regime_settings.{regime_name}", regime, regime["init"])
     phases = []
     if regime["solver"] == "lbfgs":
         if regime["freeze_up_to"] != "stride32" or is_augmented(regime["augment"]):
@@ -184,10 +211,17 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
                               f"backbone frozen (freeze_up_to: stride32) and no augmentation")
         layer = body_stages(arch)[-1]
         phases.append({"name": "probe", "kind": "lbfgs", "l2_grid": list(regime["l2_grid"]),
-                       "max_iter": regime["lbfgs_max_iter"],
+                       "max_iter": regime["lbfgs_max_iter"], "select_by": select_by,
                        "input": {"kind": "cache", "layer": layer, "start": layer, "cut": None}})
     else:
-        if regime["head_epochs"] > 0:
+        if regime["head_from"] == PROBE:
+            if regime_name == PROBE or regime["init"] != "pretrained":
+                raise ConfigError(f"regime_settings.{regime_name}: head_from linear_probe needs "
+                                  f"a pretrained regime other than the probe itself")
+            phases.append({"name": "head", "kind": "probe_head",
+                           "input": {"kind": "probe", "start": None, "cut": None},
+                           "probe": probe_source(config, run["seed"])})
+        elif regime["head_epochs"] > 0:
             head = dict(regime, freeze_up_to="stride32", freeze_stem=False, param_groups=[])
             inp = _input(arch, regime, regime["augment"], "stride32")
             phases.append({"name": "head", "kind": "sgd", "input": inp,
@@ -195,12 +229,12 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
                                dict(regime, epochs=regime["head_epochs"], lr=regime["head_lr"],
                                     patience=regime["head_patience"]),
                                run, param_groups=param_groups(arch, head),
-                               start=inp["start"], cut=inp["cut"])})
+                               start=inp["start"], cut=inp["cut"], select_by=select_by)})
         inp = _input(arch, regime, regime["augment"], regime["freeze_up_to"])
         phases.append({"name": "main", "kind": "sgd", "input": inp,
                        "train_settings": _train_settings(
                            regime, run, param_groups=param_groups(arch, regime),
-                           start=inp["start"], cut=inp["cut"])})
+                           start=inp["start"], cut=inp["cut"], select_by=select_by)})
     for i, phase in enumerate(phases):
         if "train_settings" in phase:
             phase["train_settings"]["seed"] = phase_seed(run["seed"], i)
@@ -209,7 +243,8 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
         "width": config["backbone"]["width"], "stage_depths": config["backbone"]["stage_depths"],
         "depthwise_impl": config["backbone"]["depthwise_impl"],
         "seed": run["seed"], "keep_checkpoints": run["keep_checkpoints"],
-        "verify_shards": config["shards"].get("verify", True), "phases": phases,
+        "verify_shards": config["shards"].get("verify", True), "select_by": select_by,
+        "phases": phases,
     }
     settings["config_hash"] = settings_hash(settings)
     return settings
@@ -220,13 +255,15 @@ def pretrain_settings(config: Mapping) -> dict:
     (the ``pretrain`` block holds every recipe and run key)."""
     block = config["pretrain"]
     backbone = config["backbone"]
+    _check_recipe("pretrain", block, "random")
     return {"arch": backbone["arch"], "width": backbone["width"],
             "stage_depths": backbone["stage_depths"],
             "depthwise_impl": backbone["depthwise_impl"],
             "verify_shards": config["shards"].get("verify", True),
             "keep_checkpoints": block["keep_checkpoints"],
             "train_settings": _train_settings(block, block, param_groups=list(block["param_groups"]),
-                                          start=None, cut=None)}
+                                              start=None, cut=None,
+                                              select_by=config["protocol"]["select_by"])}
 
 
 def feature_settings(config: Mapping, split: str, layer: str | None = None) -> dict:

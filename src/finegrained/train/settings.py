@@ -23,7 +23,7 @@ from finegrained.train.steps import StepOptions
 class TrainSettings:
     """Every knob of one training run; the fields are the schema's recipe keys
     (``$defs/recipe``) and run keys (``$defs/run`` but ``keep_checkpoints``), with the
-    resolved parameter groups and input placement."""
+    resolved parameter groups and input placement and ``protocol.select_by``."""
 
     epochs: int
     batch_size: int                       # global batch; a multiple of the device count
@@ -35,9 +35,13 @@ class TrainSettings:
     optimizer: str                        # 'momentum' | 'sgd' | 'adamw'
     momentum: float
     nesterov: bool
-    weight_decay: float
+    weight_decay: float                   # toward zero, with regularizer 'weight_decay'
+    regularizer: str                      # 'weight_decay' | 'l2_sp'
+    l2_sp_alpha: float                    # L2-SP pull of pretrained kernels to their start
+    l2_sp_beta: float                     # L2-SP decay of the head's kernels
     label_smoothing: float
     patience: int                         # early stop after this many epochs without gain
+    select_by: str                        # 'val_top1' | 'val_loss' (finegrained.selection)
     param_groups: tuple[tuple[str, float | None], ...]   # (regex, lr_mult); 0/None frozen
     augment: Augmentation
     compute_dtype: str                    # 'auto' | 'float32' | 'bfloat16'
