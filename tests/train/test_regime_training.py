@@ -24,6 +24,7 @@ from finegrained.train.augment import Augmentation, center_crop
 from finegrained.train.checkpoint import Checkpointer
 from finegrained.train.features import FeatureReader, extract_features
 from finegrained.train.loop import NonFinite, Preempted, TIMING_FIELDS, fit
+from finegrained.train.precision import FLOAT32, Precision
 from finegrained.train.settings import default_settings
 from finegrained.train.probe import fit_probe
 from helpers.training import coloured_squares, crop_and_flip, write_split
@@ -138,10 +139,15 @@ def _comparable(history):
     return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
 
 
-def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tmp_path):
+@pytest.mark.parametrize("precision", [FLOAT32, Precision("bfloat16", "stochastic", "bfloat16")],
+                         ids=["float32", "bfloat16-stochastic"])
+def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tmp_path, precision):
+    """Also with bfloat16 storage: the checkpoint keeps the bfloat16 state and the rounding
+    noise of a resumed step is the uninterrupted run's (its stream folds in the step)."""
     train, val = splits
     cfg = dataclasses.replace(BASE, epochs=2, checkpoint_every_steps=3, log_every_steps=1,
-                              augment=crop_and_flip(flip=0.5, brightness=0.2, crop_area=(0.5, 1)))
+                              augment=crop_and_flip(flip=0.5, brightness=0.2, crop_area=(0.5, 1)),
+                              precision=precision)
     straight = tiny_resnet()
     ref = fit(straight, _reader(train), _reader(val), cfg, log_fn=None,
               checkpoint_dir=tmp_path / "a")

@@ -36,6 +36,7 @@ from finegrained.train.augment import Lighting
 from finegrained.train.checkpoint import (Checkpointer, Preempted, Progress, StopFlag,
                                           restore_checkpoint, save_checkpoint)
 from finegrained.train.input_pipeline import Prefetcher, as_source, epoch_batches
+from finegrained.train.precision import cast_floats, nbytes
 from finegrained.train.settings import TrainSettings
 from finegrained.train.sharding import (check_batch_size, local_rows, make_mesh, replicate,
                                         shard_batch)
@@ -106,8 +107,8 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
     checkpoint or at an epoch end, raises :class:`NonFinite` naming ``label``, epoch and
     step; no checkpoint ever holds a non-finite value. The model is updated in place with
     the final state. History rows: epoch, step, lr (+ ``lr:<regex>`` per group),
-    train_count, train_loss, train_top1, val_loss, val_top1, val_count, and the
-    :data:`TIMING_FIELDS`. The best epoch is chosen by ``settings.select_by``.
+    train_count, train_loss, train_top1, param_bytes, opt_state_bytes (``precision``),
+    val_loss, val_top1, val_count, and the :data:`TIMING_FIELDS`. The best epoch is chosen by ``settings.select_by``.
     """
     log = log_fn or (lambda _: None)
     train_source = as_source(train_source)
@@ -149,8 +150,7 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
             ckpt.close()
 
     # Back to single-device arrays so the caller's model does not stay tied to the mesh.
-    host = jax.device_get((run.state.params, run.state.frozen, run.state.stats))
-    nnx.update(model, *jax.tree_util.tree_map(jnp.asarray, host))
+    nnx.update(model, *jax.tree_util.tree_map(jnp.asarray, host_weights(run)))
     return FitResult(progress.history, run.state, progress.best, best_weights,
                      stopped_early=progress.done)
 
@@ -174,7 +174,8 @@ def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=
         total_steps=total_steps, warmup_steps=warmup_steps, weight_decay=settings.weight_decay,
         optimizer=settings.optimizer, momentum=settings.momentum, nesterov=settings.nesterov,
         end_lr_fraction=settings.end_lr_fraction, regularizer=settings.regularizer,
-        l2_sp_alpha=settings.l2_sp_alpha, l2_sp_beta=settings.l2_sp_beta)
+        l2_sp_alpha=settings.l2_sp_alpha, l2_sp_beta=settings.l2_sp_beta,
+        precision=settings.precision)
     # Donated train state: the step updates it in place (a CPU cannot donate; no warning).
     donate = jax.default_backend() != "cpu"
     options = settings.step_options()
@@ -272,12 +273,23 @@ def epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) -> 
     metrics = np.asarray(progress.epoch_metrics, np.float64)
     seconds = max(progress.epoch_seconds, 1e-9)
     record = {"epoch": epoch + 1, "step": progress.step, **run.lrs(progress.step - 1),
-              "train_count": run.num_train, "train_loss": float(metrics[:, 0].mean()), "train_top1": float(metrics[:, 1].mean())}
+              "train_count": run.num_train, "train_loss": float(metrics[:, 0].mean()),
+              "train_top1": float(metrics[:, 1].mean()),
+              # one copy's storage of the trained parameters and the optimizer state
+              "param_bytes": nbytes(run.state.params),
+              "opt_state_bytes": nbytes(run.state.opt_state)}
     if val is not None:
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_count=val["count"])
     record.update(images_per_second=len(metrics) * run.settings.batch_size / seconds,
                   seconds=seconds, input_wait_fraction=progress.epoch_wait / seconds)
     return record
+
+
+def host_weights(run: Run) -> tuple:
+    """Trained parameters, frozen parameters and statistics on the host, the parameters as
+    float32 whatever their storage (bfloat16 widens exactly): what weights files hold."""
+    params, frozen, stats = jax.device_get((run.state.params, run.state.frozen, run.state.stats))
+    return cast_floats(params, np.float32), frozen, stats
 
 
 def end_epoch(run: Run, progress: Progress, record: dict, best_weights: dict | None,
@@ -288,8 +300,7 @@ def end_epoch(run: Run, progress: Progress, record: dict, best_weights: dict | N
     if "val_top1" in record:
         if better(record, progress.best, run.settings.select_by):
             progress.best, progress.stale_epochs = record, 0
-            host = jax.device_get((run.state.params, run.state.frozen, run.state.stats))
-            best_weights = flatten_state(nnx.merge(run.state.graphdef, *host))
+            best_weights = flatten_state(nnx.merge(run.state.graphdef, *host_weights(run)))
         else:
             progress.stale_epochs += 1
         if run.settings.patience and progress.stale_epochs >= run.settings.patience:

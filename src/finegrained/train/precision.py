@@ -11,13 +11,14 @@ with limited numerical precision"; Zamirai et al., 2020).
 The update itself is computed in float32: gradients, optimizer state (kept in float32, or
 stored in bfloat16 and widened for the computation) and ``params + updates``; only the
 stored result is rounded (:func:`apply_updates`). The rounding noise comes from its own
-random stream, ``fold_in(key(seed), ROUNDING_STREAM)`` folded with the step, so a run is
-reproducible and a resumed run rounds as an uninterrupted one does.
+random stream, ``fold_in(step key, ROUNDING_STREAM)`` (the step key is folded from the seed and
+the step), so a run is reproducible and a resumed run rounds as an uninterrupted one does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,17 +28,35 @@ from finegrained.errors import ConfigError
 
 PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ROUNDINGS = ("nearest", "stochastic")
-#: Folded into the run's key to give the rounding its own stream (the augmentation uses 1).
-ROUNDING_STREAM = 2
+#: Folded into a step's key for the rounding noise (the augmentation draws
+#: ``split(key, 6)`` and ``fold_in(key, 6)``, ``fold_in(key, 7)``: see ``augment``).
+ROUNDING_STREAM = 8
 
 
-def check(precision: Mapping) -> None:
-    if precision["params"] not in PARAM_DTYPES or precision["opt_state"] not in PARAM_DTYPES:
-        raise ConfigError(f"precision: params and opt_state are float32 or bfloat16, got "
-                          f"{precision['params']!r}, {precision['opt_state']!r}")
-    if precision["rounding"] not in ROUNDINGS:
-        raise ConfigError(f"precision.rounding must be one of {ROUNDINGS}, got "
-                          f"{precision['rounding']!r}")
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How trained parameters and optimizer state are stored (config ``train.precision``)."""
+
+    params: str        # 'float32' | 'bfloat16'
+    rounding: str      # 'nearest' | 'stochastic' (of each update, bfloat16 params only)
+    opt_state: str     # 'float32' | 'bfloat16'
+
+    def __post_init__(self):
+        if self.params not in PARAM_DTYPES or self.opt_state not in PARAM_DTYPES:
+            raise ConfigError(f"precision: params and opt_state are float32 or bfloat16, got "
+                              f"{self.params!r}, {self.opt_state!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"precision.rounding must be one of {ROUNDINGS}, got "
+                              f"{self.rounding!r}")
+
+    @property
+    def full(self) -> bool:
+        """float32 parameters and state: the plain update, nothing rounded."""
+        return self.params == "float32" and self.opt_state == "float32"
+
+
+#: float32 parameters and optimizer state (the schema's default): no rounding anywhere.
+FLOAT32 = Precision("float32", "nearest", "float32")
 
 
 def round_stochastic(x: jax.Array, key: jax.Array) -> jax.Array:
@@ -68,32 +87,34 @@ def _keys(key: jax.Array, tree: Any) -> Any:
                                                   for i in range(len(leaves))])
 
 
-def store(params: Any, precision: Mapping) -> Any:
-    """Parameters as the run stores them (initial cast: to nearest)."""
-    dtype = PARAM_DTYPES[precision["params"]]
-    return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+def cast_floats(tree: Any, dtype) -> Any:
+    """``tree`` with its floating-point leaves cast to ``dtype`` (others as they are)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def apply_updates(params: Any, updates: Any, precision: Mapping, key: jax.Array) -> Any:
+def store(params: Any, precision: Precision) -> Any:
+    """Parameters as the run stores them (the initial cast rounds to nearest)."""
+    return cast_floats(params, PARAM_DTYPES[precision.params])
+
+
+def apply_updates(params: Any, updates: Any, precision: Precision, key: jax.Array) -> Any:
     """``params + updates`` computed in float32 and stored at ``precision`` (rounded to
-    nearest, or stochastically with ``key``)."""
-    dtype = PARAM_DTYPES[precision["params"]]
+    nearest, or stochastically with ``key``: one stream per leaf, its position folded in)."""
+    dtype = PARAM_DTYPES[precision.params]
     keys = _keys(key, params)
     return jax.tree_util.tree_map(
         lambda p, u, k: round_to(p.astype(jnp.float32) + u.astype(jnp.float32), dtype,
-                                 precision["rounding"], k), params, updates, keys)
+                                 precision.rounding, k), params, updates, keys)
 
 
 def with_state_dtype(tx: optax.GradientTransformation,
-                     precision: Mapping) -> optax.GradientTransformation:
+                     precision: Precision) -> optax.GradientTransformation:
     """``tx`` computing in float32 on float32 gradients and parameters, its state stored as
-    ``precision['opt_state']`` (bfloat16 state: rounded to nearest; its noise would be the
+    ``precision.opt_state`` (bfloat16 state: rounded to nearest; its noise would be the
     optimizer's, not the weights')."""
-    dtype = PARAM_DTYPES[precision["opt_state"]]
-
-    def cast(tree, to):
-        return jax.tree_util.tree_map(
-            lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    dtype = PARAM_DTYPES[precision.opt_state]
+    cast = cast_floats
 
     def init(params):
         return cast(tx.init(cast(params, jnp.float32)), dtype)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from finegrained.errors import ConfigError
 from finegrained.train.augment import Augmentation
+from finegrained.train.precision import Precision
 from finegrained.train.steps import StepOptions
 
 
@@ -54,11 +55,13 @@ class TrainSettings:
     prefetch_batches: int
     start: str | None                     # inputs are the output of this stage (a cache)
     cut: str | None                       # frozen part run online up to this stage
+    precision: Precision                  # storage of trained parameters and optimizer state
 
     def step_options(self) -> StepOptions:
         return StepOptions(image_size=self.image_size, eval_crop_fraction=self.eval_crop_fraction,
                            augment=self.augment, label_smoothing=self.label_smoothing,
-                           compute_dtype=self.compute_dtype, start=self.start, cut=self.cut)
+                           compute_dtype=self.compute_dtype, start=self.start, cut=self.cut,
+                           precision=self.precision)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TrainSettings":
@@ -71,6 +74,8 @@ class TrainSettings:
                               f"fields {sorted(missing)}")
         if not isinstance(d["augment"], Augmentation):
             d["augment"] = Augmentation.from_dict(d["augment"])
+        if not isinstance(d["precision"], Precision):
+            d["precision"] = Precision(**d["precision"])
         d["param_groups"] = tuple((str(p), None if m is None else float(m))
                                   for p, m in d["param_groups"])
         return cls(**d)

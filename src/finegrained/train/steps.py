@@ -28,7 +28,9 @@ from flax import nnx, struct
 from finegrained.errors import ConfigError
 from finegrained.train import optim
 from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
+from finegrained.train import precision as low_precision
 from finegrained.train.augment_settings import is_augmented
+from finegrained.train.precision import FLOAT32, Precision
 from finegrained.train.sharding import data_sharding, replicated
 
 # No float16: it needs loss scaling (small gradients underflow), which the step does not do.
@@ -59,12 +61,16 @@ def split_model(model: nnx.Module, param_groups: optim.ParamGroups | None):
 
 
 def create_train_state(model: nnx.Module, *, param_groups: optim.ParamGroups | None = None,
-                       **optimizer_kwargs) -> TrainState:
-    """Split ``model`` by ``param_groups`` and build the optimizer for the trainable part.
+                       precision: Precision = FLOAT32, **optimizer_kwargs) -> TrainState:
+    """Split ``model`` by ``param_groups`` and build the optimizer for the trainable part,
+    the trained parameters and the optimizer state stored at ``precision``.
     ``optimizer_kwargs`` go to :func:`optim.build_optimizer` (lr, schedule, ...)."""
     graphdef, params, frozen, stats = split_model(model, param_groups)
     tx = optim.build_optimizer(params, param_groups=param_groups, check=False,
                                **optimizer_kwargs)
+    if not precision.full:
+        tx = low_precision.with_state_dtype(tx, precision)
+        params = low_precision.store(params, precision)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, stats=stats,
                       opt_state=tx.init(params), graphdef=graphdef, tx=tx)
 
@@ -85,6 +91,9 @@ class StepOptions:
     # Frozen lower part run online: the activation after stage ``cut`` is cut off from the
     # gradient (the frozen part is a fixed function of the input). None: no cut.
     cut: str | None = None
+    # Storage of the trained parameters and optimizer state between steps (the update is
+    # computed in float32; bfloat16 parameters are rounded as ``precision.rounding`` says).
+    precision: Precision = FLOAT32
 
 
 def training_view(images: jax.Array, rng: jax.Array, options: StepOptions,
@@ -200,10 +209,19 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, options: St
         loss = jnp.mean(cross_entropy(logits, labels, options.label_smoothing))
         return loss, (logits, new_stats)
 
+    precision = options.precision
+    # Low-precision storage: forward, gradients and update in float32 on the widened weights.
+    params = (state.params if precision.full
+              else low_precision.cast_floats(state.params, jnp.float32))
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, state.stats)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        params, state.frozen, state.stats)
+    updates, opt_state = state.tx.update(grads, state.opt_state, params)
+    if precision.full:
+        params = optax.apply_updates(params, updates)
+    else:
+        params = low_precision.apply_updates(
+            state.params, updates, precision,
+            jax.random.fold_in(rng, low_precision.ROUNDING_STREAM))
     metrics = {"loss": loss,
                "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
     if schedule is not None:
