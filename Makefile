@@ -93,6 +93,7 @@ bench: install
 # 2 cores); the regimes that train the backbone run at 112 px (cub50-112px.yaml).
 CUB50 := --configfile config/examples/cub50.yaml
 CUB50_112 := $(CUB50) config/examples/cub50-112px.yaml
+CUB50_RECIPES := $(CUB50_112) config/examples/cub50-112px-recipes.yaml
 IMAGENET := 'backbone={weights: ../shared/weights/mobilenet_v2_1.0_224_imagenet.npz}'
 cub50: install
 	$(SNAKEMAKE) results/cub50_inat/eval/linear_probe/metrics.json $(CUB50) --cores $(CORES)
@@ -103,12 +104,26 @@ cub50: install
 	$(SNAKEMAKE) all $(CUB50) config/examples/cub50-112px-sgd-probe.yaml --cores $(CORES)
 	$(SNAKEMAKE) all $(CUB50) config/examples/cub50-112px-sgd-probe.yaml \
 	    config/examples/cub50-112px-sgd-probe-augmented.yaml --cores $(CORES)
+	$(SNAKEMAKE) all $(CUB50_RECIPES) --cores $(CORES)
+	$(SNAKEMAKE) all $(CUB50_RECIPES) --cores $(CORES) --config run_name=cub50_inat_112px_l2sp \
+	    'regimes=[full_finetune]' 'seeds=null' 'regime_settings={full_finetune: {regularizer: l2_sp}}'
+	$(SNAKEMAKE) all $(CUB50_RECIPES) --cores $(CORES) --config run_name=cub50_inat_112px_refit \
+	    'seeds=null' 'protocol={refit: true}'
+	$(SNAKEMAKE) all $(CUB50_RECIPES) config/examples/cub50-112px-imagenet.yaml --cores $(CORES) \
+	    --config run_name=cub50_imagenet_112px_seeds 'seeds=[0, 1, 2]' 'regimes=[full_finetune]'
 	$(PY) benchmarks/cub50_head_fit.py
 	$(PY) scripts/results_table.py --update docs/results-cub50.md --levels leaf \
 	    --run "iNat birds, 224 px=results/cub50_inat" --run "ImageNet, 224 px=results/cub50_imagenet" \
 	    --run "iNat birds, 112 px=results/cub50_inat_112px" --run "ImageNet, 112 px=results/cub50_imagenet_112px" \
 	    --run "iNat birds, 112 px, SGD probe=results/cub50_inat_112px_sgd_probe" \
 	    --run "iNat birds, 112 px, SGD probe, augmented=results/cub50_inat_112px_sgd_probe_aug"
+	$(PY) scripts/results_table.py --update docs/results-cub50.md --marker recipes-table --levels leaf \
+	    --run "iNat birds, 112 px, LP-FT (seed 0)=results/cub50_inat_112px_lpft" \
+	    --run "iNat birds, 112 px, L2-SP=results/cub50_inat_112px_l2sp" \
+	    --run "iNat birds, 112 px, refit on train+val=results/cub50_inat_112px_refit" \
+	    --run "ImageNet, 112 px (seed 0)=results/cub50_imagenet_112px_seeds" \
+	    --replicates "iNat birds, 112 px=results/cub50_inat_112px_lpft" \
+	    --replicates "ImageNet, 112 px=results/cub50_imagenet_112px_seeds"
 
 clean-demo:
 	rm -rf results/demo

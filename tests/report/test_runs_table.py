@@ -73,3 +73,23 @@ def test_a_swept_regime_reads_its_chosen_training_job(tmp_path):
     assert row["train_variant"] == "+lr=0.003"
     assert row["val_top1"] == 0.9 and row["train_seconds"] == 60.0
     assert "| A | `full_finetune` (`+lr=0.003`) | 70.0 / 100.0 |" in markdown_table([row])
+
+
+def test_replicate_table_reads_a_runs_seed_table(tmp_path):
+    """--replicates: a run's table over its seeds, mean ± std [interval], read back from the
+    CSV its report wrote."""
+    from finegrained.report import tables
+    from finegrained.report.runs_table import markdown_replicates
+
+    def metrics(top1, refit):
+        return {"views": {"center": {"top1": top1, "top5": 1.0}},
+                "protocol": {"select_by": "val_loss", "refit": refit}}
+    rows = tables.summarize({"linear_probe": [metrics(0.90, True), metrics(0.92, True),
+                                              metrics(0.94, True)]})
+    out = tmp_path / "run" / "report" / "tables"
+    out.mkdir(parents=True)
+    tables.write_tables(rows, out / "regime_views.csv", out / "regime_views.md")
+    text = markdown_replicates([("iNat", tmp_path / "run")])
+    assert text.startswith("iNat (top-1 %, over the seeds):")
+    # mean 92.0, std 2.0, t(0.975, 2) = 4.303: half-width 4.303 * 2 / sqrt(3) = 4.97
+    assert "| linear_probe | val_loss, refit on train+val | 3 | 92.0 ± 2.0 [87.0, 97.0] |" in text

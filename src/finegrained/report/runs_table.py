@@ -18,12 +18,14 @@ runs, then the regimes in the order of ``finegrained.train.regimes.REGIMES``.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from finegrained.evaluate.settings import VIEWS
+from finegrained.report import tables
 from finegrained.report.throughput import read_benchmark
 from finegrained.train.regimes import REGIMES
 
@@ -131,6 +133,23 @@ def markdown_job_times(runs: Iterable[tuple[str, str | os.PathLike]]) -> str:
         lines.append(f"| {label} | {_secs(data)} | {jobs or '–'} "
                      f"| {_secs(sum(times.values()))} |")
     return "\n".join(lines) + "\n"
+
+
+def replicate_rows(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's replicate table (``report/tables/regime_views.csv``: mean, std
+    and 95 % interval over its seeds, per regime, view and metric)."""
+    with open(Path(run_dir) / "report" / "tables" / "regime_views.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    numbers = ("mean", "std", "ci95_low", "ci95_high")
+    return [{**row, "n": int(row["n"]),
+             **{k: None if row[k] == "" else float(row[k]) for k in numbers}} for row in rows]
+
+
+def markdown_replicates(runs: Iterable[tuple[str, str | os.PathLike]]) -> str:
+    """Per run, its top-1 table over the seeds (``mean ± std [95 % interval]``, %)."""
+    return "\n".join(f"{label} (top-1 %, over the seeds):\n\n"
+                     + tables.markdown_table(replicate_rows(run_dir), "top1")
+                     for label, run_dir in runs)
 
 
 def replace_between(text: str, block: str, begin: str, end: str) -> str:
