@@ -30,14 +30,15 @@ def step_options(**changes) -> StepOptions:
 
 
 class TinyNet(nnx.Module):
-    """stem -> stage1 -> head, with BatchNorm; takes uint8/float 0..255 NHWC pixels."""
+    """stem -> stage1 -> head, with BatchNorm (or without: ``batch_norm=False``); takes
+    uint8/float 0..255 NHWC pixels."""
 
-    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs, batch_norm: bool = True):
         self.dtype = jnp.float32
         self.stem = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(8, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(8, rngs=rngs) if batch_norm else (lambda x: x)
         self.stage1 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
-        self.stage1_bn = nnx.BatchNorm(16, rngs=rngs)
+        self.stage1_bn = nnx.BatchNorm(16, rngs=rngs) if batch_norm else (lambda x: x)
         self.head = nnx.Linear(16, num_classes, rngs=rngs)
 
     def __call__(self, x):

@@ -11,6 +11,7 @@ import pytest
 from finegrained.config import load_config, load_schema
 from finegrained.errors import ConfigError
 from finegrained.train import regimes
+from finegrained.train.local_sgd import SYNC, Parallel
 from finegrained.train.precision import FLOAT32, Precision
 from finegrained.train.settings import TrainSettings, default_settings
 
@@ -47,11 +48,13 @@ def test_the_schema_is_the_only_home_of_a_default():
         "keep_checkpoints"}
     settings = default_settings()
     for key, prop in [*recipe.items(), *run.items()]:
-        if key not in ("augment", "keep_checkpoints", "param_groups", "precision"):
+        if key not in ("augment", "keep_checkpoints", "param_groups", "precision", "parallel"):
             assert getattr(settings, key) == prop["default"], key
     # the precision's defaults are the schema's, and FLOAT32 (the step's "off") is them
     assert settings.precision == FLOAT32 == Precision(**{
         k: p["default"] for k, p in run["precision"]["properties"].items()})
+    assert settings.parallel == SYNC == Parallel(**{
+        k: p["default"] for k, p in run["parallel"]["properties"].items()})
     augment = schema["$defs"]["augment"]["properties"]
     for key, prop in augment.items():
         value = getattr(settings.augment, key)

@@ -18,6 +18,7 @@ rows of every batch, and a SIGTERM stops every process at the same step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -31,7 +32,7 @@ from flax import nnx
 from finegrained.errors import ConfigError
 from finegrained.models.params import flatten_state
 from finegrained.selection import better
-from finegrained.train import optim
+from finegrained.train import local_sgd, optim
 from finegrained.train.augment import Lighting
 from finegrained.train.checkpoint import (Checkpointer, Preempted, Progress, StopFlag,
                                           restore_checkpoint, save_checkpoint)
@@ -68,6 +69,11 @@ class Run:
     num_train: int                        # training examples (the epoch's data)
     group_lrs: dict[str, float | None]    # history column name -> lr multiplier
     started: float
+    #: The state validation and exported weights use: ``state`` itself, or with local SGD
+    #: the mean of its per-device copies.
+    evaluated: Callable[[TrainState], TrainState]
+    #: A host copy of ``state`` (a restored checkpoint) back on the mesh as ``state`` is.
+    place: Callable[[Any], TrainState]
     #: Seconds from :func:`prepare` to the return of this process's first step (tracing and
     #: compiling it, or loading it from the persistent compilation cache); None until then.
     first_step_seconds: float | None = None
@@ -108,7 +114,9 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
     step; no checkpoint ever holds a non-finite value. The model is updated in place with
     the final state. History rows: epoch, step, lr (+ ``lr:<regex>`` per group),
     train_count, train_loss, train_top1, param_bytes, opt_state_bytes (``precision``),
-    val_loss, val_top1, val_count, and the :data:`TIMING_FIELDS`. The best epoch is chosen by ``settings.select_by``.
+    communication_rounds (``parallel``), val_loss, val_top1, val_count, and the
+    :data:`TIMING_FIELDS`. With ``parallel.mode: local_sgd`` validation and the weights
+    use the mean of the per-device copies. The best epoch is chosen by ``settings.select_by``.
     """
     log = log_fn or (lambda _: None)
     train_source = as_source(train_source)
@@ -120,7 +128,7 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
         restored = restore_checkpoint(ckpt, run.state, lambda: flatten_state(model))
         if restored is not None:
             state, progress, best_weights = restored
-            run.state = replicate(jax.tree_util.tree_map(jnp.asarray, state), run.mesh)
+            run.state = run.place(jax.tree_util.tree_map(jnp.asarray, state))
             log(f"{label}: resumed from checkpoint at step {progress.step}")
     first_epoch_here = True
     epochs = min(settings.epochs, stop_after_epochs or settings.epochs)
@@ -132,7 +140,7 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
                           best_weights=best_weights, stop=stop, log=log)
                 check_state(run, label, epoch + 1, progress.step, ckpt)
                 t_eval = time.perf_counter()
-                val = (validate(run.state, val_source, run.eval_metrics, eval_batch, run.mesh,
+                val = (validate(run.evaluated(run.state), val_source, run.eval_metrics, eval_batch, run.mesh,
                                 settings.prefetch_batches) if val_source is not None else None)
                 record = epoch_record(run, epoch, progress, val)
                 record["eval_seconds"] = time.perf_counter() - t_eval
@@ -179,12 +187,22 @@ def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=
     # Donated train state: the step updates it in place (a CPU cannot donate; no warning).
     donate = jax.default_backend() != "cpu"
     options = settings.step_options()
-    train_step = make_train_step(options, lighting=lighting, schedule=schedule, mesh=mesh,
-                                 donate=donate)
+    if settings.parallel.local:
+        state = local_sgd.stack_copies(state, mesh)
+        train_step = local_sgd.make_local_sgd_step(options, settings.parallel, mesh,
+                                                   lighting=lighting, schedule=schedule,
+                                                   donate=donate)
+        evaluated = local_sgd.make_mean_of_copies(mesh)
+        place = functools.partial(local_sgd.place, mesh=mesh)
+    else:
+        state = replicate(state, mesh)
+        train_step = make_train_step(options, lighting=lighting, schedule=schedule, mesh=mesh,
+                                     donate=donate)
+        evaluated, place = (lambda s: s), functools.partial(replicate, mesh=mesh)
     eval_metrics = make_eval_metrics_step(options, mesh=mesh)
     group_lrs = {f"lr:{pattern}": mult for pattern, mult in settings.param_groups}
-    return Run(settings, mesh, replicate(state, mesh), train_step, eval_metrics, schedule,
-               steps_per_epoch, num_train, group_lrs, started)
+    return Run(settings, mesh, state, train_step, eval_metrics, schedule, steps_per_epoch,
+               num_train, group_lrs, started, evaluated, place)
 
 
 def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: str,
@@ -272,12 +290,14 @@ def epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) -> 
     """The history row of an epoch just run (and validated)."""
     metrics = np.asarray(progress.epoch_metrics, np.float64)
     seconds = max(progress.epoch_seconds, 1e-9)
+    copies = run.mesh.devices.size if run.settings.parallel.local else 1
     record = {"epoch": epoch + 1, "step": progress.step, **run.lrs(progress.step - 1),
               "train_count": run.num_train, "train_loss": float(metrics[:, 0].mean()),
               "train_top1": float(metrics[:, 1].mean()),
               # one copy's storage of the trained parameters and the optimizer state
-              "param_bytes": nbytes(run.state.params),
-              "opt_state_bytes": nbytes(run.state.opt_state)}
+              "param_bytes": nbytes(run.state.params) // copies,
+              "opt_state_bytes": nbytes(run.state.opt_state) // copies,
+              "communication_rounds": run.settings.parallel.communication_rounds(progress.step)}
     if val is not None:
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_count=val["count"])
     record.update(images_per_second=len(metrics) * run.settings.batch_size / seconds,
@@ -288,7 +308,8 @@ def epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) -> 
 def host_weights(run: Run) -> tuple:
     """Trained parameters, frozen parameters and statistics on the host, the parameters as
     float32 whatever their storage (bfloat16 widens exactly): what weights files hold."""
-    params, frozen, stats = jax.device_get((run.state.params, run.state.frozen, run.state.stats))
+    state = run.evaluated(run.state)
+    params, frozen, stats = jax.device_get((state.params, state.frozen, state.stats))
     return cast_floats(params, np.float32), frozen, stats
 
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from finegrained.errors import ConfigError
 from finegrained.train.augment import Augmentation
+from finegrained.train.local_sgd import Parallel
 from finegrained.train.precision import Precision
 from finegrained.train.steps import StepOptions
 
@@ -56,6 +57,7 @@ class TrainSettings:
     start: str | None                     # inputs are the output of this stage (a cache)
     cut: str | None                       # frozen part run online up to this stage
     precision: Precision                  # storage of trained parameters and optimizer state
+    parallel: Parallel                    # sync data parallel, or local SGD (model averaging)
 
     def step_options(self) -> StepOptions:
         return StepOptions(image_size=self.image_size, eval_crop_fraction=self.eval_crop_fraction,
@@ -76,6 +78,8 @@ class TrainSettings:
             d["augment"] = Augmentation.from_dict(d["augment"])
         if not isinstance(d["precision"], Precision):
             d["precision"] = Precision(**d["precision"])
+        if not isinstance(d["parallel"], Parallel):
+            d["parallel"] = Parallel(**d["parallel"])
         d["param_groups"] = tuple((str(p), None if m is None else float(m))
                                   for p, m in d["param_groups"])
         return cls(**d)

@@ -199,9 +199,16 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, *, options: St
                   lighting: Lighting | None = None,
                   schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
     """Augment on device -> forward in train mode -> loss -> grads -> optimizer update."""
-    dtype = resolve_compute_dtype(options.compute_dtype)
     images = training_view(batch["image"], rng, options, lighting)
-    labels = batch["label"]
+    return update_step(state, images, batch["label"], rng, options=options, schedule=schedule)
+
+
+def update_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array, *,
+                options: StepOptions,
+                schedule: optax.Schedule | None = None) -> tuple[TrainState, dict]:
+    """One optimizer update on views already made: forward in train mode -> loss -> grads
+    -> update (stored at ``options.precision``; ``rng`` draws its stochastic rounding)."""
+    dtype = resolve_compute_dtype(options.compute_dtype)
 
     def loss_fn(params, frozen, stats):
         logits, new_stats = _forward(state.graphdef, params, frozen, stats, images, train=True,
