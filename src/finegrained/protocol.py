@@ -30,7 +30,8 @@ from finegrained.errors import ConfigError, DataError
 from finegrained.fileio import sha256_file, write_json
 from finegrained.provenance import provenance
 from finegrained.selection import RULES, selection_key
-from finegrained.train.regimes import VARIANT_KEYS, job_settings, parse_variant, settings_hash
+from finegrained.train.regimes import (NAMED_VARIANT_KEYS, VARIANT_KEYS, job_settings,
+                                      parse_variant, settings_hash)
 
 
 def format_variant(overrides: Mapping) -> str:
@@ -39,11 +40,13 @@ def format_variant(overrides: Mapping) -> str:
     unknown = set(overrides) - set(VARIANT_KEYS)
     if unknown:
         raise ConfigError(f"variant keys {sorted(unknown)} are not among {VARIANT_KEYS}")
-    return "".join(f"+{key}={_format_value(overrides[key])}"
+    return "".join(f"+{key}={_format_value(overrides[key], key)}"
                    for key in VARIANT_KEYS if key in overrides)
 
 
-def _format_value(value) -> str:
+def _format_value(value, key: str = "") -> str:
+    if key in NAMED_VARIANT_KEYS:
+        return str(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"variant value {value!r} is not a number")
     return str(value) if isinstance(value, int) else repr(float(value))
@@ -85,6 +88,16 @@ def train_variants(config: Mapping, regime: str) -> list[str]:
     """Every train job of ``regime``: each grid point of each replicate."""
     return [join_variants(point, replicate)
             for point in sweep_variants(config, regime) for replicate in replicate_variants(config)]
+
+
+def system_variants(config: Mapping, regime: str) -> list[str]:
+    """The train jobs of the ``systems:`` comparison for ``regime`` (an SGD regime, with its
+    preset recipe): one per system and replicate; none for the L-BFGS probe."""
+    systems = config.get("systems") or {}
+    if not systems or config["regime_settings"][regime]["solver"] == "lbfgs":
+        return []
+    return [join_variants(format_variant({"system": name}), replicate)
+            for name in systems for replicate in replicate_variants(config)]
 
 
 def is_sweep_point(config: Mapping, regime: str, variant: str) -> bool:

@@ -37,7 +37,7 @@ def test_every_regime_resolves_to_complete_train_configs():
 def test_the_schema_is_the_only_home_of_a_default():
     """TrainSettings' fields are the schema's recipe and run keys under their own names
     (``lr`` is ``lr`` end to end), none has a default of its own, and default_settings gives
-    the schema's values; the variant keys are the sweep's keys and the seed."""
+    the schema's values; the variant keys are the seed, the system and the sweep's keys."""
     schema = load_schema()
     recipe = schema["$defs"]["recipe"]["properties"]
     run = schema["$defs"]["run"]["properties"]
@@ -59,7 +59,7 @@ def test_the_schema_is_the_only_home_of_a_default():
     for key, prop in augment.items():
         value = getattr(settings.augment, key)
         assert (list(value) if isinstance(value, tuple) else value) == prop["default"], key
-    assert regimes.VARIANT_KEYS == ("seed", *schema["properties"]["sweep"][
+    assert regimes.VARIANT_KEYS == ("seed", "system", *schema["properties"]["sweep"][
         "additionalProperties"]["properties"])
 
 

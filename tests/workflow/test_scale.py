@@ -142,3 +142,30 @@ def test_refit_and_the_probe_head_are_file_edges_of_the_dag(tmp_path):
     stats = alone.split("Job stats:")[1].split("\n\n")[0]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
     assert counts["train_regime"] == "2" and counts["evaluate_regime"] == "1", counts
+
+
+def test_systems_train_each_sgd_regime_per_system_and_seed_and_draw_one_figure(tmp_path):
+    """`systems:` adds train jobs `<regime>+system=<name>[+seed=N]` for the SGD regimes (not
+    the L-BFGS probe), each with its parallel/precision settings, no test evaluations, and
+    the report_systems notebook over their histories; without `systems:` none of it."""
+    systems = {"sync": {}, "local_sgd_h4": {"parallel": {"mode": "local_sgd", "average_every": 4}},
+               "bf16_sr": {"precision": {"params": "bfloat16", "rounding": "stochastic"}}}
+    out = _run([*_demo(tmp_path, {"regimes": ["linear_probe", "full_finetune"], "seeds": [0, 1],
+                                  "systems": systems}), "-n", "-p", "all"],
+               cwd=tmp_path, plain=True)
+    stats = out.split("Job stats:")[1].split("\n\n")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
+    # 2 regimes x 2 seeds + full_finetune x 3 systems x 2 seeds; evaluations of the 4 only
+    assert counts["train_regime"] == "10" and counts["evaluate_regime"] == "4", counts
+    assert counts["report_systems"] == "1", counts
+    train = re.findall(r"--rule train_regime -- python .*", out)
+    local = [t for t in train if "--out-dir results/demo/train/full_finetune+seed=1+system=local_sgd_h4" in t]
+    assert len(local) == 1
+    assert '"parallel": {"average_every": 4, "average_opt_state": true, "mode": "local_sgd"}' in local[0]
+    assert not any("linear_probe+system" in t for t in train)
+    job = _job(out, "report_systems")
+    assert "results/demo/train/full_finetune+seed=1+system=bf16_sr/history.parquet" in job
+    assert "results/demo/report/figures/systems.png" in job
+
+    plain = _run([*_demo(tmp_path), "-n", "all"], cwd=tmp_path, plain=True)
+    assert "report_systems" not in plain

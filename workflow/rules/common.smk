@@ -211,12 +211,45 @@ def features_dir_arg(wildcards, input):
 
 
 def train_targets():
-    """Every train job: each regime's grid points (if swept) times the replicate seeds."""
+    """Every train job: each regime's grid points (if swept) times the replicate seeds, and
+    the `systems:` comparison's jobs."""
     return [
         results(f"train/{regime}{variant}/summary.json")
         for regime in config["regimes"]
-        for variant in protocol.train_variants(config, regime)
+        for variant in protocol.train_variants(config, regime) + protocol.system_variants(config, regime)
     ]
+
+
+def systems_regimes():
+    """The regimes the `systems:` comparison trains (the SGD regimes listed)."""
+    return [regime for regime in config["regimes"] if protocol.system_variants(config, regime)]
+
+
+def systems_histories():
+    return [
+        results(f"train/{regime}{variant}/history.parquet")
+        for regime in systems_regimes()
+        for variant in protocol.system_variants(config, regime)
+    ]
+
+
+def systems_report_targets():
+    """The systems figure, when the config lists `systems:` for an SGD regime."""
+    return [results("report/figures/systems.png")] if systems_regimes() else []
+
+
+def systems_report_settings(notebook):
+    """The systems notebook's parameters (paths from its output notebook, so a module's
+    prefix moves them)."""
+    run = run_folder(notebook, "report/notebooks/systems.ipynb")
+    return {
+        "train_root": str(run / "train"),
+        "regimes": systems_regimes(),
+        "systems": list(config["systems"]),
+        "variants": protocol.replicate_variants(config),
+        "figures_dir": str(run / "report" / "figures"),
+        "tables_dir": str(run / "report" / "tables"),
+    }
 
 
 def eval_targets():

@@ -77,3 +77,29 @@ rule figures:
     input:
         rules.report_results.output,
         rules.report_examples.output,
+        systems_report_targets(),
+
+
+rule report_systems:
+    input:
+        notebook=notebook_path("systems.ipynb"),
+        histories=systems_histories(),
+    output:
+        notebook=results("report/notebooks/systems.ipynb"),
+        systems=report_figure("systems", "systems", "Training systems"),
+        systems_svg=results("report/figures/systems.svg"),
+        table=results("report/tables/systems.md"),
+    params:
+        settings=lambda wc, output: json.dumps(systems_report_settings(output.notebook)),
+    log:
+        results("logs/report/systems.log"),
+    benchmark:
+        results("benchmarks/report/systems.tsv")
+    threads: 1
+    resources:
+        **rule_resources(config, "light"),
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "python -m papermill --no-progress-bar --log-output -k python3"
+        " {input.notebook:q} {output.notebook:q} -y {params.settings:q} > {log:q} 2>&1"

@@ -53,8 +53,11 @@ _SCHEMA = load_schema()
 RECIPE_KEYS = tuple(k for k in _SCHEMA["$defs"]["recipe"]["properties"] if k != "param_groups")
 RUN_KEYS = tuple(k for k in _SCHEMA["$defs"]["run"]["properties"] if k != "keep_checkpoints")
 #: Keys a variant may override: what a sweep may vary, and the replicate seed.
-VARIANT_KEYS = ("seed", *_SCHEMA["properties"]["sweep"]["additionalProperties"]["properties"])
-VARIANT_PATTERN = r"(\+[a-z_]+=[A-Za-z0-9.\-]+)*"
+VARIANT_KEYS = ("seed", "system",
+                *_SCHEMA["properties"]["sweep"]["additionalProperties"]["properties"])
+#: Variant keys whose value is a name (of ``systems:``), not a number.
+NAMED_VARIANT_KEYS = ("system",)
+VARIANT_PATTERN = r"(\+[a-z_]+=[A-Za-z0-9._\-]+)*"
 #: A cached layer ``<stage>:map`` is that stage's whole activation; ``<stage>`` is its pool.
 MAP_SUFFIX = ":map"
 
@@ -126,7 +129,7 @@ def parse_variant(variant: str) -> dict:
         key, value = part.split("=", 1)
         if key not in VARIANT_KEYS:
             raise ConfigError(f"variant key {key!r} is not one of {VARIANT_KEYS}")
-        out[key] = _variant_value(value)
+        out[key] = value if key in NAMED_VARIANT_KEYS else _variant_value(value)
     return out
 
 
@@ -200,7 +203,14 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
     regime = copy.deepcopy(dict(config["regime_settings"][regime_name]))
     run = dict(config["train"])
     for key, value in overrides.items():
-        (run if key == "seed" else regime)[key] = value
+        if key == "system":
+            systems = config.get("systems") or {}
+            if value not in systems:
+                raise ConfigError(f"system {value!r} is not among systems: {sorted(systems)}")
+            for block, keys in systems[value].items():          # parallel / precision
+                run[block] = {**run[block], **keys}
+        else:
+            (run if key == "seed" else regime)[key] = value
     arch = config["backbone"]["arch"]
     select_by = config["protocol"]["select_by"]
     _check_recipe(f"regime_settings.{regime_name}", regime, regime["init"])
