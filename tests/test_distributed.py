@@ -24,7 +24,7 @@ WORKER = textwrap.dedent('''
     import json, os, sys
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
-    out, ckpt = sys.argv[2], sys.argv[3]
+    out, ckpt, mode = sys.argv[2], sys.argv[3], sys.argv[4]
     from finegrained import distributed
     multi = distributed.initialize()
     import jax, numpy as np
@@ -33,6 +33,7 @@ WORKER = textwrap.dedent('''
     from finegrained.train.loop import fit
     from finegrained.train.settings import default_settings
     from helpers.training import crop_and_flip
+    from finegrained.train.local_sgd import Parallel
 
     assert jax.device_count() == 4, jax.devices()
     assert multi == (jax.process_count() == 2)
@@ -40,7 +41,8 @@ WORKER = textwrap.dedent('''
                            warmup_epochs=0, weight_decay=1e-4, image_size=20,
                            eval_crop_fraction=1.0, augment=crop_and_flip(crop_area=(0.6, 1.0)),
                            compute_dtype="float32", seed=3, log_every_steps=0,
-                           checkpoint_every_steps=2, prefetch_batches=2)
+                           checkpoint_every_steps=2, prefetch_batches=2,
+                           parallel=Parallel(mode, 2, True))   # local_sgd: copies averaged every 2 steps
     train = coloured_squares(24, seed=0)
     val = coloured_squares(12, seed=1)   # the last eval batch: process 1's rows all padding
     model = TinyNet(4, rngs=nnx.Rngs(0))
@@ -117,7 +119,10 @@ def test_launch_settings_from_the_environment():
         distributed.launch_settings({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "local_sgd"])
+def test_two_processes_train_like_one(tmp_path, mode):
+    """Also local SGD: the per-device copies (stacked over the data axis that spans both
+    processes) step, average and checkpoint as in one process."""
     if not _gloo_available():
         pytest.skip("this jaxlib has no gloo CPU collectives")
     tests_dir = str(Path(__file__).resolve().parent)
@@ -126,14 +131,14 @@ def test_two_processes_train_like_one(tmp_path):
 
     single = subprocess.run(
         [sys.executable, str(script), tests_dir, str(tmp_path / "single.json"),
-         str(tmp_path / "ckpt-single")],
+         str(tmp_path / "ckpt-single"), mode],
         env=_env(4), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stdout + single.stderr
 
     address = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen(
         [sys.executable, str(script), tests_dir, str(tmp_path / f"multi{i}.json"),
-         str(tmp_path / "ckpt-multi")],
+         str(tmp_path / "ckpt-multi"), mode],
         env=_env(2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                  JAX_PROCESS_ID=str(i)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -36,10 +36,17 @@ from finegrained.fileio import sha256_file, write_json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def _to_host(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+    """Every leaf as a whole numpy array on this process: an array split over devices of
+    several processes (local SGD's per-device copies) is gathered from all of them first."""
+    def host(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree_util.tree_map(host, tree)
 
 
 class Checkpointer:
