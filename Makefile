@@ -109,6 +109,9 @@ cub50: install
 	    'regimes=[full_finetune]' 'seeds=null' 'regime_settings={full_finetune: {regularizer: l2_sp}}'
 	$(SNAKEMAKE) all $(CUB50_RECIPES) --cores $(CORES) --config run_name=cub50_inat_112px_refit \
 	    'seeds=null' 'protocol={refit: true}'
+	$(SNAKEMAKE) all $(CUB50_RECIPES) --cores $(CORES) --config run_name=cub50_inat_112px_l2sp_refit \
+	    'regimes=[full_finetune]' 'seeds=null' 'regime_settings={full_finetune: {regularizer: l2_sp}}' \
+	    'protocol={refit: true}'
 	$(SNAKEMAKE) all $(CUB50_RECIPES) config/examples/cub50-112px-imagenet.yaml --cores $(CORES) \
 	    --config run_name=cub50_imagenet_112px_seeds 'seeds=[0, 1, 2]' 'regimes=[full_finetune]'
 	$(PY) benchmarks/cub50_head_fit.py
@@ -121,6 +124,7 @@ cub50: install
 	    --run "iNat birds, 112 px, LP-FT (seed 0)=results/cub50_inat_112px_lpft" \
 	    --run "iNat birds, 112 px, L2-SP=results/cub50_inat_112px_l2sp" \
 	    --run "iNat birds, 112 px, refit on train+val=results/cub50_inat_112px_refit" \
+	    --run "iNat birds, 112 px, L2-SP, refit on train+val=results/cub50_inat_112px_l2sp_refit" \
 	    --run "ImageNet, 112 px (seed 0)=results/cub50_imagenet_112px_seeds" \
 	    --replicates "iNat birds, 112 px=results/cub50_inat_112px_lpft" \
 	    --replicates "ImageNet, 112 px=results/cub50_imagenet_112px_seeds"

@@ -140,8 +140,9 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
                           best_weights=best_weights, stop=stop, log=log)
                 check_state(run, label, epoch + 1, progress.step, ckpt)
                 t_eval = time.perf_counter()
-                val = (validate(run.evaluated(run.state), val_source, run.eval_metrics, eval_batch, run.mesh,
-                                settings.prefetch_batches) if val_source is not None else None)
+                val = (validate(run.evaluated(run.state), val_source, run.eval_metrics,
+                                eval_batch, run.mesh, settings.prefetch_batches)
+                       if val_source is not None else None)
                 record = epoch_record(run, epoch, progress, val)
                 record["eval_seconds"] = time.perf_counter() - t_eval
                 if first_epoch_here:          # the startup of this process
