@@ -271,9 +271,9 @@ def pretrain_settings(config: Mapping) -> dict:
             "depthwise_impl": backbone["depthwise_impl"],
             "verify_shards": config["shards"].get("verify", True),
             "keep_checkpoints": block["keep_checkpoints"],
-            "train_settings": _train_settings(block, block, param_groups=list(block["param_groups"]),
-                                              start=None, cut=None,
-                                              select_by=config["protocol"]["select_by"])}
+            "train_settings": _train_settings(
+                block, block, param_groups=list(block["param_groups"]), start=None, cut=None,
+                select_by=config["protocol"]["select_by"])}
 
 
 def feature_settings(config: Mapping, split: str, layer: str | None = None) -> dict:
