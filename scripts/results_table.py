@@ -44,7 +44,8 @@ def main():
     runs, replicates = labelled(args.run, "--run"), labelled(args.replicates, "--replicates")
     table = (markdown_table(collect_rows(runs), levels=args.levels)
              + "\nWall time of every job (Snakemake benchmark files, `s` column):\n\n"
-             + markdown_job_times(runs + [r for r in replicates if r not in runs]))
+             + markdown_job_times(runs + [r for r in replicates
+                                          if r[1] not in {d for _, d in runs}]))
     if replicates:
         table += "\n" + markdown_replicates(replicates)
     if args.update:

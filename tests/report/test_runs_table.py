@@ -93,3 +93,28 @@ def test_replicate_table_reads_a_runs_seed_table(tmp_path):
     assert text.startswith("iNat (top-1 %, over the seeds):")
     # mean 92.0, std 2.0, t(0.975, 2) = 4.303: half-width 4.303 * 2 / sqrt(3) = 4.97
     assert "| linear_probe | val_loss, refit on train+val | 3 | 92.0 ± 2.0 [87.0, 97.0] |" in text
+
+
+def test_replicates_and_refits_read_their_own_jobs(tmp_path):
+    """An evaluation `<regime>+seed=N` reads train/<regime>+seed=N; a refit row's train time
+    adds the refit job's; a swept replicate names its chosen point."""
+    root = _run(tmp_path / "a", {"linear_probe": (0.9, 0.95), "linear_probe+seed=1": (0.8, 0.85),
+                                 "full_finetune+seed=1": (0.7, 0.75)})
+    metrics = root / "eval" / "full_finetune+seed=1" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()),
+                                   "train_variant": "+seed=1+lr=0.1"}))
+    (root / "train" / "full_finetune+seed=1+lr=0.1").mkdir()
+    (root / "train" / "full_finetune+seed=1+lr=0.1" / "summary.json").write_text(
+        json.dumps({"best_val_top1": 0.77}))
+    probe = root / "eval" / "linear_probe" / "metrics.json"
+    probe.write_text(json.dumps({**json.loads(probe.read_text()), "protocol": {"refit": True}}))
+    (root / "benchmarks" / "refit").mkdir()
+    (root / "benchmarks" / "refit" / "linear_probe.tsv").write_text(
+        TSV_HEAD + "50.0\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t0\n")
+    rows = {r["regime"]: r for r in collect_rows([("A", root)])}
+    assert rows["linear_probe+seed=1"]["val_top1"] == 0.85
+    assert rows["linear_probe+seed=1"]["train_variant"] == ""
+    assert rows["linear_probe"]["train_seconds"] == 200.0           # 150 train + 50 refit
+    assert rows["full_finetune+seed=1"]["train_variant"] == "+seed=1+lr=0.1"
+    assert rows["full_finetune+seed=1"]["val_top1"] == 0.77
+    assert "refit/linear_probe 50 s" in markdown_job_times([("A", root)])

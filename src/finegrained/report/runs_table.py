@@ -1,14 +1,16 @@
 """The regime x view table of one or more runs, from their result files (no JAX).
 
-A run is a ``results/<run_name>/`` folder. For each regime evaluated there the table reads
+A run is a ``results/<run_name>/`` folder. For each evaluation there (``<regime>``, with
+``+seed=N`` for a replicate) the table reads
 
 - ``eval/<regime>/metrics.json``: top-1/top-5 of every test-time view, top-1 per taxonomy
   level (on the ``summary_view``), the number of test images;
-- ``benchmarks/train/<job>.tsv`` and ``benchmarks/evaluate/<regime>.tsv``: the wall time
-  (Snakemake's ``s`` column) of the train and evaluate jobs;
+- ``benchmarks/train/<job>.tsv``, ``benchmarks/refit/<regime>.tsv`` (``protocol.refit``)
+  and ``benchmarks/evaluate/<regime>.tsv``: the wall time (Snakemake's ``s`` column) of
+  the train (+ refit) and evaluate jobs;
 - ``train/<job>/summary.json``: the best validation top-1 (model selection).
 
-``<job>`` is the training job the evaluation read: ``<regime>``, or for a swept regime the
+``<job>`` is the training job the evaluation read: ``<regime>`` (with its seed), or for a swept regime the
 grid point chosen on validation (``train_variant`` of the metrics, e.g.
 ``full_finetune+epochs=10``), which the regime cell names.
 
@@ -57,21 +59,33 @@ def run_rows(label: str, run_dir: str | os.PathLike) -> list[dict]:
     ``val_top1``, ``train_seconds``, ``eval_seconds``, ``train_variant`` ('' unswept)."""
     run_dir = Path(run_dir)
     rows = []
-    for regime in _regimes(run_dir):
-        metrics = json.loads((run_dir / "eval" / regime / "metrics.json").read_text())
-        variant = metrics.get("train_variant") or ""
-        job = regime + variant
-        row = {"run": label, "regime": regime, "train_variant": variant,
+    for name in _regimes(run_dir):
+        metrics = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
+        regime = name.partition("+")[0]
+        replicate = name[len(regime):]               # '' or '+seed=N'
+        chosen = metrics.get("train_variant") or ""
+        variant = chosen if chosen != replicate else ""
+        job = regime + (chosen or replicate)
+        refit = bool((metrics.get("protocol") or {}).get("refit"))
+        bench = run_dir / "benchmarks"
+        row = {"run": label, "regime": name, "train_variant": variant,
                "n_test": metrics["n_test"],
                "per_level": dict(metrics.get("per_level") or {}),
                "val_top1": _val_top1(run_dir / "train" / job / "summary.json"),
-               "train_seconds": benchmark_seconds(run_dir / "benchmarks/train" / f"{job}.tsv"),
-               "eval_seconds": benchmark_seconds(run_dir / "benchmarks/evaluate" / f"{regime}.tsv")}
+               "train_seconds": _total(
+                   benchmark_seconds(bench / "train" / f"{job}.tsv"),
+                   benchmark_seconds(bench / "refit" / f"{name}.tsv") if refit else 0.0),
+               "eval_seconds": benchmark_seconds(run_dir / "benchmarks/evaluate" / f"{name}.tsv")}
         for view in VIEWS:
             scores = metrics["views"].get(view, {})
             row[f"{view}_top1"], row[f"{view}_top5"] = scores.get("top1"), scores.get("top5")
         rows.append(row)
     return rows
+
+
+def _total(*seconds: float | None) -> float | None:
+    """The sum, or None when a part is missing."""
+    return None if any(s is None for s in seconds) else float(sum(seconds))
 
 
 def collect_rows(runs: Iterable[tuple[str, str | os.PathLike]]) -> list[dict]:
@@ -122,9 +136,9 @@ def job_seconds(run_dir: str | os.PathLike) -> dict[str, float]:
 def markdown_job_times(runs: Iterable[tuple[str, str | os.PathLike]]) -> str:
     """One row per run: the wall time of its data phase (manifests, crops, indexes, colour
     statistics, target init), of each feature, train and evaluate job, and the sum."""
-    lines = ["| weights / run | data jobs (sum) | feature, train and evaluate jobs "
+    lines = ["| weights / run | data jobs (sum) | feature, train, refit and evaluate jobs "
              "| sum of all jobs |", "|---|---|---|---|"]
-    model_jobs = ("features", "train", "evaluate")
+    model_jobs = ("features", "train", "refit", "evaluate")
     for label, run_dir in runs:
         times = job_seconds(run_dir)
         data = sum(s for job, s in times.items() if job.split("/")[0] not in model_jobs)
