@@ -82,7 +82,7 @@ report: install
 # them): each script writes benchmarks/results/<name>.json, then render.py regenerates
 # docs/benchmarks.md from every result. A few minutes each on 2 cores.
 BENCHMARKS := crop_throughput input_pipeline augment_cpu linear_probe train_step end_to_end \
-	mobilenet_cpu inat_zero_shot_cub50
+	mobilenet_cpu inat_zero_shot_cub50 compile_cache
 bench: install
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 	$(PY) benchmarks/render.py
@@ -137,13 +137,18 @@ clean-demo:
 # pure-Python wheels a GPU machine may lack); on the GPU machine, from the repository root:
 #   python benchmarks/device_check.py --bundle .device --out device_check.json
 # then copy the JSON to benchmarks/results/ and run benchmarks/render.py.
+# Wheels (Python 3.12, at the lock's versions) of the library's dependencies that the GPU
+# machine may lack (it has JAX+CUDA, flax, optax, orbax, pyarrow, pillow); the check
+# unpacks only those it lacks.
 DEVICE_BUNDLE ?= .device
+DEVICE_WHEELS := filelock jsonschema pyyaml safetensors tqdm
 device-bundle: install
 	rm -rf $(DEVICE_BUNDLE) && mkdir -p $(DEVICE_BUNDLE)/weights $(DEVICE_BUNDLE)/wheels
 	cp ../shared/weights/*.npz ../shared/weights/*.json ../shared/weights/bird.bmp \
 	    $(DEVICE_BUNDLE)/weights/
-	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 \
-	    -d $(DEVICE_BUNDLE)/wheels filelock==4.3.2
+	$(PIP) download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(DEVICE_BUNDLE)/wheels \
+	    -c envs/requirements.lock $(DEVICE_WHEELS)
 
 device-check: install
 	$(PY) benchmarks/device_check.py --bundle $(DEVICE_BUNDLE) \

@@ -35,6 +35,7 @@ still leaves what it measured:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,16 +249,36 @@ SECTIONS = {"environment": environment, "mobilenet_reference": mobilenet_referen
 
 # ----------------------------------------------------------------------------- driver
 
+def unpack_missing(wheels: Path, site: Path) -> list[str]:
+    """Unpack into ``site`` each wheel of ``wheels`` (made by `make device-bundle`: the
+    library's dependencies for Python 3.12, compiled ones included) whose distribution this
+    interpreter lacks; the names unpacked. A wheel is a zip archive laid out as installed, so
+    unpacking is installing; distributions the machine has are left to it, never shadowed."""
+    unpacked = []
+    for wheel in sorted(wheels.glob("*.whl")):
+        name = wheel.name.split("-")[0]
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(site)
+            unpacked.append(name)
+    return unpacked
+
+
 class Check:
     def __init__(self, out: Path, budget: float, smoke: bool, bundle: Path | None,
                  scratch: Path):
         self.out, self.smoke, self.bundle, self.scratch = out, smoke, bundle, scratch
+        unpacked = unpack_missing(bundle / "wheels", scratch / "site") if bundle else []
+        self.site = [scratch / "site"] if unpacked else []
         self.deadline = time.monotonic() + budget
         self.result: dict = {"benchmark": "device_check", "smoke": smoke,
                              "command": " ".join(["python benchmarks/device_check.py",
                                                   *sys.argv[1:]]),
                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                             "targets": TARGETS, "sections": {}, "skipped": {}}
+                             "targets": TARGETS, "sections": {}, "skipped": {},
+                             "from_bundle": unpacked}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -272,10 +294,7 @@ class Check:
         children share a persistent compilation cache (``env`` may name another), so a
         configuration measured twice compiles once."""
         command = [sys.executable, __file__, "--child", name, json.dumps(args)]
-        # Pure-Python wheels the machine lacks (filelock: the cache's lock) import from the
-        # bundle as they are: a wheel is a zip archive.
-        wheels = sorted(self.bundle.glob("wheels/*-py3-none-any.whl")) if self.bundle else []
-        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO / "src", *wheels])),
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO / "src", *self.site])),
                    **cache_env(self.scratch / "jax_cache_shared"), **(env or {})}
         try:
             proc = subprocess.run(command, env=environ, capture_output=True, text=True,

@@ -151,3 +151,42 @@ def test_the_device_check_measures_the_batch_sizes_of_the_gpu_config(repo_root):
     gpu = yaml.safe_load((repo_root / "config/examples/gpu.yaml").read_text())
     assert device_check.GPU_BATCH[("resnet50", "bfloat16")] == \
         gpu["regime_settings"]["full_finetune"]["batch_size"]
+
+
+def test_the_device_bundle_brings_every_dependency_the_gpu_machine_may_lack(repo_root):
+    """`make device-bundle` downloads a wheel of each core dependency beyond the GPU
+    machine's stack (JAX+CUDA, flax, optax, orbax, pyarrow, pillow); snakemake runs no job
+    there."""
+    import re
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    core = {Requirement(r).name.lower() for r in project["dependencies"]}
+    machine = {"numpy", "pillow", "pyarrow", "jax", "flax", "optax", "orbax-checkpoint",
+               "snakemake"}
+    line = re.search(r"^DEVICE_WHEELS := (.*)$", (repo_root / "Makefile").read_text(), re.M)
+    assert core - machine == set(line.group(1).lower().split())
+
+
+def test_the_device_check_unpacks_only_the_wheels_the_machine_lacks(tmp_path):
+    import subprocess
+    import zipfile
+
+    import device_check
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for dist, body in [("fg_absent_probe", "VALUE = 7\n"),
+                       ("numpy", "raise ImportError('shadowed')\n")]:     # installed here
+        with zipfile.ZipFile(wheels / f"{dist}-1.0-py3-none-any.whl", "w") as archive:
+            archive.writestr(f"{dist}/__init__.py", body)
+            archive.writestr(f"{dist}-1.0.dist-info/METADATA",
+                             f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    site = tmp_path / "site"
+    assert device_check.unpack_missing(wheels, site) == ["fg_absent_probe"]
+    assert sorted(p.name for p in site.iterdir()) == ["fg_absent_probe",
+                                                      "fg_absent_probe-1.0.dist-info"]
+    proc = subprocess.run([sys.executable, "-c", "import fg_absent_probe, numpy; "
+                           "print(fg_absent_probe.VALUE)"], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(site)})
+    assert proc.stdout.strip() == "7", proc.stderr
