@@ -58,11 +58,11 @@ def main(argv=None) -> int:
     from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
 
     recipe = default_recipe()
-    cfg = Augmentation.from_dict(recipe)
+    augmentation = Augmentation.from_dict(recipe)
     lighting = Lighting(EIGVAL.astype(np.float32), EIGVEC.astype(np.float32))
     images = jax.device_put(np.random.default_rng(0).integers(
         0, 256, (args.batch, STORED, STORED, 3), np.uint8))
-    augment = jax.jit(lambda x, key: augment_batch(x, key, cfg, OUT, lighting))
+    augment = jax.jit(lambda x, key: augment_batch(x, key, augmentation, OUT, lighting))
     centre = jax.jit(lambda x: center_crop(x, OUT, 0.875))
 
     def run(fn, *a):
@@ -75,9 +75,9 @@ def main(argv=None) -> int:
 
     # The step with and without the recipe, alternated so load noise hits both alike.
     steps = {}
-    for name, augment_cfg in (("with_augment", cfg), ("without_augment", None)):
+    for name, step_augment in (("with_augment", augmentation), ("without_augment", None)):
         step, step_args = prepare_step(args.arch, args.step_batch, args.dtype,
-                                       augment=augment_cfg, lighting=lighting)
+                                       augment=step_augment, lighting=lighting)
         compiled, _ = compile_step(step, step_args)
         jax.block_until_ready(compiled(*step_args))
         steps[name] = (compiled, step_args)

@@ -45,10 +45,10 @@ arch, width, image, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (2 * batch, image * 8 // 7, image * 8 // 7, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, 2 * batch).astype(np.int32)
-cfg = default_settings(epochs=1, batch_size=batch, image_size=image, num_devices=1,
+settings = default_settings(epochs=1, batch_size=batch, image_size=image, num_devices=1,
                        log_every_steps=0, warmup_epochs=0, augment={"pca_lighting": 0.0})
 result = fit(build_model(arch, 10, width=width, rngs=nnx.Rngs(0)), (images, labels),
-             (images[:batch], labels[:batch]), cfg, log_fn=None)
+             (images[:batch], labels[:batch]), settings, log_fn=None)
 print(json.dumps({"first_step_seconds": result.history[0]["first_step_seconds"],
                   "process_seconds": time.perf_counter() - started}))
 """

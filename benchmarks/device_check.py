@@ -198,13 +198,13 @@ def train(args: dict) -> dict:
                                     args["classes"], seed=1)
     # The schema's default augmentation (random-resized crop, flip, colour jitter, PCA
     # lighting), as every training job of the workflow draws it.
-    cfg = default_settings(epochs=args["epochs"], batch_size=args["batch"],
+    settings = default_settings(epochs=args["epochs"], batch_size=args["batch"],
                            image_size=args["image"], compute_dtype=args["dtype"],
                            warmup_epochs=0, log_every_steps=0, num_devices=1,
                            prefetch_batches=4)
     lighting = Lighting(np.array([0.2, 0.02, 0.005], np.float32), np.eye(3, dtype=np.float32))
     model = random_model(args["arch"], args["width"], args["classes"], args.get("stage_depths"))
-    result = fit(model, ShardReader(train_index), ShardReader(val_index), cfg, log_fn=None,
+    result = fit(model, ShardReader(train_index), ShardReader(val_index), settings, log_fn=None,
                  lighting=lighting)
     last = result.history[-1]
     return {"arch": args["arch"], "dtype": args["dtype"], "batch": args["batch"],

@@ -60,8 +60,8 @@ def epoch_seconds(model, source, phase: dict) -> list[float]:
     """Seconds of every epoch of ``fit`` after the first (which compiles)."""
     from finegrained.train.loop import fit
     from finegrained.train.settings import TrainSettings
-    cfg = TrainSettings.from_dict(phase["train_settings"])
-    history = fit(model, source, None, cfg, log_fn=None).history
+    settings = TrainSettings.from_dict(phase["train_settings"])
+    history = fit(model, source, None, settings, log_fn=None).history
     return [row["seconds"] for row in history[1:]]
 
 

@@ -66,11 +66,11 @@ def throughput(seconds: dict, batch: int) -> dict:
 def model_steps(model: nnx.Module, lr: float = 0.01):
     """Jitted ``forward(params, images) -> logits`` (eval) and ``train(params, opt_state,
     images, labels) -> (params, opt_state, loss)`` (cross-entropy, plain SGD)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, others = nnx.split(model, nnx.Param, ...)
     tx = optax.sgd(lr)
 
     def logits(params, images):
-        return nnx.merge(graphdef, params, rest)(images)
+        return nnx.merge(graphdef, params, others)(images)
 
     def train(params, opt_state, images, labels):
         def loss_fn(params):

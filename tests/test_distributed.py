@@ -37,7 +37,7 @@ WORKER = textwrap.dedent('''
 
     assert jax.device_count() == 4, jax.devices()
     assert multi == (jax.process_count() == 2)
-    cfg = default_settings(epochs=2, batch_size=8, eval_batch_size=8, lr=0.05,
+    settings = default_settings(epochs=2, batch_size=8, eval_batch_size=8, lr=0.05,
                            warmup_epochs=0, weight_decay=1e-4, image_size=20,
                            eval_crop_fraction=1.0, augment=crop_and_flip(crop_area=(0.6, 1.0)),
                            compute_dtype="float32", seed=3, log_every_steps=0,
@@ -46,8 +46,8 @@ WORKER = textwrap.dedent('''
     train = coloured_squares(24, seed=0)
     val = coloured_squares(12, seed=1)   # the last eval batch: process 1's rows all padding
     model = TinyNet(4, rngs=nnx.Rngs(0))
-    result = fit(model, train, val, cfg, log_fn=None, checkpoint_dir=ckpt)
-    again = fit(TinyNet(4, rngs=nnx.Rngs(0)), train, val, cfg, log_fn=None,
+    result = fit(model, train, val, settings, log_fn=None, checkpoint_dir=ckpt)
+    again = fit(TinyNet(4, rngs=nnx.Rngs(0)), train, val, settings, log_fn=None,
                 checkpoint_dir=ckpt)   # resumes at the end from the checkpoint
     params = {"/".join(map(str, k)): np.asarray(v).tolist()
               for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -32,30 +32,30 @@ def test_variant_round_trip_and_canonical_order():
 def test_replicates_keep_the_plain_path_for_train_seed():
     assert P.replicate_variants(config()) == [""]
     assert P.replicate_variants(config(seeds=[0, 1, 2])) == ["", "+seed=1", "+seed=2"]
-    cfg = config(seeds=[3, 0])
-    cfg["train"]["seed"] = 3
-    assert P.replicate_variants(cfg) == ["", "+seed=0"]
+    run_config = config(seeds=[3, 0])
+    run_config["train"]["seed"] = 3
+    assert P.replicate_variants(run_config) == ["", "+seed=0"]
 
 
 def test_sweep_grid_times_replicates():
-    cfg = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1], "epochs": [2, 4]}})
-    assert P.sweep_variants(cfg, "full_finetune") == [
+    run_config = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1], "epochs": [2, 4]}})
+    assert P.sweep_variants(run_config, "full_finetune") == [
         "+lr=0.01+epochs=2", "+lr=0.01+epochs=4", "+lr=0.1+epochs=2", "+lr=0.1+epochs=4"]
-    assert P.sweep_variants(cfg, "scratch") == [""]
-    jobs = P.train_variants(cfg, "full_finetune")
+    assert P.sweep_variants(run_config, "scratch") == [""]
+    jobs = P.train_variants(run_config, "full_finetune")
     assert len(jobs) == 8 and len(set(jobs)) == 8
     assert "+seed=1+lr=0.1+epochs=4" in jobs and "+lr=0.01+epochs=2" in jobs
-    assert P.train_variants(cfg, "scratch") == ["", "+seed=1"]
+    assert P.train_variants(run_config, "scratch") == ["", "+seed=1"]
 
 
 def test_evaluation_reads_the_chosen_point_of_its_replicate():
     selection = {"chosen": "+lr=0.1"}
     assert P.chosen_train_variant(selection, "+seed=1") == "+seed=1+lr=0.1"
     assert P.chosen_train_variant(selection, "") == "+lr=0.1"
-    cfg = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1]}})
-    assert P.is_sweep_point(cfg, "full_finetune", "+seed=1+lr=0.1")
-    assert not P.is_sweep_point(cfg, "full_finetune", "+seed=1")
-    assert not P.is_sweep_point(cfg, "scratch", "+lr=0.1")
+    run_config = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1]}})
+    assert P.is_sweep_point(run_config, "full_finetune", "+seed=1+lr=0.1")
+    assert not P.is_sweep_point(run_config, "full_finetune", "+seed=1")
+    assert not P.is_sweep_point(run_config, "scratch", "+lr=0.1")
 
 
 def test_sweep_config_errors():

@@ -100,6 +100,14 @@ def system_variants(config: Mapping, regime: str) -> list[str]:
             for name in systems for replicate in replicate_variants(config)]
 
 
+def systems_comparison(config: Mapping) -> dict:
+    """What the systems report compares: the regimes with ``systems:`` jobs, the system
+    names and the replicate variants (the notebook's parameters besides its paths)."""
+    return {"regimes": [r for r in config["regimes"] if system_variants(config, r)],
+            "systems": list(config.get("systems") or {}),
+            "variants": replicate_variants(config)}
+
+
 def is_sweep_point(config: Mapping, regime: str, variant: str) -> bool:
     """Whether ``variant`` names a grid point itself (an explicit request, evaluated as is)."""
     grid = (config.get("sweep") or {}).get(regime) or {}

@@ -157,10 +157,10 @@ def images_and_labels(size):
 
 
 def loss_and_grads(model, images, labels):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, others = nnx.split(model, nnx.Param, ...)
 
     def loss(params):
-        logits = nnx.merge(graphdef, params, rest)(images)
+        logits = nnx.merge(graphdef, params, others)(images)
         return jnp.mean(cross_entropy(logits, labels)), logits
 
     (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -35,9 +35,9 @@ def lighting():
 
 
 def test_shapes_and_dtype(images, lighting):
-    cfg = crop_and_flip(scale_jitter=0.2, brightness=0.3, contrast=0.3, saturation=0.3,
+    augmentation = crop_and_flip(scale_jitter=0.2, brightness=0.3, contrast=0.3, saturation=0.3,
                         pca_lighting=0.1)
-    out = augment_batch(images, jax.random.key(0), cfg, 16, lighting)
+    out = augment_batch(images, jax.random.key(0), augmentation, 16, lighting)
     assert out.shape == (4, 16, 16, 3) and out.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()
     ev = center_crop(images, 16)
@@ -60,8 +60,8 @@ def test_center_crop_full_size_is_input(images):
 
 
 def test_flip_flips_exactly(images):
-    cfg = dataclasses.replace(NONE, flip=1.0)
-    out = augment_batch(images, jax.random.key(0), cfg, 24)
+    augmentation = dataclasses.replace(NONE, flip=1.0)
+    out = augment_batch(images, jax.random.key(0), augmentation, 24)
     np.testing.assert_allclose(out, np.asarray(images, np.float32)[:, :, ::-1], atol=1e-3)
     half = dataclasses.replace(NONE, flip=0.5)
     outs = np.asarray(augment_batch(jnp.tile(images[:1], (64, 1, 1, 1)), jax.random.key(1),
@@ -72,11 +72,11 @@ def test_flip_flips_exactly(images):
 
 
 def test_pca_lighting_adds_exact_offset(images, lighting):
-    cfg = dataclasses.replace(NONE, pca_lighting=0.5)
+    augmentation = dataclasses.replace(NONE, pca_lighting=0.5)
     key = jax.random.key(7)
-    out = np.asarray(augment_batch(images, key, cfg, 24, lighting), np.float64)
+    out = np.asarray(augment_batch(images, key, augmentation, 24, lighting), np.float64)
     delta = out - np.asarray(images, np.float64)
-    alpha = np.asarray(pca_alpha(key, cfg, 4), np.float64)
+    alpha = np.asarray(pca_alpha(key, augmentation, 4), np.float64)
     expected = (lighting.eigvec.astype(np.float64)
                 @ (alpha * np.sqrt(lighting.eigval.astype(np.float64))).T).T   # [B, 3]
     np.testing.assert_allclose(delta, np.broadcast_to(expected[:, None, None, :], delta.shape),
@@ -92,31 +92,31 @@ def test_lighting_needs_statistics(images):
 
 
 def test_keys_decide_the_output(images, lighting):
-    cfg = crop_and_flip(scale_jitter=0.3, brightness=0.2, contrast=0.2, saturation=0.2,
+    augmentation = crop_and_flip(scale_jitter=0.3, brightness=0.2, contrast=0.2, saturation=0.2,
                         pca_lighting=0.1)
-    fn = lambda k: augment_batch(images, k, cfg, 16, lighting)  # noqa: E731
+    fn = lambda k: augment_batch(images, k, augmentation, 16, lighting)  # noqa: E731
     a, b, c = fn(jax.random.key(0)), fn(jax.random.key(0)), fn(jax.random.key(1))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     # every example gets its own draw: identical inputs give different views
-    same = augment_batch(jnp.tile(images[:1], (4, 1, 1, 1)), jax.random.key(2), cfg, 16,
+    same = augment_batch(jnp.tile(images[:1], (4, 1, 1, 1)), jax.random.key(2), augmentation, 16,
                          lighting)
     assert not np.allclose(same[0], same[1])
 
 
 def test_colour_jitter_stays_in_range(images):
-    cfg = dataclasses.replace(NONE, brightness=0.9, contrast=0.9, saturation=0.9)
-    out = np.asarray(augment_batch(images, jax.random.key(5), cfg, 24))
+    augmentation = dataclasses.replace(NONE, brightness=0.9, contrast=0.9, saturation=0.9)
+    out = np.asarray(augment_batch(images, jax.random.key(5), augmentation, 24))
     assert out.min() >= 0.0 and out.max() <= 255.0
     assert not np.allclose(out, np.asarray(images, np.float32))
 
 
 def test_random_crop_zooms_in(images):
-    cfg = dataclasses.replace(NONE, crop_area=(0.25, 0.25))
+    augmentation = dataclasses.replace(NONE, crop_area=(0.25, 0.25))
     # a horizontal ramp: a crop of a quarter of the area spans about half the range
     ramp = jnp.broadcast_to(jnp.linspace(0, 255, 64)[None, None, :, None],
                             (8, 64, 64, 3)).astype(jnp.uint8)
-    out = np.asarray(augment_batch(ramp, jax.random.key(0), cfg, 32))
+    out = np.asarray(augment_batch(ramp, jax.random.key(0), augmentation, 32))
     spans = out[:, 16, -1, 0] - out[:, 16, 0, 0]
     assert np.all((spans > 90) & (spans < 160)), spans
 
@@ -144,46 +144,46 @@ def _ramp(batch: int = 4, side: int = 64) -> jnp.ndarray:
 
 
 def test_rotation_off_keeps_the_unrotated_resampler_bit_for_bit(images):
-    cfg = crop_and_flip(scale_jitter=0.2, flip=0.0, rotation=0.0, hue=0.0)
+    augmentation = crop_and_flip(scale_jitter=0.2, flip=0.0, rotation=0.0, hue=0.0)
 
     @jax.jit
     def unrotated(images, key):   # the crop as it was before rotation existed
-        boxes = aug._sample_boxes(jax.random.split(key, 6)[0], cfg, 4, 24, 24)
+        boxes = aug._sample_boxes(jax.random.split(key, 6)[0], augmentation, 4, 24, 24)
         return aug._resample(images, boxes, 16)
 
     key = jax.random.key(4)
-    np.testing.assert_array_equal(augment_batch(images, key, cfg, 16), unrotated(images, key))
+    np.testing.assert_array_equal(augment_batch(images, key, augmentation, 16), unrotated(images, key))
 
 
 def test_rotated_crop_shapes_and_keys(images):
-    cfg = crop_and_flip(rotation=45.0, hue=0.2, brightness=0.2)
-    out = augment_batch(images, jax.random.key(0), cfg, 16)
+    augmentation = crop_and_flip(rotation=45.0, hue=0.2, brightness=0.2)
+    out = augment_batch(images, jax.random.key(0), augmentation, 16)
     assert out.shape == (4, 16, 16, 3) and out.dtype == jnp.float32
-    np.testing.assert_array_equal(out, augment_batch(images, jax.random.key(0), cfg, 16))
-    assert not np.allclose(out, augment_batch(images, jax.random.key(1), cfg, 16))
+    np.testing.assert_array_equal(out, augment_batch(images, jax.random.key(0), augmentation, 16))
+    assert not np.allclose(out, augment_batch(images, jax.random.key(1), augmentation, 16))
     # one angle per example, within the configured range
-    angles = np.asarray(aug.rotation_angles(jax.random.key(0), cfg, 4))
+    angles = np.asarray(aug.rotation_angles(jax.random.key(0), augmentation, 4))
     assert np.all(np.abs(angles) <= 45.0) and len(set(angles.tolist())) == 4
 
 
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize("augmentation", [
     dataclasses.replace(NONE, rotation=45.0),
     crop_and_flip(crop_area=(0.08, 1.0), aspect_ratio=(0.5, 2.0), scale_jitter=0.3,
                   rotation=45.0)])
-def test_rotation_shows_no_empty_corners(cfg):
+def test_rotation_shows_no_empty_corners(augmentation):
     # A constant image stays that constant everywhere, with random boxes too. (The sampler
     # extends edge pixels, so this alone cannot see a box poking out: the geometry and
     # the exact sample positions are checked by the next two tests.)
     const = jnp.full((16, 40, 40, 3), 200, jnp.uint8)
-    out = np.asarray(augment_batch(const, jax.random.key(2), cfg, 24))
+    out = np.asarray(augment_batch(const, jax.random.key(2), augmentation, 24))
     np.testing.assert_allclose(out, 200.0, atol=1e-3)
 
 
 def test_fitted_rotated_box_lies_inside_and_is_the_largest():
     key = jax.random.key(9)
-    cfg = crop_and_flip(crop_area=(0.05, 1.0), aspect_ratio=(0.3, 3.0), scale_jitter=0.5)
+    augmentation = crop_and_flip(crop_area=(0.05, 1.0), aspect_ratio=(0.3, 3.0), scale_jitter=0.5)
     height, width = 30, 50
-    boxes = aug._sample_boxes(key, cfg, 256, height, width)
+    boxes = aug._sample_boxes(key, augmentation, 256, height, width)
     angles = jax.random.uniform(jax.random.key(10), (256,), minval=-np.pi, maxval=np.pi)
     fitted = np.asarray(aug._fit_rotated_boxes(boxes, angles, height, width), np.float64)
     cy, cx, h, w = fitted.T
@@ -209,10 +209,10 @@ def test_fitted_rotated_box_lies_inside_and_is_the_largest():
 def test_rotation_matches_the_analytic_warp_of_a_ramp():
     # Full crop of a 64x64 ramp rotated by theta: the box side shrinks to 64 / (|cos|+|sin|)
     # about the centre, and output pixel (i, j) reads the ramp at the rotated offset.
-    cfg = dataclasses.replace(NONE, rotation=40.0)
+    augmentation = dataclasses.replace(NONE, rotation=40.0)
     key = jax.random.key(3)
-    out = np.asarray(augment_batch(_ramp(), key, cfg, 32), np.float64)
-    theta = np.deg2rad(np.asarray(aug.rotation_angles(key, cfg, 4), np.float64))
+    out = np.asarray(augment_batch(_ramp(), key, augmentation, 32), np.float64)
+    theta = np.deg2rad(np.asarray(aug.rotation_angles(key, augmentation, 4), np.float64))
     assert np.all(np.abs(theta) > np.deg2rad(1.0))   # the draws did rotate
     cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
     side = 64.0 / (np.abs(cos) + np.abs(sin))
@@ -239,9 +239,9 @@ def test_quarter_turn_is_rot90_and_zero_turn_is_identity(images):
 
 
 def test_each_example_draws_its_own_rotation(images):
-    cfg = dataclasses.replace(NONE, rotation=30.0)
+    augmentation = dataclasses.replace(NONE, rotation=30.0)
     same = np.asarray(augment_batch(jnp.tile(images[:1], (4, 1, 1, 1)), jax.random.key(5),
-                                    cfg, 16))
+                                    augmentation, 16))
     assert all(not np.allclose(same[0], same[i]) for i in range(1, 4))
 
 
@@ -274,16 +274,16 @@ def test_hue_shift_rotates_primaries_and_keeps_value_and_chroma(images):
 
 
 def test_hue_jitter_in_augment_batch(images):
-    cfg = dataclasses.replace(NONE, hue=0.5)
+    augmentation = dataclasses.replace(NONE, hue=0.5)
     key = jax.random.key(6)
-    out = np.asarray(augment_batch(images, key, cfg, 24))
-    expected = np.asarray(shift_hue(np.asarray(images, np.float32), aug.hue_shifts(key, cfg, 4)))
+    out = np.asarray(augment_batch(images, key, augmentation, 24))
+    expected = np.asarray(shift_hue(np.asarray(images, np.float32), aug.hue_shifts(key, augmentation, 4)))
     np.testing.assert_allclose(out, np.clip(expected, 0, 255), atol=1e-3)
     assert out.min() >= 0.0 and out.max() <= 255.0
-    same = np.asarray(augment_batch(jnp.tile(images[:1], (4, 1, 1, 1)), key, cfg, 24))
+    same = np.asarray(augment_batch(jnp.tile(images[:1], (4, 1, 1, 1)), key, augmentation, 24))
     assert all(not np.allclose(same[0], same[i]) for i in range(1, 4))   # per example
     gray = jnp.full((4, 24, 24, 3), 77, jnp.uint8)
-    np.testing.assert_allclose(augment_batch(gray, key, cfg, 24), 77.0, atol=1e-3)
+    np.testing.assert_allclose(augment_batch(gray, key, augmentation, 24), 77.0, atol=1e-3)
 
 
 def test_the_jax_free_is_augmented_agrees_with_the_augmentation():

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     from finegrained.train.validation import validate
 
     assert jax.device_count() == 4, jax.devices()
-    cfg = step_options(image_size=20, augment=crop_and_flip(brightness=0.2, scale_jitter=0.2),
+    options = step_options(image_size=20, augment=crop_and_flip(brightness=0.2, scale_jitter=0.2),
                        label_smoothing=0.1)
     images, labels = coloured_squares(16, seed=0)
     batch = {"image": images, "label": labels}
@@ -40,12 +40,12 @@ SCRIPT = textwrap.dedent('''
         state = replicate(state, mesh)
         sharded = shard_batch(batch, mesh)
         assert len(sharded["image"].sharding.device_set) == n
-        new_state, metrics = make_train_step(cfg, mesh=mesh)(state, sharded, rng)
+        new_state, metrics = make_train_step(options, mesh=mesh)(state, sharded, rng)
         leaf = jax.tree_util.tree_leaves(new_state.params)[0]
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == n
         results[n] = (jax.device_get((new_state.params, new_state.stats)),
                       float(metrics["loss"]))
-        ev = validate(new_state, coloured_squares(13, seed=2), make_eval_metrics_step(cfg, mesh=mesh),
+        ev = validate(new_state, coloured_squares(13, seed=2), make_eval_metrics_step(options, mesh=mesh),
                       batch_size=8, mesh=mesh)
         assert ev["count"] == 13, ev
         results[n] += (ev["top1"],)

@@ -62,9 +62,9 @@ def _reader(path):
 def test_frozen_stages_and_their_batch_norm_stay_bit_identical(splits):
     model = tiny_resnet()
     before = flatten_state(model)
-    cfg = dataclasses.replace(BASE, epochs=1, augment=crop_and_flip(flip=0.5, brightness=0.2),
+    settings = dataclasses.replace(BASE, epochs=1, augment=crop_and_flip(flip=0.5, brightness=0.2),
                               param_groups=tuple(map(tuple, _groups("stride8"))), cut="stage2")
-    fit(model, _reader(splits[0]), _reader(splits[1]), cfg, log_fn=None)
+    fit(model, _reader(splits[0]), _reader(splits[1]), settings, log_fn=None)
     after = flatten_state(model)
     frozen = [k for k in before if k.split("/")[0] in ("stem", "stage1", "stage2")]
     trained = [k for k in before if k.split("/")[0] in ("stage3", "stage4", "head")]
@@ -145,11 +145,11 @@ def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tm
     """Also with bfloat16 storage: the checkpoint keeps the bfloat16 state and the rounding
     noise of a resumed step is the uninterrupted run's (its stream folds in the step)."""
     train, val = splits
-    cfg = dataclasses.replace(BASE, epochs=2, checkpoint_every_steps=3, log_every_steps=1,
+    settings = dataclasses.replace(BASE, epochs=2, checkpoint_every_steps=3, log_every_steps=1,
                               augment=crop_and_flip(flip=0.5, brightness=0.2, crop_area=(0.5, 1)),
                               precision=precision)
     straight = tiny_resnet()
-    ref = fit(straight, _reader(train), _reader(val), cfg, log_fn=None,
+    ref = fit(straight, _reader(train), _reader(val), settings, log_fn=None,
               checkpoint_dir=tmp_path / "a")
 
     def terminate_at_step_5(line):
@@ -158,12 +158,12 @@ def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tm
 
     interrupted = tiny_resnet()
     with pytest.raises(Preempted, match="SIGTERM at epoch 2, step 6"):
-        fit(interrupted, _reader(train), _reader(val), cfg, log_fn=terminate_at_step_5,
+        fit(interrupted, _reader(train), _reader(val), settings, log_fn=terminate_at_step_5,
             checkpoint_dir=tmp_path / "b")
     assert Checkpointer(tmp_path / "b").latest_step() == 6      # mid-epoch 2 (4 steps/epoch)
     resumed_model = tiny_resnet()
     lines = []
-    resumed = fit(resumed_model, _reader(train), _reader(val), cfg, log_fn=lines.append,
+    resumed = fit(resumed_model, _reader(train), _reader(val), settings, log_fn=lines.append,
                   checkpoint_dir=tmp_path / "b")
     assert "resumed from checkpoint at step 6" in lines[0]
     assert _comparable(resumed.history) == _comparable(ref.history)
@@ -187,9 +187,9 @@ def _finite_checkpoints(directory):
 
 def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(splits, tmp_path):
     train, val = splits
-    cfg = dataclasses.replace(BASE, lr=1e12, checkpoint_every_steps=1, epochs=3)
+    settings = dataclasses.replace(BASE, lr=1e12, checkpoint_every_steps=1, epochs=3)
     with pytest.raises(NonFinite, match=r"probe/x: non-finite .* at epoch 1, step \d"):
-        fit(tiny_resnet(), _reader(train), _reader(val), cfg, log_fn=None,
+        fit(tiny_resnet(), _reader(train), _reader(val), settings, log_fn=None,
             checkpoint_dir=tmp_path / "ck", label="probe/x")
     saved = _finite_checkpoints(tmp_path / "ck")
     assert saved and saved[-1][0] >= 1                 # the last good checkpoint stays
@@ -217,10 +217,10 @@ def test_an_update_that_overflows_is_caught_before_its_checkpoint(splits, tmp_pa
 
     monkeypatch.setattr(loop, "make_train_step", make_poisoned)
     train, val = splits
-    cfg = dataclasses.replace(BASE, checkpoint_every_steps=1, epochs=2)
+    settings = dataclasses.replace(BASE, checkpoint_every_steps=1, epochs=2)
     with pytest.raises(NonFinite, match=r"full: non-finite parameters after epoch 1, step 2 .*"
                                         r"the last good checkpoint, step 1, is kept"):
-        fit(tiny_resnet(), _reader(train), _reader(val), cfg, log_fn=None,
+        fit(tiny_resnet(), _reader(train), _reader(val), settings, log_fn=None,
             checkpoint_dir=tmp_path / "ck", label="full")
     saved = _finite_checkpoints(tmp_path / "ck")
     assert [step for step, _, _ in saved] == [1] and saved[0][1]

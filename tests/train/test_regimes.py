@@ -14,6 +14,7 @@ from finegrained.train import regimes
 from finegrained.train.local_sgd import SYNC, Parallel
 from finegrained.train.precision import FLOAT32, Precision
 from finegrained.train.settings import TrainSettings, default_settings
+from finegrained.train.steps import StepOptions
 
 
 def _config(**overrides):
@@ -43,7 +44,7 @@ def test_the_schema_is_the_only_home_of_a_default():
     run = schema["$defs"]["run"]["properties"]
     fields = dataclasses.fields(TrainSettings)
     assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               for f in fields)
+               for f in (*fields, *dataclasses.fields(StepOptions)))
     assert {f.name for f in fields} == (set(recipe) | set(run) | {"start", "cut", "select_by"}) - {
         "keep_checkpoints"}
     settings = default_settings()
@@ -61,6 +62,11 @@ def test_the_schema_is_the_only_home_of_a_default():
         assert (list(value) if isinstance(value, tuple) else value) == prop["default"], key
     assert regimes.VARIANT_KEYS == ("seed", "system", *schema["properties"]["sweep"][
         "additionalProperties"]["properties"])
+    # the regime names: one list, the schema's, for `regimes:`, its default and `sweep:`
+    names = schema["properties"]["regimes"]
+    assert regimes.REGIMES == tuple(names["items"]["enum"]) == tuple(names["default"]) == \
+        tuple(schema["properties"]["sweep"]["propertyNames"]["enum"]) == \
+        tuple(schema["properties"]["regime_settings"]["properties"])
 
 
 def test_a_partial_override_keeps_the_rest_of_the_preset():

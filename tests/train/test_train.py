@@ -55,10 +55,10 @@ def test_learns_a_tiny_problem():
 def test_eval_counts_every_example_once():
     images, labels = coloured_squares(37, seed=3)
     model = TinyNet(4, rngs=nnx.Rngs(1))
-    cfg = step_options(image_size=20, eval_crop_fraction=1.0)
+    options = step_options(image_size=20, eval_crop_fraction=1.0)
     state = create_train_state(model, lr=0.1)
-    eval_step = make_eval_step(cfg)
-    result = validate(state, (images, labels), make_eval_metrics_step(cfg),
+    eval_step = make_eval_step(options)
+    result = validate(state, (images, labels), make_eval_metrics_step(options),
                       batch_size=8)   # 4 full + 5 of 8
     assert result["count"] == 37
     full = np.asarray(eval_step(state, {"image": images, "label": labels}))
@@ -68,8 +68,8 @@ def test_eval_counts_every_example_once():
     assert result["loss"] == pytest.approx(-logp[np.arange(37), labels].mean(), rel=1e-4)
 
 
-def _steps(state, cfg, n, seed=0):
-    step = make_train_step(cfg)
+def _steps(state, options, n, seed=0):
+    step = make_train_step(options)
     images, labels = coloured_squares(16 * n, seed=seed)
     for i in range(n):
         batch = {"image": images[16 * i:16 * (i + 1)], "label": labels[16 * i:16 * (i + 1)]}
@@ -124,12 +124,12 @@ def test_lr_multiplier_scales_the_first_sgd_step():
     assert stem_move / head_move == pytest.approx(0.1, rel=1e-5)
     # Through the train step: the first momentum step is -lr * mult * grad, and the first
     # gradient is the same from the same init, so the stem moves exactly 0.1x as far.
-    cfg = step_options(image_size=20, augment=Augmentation.none())
+    options = step_options(image_size=20, augment=Augmentation.none())
     moves = []
     for groups in ((), ((r"stem/.*", 0.1),)):
         state = create_train_state(TinyNet(4, rngs=nnx.Rngs(3)), lr=0.1,
                                    schedule="constant", weight_decay=0.0, param_groups=groups)
-        new_state, _ = _steps(state, cfg, 1)
+        new_state, _ = _steps(state, options, 1)
         before, after = nnx.to_pure_dict(state.params), nnx.to_pure_dict(new_state.params)
         moves.append({k: np.asarray(after[k]["kernel"]) - np.asarray(before[k]["kernel"])
                       for k in ("stem", "head")})
@@ -187,8 +187,8 @@ def test_bfloat16_compute_is_used_and_close_to_float32(random_model):
     assert 1e-3 < err < 0.1, err
 
     new = {}
-    for cfg in (f32, bf16):
-        new[cfg.compute_dtype], metrics = make_train_step(cfg)(state, batch, jax.random.key(0))
+    for options in (f32, bf16):
+        new[options.compute_dtype], metrics = make_train_step(options)(state, batch, jax.random.key(0))
         assert np.isfinite(float(metrics["loss"]))
     for leaf in jax.tree_util.tree_leaves((new["bfloat16"].params, new["bfloat16"].stats)):
         assert leaf.dtype == jnp.float32

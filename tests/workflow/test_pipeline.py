@@ -27,9 +27,9 @@ TINY = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
 def snakemake(workdir, *configs, target="all", dry_run=False):
     """Run the workflow in ``workdir`` on the tiny config plus ``configs`` (dicts)."""
     files = []
-    for i, cfg in enumerate((TINY,) + configs):
+    for i, layer in enumerate((TINY,) + configs):
         files.append(workdir / f"config-{i}.yaml")
-        files[-1].write_text(yaml.safe_dump(cfg))
+        files[-1].write_text(yaml.safe_dump(layer))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),

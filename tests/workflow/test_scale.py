@@ -3,6 +3,7 @@ resources per rule family, the SLURM profile and the pinned conda envs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -166,6 +167,11 @@ def test_systems_train_each_sgd_regime_per_system_and_seed_and_draw_one_figure(t
     job = _job(out, "report_systems")
     assert "results/demo/train/full_finetune+seed=1+system=bf16_sr/history.parquet" in job
     assert "results/demo/report/figures/systems.png" in job
+    # the notebook's parameters: paths from the rule's outputs, the comparison from the config
+    assert "-r train_root results/demo/train -r figures_dir results/demo/report/figures" in job
+    comparison = json.loads(re.search(r"-y '(\{.*?\})'", job).group(1))
+    assert comparison == {"regimes": ["full_finetune"], "variants": ["", "+seed=1"],
+                          "systems": sorted(systems)}          # as the config file lists them
 
     plain = _run([*_demo(tmp_path), "-n", "all"], cwd=tmp_path, plain=True)
     assert "report_systems" not in plain

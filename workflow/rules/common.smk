@@ -222,7 +222,7 @@ def train_targets():
 
 def systems_regimes():
     """The regimes the `systems:` comparison trains (the SGD regimes listed)."""
-    return [regime for regime in config["regimes"] if protocol.system_variants(config, regime)]
+    return protocol.systems_comparison(config)["regimes"]
 
 
 def systems_histories():
@@ -236,20 +236,6 @@ def systems_histories():
 def systems_report_targets():
     """The systems figure, when the config lists `systems:` for an SGD regime."""
     return [results("report/figures/systems.png")] if systems_regimes() else []
-
-
-def systems_report_settings(notebook):
-    """The systems notebook's parameters (paths from its output notebook, so a module's
-    prefix moves them)."""
-    run = run_folder(notebook, "report/notebooks/systems.ipynb")
-    return {
-        "train_root": str(run / "train"),
-        "regimes": systems_regimes(),
-        "systems": list(config["systems"]),
-        "variants": protocol.replicate_variants(config),
-        "figures_dir": str(run / "report" / "figures"),
-        "tables_dir": str(run / "report" / "tables"),
-    }
 
 
 def eval_targets():

@@ -90,7 +90,10 @@ rule report_systems:
         systems_svg=results("report/figures/systems.svg"),
         table=results("report/tables/systems.md"),
     params:
-        settings=lambda wc, output: json.dumps(systems_report_settings(output.notebook)),
+        train_root=lambda wc, output: run_folder(output.notebook, "report/notebooks/systems.ipynb") / "train",
+        figures=lambda wc, output: Path(output.systems).parent,
+        tables=lambda wc, output: Path(output.table).parent,
+        comparison=json.dumps(protocol.systems_comparison(config)),
     log:
         results("logs/report/systems.log"),
     benchmark:
@@ -102,4 +105,6 @@ rule report_systems:
         "../../envs/report.yaml"
     shell:
         "python -m papermill --no-progress-bar --log-output -k python3"
-        " {input.notebook:q} {output.notebook:q} -y {params.settings:q} > {log:q} 2>&1"
+        " {input.notebook:q} {output.notebook:q} -r train_root {params.train_root:q}"
+        " -r figures_dir {params.figures:q} -r tables_dir {params.tables:q}"
+        " -y {params.comparison:q} > {log:q} 2>&1"

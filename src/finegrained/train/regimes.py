@@ -36,7 +36,8 @@ from finegrained.config import load_schema
 from finegrained.errors import ConfigError
 from finegrained.train.augment_settings import is_augmented
 
-REGIMES = ("linear_probe", "partial_finetune", "full_finetune", "two_stage", "scratch")
+#: The transfer regimes, in the schema's order (`regimes:`).
+REGIMES = tuple(load_schema()["properties"]["regimes"]["items"]["enum"])
 
 #: Output stride (input side / output side) of each body stage.
 STAGE_STRIDES = {

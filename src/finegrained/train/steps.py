@@ -87,13 +87,13 @@ class StepOptions:
     compute_dtype: str                   # 'auto' | 'float32' | 'bfloat16' (params stay float32)
     # Batches hold the output of stage ``start`` (cached features/activations, float) instead
     # of pixels; no augmentation or cropping is applied to them. None: uint8 pixels.
-    start: str | None = None
+    start: str | None
     # Frozen lower part run online: the activation after stage ``cut`` is cut off from the
     # gradient (the frozen part is a fixed function of the input). None: no cut.
-    cut: str | None = None
+    cut: str | None
     # Storage of the trained parameters and optimizer state between steps (the update is
     # computed in float32; bfloat16 parameters are rounded as ``precision.rounding`` says).
-    precision: Precision = FLOAT32
+    precision: Precision
 
 
 def training_view(images: jax.Array, rng: jax.Array, options: StepOptions,
