@@ -334,6 +334,8 @@ def test_first_use_records_the_hash_and_later_uses_check_it(server, tmp_path, ca
     with caplog.at_level("INFO", logger="finegrained.models.download"):
         get(f"{base}/weights.bin", None, dest)
     assert GOOD in caplog.text and "first use" in caplog.text
+    # the line to paste under `backbone:` to pin it, on a line of its own
+    assert f"\n    weights_sha256: {GOOD}" in caplog.text
     assert read_recorded_sha256(dest) == GOOD
     assert verify_recorded_sha256(dest) == GOOD
     get(f"{base}/weights.bin", None, dest)             # present and as recorded: kept

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -107,5 +108,13 @@ def test_a_cache_from_other_weights_fails_the_job_naming_the_cache(inputs, tmp_p
     with pytest.raises(DataError, match="feature cache was made from weights") as caught:
         run_job(settings, **{**inputs, "init_weights": swapped}, features_dir=features,
                 out_dir=tmp_path / "stale", checkpoint_dir=tmp_path / "ck2", log_fn=None)
+    assert caught.value.path == str(features / "train" / "index.json")
+    assert not (tmp_path / "stale").exists()
+    # the same weights, but a shard index other than the one the cache was made from
+    moved = tmp_path / "moved_index.json"
+    moved.write_text(Path(inputs["train_index"]).read_text() + "\n")
+    with pytest.raises(DataError, match="feature cache was made from shard index") as caught:
+        run_job(settings, **{**inputs, "train_index": moved}, features_dir=features,
+                out_dir=tmp_path / "stale", checkpoint_dir=tmp_path / "ck3", log_fn=None)
     assert caught.value.path == str(features / "train" / "index.json")
     assert not (tmp_path / "stale").exists()

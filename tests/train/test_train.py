@@ -221,11 +221,7 @@ def pretrain_script():
     return module
 
 
-@pytest.mark.slow
-def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
-    from finegrained.models import build_model, flatten_state
-    from finegrained.models.weights import read_metadata, read_tensors
-    names = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
+def _pretrain_inputs(tmp_path, names):
     train = write_split(tmp_path / "shards", "train", *coloured_squares(48, seed=7), names)
     val = write_split(tmp_path / "shards", "val", *coloured_squares(10, seed=8), names)
     classes = tmp_path / "classes.parquet"
@@ -234,18 +230,30 @@ def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
     stats.write_text(json.dumps({"mean": [120.0] * 3, "std": [40.0] * 3,
                                  "eigenvalues": [900.0, 50.0, 10.0],
                                  "eigenvectors": np.eye(3).tolist(), "num_images": 48}))
-    out_w, out_m = tmp_path / "pre" / "weights.safetensors", tmp_path / "pre" / "metrics.json"
+    return ["--train-index", str(train), "--val-index", str(val), "--stats", str(stats),
+            "--classes", str(classes)]
+
+
+def _pretrain_settings(**pretrain):
     from finegrained.config import load_config
     from finegrained.train.regimes import pretrain_settings
     config = load_config(overrides={"backbone": {"arch": "resnet18", "width": 4,
                                                  "stage_depths": [1, 1, 1, 1]},
                                     "pretrain": {"epochs": 1, "batch_size": 16, "lr": 0.05,
                                                  "image_size": 16, "warmup_epochs": 0,
-                                                 "num_devices": 1, "compute_dtype": "float32"}})
-    settings = pretrain_settings(config)
+                                                 "num_devices": 1, "compute_dtype": "float32",
+                                                 **pretrain}})
+    return json.dumps(pretrain_settings(config))
+
+
+@pytest.mark.slow
+def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
+    from finegrained.models import build_model, flatten_state
+    from finegrained.models.weights import read_metadata, read_tensors
+    names = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
+    out_w, out_m = tmp_path / "pre" / "weights.safetensors", tmp_path / "pre" / "metrics.json"
     rc = pretrain_script.main([
-        "--settings", json.dumps(settings), "--train-index", str(train),
-        "--val-index", str(val), "--stats", str(stats), "--classes", str(classes),
+        "--settings", _pretrain_settings(), *_pretrain_inputs(tmp_path, names),
         "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--out-weights", str(out_w), "--out-metrics", str(out_m)])
     assert rc == 0
@@ -262,3 +270,43 @@ def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
     expected = flatten_state(fresh)
     assert set(tensors) == set(expected)
     assert all(tensors[k].shape == expected[k].shape for k in expected)
+
+
+@pytest.mark.slow
+def test_pretrain_sets_aside_checkpoints_made_with_other_settings(tmp_path, pretrain_script,
+                                                                  monkeypatch, capsys):
+    """A pretrain job that failed after training at lr 0.05 leaves its checkpoints; rerun at
+    lr 0.01 it trains afresh (the history of a run that never saw them) and says why."""
+    from finegrained.train import pretrain
+    inputs = _pretrain_inputs(tmp_path, ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"])
+    ckpt = tmp_path / "ckpt"
+
+    def run(lr, checkpoints, name):
+        out = tmp_path / name
+        rc = pretrain_script.main(["--settings", _pretrain_settings(lr=lr, epochs=2), *inputs,
+                                   "--checkpoint-dir", str(checkpoints),
+                                   "--out-weights", str(out / "w.safetensors"),
+                                   "--out-metrics", str(out / "m.json")])
+        return rc, out / "m.json"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    with monkeypatch.context() as patch:             # trained at lr 0.05, then failed
+        patch.setattr(pretrain, "save_weights", crash)
+        with pytest.raises(OSError, match="disk full"):
+            run(0.05, ckpt, "old")
+    assert ckpt.is_dir()
+    capsys.readouterr()
+    rc, metrics = run(0.01, ckpt, "new")
+    assert rc == 0
+    log = capsys.readouterr()
+    assert "set aside" in log.out + log.err and "lr 0.05 -> 0.01" in log.out + log.err
+    aside = list(tmp_path.glob("ckpt.set-aside-*"))
+    assert len(aside) == 1
+    rc, fresh = run(0.01, tmp_path / "other_ckpt", "fresh")
+    timing = ("seconds", "per_second", "wait")
+    strip = lambda rows: [{k: v for k, v in r.items() if not any(t in k for t in timing)}  # noqa: E731
+                          for r in rows]
+    history = strip(json.loads(metrics.read_text())["history"])
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history == strip(json.loads(fresh.read_text())["history"])

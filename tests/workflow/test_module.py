@@ -31,7 +31,7 @@ use rule * from finegrained as finegrained_*
 rule host_all:
     default_target: True
     input:
-        "birds/results/tiny/report/tables/regime_views.md",
+        rules.finegrained_all.input,
 """
 
 
@@ -45,7 +45,7 @@ def _snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """A host workflow in a folder of its own, the tiny run (two regimes) as its module's
-    config, run to the summary table."""
+    config, run to the end (the module's `all`: evaluations, figures, report notebooks)."""
     workdir = tmp_path_factory.mktemp("host")
     (workdir / "Snakefile").write_text(HOST)
     config = {**TINY, "regimes": ["linear_probe", "full_finetune"]}
@@ -64,7 +64,9 @@ def test_every_file_of_the_module_lands_under_the_prefix(host):
     run = host / "birds" / "results" / "tiny"
     for name in ("train/linear_probe/summary.json", "train/full_finetune/weights.safetensors",
                  "eval/full_finetune/metrics.json", "features/train/index.json",
-                 "logs/train/full_finetune.log", "benchmarks/pretrain.tsv"):
+                 "logs/train/full_finetune.log", "benchmarks/pretrain.tsv",
+                 "report/notebooks/results.ipynb", "report/figures/regime_views.png",
+                 "report/figures/confused_pairs.png", "report/tables/throughput.md"):
         assert (run / name).is_file(), name
     assert not (host / "results").exists() and not list((host / "birds").glob("*.log"))
     # The jobs were told prefixed paths (checkpoints, cache, report benchmarks included).

@@ -152,11 +152,22 @@ def test_config_paths_reach_jobs_without_a_shell_parsing_them(tiny_run, tmp_path
     workdir.mkdir()
     shutil.copytree(tiny_run / "data", workdir / "results" / "tiny" / "data")
     shutil.copytree(tiny_run / "demo_data", workdir / "results" / "tiny" / "demo_data")
-    snakemake(workdir, {"backbone": {"weights": str(weights)}},
+    # a class name file there too, naming the first target class as source output 1
+    sources = len(json.loads(read_metadata(weights)["class_names"]))
+    target = pq.read_table(tiny_run / "data" / "target" / "manifest" / "classes.parquet")
+    first = target.column("name")[0].as_py()
+    names = evil / "names'; touch PWNED3; echo '.txt"
+    names.write_text("\n".join(first if i == 1 else f"no such bird {i}"
+                               for i in range(sources)) + "\n")
+    snakemake(workdir, {"backbone": {"weights": str(weights), "source_class_names": str(names)},
+                        "head": {"init_from_source_names": True}},
               target="results/tiny/weights/init.safetensors")
     assert not list(tmp_path.rglob("PWNED*")) and not list(REPO.glob("PWNED*"))
     report = json.loads((workdir / "results" / "tiny" / "weights" / "init_report.json").read_text())
     assert report["weights"] == str(weights) and report["load"]["loaded"] > 0
+    assert report["head_init"]["num_source_classes"] == sources
+    assert [(m["source_index"], m["source_name"]) for m in report["head_init"]["matched"]] == [
+        (1, first)]
 
 
 def test_a_finished_run_says_what_it_found(tiny_run):

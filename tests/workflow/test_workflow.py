@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,38 @@ def test_a_missing_dataset_root_is_named_at_the_dry_run(tmp_path):
     proc = _snakemake("all", "-n", "--config", f"dataset={{root: {tmp_path / 'nabirds'}}}",
                       check=False)
     assert "has no image_class_labels.txt" in proc.stdout + proc.stderr
+
+
+def test_an_image_path_leaving_the_dataset_root_stops_the_dry_run(tmp_path):
+    """A `..` in images.txt is refused when the DAG is built, naming the file and line."""
+    root = tmp_path / "cub"
+    root.mkdir()
+    (root / "images.txt").write_text("1 001.A/a.jpg\n2 ../../etc/b.jpg\n")
+    for name in ("image_class_labels.txt", "train_test_split.txt", "classes.txt"):
+        (root / name).write_text("")
+    proc = _snakemake("all", "-n", "--config", f"dataset={{root: {root}, format: cub}}",
+                      check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "image path leaves the dataset root" in text
+    assert f"{root / 'images.txt'}:2: " in text and "'../../etc/b.jpg'" in text
+    assert "rule crop_shard:" not in proc.stdout
+
+
+def test_the_catalog_entry_point_plans_the_smoke_test(tmp_path):
+    """The catalog's usage: `workflow/Snakefile` with `.test/config/config.yaml` (its smoke
+    test, which the test suite trains in tests/workflow/test_pipeline.py) plans every regime,
+    its evaluation and the report, in a working folder of its own."""
+    catalog = yaml.safe_load((REPO / ".snakemake-workflow-catalog.yml").read_text())
+    assert catalog["usage"]["software-stack-deployment"]["conda"] is True
+    flags = catalog["usage"]["mandatory-flags"]["flags"]
+    proc = _snakemake("-s", "workflow/Snakefile", "all", "-n", "--configfile",
+                      ".test/config/config.yaml", "--directory", str(tmp_path), *flags.split())
+    stats = proc.stdout.split("Job stats:")[1].split("\n\n")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
+    assert counts["train_regime"] == counts["evaluate_regime"] == "5", counts
+    assert counts["report_results"] == counts["report_examples"] == "1", counts
+    assert "results/tiny/report/notebooks/results.ipynb" in proc.stdout
+    assert not (REPO / ".test" / "results").exists()
 
 
 def test_default_config_starts_from_public_imagenet_weights():

@@ -14,7 +14,9 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from finegrained import protocol
 from finegrained.config import is_url, load_schema, validate_config
 from finegrained.data.manifest import SPLITS
-from finegrained.data.readers import DATASET_FORMATS, annotation_files, dataset_root_problem
+from finegrained.data.readers import (DATASET_FORMATS, annotation_files, check_image_paths,
+                                      dataset_root_problem)
+from finegrained.errors import DataError
 from finegrained.data.settings import crop_settings, manifest_settings
 from finegrained.evaluate.settings import evaluation_settings
 from finegrained.models.download import WEIGHTS_DIR, download_path, sha256_record
@@ -99,6 +101,10 @@ def annotation_inputs(wildcards):
         if problem:
             raise WorkflowError(problem)
         root, demo = str(Path(cfg["root"]).absolute()), False
+        try:
+            check_image_paths(cfg["format"], root)
+        except DataError as exc:
+            raise WorkflowError(f"{key}.root: {exc}") from None
     return [str(path) for path in annotation_files(cfg["format"], root, all_optional=demo)]
 
 

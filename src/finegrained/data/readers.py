@@ -144,6 +144,23 @@ def dataset_root_problem(fmt: str, root: str | os.PathLike, key: str = "dataset"
             f"docs/nabirds.md")
 
 
+def check_image_paths(fmt: str, root: str | os.PathLike) -> None:
+    """The images.txt check of :func:`read_dataset` alone: a DataError naming the line of a
+    path that leaves ``root``. Cheap (one file, cached while the file is unchanged), so the
+    workflow runs it when the DAG is built and ``snakemake -n`` refuses such a dataset."""
+    listing = Path(root) / "images.txt"
+    stat = listing.stat()
+    _check_image_paths(fmt, os.fspath(listing), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_image_paths(fmt: str, listing: str, mtime_ns: int, size: int) -> None:
+    images = _read_keyed(Path(listing), DATASET_FORMATS[fmt].parse_image_id, [("path", _text)],
+                         rest_is_text=True)
+    for record in images.values():
+        check_relative_path(record.values[0], Path(listing), record.line)
+
+
 def annotation_files(fmt: str, root: str | os.PathLike, *,
                      all_optional: bool = False) -> list[Path]:
     """The files :func:`read_dataset` reads in ``root``: the required ones (present or not)
