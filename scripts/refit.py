@@ -16,7 +16,7 @@ from finegrained import cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--request", required=True,
+    p.add_argument("--settings", required=True,
                    help="JSON (or @file): regime, replicate variant, select_by and the config "
                         "hash of every train job it may repeat (finegrained.protocol.refit_request)")
     p.add_argument("--train-summary", help="train/<regime><variant>/summary.json (no sweep)")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     def job():
         from finegrained.protocol import chosen_train_files, refit_settings
         from finegrained.train.job import run_job   # after argparse: --help stays fast
-        request = cli.read_settings(args.request)
+        request = cli.read_settings(args.settings)
         summary = args.train_summary
         if args.selection is not None:
             _, summary = chosen_train_files(args.selection, args.train_root,

@@ -16,8 +16,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", required=True,
                    help='JSON: {"<grid point variant>": ["train/<job>/summary.json", ...]}, '
                         "one summary per replicate")
-    p.add_argument("--select-by", default="val_top1", choices=("val_top1", "val_loss"),
-                   help="the rule (protocol.select_by)")
+    p.add_argument("--settings", required=True,
+                   help='JSON (or @file): {"select_by": "val_top1" | "val_loss"} '
+                        "(protocol.selection_settings)")
     p.add_argument("--out", required=True, help="select/<regime>.json")
     return p.parse_args(argv)
 
@@ -27,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def job():
         from finegrained.protocol import write_selection
+        settings = cli.read_settings(args.settings)
         selection = write_selection(args.regime, json.loads(args.candidates), args.out,
-                                    args.select_by)
+                                    settings["select_by"])
         cli.log(f"{args.regime}: chose {selection['chosen']} of "
                 f"{len(selection['candidates'])} grid points ({selection['rule']})")
 

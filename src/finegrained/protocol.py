@@ -100,6 +100,11 @@ def system_variants(config: Mapping, regime: str) -> list[str]:
             for name in systems for replicate in replicate_variants(config)]
 
 
+def selection_settings(config: Mapping) -> dict:
+    """The settings of a sweep's selection job (``select_sweep``)."""
+    return {"select_by": config["protocol"]["select_by"]}
+
+
 def systems_comparison(config: Mapping) -> dict:
     """What the systems report compares: the regimes with ``systems:`` jobs, the system
     names and the replicate variants (the notebook's parameters besides its paths)."""

@@ -5,6 +5,7 @@ of epochs by validation loss."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +17,16 @@ from finegrained.models.weights import read_tensors
 from finegrained.train import regimes
 from finegrained.train.job import run_features_job, run_job
 from helpers.training import job_inputs, tiny_job_config
+
+
+def _script(name):
+    """scripts/<name>.py as a module (its main(argv) is what the rule runs)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +141,13 @@ def test_refit_trains_on_train_and_validation_for_the_chosen_epochs(inputs, tmp_
     request = protocol.refit_request(config, "full_finetune", "")
     settings = protocol.refit_settings(request, summary)
     assert settings["phases"][0]["stop_after_epochs"] == summary["best_epoch"]
-    refit = run_job(settings, **inputs, out_dir=tmp_path / "refit",
-                    checkpoint_dir=tmp_path / "ck-refit", log_fn=None)
+    # the refit_regime rule's script, as the rule calls it
+    rc = _script("refit").main([
+        "--settings", json.dumps(request), "--train-summary", str(tmp_path / "train" / "summary.json"),
+        *[f"--{k.replace('_', '-')}={v}" for k, v in inputs.items()],
+        "--checkpoint-dir", str(tmp_path / "ck-refit"), "--out-dir", str(tmp_path / "refit")])
+    assert rc == 0
+    refit = json.loads((tmp_path / "refit" / "summary.json").read_text())
     rows = _rows(tmp_path / "refit")
     assert [r["epoch"] for r in rows] == list(range(1, summary["best_epoch"] + 1))
     assert all(r["train_count"] == 48 + 16 for r in rows)

@@ -102,7 +102,7 @@ rule select_sweep:
         selection=results("select/{regime}.json"),
     params:
         candidates=lambda wc: json.dumps(sweep_candidates(wc)),
-        select_by=config["protocol"]["select_by"],
+        settings=json.dumps(protocol.selection_settings(config)),
     log:
         results("logs/select/{regime}.log"),
     resources:
@@ -111,7 +111,7 @@ rule select_sweep:
         "../../envs/report.yaml"
     shell:
         "python {input.script:q} --regime {wildcards.regime} --candidates {params.candidates:q}"
-        " --select-by {params.select_by} --out {output.selection:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} --out {output.selection:q} > {log:q} 2>&1"
 
 
 # protocol.refit: the recipe and epochs chosen on validation, trained once more on train +
@@ -130,7 +130,7 @@ rule refit_regime:
         summary=results("refit/{regime}{variant}/summary.json"),
     params:
         rule="refit_regime",
-        request=lambda wc: json.dumps(
+        settings=lambda wc: json.dumps(
             protocol.refit_request(config, wc.regime, wc.variant), sort_keys=True
         ),
         chosen=refit_train_args,
@@ -152,7 +152,7 @@ rule refit_regime:
         jax_conda_env(config)
     shell:
         "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
-        " python {input.script:q} --request {params.request:q} {params.chosen}"
+        " python {input.script:q} --settings {params.settings:q} {params.chosen}"
         " --train-index {input.train:q}"
         " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
         " {params.init} {params.features} {params.probe} --checkpoint-dir {params.checkpoints:q}"
