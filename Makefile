@@ -121,11 +121,11 @@ cub50: install
 	    --run "iNat birds, 112 px, SGD probe=results/cub50_inat_112px_sgd_probe" \
 	    --run "iNat birds, 112 px, SGD probe, augmented=results/cub50_inat_112px_sgd_probe_aug"
 	$(PY) scripts/results_table.py --update docs/results-cub50.md --marker recipes-table --levels leaf \
-	    --run "iNat birds, 112 px, LP-FT (seed 0)=results/cub50_inat_112px_lpft" \
+	    --run "iNat birds, 112 px, LP-FT seeds=results/cub50_inat_112px_lpft" \
 	    --run "iNat birds, 112 px, L2-SP=results/cub50_inat_112px_l2sp" \
 	    --run "iNat birds, 112 px, refit on train+val=results/cub50_inat_112px_refit" \
 	    --run "iNat birds, 112 px, L2-SP, refit on train+val=results/cub50_inat_112px_l2sp_refit" \
-	    --run "ImageNet, 112 px (seed 0)=results/cub50_imagenet_112px_seeds" \
+	    --run "ImageNet, 112 px, seeds=results/cub50_imagenet_112px_seeds" \
 	    --replicates "iNat birds, 112 px=results/cub50_inat_112px_lpft" \
 	    --replicates "ImageNet, 112 px=results/cub50_imagenet_112px_seeds"
 
