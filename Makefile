@@ -133,13 +133,12 @@ clean-demo:
 	rm -rf results/demo
 
 # The GPU device check (benchmarks/device_check.py, issue #16): `make device-bundle` puts what
-# it needs beyond the source tree into .device/ (the MobileNetV2 weights of ../shared, the
-# pure-Python wheels a GPU machine may lack); on the GPU machine, from the repository root:
+# it needs beyond the source tree into .device/ (the MobileNetV2 weights of ../shared; wheels
+# for Python 3.12, at the lock's versions, of the library's dependencies beyond the GPU
+# machine's JAX+CUDA, flax, optax, orbax, pyarrow and pillow: the check unpacks those the
+# machine lacks); on the GPU machine, from the repository root:
 #   python benchmarks/device_check.py --bundle .device --out device_check.json
 # then copy the JSON to benchmarks/results/ and run benchmarks/render.py.
-# Wheels (Python 3.12, at the lock's versions) of the library's dependencies that the GPU
-# machine may lack (it has JAX+CUDA, flax, optax, orbax, pyarrow, pillow); the check
-# unpacks only those it lacks.
 DEVICE_BUNDLE ?= .device
 DEVICE_WHEELS := filelock jsonschema pyyaml safetensors tqdm
 device-bundle: install

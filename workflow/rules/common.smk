@@ -16,8 +16,8 @@ from finegrained.config import is_url, load_schema, validate_config
 from finegrained.data.manifest import SPLITS
 from finegrained.data.readers import (DATASET_FORMATS, annotation_files, check_image_paths,
                                       dataset_root_problem)
-from finegrained.errors import DataError
 from finegrained.data.settings import crop_settings, manifest_settings
+from finegrained.errors import DataError
 from finegrained.evaluate.settings import evaluation_settings
 from finegrained.models.download import WEIGHTS_DIR, download_path, sha256_record
 from finegrained.models.settings import fetch_settings, init_settings
