@@ -117,6 +117,13 @@ def test_cub50_example_configs_validate(repo_root):
         config = load_config(default, examples / "cub50.yaml", *(examples / o for o in overlays))
         check_protocol(config)
         assert config["run_name"] == run_name and config["train"]["image_size"] == 112
+    # the systems comparison on cub50: the demo's systems in a run folder of their own
+    systems = load_config(default, examples / "cub50.yaml", examples / "cub50-112px.yaml",
+                          examples / "systems.yaml", examples / "cub50-112px-systems.yaml")
+    check_protocol(systems)
+    assert systems["run_name"] == "cub50_inat_112px_systems" and len(systems["systems"]) == 5
+    assert systems["dataset"]["format"] == "cub" and systems["train"]["num_devices"] == 4
+    assert len(train_variants(systems, "full_finetune")) == 3
     swept = load_config(default, examples / "cub50.yaml", examples / "cub50-112px.yaml",
                         examples / "cub50-112px-sweep.yaml")
     assert train_variants(swept, "two_stage") == ["+backbone_lr_mult=1.0", "+backbone_lr_mult=0.1"]
