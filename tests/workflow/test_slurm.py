@@ -174,11 +174,14 @@ def test_every_non_local_job_ran_as_a_slurm_job(runs):
     assert remote and local
     assert set(remote) == set(submitted), (sorted(remote), sorted(submitted))
     assert not set(local) & set(submitted)
-    assert {j["rule"] for j in local.values()} <= {"shard_index", "all", "data", "weights",
-                                                     "train", "evaluate", "fetch_weights"}
+    # the Snakefile's localrules (light rules) and the weights download
+    assert {j["rule"] for j in local.values()} <= {
+        "shard_index", "all", "data", "weights", "train", "select_sweep", "evaluate",
+        "summarize", "figures", "fetch_weights"}
     assert {j["rule"] for j in remote.values()} == {
         "demo_dataset", "manifests", "crop_shard", "channel_stats", "pretrain",
-        "init_target_model", "features", "train_regime", "evaluate_regime"}
+        "init_target_model", "features", "train_regime", "evaluate_regime", "report_results",
+        "report_examples"}
     # every SLURM job (retries included) left its log, named by rule and job id
     slurm_ids = re.findall(r"submitted with SLURM jobid (\d+)", console)
     logs = {p.stem: p for p in (REPO / ".snakemake" / "slurm_logs").rglob("*.log")}
@@ -257,9 +260,11 @@ def test_results_equal_the_local_run(runs):
     print(f"metrics equal; trained weights byte-identical: {same}")
 
 
-def test_two_srun_tasks_train_like_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "local_sgd"])
+def test_two_srun_tasks_train_like_one_process(tmp_path, mode):
     """Two SLURM tasks (2 CPU devices each) join through jax's SLURM detection and train
-    like one process with 4 devices (tests/test_distributed.py's worker and comparison)."""
+    like one process with 4 devices (tests/test_distributed.py's worker and comparison),
+    with synchronous data parallelism and with local SGD."""
     from test_distributed import WORKER, _env, compare_runs
 
     script = tmp_path / "worker.py"
@@ -267,14 +272,14 @@ def test_two_srun_tasks_train_like_one_process(tmp_path):
     tests_dir = str(Path(__file__).resolve().parents[1])
     single = subprocess.run(
         [sys.executable, str(script), tests_dir, str(tmp_path / "single.json"),
-         str(tmp_path / "ckpt-single")],
+         str(tmp_path / "ckpt-single"), mode],
         env=_env(4), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stdout + single.stderr
 
     env = _env(2)
     env.update({k: v for k, v in os.environ.items() if k.startswith("SLURM_CONF")})
     task = (f"{sys.executable} {script} {tests_dir} {tmp_path}/multi$SLURM_PROCID.json "
-            f"{tmp_path}/ckpt-multi")
+            f"{tmp_path}/ckpt-multi {mode}")
     proc = subprocess.run(
         ["sbatch", "--wait", "--ntasks=2", "--cpus-per-task=1", "--mem=4000",
          f"--output={tmp_path}/slurm-%j.out", "--wrap", f"srun sh -c '{task}'"],
