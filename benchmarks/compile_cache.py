@@ -46,7 +46,7 @@ rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (2 * batch, image * 8 // 7, image * 8 // 7, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, 2 * batch).astype(np.int32)
 settings = default_settings(epochs=1, batch_size=batch, image_size=image, num_devices=1,
-                       log_every_steps=0, warmup_epochs=0, augment={"pca_lighting": 0.0})
+                            log_every_steps=0, warmup_epochs=0, augment={"pca_lighting": 0.0})
 result = fit(build_model(arch, 10, width=width, rngs=nnx.Rngs(0)), (images, labels),
              (images[:batch], labels[:batch]), settings, log_fn=None)
 print(json.dumps({"first_step_seconds": result.history[0]["first_step_seconds"],

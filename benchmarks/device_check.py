@@ -199,9 +199,9 @@ def train(args: dict) -> dict:
     # The schema's default augmentation (random-resized crop, flip, colour jitter, PCA
     # lighting), as every training job of the workflow draws it.
     settings = default_settings(epochs=args["epochs"], batch_size=args["batch"],
-                           image_size=args["image"], compute_dtype=args["dtype"],
-                           warmup_epochs=0, log_every_steps=0, num_devices=1,
-                           prefetch_batches=4)
+                                image_size=args["image"], compute_dtype=args["dtype"],
+                                warmup_epochs=0, log_every_steps=0, num_devices=1,
+                                prefetch_batches=4)
     lighting = Lighting(np.array([0.2, 0.02, 0.005], np.float32), np.eye(3, dtype=np.float32))
     model = random_model(args["arch"], args["width"], args["classes"], args.get("stage_depths"))
     result = fit(model, ShardReader(train_index), ShardReader(val_index), settings, log_fn=None,
@@ -294,7 +294,8 @@ class Check:
         children share a persistent compilation cache (``env`` may name another), so a
         configuration measured twice compiles once."""
         command = [sys.executable, __file__, "--child", name, json.dumps(args)]
-        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO / "src", *self.site])),
+        path = os.pathsep.join(map(str, [REPO / "src", *self.site]))
+        environ = {**os.environ, "PYTHONPATH": path,
                    **cache_env(self.scratch / "jax_cache_shared"), **(env or {})}
         try:
             proc = subprocess.run(command, env=environ, capture_output=True, text=True,

@@ -141,8 +141,8 @@ def training_input_wait(index: Path, batch_size: int) -> dict:
     flip_and_brightness = Augmentation.none().replace(
         crop_area=(0.25, 1.0), aspect_ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.2)
     settings = default_settings(epochs=2, batch_size=batch_size, image_size=TRAIN_SIZE,
-                           compute_dtype="float32", warmup_epochs=0, log_every_steps=0,
-                           checkpoint_every_steps=0, augment=flip_and_brightness)
+                                compute_dtype="float32", warmup_epochs=0, log_every_steps=0,
+                                checkpoint_every_steps=0, augment=flip_and_brightness)
     epoch = fit(model, reader, None, settings, log_fn=None).history[-1]  # the first compiles
     return {"model": "resnet18 width 16", "batch_size": batch_size,
             "steps": len(reader) // batch_size,

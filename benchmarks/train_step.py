@@ -73,7 +73,8 @@ def prepare_step(arch: str, batch: int, compute_dtype: str, augment=None, lighti
 
     model = build_model(arch, NUM_CLASSES, rngs=nnx.Rngs(seed))
     settings = default_settings(epochs=1, batch_size=batch, compute_dtype=compute_dtype,
-                           image_size=224, augment=augment or Augmentation.none(), num_devices=1)
+                                image_size=224, augment=augment or Augmentation.none(),
+                                num_devices=1)
     run = prepare(model, batch * 10, settings, lighting=lighting)
     rng = np.random.default_rng(seed)
     data = shard_batch({"image": rng.integers(0, 256, (batch, STORED, STORED, 3), np.uint8),

@@ -38,11 +38,11 @@ WORKER = textwrap.dedent('''
     assert jax.device_count() == 4, jax.devices()
     assert multi == (jax.process_count() == 2)
     settings = default_settings(epochs=2, batch_size=8, eval_batch_size=8, lr=0.05,
-                           warmup_epochs=0, weight_decay=1e-4, image_size=20,
-                           eval_crop_fraction=1.0, augment=crop_and_flip(crop_area=(0.6, 1.0)),
-                           compute_dtype="float32", seed=3, log_every_steps=0,
-                           checkpoint_every_steps=2, prefetch_batches=2,
-                           parallel=Parallel(mode, 2, True))   # local_sgd: copies averaged every 2 steps
+                                warmup_epochs=0, weight_decay=1e-4, image_size=20,
+                                eval_crop_fraction=1.0, augment=crop_and_flip(crop_area=(0.6, 1.0)),
+                                compute_dtype="float32", seed=3, log_every_steps=0,
+                                checkpoint_every_steps=2, prefetch_batches=2,
+                                parallel=Parallel(mode, 2, True))   # local_sgd: H = 2
     train = coloured_squares(24, seed=0)
     val = coloured_squares(12, seed=1)   # the last eval batch: process 1's rows all padding
     model = TinyNet(4, rngs=nnx.Rngs(0))

@@ -38,7 +38,8 @@ def test_replicates_keep_the_plain_path_for_train_seed():
 
 
 def test_sweep_grid_times_replicates():
-    run_config = config(seeds=[0, 1], sweep={"full_finetune": {"lr": [0.01, 0.1], "epochs": [2, 4]}})
+    run_config = config(seeds=[0, 1],
+                        sweep={"full_finetune": {"lr": [0.01, 0.1], "epochs": [2, 4]}})
     assert P.sweep_variants(run_config, "full_finetune") == [
         "+lr=0.01+epochs=2", "+lr=0.01+epochs=4", "+lr=0.1+epochs=2", "+lr=0.1+epochs=4"]
     assert P.sweep_variants(run_config, "scratch") == [""]

@@ -254,11 +254,8 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 def test_script_writes_a_dataset_the_reader_accepts(tmp_path, repo_root, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "make_demo_dataset", repo_root / "scripts" / "make_demo_dataset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from helpers.scripts import load_script
+    script = load_script("make_demo_dataset")
     out = tmp_path / "source"
     settings = {"num_classes": 4, "train_per_class": 2, "test_per_class": 1, "seed": 5}
     assert script.main(["--out", str(out), "--variant", "source",

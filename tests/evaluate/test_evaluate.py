@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ from finegrained.evaluate import metrics as M
 from finegrained.evaluate.views import average_scores, render_view, view_boxes
 from finegrained.train.augment import center_crop
 
+from helpers.scripts import load_script
 from helpers.training import coloured_squares, write_classes, write_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,11 +143,7 @@ CONTRACT = {"regime", "variant", "n_test", "views", "summary_view", "per_level",
 
 @pytest.fixture(scope="module")
 def evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script",
-                                                  REPO / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("evaluate")
 
 
 def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_script):

@@ -36,7 +36,7 @@ def lighting():
 
 def test_shapes_and_dtype(images, lighting):
     augmentation = crop_and_flip(scale_jitter=0.2, brightness=0.3, contrast=0.3, saturation=0.3,
-                        pca_lighting=0.1)
+                                 pca_lighting=0.1)
     out = augment_batch(images, jax.random.key(0), augmentation, 16, lighting)
     assert out.shape == (4, 16, 16, 3) and out.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()
@@ -93,7 +93,7 @@ def test_lighting_needs_statistics(images):
 
 def test_keys_decide_the_output(images, lighting):
     augmentation = crop_and_flip(scale_jitter=0.3, brightness=0.2, contrast=0.2, saturation=0.2,
-                        pca_lighting=0.1)
+                                 pca_lighting=0.1)
     fn = lambda k: augment_batch(images, k, augmentation, 16, lighting)  # noqa: E731
     a, b, c = fn(jax.random.key(0)), fn(jax.random.key(0)), fn(jax.random.key(1))
     np.testing.assert_array_equal(a, b)
@@ -152,7 +152,8 @@ def test_rotation_off_keeps_the_unrotated_resampler_bit_for_bit(images):
         return aug._resample(images, boxes, 16)
 
     key = jax.random.key(4)
-    np.testing.assert_array_equal(augment_batch(images, key, augmentation, 16), unrotated(images, key))
+    np.testing.assert_array_equal(augment_batch(images, key, augmentation, 16),
+                                  unrotated(images, key))
 
 
 def test_rotated_crop_shapes_and_keys(images):
@@ -277,7 +278,8 @@ def test_hue_jitter_in_augment_batch(images):
     augmentation = dataclasses.replace(NONE, hue=0.5)
     key = jax.random.key(6)
     out = np.asarray(augment_batch(images, key, augmentation, 24))
-    expected = np.asarray(shift_hue(np.asarray(images, np.float32), aug.hue_shifts(key, augmentation, 4)))
+    expected = np.asarray(shift_hue(np.asarray(images, np.float32),
+                                    aug.hue_shifts(key, augmentation, 4)))
     np.testing.assert_allclose(out, np.clip(expected, 0, 255), atol=1e-3)
     assert out.min() >= 0.0 and out.max() <= 255.0
     same = np.asarray(augment_batch(jnp.tile(images[:1], (4, 1, 1, 1)), key, augmentation, 24))

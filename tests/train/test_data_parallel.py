@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
 
     assert jax.device_count() == 4, jax.devices()
     options = step_options(image_size=20, augment=crop_and_flip(brightness=0.2, scale_jitter=0.2),
-                       label_smoothing=0.1)
+                           label_smoothing=0.1)
     images, labels = coloured_squares(16, seed=0)
     batch = {"image": images, "label": labels}
     rng = jax.random.key(11)
@@ -45,7 +45,8 @@ SCRIPT = textwrap.dedent('''
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == n
         results[n] = (jax.device_get((new_state.params, new_state.stats)),
                       float(metrics["loss"]))
-        ev = validate(new_state, coloured_squares(13, seed=2), make_eval_metrics_step(options, mesh=mesh),
+        ev = validate(new_state, coloured_squares(13, seed=2),
+                      make_eval_metrics_step(options, mesh=mesh),
                       batch_size=8, mesh=mesh)
         assert ev["count"] == 13, ev
         results[n] += (ev["top1"],)

@@ -5,7 +5,6 @@ of epochs by validation loss."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,17 +15,8 @@ from finegrained.errors import DataError
 from finegrained.models.weights import read_tensors
 from finegrained.train import regimes
 from finegrained.train.job import run_features_job, run_job
+from helpers.scripts import load_script
 from helpers.training import job_inputs, tiny_job_config
-
-
-def _script(name):
-    """scripts/<name>.py as a module (its main(argv) is what the rule runs)."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +132,9 @@ def test_refit_trains_on_train_and_validation_for_the_chosen_epochs(inputs, tmp_
     settings = protocol.refit_settings(request, summary)
     assert settings["phases"][0]["stop_after_epochs"] == summary["best_epoch"]
     # the refit_regime rule's script, as the rule calls it
-    rc = _script("refit").main([
-        "--settings", json.dumps(request), "--train-summary", str(tmp_path / "train" / "summary.json"),
+    rc = load_script("refit").main([
+        "--settings", json.dumps(request),
+        "--train-summary", str(tmp_path / "train" / "summary.json"),
         *[f"--{k.replace('_', '-')}={v}" for k, v in inputs.items()],
         "--checkpoint-dir", str(tmp_path / "ck-refit"), "--out-dir", str(tmp_path / "refit")])
     assert rc == 0

@@ -63,7 +63,7 @@ def test_frozen_stages_and_their_batch_norm_stay_bit_identical(splits):
     model = tiny_resnet()
     before = flatten_state(model)
     settings = dataclasses.replace(BASE, epochs=1, augment=crop_and_flip(flip=0.5, brightness=0.2),
-                              param_groups=tuple(map(tuple, _groups("stride8"))), cut="stage2")
+                                   param_groups=tuple(map(tuple, _groups("stride8"))), cut="stage2")
     fit(model, _reader(splits[0]), _reader(splits[1]), settings, log_fn=None)
     after = flatten_state(model)
     frozen = [k for k in before if k.split("/")[0] in ("stem", "stage1", "stage2")]
@@ -146,8 +146,9 @@ def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tm
     noise of a resumed step is the uninterrupted run's (its stream folds in the step)."""
     train, val = splits
     settings = dataclasses.replace(BASE, epochs=2, checkpoint_every_steps=3, log_every_steps=1,
-                              augment=crop_and_flip(flip=0.5, brightness=0.2, crop_area=(0.5, 1)),
-                              precision=precision)
+                                   augment=crop_and_flip(flip=0.5, brightness=0.2,
+                                                         crop_area=(0.5, 1)),
+                                   precision=precision)
     straight = tiny_resnet()
     ref = fit(straight, _reader(train), _reader(val), settings, log_fn=None,
               checkpoint_dir=tmp_path / "a")

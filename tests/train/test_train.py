@@ -16,7 +16,7 @@ from flax import nnx
 
 from finegrained.errors import ConfigError
 from finegrained.train.augment import Augmentation, center_crop
-from finegrained.train.loop import fit
+from finegrained.train.loop import TIMING_FIELDS, fit
 from finegrained.train.settings import default_settings
 from finegrained.train.validation import validate
 from finegrained.train.optim import build_optimizer
@@ -188,7 +188,8 @@ def test_bfloat16_compute_is_used_and_close_to_float32(random_model):
 
     new = {}
     for options in (f32, bf16):
-        new[options.compute_dtype], metrics = make_train_step(options)(state, batch, jax.random.key(0))
+        new[options.compute_dtype], metrics = make_train_step(options)(state, batch,
+                                                                       jax.random.key(0))
         assert np.isfinite(float(metrics["loss"]))
     for leaf in jax.tree_util.tree_leaves((new["bfloat16"].params, new["bfloat16"].stats)):
         assert leaf.dtype == jnp.float32
@@ -212,13 +213,8 @@ def test_float16_is_refused(make):
 
 @pytest.fixture(scope="module")
 def pretrain_script():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py"
-    spec = importlib.util.spec_from_file_location("pretrain_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from helpers.scripts import load_script
+    return load_script("pretrain")
 
 
 def _pretrain_inputs(tmp_path, names):
@@ -304,8 +300,7 @@ def test_pretrain_sets_aside_checkpoints_made_with_other_settings(tmp_path, pret
     aside = list(tmp_path.glob("ckpt.set-aside-*"))
     assert len(aside) == 1
     rc, fresh = run(0.01, tmp_path / "other_ckpt", "fresh")
-    timing = ("seconds", "per_second", "wait")
-    strip = lambda rows: [{k: v for k, v in r.items() if not any(t in k for t in timing)}  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_FIELDS}  # noqa: E731
                           for r in rows]
     history = strip(json.loads(metrics.read_text())["history"])
     assert [r["epoch"] for r in history] == [1, 2]

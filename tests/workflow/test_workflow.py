@@ -215,7 +215,6 @@ def test_the_catalog_entry_point_plans_the_smoke_test(tmp_path):
     assert counts["train_regime"] == counts["evaluate_regime"] == "5", counts
     assert counts["report_results"] == counts["report_examples"] == "1", counts
     assert "results/tiny/report/notebooks/results.ipynb" in proc.stdout
-    assert not (REPO / ".test" / "results").exists()
 
 
 def test_default_config_starts_from_public_imagenet_weights():

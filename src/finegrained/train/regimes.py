@@ -36,8 +36,9 @@ from finegrained.config import load_schema
 from finegrained.errors import ConfigError
 from finegrained.train.augment_settings import is_augmented
 
+_SCHEMA = load_schema()
 #: The transfer regimes, in the schema's order (`regimes:`).
-REGIMES = tuple(load_schema()["properties"]["regimes"]["items"]["enum"])
+REGIMES = tuple(_SCHEMA["properties"]["regimes"]["items"]["enum"])
 
 #: Output stride (input side / output side) of each body stage.
 STAGE_STRIDES = {
@@ -47,7 +48,6 @@ STAGE_STRIDES = {
 }
 FREEZE_CHOICES = ("stem", "stride2", "stride4", "stride8", "stride16", "stride32")
 
-_SCHEMA = load_schema()
 #: Recipe keys (``$defs/recipe``; ``param_groups`` is resolved per regime) and run keys
 #: (``$defs/run``; ``keep_checkpoints`` is the job's): with the parameter groups and the input
 #: placement, the fields of ``TrainSettings``, under the same names.
