@@ -18,6 +18,13 @@ def test_mean_std_and_student_t_interval_by_hand():
     half = 4.302652729749464 * 0.04 / math.sqrt(3)                 # t(0.975, df=2)
     assert row["ci95_low"] == pytest.approx(0.84 - half)
     assert row["ci95_high"] == pytest.approx(0.84 + half)
+    # an interval is cut to the range of what it bounds: top-1 never above 1
+    near_one = T.mean_ci([0.94, 0.96, 1.0], bounds=T.FRACTION)
+    assert near_one["ci95_high"] == 1.0 and near_one["ci95_low"] == pytest.approx(
+        near_one["mean"] - 4.302652729749464 * near_one["std"] / math.sqrt(3))
+    assert T.mean_ci([0.94, 0.96, 1.0])["ci95_high"] > 1.0
+    assert T.summarize({"r": [metrics("r", "", 0.94, 0.94), metrics("r", "+seed=1", 1.0, 1.0),
+                              metrics("r", "+seed=2", 0.96, 0.96)]})[0]["ci95_high"] == 1.0
     single = T.mean_ci([0.7])
     assert single == {"n": 1, "mean": 0.7, "std": None, "ci95_low": None, "ci95_high": None}
     with pytest.raises(ValueError):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from finegrained.report.figures import PALETTE, STYLE, read_history, save
-from finegrained.report.tables import mean_ci
+from finegrained.report.tables import FRACTION, mean_ci
 
 
 def collect(train_root: str | os.PathLike, regimes: Sequence[str], systems: Sequence[str],
@@ -61,8 +62,8 @@ def summary_rows(histories: Mapping[str, Mapping[str, list[dict]]]) -> list[dict
                             for s, b in zip(h["seconds"], np.diff([0] + list(h["step"])))]
             rows.append({
                 "regime": regime, "system": system,
-                "val_top1": mean_ci([r["val_top1"] for r in last]),
-                "train_loss": mean_ci([r["train_loss"] for r in last]),
+                "val_top1": mean_ci([r["val_top1"] for r in last], bounds=FRACTION),
+                "train_loss": mean_ci([r["train_loss"] for r in last], bounds=(0.0, math.inf)),
                 "param_bytes": last[0]["param_bytes"],
                 "opt_state_bytes": last[0]["opt_state_bytes"],
                 "steps": last[0]["step"],
