@@ -130,3 +130,35 @@ def job_inputs(root) -> dict:
             "val_index": write_split(root, "val", *coloured_squares(16, size=36, seed=1),
                                      JOB_CLASSES),
             "stats": stats, "classes": classes, "init_weights": init}
+
+
+# --- one pretrain job's inputs ------------------------------------------------------------
+
+def pretrain_inputs(root, names) -> list[str]:
+    """The pretrain script's input arguments: 48 train / 10 val coloured squares of the
+    classes ``names`` under ``root``, their class table and colour statistics."""
+    train = write_split(root / "shards", "train", *coloured_squares(48, seed=7), names)
+    val = write_split(root / "shards", "val", *coloured_squares(10, seed=8), names)
+    classes = root / "classes.parquet"
+    write_classes(classes, names)
+    stats = root / "stats.json"
+    stats.write_text(json.dumps({"mean": [120.0] * 3, "std": [40.0] * 3,
+                                 "eigenvalues": [900.0, 50.0, 10.0],
+                                 "eigenvectors": np.eye(3).tolist(), "num_images": 48}))
+    return ["--train-index", str(train), "--val-index", str(val), "--stats", str(stats),
+            "--classes", str(classes)]
+
+
+def pretrain_settings_json(**pretrain) -> str:
+    """The pretrain job's ``--settings`` as the workflow makes them from the config: a
+    ResNet-18 of width 4 and one block per stage, one epoch of batches of 16 at 16 px on one
+    device, float32; ``pretrain`` overrides keys of the config's ``pretrain:`` section."""
+    from finegrained.config import load_config
+    from finegrained.train.regimes import pretrain_settings
+    config = load_config(overrides={"backbone": {"arch": "resnet18", "width": 4,
+                                                 "stage_depths": [1, 1, 1, 1]},
+                                    "pretrain": {"epochs": 1, "batch_size": 16, "lr": 0.05,
+                                                 "image_size": 16, "warmup_epochs": 0,
+                                                 "num_devices": 1, "compute_dtype": "float32",
+                                                 **pretrain}})
+    return json.dumps(pretrain_settings(config))

@@ -1,6 +1,7 @@
 """Local SGD (periodic model averaging, ``train.parallel``) on a 4-device CPU mesh: H = 1
 equals synchronous data parallelism; with H > 1 the copies drift apart between averages and
-are identical right after one; a run killed (SIGKILL) mid-period resumes bit-identically.
+are identical right after one; a run killed (SIGKILL) mid-period resumes bit-identically;
+pretraining takes its own ``parallel`` and ``precision``.
 
 Runs in subprocesses: the device count is fixed when jax first initialises."""
 
@@ -162,3 +163,36 @@ def test_parallel_values_are_checked():
         Parallel("async", 1, True)
     with pytest.raises(ConfigError, match="average_every"):
         Parallel("local_sgd", 0, True)
+
+
+@pytest.mark.slow
+def test_pretraining_takes_its_parallel_and_precision_from_the_config(tmp_path):
+    """`pretrain.parallel` and `pretrain.precision` reach the pretrain job as the regimes'
+    keys reach theirs: local SGD at H = 2 on 4 devices with bfloat16 weights rounded
+    stochastically. 48 images in batches of 16 for 2 epochs are 6 steps, 3 averages; the
+    weights are stored in 2 bytes each and exported as float32."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from helpers.training import pretrain_inputs, pretrain_settings_json
+    from finegrained.models import build_model
+    from finegrained.models.weights import read_tensors
+    settings = pretrain_settings_json(
+        epochs=2, num_devices=4, parallel={"mode": "local_sgd", "average_every": 2},
+        precision={"params": "bfloat16", "rounding": "stochastic"})
+    out_w, out_m = tmp_path / "pre" / "weights.safetensors", tmp_path / "pre" / "metrics.json"
+    argv = ["--settings", settings, *pretrain_inputs(tmp_path, ["A", "B", "C", "D"]),
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--out-weights", str(out_w),
+            "--out-metrics", str(out_m)]
+    proc = _run('''
+        from helpers.scripts import load_script
+        sys.exit(load_script("pretrain").main(json.loads(sys.argv[2])))
+    ''', json.dumps(argv))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    history = json.loads(out_m.read_text())["history"]
+    assert [row["communication_rounds"] for row in history] == [1, 3]   # after steps 3 and 6
+    model = build_model("resnet18", 4, width=4, stage_depths=[1, 1, 1, 1], rngs=nnx.Rngs(0))
+    params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    assert history[-1]["param_bytes"] == 2 * params
+    tensors = read_tensors(out_w)
+    assert all(t.dtype == np.float32 and np.isfinite(t).all() for t in tensors.values())

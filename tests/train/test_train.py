@@ -23,8 +23,8 @@ from finegrained.train.optim import build_optimizer
 from finegrained.train.steps import (create_train_state, make_eval_metrics_step,
                                      make_eval_step,
                                      make_train_step)
-from helpers.training import (TinyNet, coloured_squares, crop_and_flip, step_options,
-                              write_classes, write_split)
+from helpers.training import (TinyNet, coloured_squares, crop_and_flip, pretrain_inputs,
+                              pretrain_settings_json, step_options)
 
 SMALL = default_settings(epochs=3, batch_size=32, lr=0.05, schedule="cosine", warmup_epochs=0,
                          weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
@@ -217,31 +217,6 @@ def pretrain_script():
     return load_script("pretrain")
 
 
-def _pretrain_inputs(tmp_path, names):
-    train = write_split(tmp_path / "shards", "train", *coloured_squares(48, seed=7), names)
-    val = write_split(tmp_path / "shards", "val", *coloured_squares(10, seed=8), names)
-    classes = tmp_path / "classes.parquet"
-    write_classes(classes, names)
-    stats = tmp_path / "stats.json"
-    stats.write_text(json.dumps({"mean": [120.0] * 3, "std": [40.0] * 3,
-                                 "eigenvalues": [900.0, 50.0, 10.0],
-                                 "eigenvectors": np.eye(3).tolist(), "num_images": 48}))
-    return ["--train-index", str(train), "--val-index", str(val), "--stats", str(stats),
-            "--classes", str(classes)]
-
-
-def _pretrain_settings(**pretrain):
-    from finegrained.config import load_config
-    from finegrained.train.regimes import pretrain_settings
-    config = load_config(overrides={"backbone": {"arch": "resnet18", "width": 4,
-                                                 "stage_depths": [1, 1, 1, 1]},
-                                    "pretrain": {"epochs": 1, "batch_size": 16, "lr": 0.05,
-                                                 "image_size": 16, "warmup_epochs": 0,
-                                                 "num_devices": 1, "compute_dtype": "float32",
-                                                 **pretrain}})
-    return json.dumps(pretrain_settings(config))
-
-
 @pytest.mark.slow
 def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
     from finegrained.models import build_model, flatten_state
@@ -249,7 +224,7 @@ def test_pretrain_writes_weights_and_metrics(tmp_path, pretrain_script):
     names = ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"]
     out_w, out_m = tmp_path / "pre" / "weights.safetensors", tmp_path / "pre" / "metrics.json"
     rc = pretrain_script.main([
-        "--settings", _pretrain_settings(), *_pretrain_inputs(tmp_path, names),
+        "--settings", pretrain_settings_json(), *pretrain_inputs(tmp_path, names),
         "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--out-weights", str(out_w), "--out-metrics", str(out_m)])
     assert rc == 0
@@ -274,12 +249,12 @@ def test_pretrain_sets_aside_checkpoints_made_with_other_settings(tmp_path, pret
     """A pretrain job that failed after training at lr 0.05 leaves its checkpoints; rerun at
     lr 0.01 it trains afresh (the history of a run that never saw them) and says why."""
     from finegrained.train import pretrain
-    inputs = _pretrain_inputs(tmp_path, ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"])
+    inputs = pretrain_inputs(tmp_path, ["Red Bird", "Green Bird", "Blue Bird", "Yellow Bird"])
     ckpt = tmp_path / "ckpt"
 
     def run(lr, checkpoints, name):
         out = tmp_path / name
-        rc = pretrain_script.main(["--settings", _pretrain_settings(lr=lr, epochs=2), *inputs,
+        rc = pretrain_script.main(["--settings", pretrain_settings_json(lr=lr, epochs=2), *inputs,
                                    "--checkpoint-dir", str(checkpoints),
                                    "--out-weights", str(out / "w.safetensors"),
                                    "--out-metrics", str(out / "m.json")])
