@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from finegrained.models import build_model
     from finegrained.train.features import FeatureReader, extract_features
     from finegrained.train.probe import fit_probe
-    from finegrained.plan.regimes import body_stages
+    from finegrained.plan.archs import architecture
 
     def fresh_model():
         return build_model(args.arch, NUM_CLASSES, rngs=nnx.Rngs(0))
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     epochs = args.repeats + 1
     online_phase, regime = probe_config(False, args.batch_size, epochs)
     cached_phase, _ = probe_config(True, args.batch_size, epochs)
-    layer = body_stages(args.arch)[-1]
+    layer = architecture(args.arch).body_stages()[-1]
     assert online_phase["input"]["kind"] == "pixels" and cached_phase["input"]["kind"] == "cache"
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         index = write_random_split(Path(tmp) / "train", args.images, num_classes=NUM_CLASSES)

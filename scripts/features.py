@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @job_runner.runs_on_devices(parse_args)
 def main(args: argparse.Namespace) -> None:
-    from finegrained.train.job import run_features_job
+    from finegrained.train.features import run_features_job
     index = run_features_job(job_runner.read_settings(args.settings), shard_index=args.index,
                              init_weights=args.init_weights, stats=args.stats,
                              classes=args.classes, out_dir=args.out_dir, log_fn=job_runner.log)

@@ -29,13 +29,10 @@ def main(args: argparse.Namespace) -> None:
     from finegrained.train.pretrain import pretrain
     settings = job_runner.read_settings(args.settings)
     pretrain(args.train_index, args.val_index, args.stats, args.classes,
-             arch=settings["arch"], width=settings["width"],
-             stage_depths=settings["stage_depths"],
-             settings=TrainSettings.from_dict(settings["train_settings"]),
+             model=settings["model"], settings=TrainSettings.from_dict(settings["train_settings"]),
              out_weights=args.out_weights, out_metrics=args.out_metrics,
              checkpoint_dir=args.checkpoint_dir,
              keep_checkpoints=settings.get("keep_checkpoints", False),
-             depthwise_impl=settings.get("depthwise_impl", "auto"),
              verify=settings.get("verify_shards", True), log_fn=job_runner.log)
 
 

@@ -225,7 +225,7 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
 
 def test_evaluate_refuses_weights_of_other_classes(tmp_path, random_model):
     from finegrained.errors import DataError
-    from finegrained.evaluate.job import load_trained_model
+    from finegrained.models.loading import trained_model
     from finegrained.models import flatten_state
     from finegrained.models.weights import save_weights, weights_metadata
 
@@ -235,4 +235,4 @@ def test_evaluate_refuses_weights_of_other_classes(tmp_path, random_model):
         arch="resnet18", num_classes=2, class_names=["a", "b"], width="8",
         stage_depths=json.dumps([1, 1, 1, 1])))
     with pytest.raises(DataError, match="classes"):
-        load_trained_model(weights, ["a", "c"])
+        trained_model(weights, ["a", "c"])

@@ -107,15 +107,15 @@ def test_random_init_and_refusals(tmp_path):
 def test_self_pretrained_mobilenet_with_batch_norm_loads_back(tmp_path):
     """Pretraining MobileNetV2 from scratch uses batch norm; its weights say so in their
     metadata and the target model is built the same way."""
-    from finegrained.models.transfer import model_options
+    from finegrained.models.loading import weight_options
 
-    options = model_options("mobilenet_v2", None)
+    options = weight_options("mobilenet_v2", None)
     assert options == {"batch_norm": True}
     source = build_model("mobilenet_v2", 3, width=16, rngs=nnx.Rngs(0), **options)
     path = tmp_path / "mnv2.safetensors"
     save_weights(path, flatten_state(source), metadata=weights_metadata(
         arch="mobilenet_v2", num_classes=3, class_names=["a", "b", "c"], **options))
-    assert model_options("mobilenet_v2", path) == {"batch_norm": True}
+    assert weight_options("mobilenet_v2", path) == {"batch_norm": True}
     model, report = init_target_model(arch="mobilenet_v2", width=16, class_names=["c", "d"],
                                       weights=path, init_from_source_names=True)
     assert report["head_init"]["num_matched"] == 1

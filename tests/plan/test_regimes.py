@@ -9,7 +9,7 @@ import json
 import pytest
 
 from finegrained.errors import ConfigError
-from finegrained.plan import jobs, paths, regimes, variants
+from finegrained.plan import archs, jobs, paths, regimes, variants
 from finegrained.plan.schema import load_config, load_schema
 from finegrained.train.local_sgd import SYNC, Parallel
 from finegrained.train.precision import FLOAT32, Precision
@@ -77,19 +77,24 @@ def test_a_partial_override_keeps_the_rest_of_the_preset():
     assert probe["solver"] == "lbfgs" and probe["augment"]["flip"] == 0.0
 
 
+def _backbone(arch):
+    return {"arch": arch, "stage_depths": None}
+
+
 def test_freeze_up_to_means_the_same_resolution_in_every_architecture():
-    assert regimes.frozen_stages("resnet50", "stride16") == ["stem", "stage1", "stage2", "stage3"]
-    assert regimes.frozen_stages("mobilenet_v2", "stride16") == [
+    assert regimes.frozen_stages(_backbone("resnet50"), "stride16") == [
+        "stem", "stage1", "stage2", "stage3"]
+    assert regimes.frozen_stages(_backbone("mobilenet_v2"), "stride16") == [
         "stem", "stage1", "stage2", "stage3", "stage4"]
     for arch in ("resnet18", "mobilenet_v2"):
-        strides = regimes.STAGE_STRIDES[regimes.arch_family(arch)]
+        strides = archs.architecture(arch).stages(None)
         for k in (4, 8, 16, 32):
-            cut = regimes.cut_stage(arch, f"stride{k}")
+            cut = regimes.cut_stage(_backbone(arch), f"stride{k}")
             assert strides[cut] == k, (arch, k, cut)
-    assert regimes.cut_stage("resnet50", "stride32") == "stage4"
-    assert regimes.cut_stage("mobilenet_v2", "stride32") == "features"
+    assert regimes.cut_stage(_backbone("resnet50"), "stride32") == "stage4"
+    assert regimes.cut_stage(_backbone("mobilenet_v2"), "stride32") == "features"
     with pytest.raises(ConfigError, match="no stage of resnet18"):
-        regimes.frozen_stages("resnet18", "stride2")
+        regimes.frozen_stages(_backbone("resnet18"), "stride2")
 
 
 def test_the_cut_point_is_also_the_freeze_regex_and_the_cache_layer():

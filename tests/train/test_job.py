@@ -16,7 +16,8 @@ from finegrained.errors import DataError
 from finegrained.models.transfer import write_target_init
 from finegrained.models.weights import read_tensors
 from finegrained.plan import jobs, regimes
-from finegrained.train.job import run_features_job, run_job
+from finegrained.train.features import run_features_job
+from finegrained.train.job import run_job
 from finegrained.train.loop import Preempted, TIMING_FIELDS
 from helpers.training import feature_indexes, job_inputs, tiny_job_config as tiny_config
 

@@ -13,7 +13,8 @@ import pytest
 from finegrained.errors import DataError
 from finegrained.models.weights import read_tensors
 from finegrained.plan import jobs, protocol, regimes
-from finegrained.train.job import run_features_job, run_job
+from finegrained.train.features import run_features_job
+from finegrained.train.job import run_job
 from helpers.scripts import load_script
 from helpers.training import feature_indexes, job_inputs, tiny_job_config
 

@@ -49,7 +49,7 @@ def splits(tmp_path_factory):
 
 
 def _groups(freeze_up_to):
-    return regimes.param_groups("resnet18", {
+    return regimes.param_groups({"arch": "resnet18", "stage_depths": None}, {
         "param_groups": [], "freeze_up_to": freeze_up_to, "freeze_stem": False,
         "backbone_lr_mult": 1.0})
 

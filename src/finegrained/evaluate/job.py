@@ -27,29 +27,12 @@ from finegrained.errors import DataError
 from finegrained.evaluate import metrics as M
 from finegrained.evaluate.views import VIEWS, average_scores, make_view_logits, view_boxes
 from finegrained.fileio import atomic_output, sha256_file, write_json
-from finegrained.models.weights import read_metadata
+from finegrained.models.loading import trained_model
 from finegrained.provenance import SOURCE_DIR, provenance
-from finegrained.train.job import load_init_model
 
 TOP_K = 5
 #: The view the per-level, calibration, per-class and confusion figures are computed on.
 SUMMARY_VIEW = "ten_crop"
-
-
-def load_trained_model(weights: str | os.PathLike, class_names: list[str]):
-    """The model a train job wrote, built from its weights' metadata (architecture, width,
-    stage depths, batch norm); its class names must be ``class_names``."""
-    meta = read_metadata(weights)
-    missing = [k for k in ("arch", "width", "class_names") if k not in meta]
-    if missing:
-        raise DataError(weights, f"not a trained model: no {', '.join(missing)} in its metadata")
-    trained = json.loads(meta["class_names"])
-    if trained != list(class_names):
-        raise DataError(weights, f"the model's {len(trained)} classes are not those of the "
-                                 f"class table ({len(class_names)} classes)")
-    stage_depths = json.loads(meta.get("stage_depths", "null"))
-    return load_init_model(meta["arch"], len(trained), weights, width=int(meta["width"]),
-                           stage_depths=stage_depths)
 
 
 def predict_views(model, reader: ShardReader, views: Mapping[str, list], *, image_size: int,
@@ -108,7 +91,7 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
                         f"{protocol['refit']}: rerun its train job")
     table = read_classes(classes)
     names = table.column("common_name").to_pylist()
-    model = load_trained_model(weights, names)
+    model = trained_model(weights, names)
     reader = ShardReader(test_index, verify=settings.get("verify_shards", True))
     n = len(reader)
     if n == 0:

@@ -48,7 +48,6 @@ import importlib
 
 _EXPORTS = {
     "build_model": "registry",
-    "ARCHITECTURES": "registry",
     "InputRecipe": "registry",
     "StagedClassifier": "registry",
     "flatten_state": "params",

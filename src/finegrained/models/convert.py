@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from finegrained.errors import WeightsError
+from finegrained.plan.archs import architecture
 
 LAYOUTS = ("ours", "torchvision", "tf_mobilenet_v2")
 
@@ -122,13 +123,18 @@ def detect_layout(flat_names) -> str:
                        f"{sample}); known layouts: {', '.join(LAYOUTS)}")
 
 
+#: External layout -> its converter to our flat names.
+CONVERTERS = {"torchvision": torchvision_resnet_to_flat, "tf_mobilenet_v2": tf_mobilenet_v2_to_flat}
+
+
 def to_flat(tensors: Mapping[str, np.ndarray], arch: str) -> dict[str, np.ndarray]:
-    """Tensors in any known layout -> our flat names for ``arch``."""
+    """Tensors in any known layout -> our flat names for ``arch`` (which must read that
+    layout: ``Architecture.weight_layouts``)."""
     layout = detect_layout(tensors.keys())
     if layout == "ours":
         return {name: np.asarray(value) for name, value in tensors.items()}
-    if layout == "torchvision" and arch.startswith("resnet"):
-        return torchvision_resnet_to_flat(tensors)
-    if layout == "tf_mobilenet_v2" and arch == "mobilenet_v2":
-        return tf_mobilenet_v2_to_flat(tensors)
-    raise WeightsError(f"weights in {layout} layout cannot be loaded into {arch}")
+    reads = architecture(arch).weight_layouts
+    if layout not in reads:
+        raise WeightsError(f"weights in {layout} layout cannot be loaded into {arch} (it reads "
+                           f"{', '.join(reads) or 'only its own layout'})")
+    return CONVERTERS[layout](tensors)

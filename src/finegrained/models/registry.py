@@ -1,4 +1,5 @@
-"""The common model interface and the table of architectures behind ``build_model``.
+"""The common model interface, and ``build_model`` over the table of architectures
+(:mod:`finegrained.plan.archs`).
 
 Every backbone is a ``StagedClassifier``: a chain of named stages (``stage_names``) run
 one after another, with the input normalisation in front of the first and the classifier
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from finegrained.errors import ConfigError
+from finegrained.plan.archs import architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +104,6 @@ class StagedClassifier(nnx.Module):
         return self.forward(x)
 
 
-#: arch name -> (module, constructor); imported on use so that ``finegrained.models``
-#: stays cheap to import for the numpy-only weight utilities.
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "resnet18": ("finegrained.models.resnet", "resnet18"),
-    "resnet34": ("finegrained.models.resnet", "resnet34"),
-    "resnet50": ("finegrained.models.resnet", "resnet50"),
-    "mobilenet_v2": ("finegrained.models.mobilenet_v2", "mobilenet_v2"),
-}
-
-
 def build_model(arch: str, num_classes: int, *, width: int = 64,
                 stage_depths: Sequence[int] | None = None, rngs: nnx.Rngs,
                 dtype=jnp.float32, param_dtype=jnp.float32, **options) -> StagedClassifier:
@@ -124,11 +116,10 @@ def build_model(arch: str, num_classes: int, *, width: int = 64,
     ``batch_norm=True`` for from-scratch training; ``depthwise_impl`` ``auto | shifted |
     grouped``, how the depthwise convs run, see ``depthwise``).
     """
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    entry = architecture(arch)
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    module_name, constructor = ARCHITECTURES[arch]
-    build = getattr(importlib.import_module(module_name), constructor)
+    module_name, constructor = entry.constructor.split(":")
+    build = getattr(importlib.import_module(f"finegrained.models.{module_name}"), constructor)
     return build(num_classes, width=width, stage_depths=stage_depths, rngs=rngs,
                  dtype=dtype, param_dtype=param_dtype, **options)

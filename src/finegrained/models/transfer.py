@@ -29,19 +29,9 @@ from finegrained.models.registry import build_model
 from finegrained.models.weights import (load_pretrained, read_metadata, read_tensors,
                                         save_weights, weights_metadata)
 from finegrained.models.convert import to_flat
+from finegrained.models.loading import weight_options
 
 log = logging.getLogger(__name__)
-
-
-def model_options(arch: str, weights: str | os.PathLike | None) -> dict:
-    """Constructor options implied by the weights: MobileNetV2 from scratch (or self
-    pretrained) trains with batch norm; the published TF weights have it folded away."""
-    if arch != "mobilenet_v2":
-        return {}
-    if weights is None:
-        return {"batch_norm": True}
-    meta = read_metadata(weights) if Path(weights).suffix == ".safetensors" else {}
-    return {"batch_norm": json.loads(meta.get("batch_norm", "false"))}
 
 
 def source_class_names(weights: str | os.PathLike,
@@ -75,7 +65,7 @@ def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
                       init_from_source_names: bool = False, seed: int = 0):
     """Build the target model and load ``weights`` into it. Returns ``(model, report)``."""
     model = build_model(arch, len(class_names), width=width, stage_depths=stage_depths,
-                        rngs=nnx.Rngs(seed), **model_options(arch, weights))
+                        rngs=nnx.Rngs(seed), **weight_options(arch, weights))
     report: dict = {"arch": arch, "width": width, "num_classes": len(class_names),
                     "weights": None if weights is None else os.fspath(weights)}
     if weights is None:
@@ -114,7 +104,7 @@ def write_target_init(classes_path: str | os.PathLike, out_weights: str | os.Pat
     initial weights (safetensors, with class names in the metadata) and a JSON report."""
     names = class_names(classes_path)
     model, report = init_target_model(class_names=names, **kwargs)
-    options = model_options(kwargs["arch"], kwargs.get("weights"))
+    options = weight_options(kwargs["arch"], kwargs.get("weights"))
     save_weights(out_weights, flatten_state(model), metadata=weights_metadata(
         arch=kwargs["arch"], num_classes=len(names), class_names=names,
         input_recipe=model.input_recipe.name, source=report["weights"] or "random init",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from finegrained.plan import protocol, regimes
+from finegrained.plan.archs import model_settings
 from finegrained.plan.variants import parse_variant
 
 #: The test-time views, in reading order (see ``finegrained.evaluate.views``).
@@ -81,10 +82,8 @@ def features(config: Mapping, split: str, layer: str | None = None) -> dict:
     """A feature-cache job for ``split``: the pooled layers (``layer`` None, the `features`
     rule) or the one boundary map ``layer`` (`feature_map`). Neither depends on which
     regimes are listed, so changing `regimes:` reruns no cache."""
-    feats, run, backbone = config["features"], config["train"], config["backbone"]
-    return {"arch": backbone["arch"], "width": backbone["width"],
-            "stage_depths": backbone["stage_depths"],
-            "depthwise_impl": backbone["depthwise_impl"],
+    feats, run = config["features"], config["train"]
+    return {"model": model_settings(config["backbone"]),
             "layers": regimes.pooled_layers(config) if layer is None else [layer],
             "views": feats["train_views"] if split == "train" else 0,
             "augment": feats["augment"], "image_size": run["image_size"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finegrained.plan.archs import ARCHITECTURES, STRIDE_CHOICES
 from finegrained.plan.schema import SCHEMA
 
 HEADER = """# Configuration reference
@@ -121,7 +122,27 @@ def render_reference() -> str:
               "default). " + " ".join(f"`{n}`: {_text(settings[n])}" for n in names) + "\n",
               "| key | " + " | ".join(f"`{n}`" for n in names) + " |",
               "|---|" + "---|" * len(names), *rows, ""]
+    parts += _architectures()
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _architectures() -> list[str]:
+    """The table of architectures (``backbone.arch``), at their standard depths."""
+    rows = []
+    for arch in ARCHITECTURES.values():
+        stages = ", ".join(f"`{name}` /{stride}" for name, stride in arch.stages(None).items())
+        choices = ", ".join(f"`{c}`" for c in arch.freeze_choices(None)
+                            if c in ("stem", *STRIDE_CHOICES)) + (
+            ", `block0`..`blockN`" if arch.block_freezing else "")
+        rows.append(f"| `{arch.name}` | {stages} | {choices} | {arch.input_recipe} | "
+                    f"{', '.join(arch.weight_layouts) or '-'} | "
+                    f"{', '.join(f'`{o}`' for o in arch.runtime_options) or '-'} |")
+    return ["## Architectures\n",
+            "`backbone.arch` names an entry of the table of architectures "
+            "(`finegrained.plan.archs`); a stage's output stride is the input side over its "
+            "output side (`freeze_up_to: strideK` freezes the stages at K or less).\n",
+            "| arch | stages (output stride) | `freeze_up_to` | input recipe | weight layouts "
+            "| runtime options |", "|---|---|---|---|---|---|", *rows, ""]
 
 
 def _preset(value) -> str:

@@ -7,10 +7,10 @@ the feature cache. This module turns a regime's preset into *phases*, each a com
 ``TrainSettings`` dict (or an L-BFGS solve), with nothing left to defaults; a job receives
 that JSON and does what it says. A regime gets no code path of its own beyond caching:
 
-- ``freeze_up_to: strideK`` freezes every stage whose output is at most 1/K of the input
-  resolution (:func:`frozen_stages`; the same resolution in ResNet and MobileNetV2) and is
-  also the forward cut point: the cache holds the activation after the last frozen stage
-  (:func:`cut_stage`), pooled when that is the whole backbone.
+- ``freeze_up_to`` (``stem``, ``strideK``, a ViT's ``blockK``: see
+  :mod:`finegrained.plan.archs`) freezes the lower stages and is also the forward cut
+  point: the cache holds the activation after the last frozen stage (:func:`cut_stage`),
+  pooled when that is the whole backbone.
 - ``head_from: linear_probe`` starts with the linear probe job's converged head (a phase
   that reads the probe's weights: LP-FT); ``head_from: sgd`` with ``head_epochs > 0`` adds a
   head-only SGD phase with its own lr and patience. Either way the regime's own phase
@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from finegrained.errors import ConfigError
+from finegrained.plan.archs import architecture, model_settings
 from finegrained.plan.augment import is_augmented
 from finegrained.plan.paths import MAP_SUFFIX
 from finegrained.plan.schema import SCHEMA
@@ -40,14 +41,6 @@ from finegrained.plan.variants import parse_variant
 #: The transfer regimes, in the schema's order (`regimes:`).
 REGIMES = tuple(SCHEMA["properties"]["regimes"]["items"]["enum"])
 
-#: Output stride (input side / output side) of each body stage.
-STAGE_STRIDES = {
-    "resnet": {"stem": 4, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32},
-    "mobilenet_v2": {"stem": 2, "stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16,
-                     "stage5": 32, "features": 32},
-}
-FREEZE_CHOICES = ("stem", "stride2", "stride4", "stride8", "stride16", "stride32")
-
 #: Recipe keys (``$defs/recipe``; ``param_groups`` is resolved per regime) and run keys
 #: (``$defs/run``; ``keep_checkpoints`` is the job's): with the parameter groups and the input
 #: placement, the fields of ``TrainSettings``, under the same names.
@@ -55,55 +48,37 @@ RECIPE_KEYS = tuple(k for k in SCHEMA["$defs"]["recipe"]["properties"] if k != "
 RUN_KEYS = tuple(k for k in SCHEMA["$defs"]["run"]["properties"] if k != "keep_checkpoints")
 
 
-def arch_family(arch: str) -> str:
-    return "resnet" if arch.startswith("resnet") else arch
-
-
-def body_stages(arch: str) -> list[str]:
+def body_stages(backbone: Mapping) -> list[str]:
     """The backbone's stages in order (everything but the head)."""
-    return list(STAGE_STRIDES[arch_family(arch)])
+    return architecture(backbone["arch"]).body_stages(backbone["stage_depths"])
 
 
-def frozen_stages(arch: str, freeze_up_to: str | None) -> list[str]:
-    """Stages frozen by ``freeze_up_to``: ``stem``, or every stage whose output stride is at
-    most K for ``strideK``."""
-    if freeze_up_to is None:
-        return []
-    strides = STAGE_STRIDES[arch_family(arch)]
-    if freeze_up_to == "stem":
-        return ["stem"]
-    if freeze_up_to not in FREEZE_CHOICES:
-        raise ConfigError(f"freeze_up_to must be one of {FREEZE_CHOICES} or null, "
-                          f"got {freeze_up_to!r}")
-    k = int(freeze_up_to[len("stride"):])
-    stages = [s for s, stride in strides.items() if stride <= k]
-    if not stages:
-        raise ConfigError(f"freeze_up_to {freeze_up_to!r}: no stage of {arch} has an output "
-                          f"stride of {k} or less (strides: {strides})")
-    return stages
+def frozen_stages(backbone: Mapping, freeze_up_to: str | None) -> list[str]:
+    """The stages ``freeze_up_to`` freezes (:meth:`Architecture.frozen_stages`)."""
+    return architecture(backbone["arch"]).frozen_stages(freeze_up_to, backbone["stage_depths"])
 
 
-def cut_stage(arch: str, freeze_up_to: str | None) -> str | None:
+def cut_stage(backbone: Mapping, freeze_up_to: str | None) -> str | None:
     """The last frozen stage: the forward cut point and the cached boundary."""
-    stages = frozen_stages(arch, freeze_up_to)
+    stages = frozen_stages(backbone, freeze_up_to)
     return stages[-1] if stages else None
 
 
-def default_feature_layers(arch: str) -> list[str]:
-    """Pooled outputs of the last two stages."""
-    return body_stages(arch)[-2:]
+def freezes_all(backbone: Mapping, freeze_up_to: str | None) -> bool:
+    """Whether ``freeze_up_to`` freezes the whole backbone (only the head trains)."""
+    return frozen_stages(backbone, freeze_up_to) == body_stages(backbone)
 
 
-def param_groups(arch: str, regime: Mapping[str, Any]) -> list[list]:
+def param_groups(backbone: Mapping, regime: Mapping[str, Any]) -> list[list]:
     """``[regex, lr_mult]`` pairs of a regime: the user's first, then the frozen stages,
     the stem (``freeze_stem``), the head at x1, and the rest at ``backbone_lr_mult``."""
     groups = [list(g) for g in regime["param_groups"]]
-    frozen = frozen_stages(arch, regime["freeze_up_to"])
+    frozen = frozen_stages(backbone, regime["freeze_up_to"])
     if regime["freeze_stem"] and "stem" not in frozen:
         frozen = ["stem", *frozen]
     if frozen:
         groups.append([f"({'|'.join(frozen)})/.*", 0.0])
-    if len(frozen) < len(body_stages(arch)):
+    if len(frozen) < len(body_stages(backbone)):
         mult = regime["backbone_lr_mult"]
         if mult is None or float(mult) != 1.0:
             groups.append(["head/.*", 1.0])
@@ -126,14 +101,14 @@ def phase_seed(seed: int, phase: int) -> int:
     return int(np.random.SeedSequence([int(seed), phase]).generate_state(1)[0] % (2 ** 31))
 
 
-def _input(arch: str, regime: Mapping, augment: Mapping, freeze_up_to) -> dict:
+def _input(backbone: Mapping, regime: Mapping, augment: Mapping, freeze_up_to) -> dict:
     """Where a phase's inputs come from: pixels, or the cache after the cut stage."""
-    cut = cut_stage(arch, freeze_up_to)
+    cut = cut_stage(backbone, freeze_up_to)
     if cut is None:
         return {"kind": "pixels", "start": None, "cut": None}
     augmented = is_augmented(augment)
     if regime["use_cache"] and not augmented:
-        pooled = cut == body_stages(arch)[-1]
+        pooled = cut == body_stages(backbone)[-1]
         return {"kind": "cache", "layer": cut if pooled else cut + MAP_SUFFIX,
                 "start": cut, "cut": None}
     return {"kind": "pixels", "start": None, "cut": cut}
@@ -153,7 +128,7 @@ def probe_source(config: Mapping, seed: int) -> dict:
     """The linear probe job whose head a ``head_from: linear_probe`` job starts from: the
     replicate at ``seed``, with the config hash its summary must carry."""
     probe = config["regime_settings"][PROBE]
-    if probe["freeze_up_to"] != "stride32" or probe["init"] != "pretrained":
+    if not freezes_all(config["backbone"], probe["freeze_up_to"]) or probe["init"] != "pretrained":
         raise ConfigError(f"head_from: linear_probe needs regime_settings.{PROBE} to train the "
                           f"head alone on the pretrained backbone (init: pretrained, "
                           f"freeze_up_to: stride32)")
@@ -178,15 +153,15 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
                 run[block] = {**run[block], **keys}
         else:
             (run if key == "seed" else regime)[key] = value
-    arch = config["backbone"]["arch"]
+    backbone = config["backbone"]
     select_by = config["protocol"]["select_by"]
     _check_recipe(f"regime_settings.{regime_name}", regime, regime["init"])
     phases = []
     if regime["solver"] == "lbfgs":
-        if regime["freeze_up_to"] != "stride32" or is_augmented(regime["augment"]):
+        if not freezes_all(backbone, regime["freeze_up_to"]) or is_augmented(regime["augment"]):
             raise ConfigError(f"regime_settings.{regime_name}: solver lbfgs needs the whole "
                               f"backbone frozen (freeze_up_to: stride32) and no augmentation")
-        layer = body_stages(arch)[-1]
+        layer = body_stages(backbone)[-1]
         phases.append({"name": "probe", "kind": "lbfgs", "l2_grid": list(regime["l2_grid"]),
                        "max_iter": regime["lbfgs_max_iter"], "select_by": select_by,
                        "input": {"kind": "cache", "layer": layer, "start": layer, "cut": None}})
@@ -200,26 +175,24 @@ def job_settings(config: Mapping, regime_name: str, variant: str = "") -> dict:
                            "probe": probe_source(config, run["seed"])})
         elif regime["head_epochs"] > 0:
             head = dict(regime, freeze_up_to="stride32", freeze_stem=False, param_groups=[])
-            inp = _input(arch, regime, regime["augment"], "stride32")
+            inp = _input(backbone, regime, regime["augment"], "stride32")
             phases.append({"name": "head", "kind": "sgd", "input": inp,
                            "train_settings": _train_settings(
                                dict(regime, epochs=regime["head_epochs"], lr=regime["head_lr"],
                                     patience=regime["head_patience"]),
-                               run, param_groups=param_groups(arch, head),
+                               run, param_groups=param_groups(backbone, head),
                                start=inp["start"], cut=inp["cut"], select_by=select_by)})
-        inp = _input(arch, regime, regime["augment"], regime["freeze_up_to"])
+        inp = _input(backbone, regime, regime["augment"], regime["freeze_up_to"])
         phases.append({"name": "main", "kind": "sgd", "input": inp,
                        "train_settings": _train_settings(
-                           regime, run, param_groups=param_groups(arch, regime),
+                           regime, run, param_groups=param_groups(backbone, regime),
                            start=inp["start"], cut=inp["cut"], select_by=select_by)})
     for i, phase in enumerate(phases):
         if "train_settings" in phase:
             phase["train_settings"]["seed"] = phase_seed(run["seed"], i)
     settings = {
-        "regime": regime_name, "variant": variant, "arch": arch, "init": regime["init"],
-        "width": config["backbone"]["width"], "stage_depths": config["backbone"]["stage_depths"],
-        "depthwise_impl": config["backbone"]["depthwise_impl"],
-        "seed": run["seed"], "keep_checkpoints": run["keep_checkpoints"],
+        "regime": regime_name, "variant": variant, "model": model_settings(backbone),
+        "init": regime["init"], "seed": run["seed"], "keep_checkpoints": run["keep_checkpoints"],
         "verify_shards": config["shards"].get("verify", True), "select_by": select_by,
         "phases": phases,
     }
@@ -233,9 +206,7 @@ def pretrain_settings(config: Mapping) -> dict:
     block = config["pretrain"]
     backbone = config["backbone"]
     _check_recipe("pretrain", block, "random")
-    return {"arch": backbone["arch"], "width": backbone["width"],
-            "stage_depths": backbone["stage_depths"],
-            "depthwise_impl": backbone["depthwise_impl"],
+    return {"model": model_settings(backbone),
             "verify_shards": config["shards"].get("verify", True),
             "keep_checkpoints": block["keep_checkpoints"],
             "train_settings": _train_settings(
@@ -246,12 +217,14 @@ def pretrain_settings(config: Mapping) -> dict:
 def pooled_layers(config: Mapping) -> list[str]:
     """The pooled layers the features rule caches: ``features.layers`` (default: the last
     two stages), the last stage always."""
-    arch = config["backbone"]["arch"]
-    layers = list(config["features"]["layers"] or default_feature_layers(arch))
-    stages = body_stages(arch)
+    backbone = config["backbone"]
+    arch = architecture(backbone["arch"])
+    layers = list(config["features"]["layers"]
+                  or arch.default_feature_layers(backbone["stage_depths"]))
+    stages = body_stages(backbone)
     for layer in layers:
         if layer.split(":")[0] not in stages:
-            raise ConfigError(f"features.layers: {layer!r} is not a stage of {arch}; "
+            raise ConfigError(f"features.layers: {layer!r} is not a stage of {arch.name}; "
                               f"stages are {stages}")
     if stages[-1] not in layers:
         layers.append(stages[-1])

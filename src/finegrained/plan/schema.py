@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from finegrained.errors import ConfigError, WeightsError
+from finegrained.plan.archs import architecture
 from finegrained.plan.paths import download_path, is_url
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
@@ -162,8 +163,24 @@ def _check_regexes(config: Mapping[str, Any]) -> None:
                                   f"expression: {err}") from None
 
 
+def _check_architecture(config: Mapping[str, Any]) -> None:
+    """``backbone.arch`` is in the table of architectures, and every ``freeze_up_to`` is one
+    of its choices."""
+    backbone = config["backbone"]
+    try:
+        arch = architecture(backbone["arch"])
+    except ConfigError as exc:
+        raise ConfigError(f"backbone.arch: {exc}") from None
+    choices = arch.freeze_choices(backbone["stage_depths"])
+    for name, block in config["regime_settings"].items():
+        if block["freeze_up_to"] is not None and block["freeze_up_to"] not in choices:
+            raise ConfigError(f"regime_settings.{name}.freeze_up_to: {block['freeze_up_to']!r} "
+                              f"is not a choice of {arch.name}: {choices} or null")
+
+
 def _check_cross_field(config: Mapping[str, Any], *, given_source: bool = True) -> None:
     """Rules JSON Schema cannot say clearly."""
+    _check_architecture(config)
     backbone = config["backbone"]
     weights = backbone["weights"]
     if is_url(weights):

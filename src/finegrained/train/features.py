@@ -29,17 +29,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finegrained.data.manifest import class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import atomic_output, sha256_file, write_json
-from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
+from finegrained.models import loading
 from finegrained.plan.paths import MAP_SUFFIX, layer_stem
+from finegrained.train.augment import (Augmentation, Lighting, augment_batch, center_crop,
+                                       lighting_from_stats)
+
 
 def layer_file(layer: str) -> str:
     """File name of a layer's array (``stage3:map`` -> ``stage3.map.npy``)."""
@@ -80,6 +84,23 @@ def _extract_fn(model, layers: Sequence[str], image_size: int, crop_fraction: fl
         return outputs
 
     return lambda images, key: extract(state, images, key)
+
+
+def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, classes, out_dir,
+                     log_fn: Callable[[str], None] | None = print) -> dict:
+    """The features rule: the frozen pretrained backbone over one split (settings:
+    :func:`finegrained.plan.jobs.features`); writes the cache, returns its index."""
+    model = loading.load(init_weights, settings["model"], len(class_names(classes)))
+    augment = Augmentation.from_dict(settings["augment"])
+    lighting = (lighting_from_stats(json.loads(Path(stats).read_text()))
+                if augment.pca_lighting > 0 else None)
+    return extract_features(
+        model, shard_index, out_dir, layers=settings["layers"],
+        image_size=settings["image_size"], eval_crop_fraction=settings["eval_crop_fraction"],
+        views=settings["views"], augment=augment, lighting=lighting, seed=settings["seed"],
+        batch_size=settings["batch_size"], dtype=settings["dtype"],
+        weights_sha256=sha256_file(init_weights), verify=settings["verify_shards"],
+        log_fn=log_fn)
 
 
 def extract_features(model, shard_index: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -26,8 +26,8 @@ process 0 logs and writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -37,67 +37,52 @@ import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from flax import nnx
 
 from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import atomic_output, sha256_file, write_json
-from finegrained.models import build_model, flatten_state
-from finegrained.models.convert import to_flat
+from finegrained.models import flatten_state, loading
 from finegrained.models.params import assign_state
-from finegrained.models.transfer import model_options
-from finegrained.models.weights import (read_metadata, read_tensors, save_weights,
-                                        weights_metadata)
+from finegrained.models.weights import read_tensors, save_weights, weights_metadata
+from finegrained.plan.selection import better
 from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.checkpoint import claim, fingerprint
-from finegrained.plan.selection import better
 from finegrained.train.features import FeatureReader
 from finegrained.train.input_pipeline import ConcatSource
 from finegrained.train.loop import fit
-from finegrained.train.settings import TrainSettings
 from finegrained.train.probe import fit_probe
+from finegrained.train.settings import TrainSettings
 
 
-def runtime_options(arch: str, settings: Mapping) -> dict:
-    """Constructor options that change how a model runs, not its parameters."""
-    if arch == "mobilenet_v2":
-        return {"depthwise_impl": settings.get("depthwise_impl", "auto")}
-    return {}
+@dataclasses.dataclass
+class Best:
+    """The phase and epoch chosen on validation so far (``protocol.select_by``)."""
+
+    phase: int                  # index into the settings' phases
+    row: dict                   # its history row
+    weights: Path               # <checkpoint_dir>/<phase>/best.safetensors
 
 
-def load_init_model(arch: str, num_classes: int, init_weights: str | os.PathLike, *,
-                    width: int, stage_depths=None, **runtime):
-    """The model a weights file holds whole (the init rule's target model, a trained model):
-    built abstractly, then every parameter and statistic set from the file (a missing or
-    extra tensor is an error). No random initialisation runs, which on a CPU compiles one
-    small program per tensor shape (ResNet-50: about 14 s of a job's start)."""
-    meta = read_metadata(init_weights)
-    options = {"batch_norm": json.loads(meta["batch_norm"])} if "batch_norm" in meta else {}
-    options.update(runtime)
-    model = nnx.eval_shape(lambda: build_model(arch, num_classes, width=width,
-                                               stage_depths=stage_depths, rngs=nnx.Rngs(0),
-                                               **options))
-    assign_state(model, to_flat(read_tensors(init_weights), arch))
-    return model
+@dataclasses.dataclass
+class Phases:
+    """What the phases of a job produced, in order."""
 
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    best: Best | None = None
+    epochs: dict[str, int] = dataclasses.field(default_factory=dict)
+    head_from: str | None = None
 
-def build_start_model(settings: Mapping, init_weights: str | os.PathLike | None,
-                      num_classes: int):
-    """The model a job starts from: ``init_weights`` (the target init with its new head)
-    for ``init: pretrained``, the architecture's random initialisation otherwise."""
-    arch, width, stage_depths = settings["arch"], settings["width"], settings["stage_depths"]
-    if settings["init"] == "random":
-        return build_model(arch, num_classes, width=width, stage_depths=stage_depths,
-                           rngs=nnx.Rngs(settings["seed"]), **model_options(arch, None),
-                           **runtime_options(arch, settings))
-    if init_weights is None:
-        raise DataError("init weights", f"regime {settings['regime']} starts pretrained "
-                        f"but no init weights were given")
-    return load_init_model(arch, num_classes, init_weights, width=width,
-                           stage_depths=stage_depths, **runtime_options(arch, settings))
+    def add(self, index: int, phase: Mapping, record: Mapping, phase_dir: Path,
+            select_by: str) -> None:
+        self.head_from = record.get("source", self.head_from)
+        self.epochs[phase["name"]] = len(record["history"])
+        self.rows += [{"phase": phase["name"], **row} for row in record["history"]]
+        if record["best"] is not None and (self.best is None or better(
+                record["best"], self.best.row, select_by)):
+            self.best = Best(index, record["best"], phase_dir / "best.safetensors")
 
 
 def _sources(phase: Mapping, train_index, val_index, feature_indexes, verify: bool,
@@ -198,25 +183,18 @@ def probe_head(phase: Mapping, model, probe: Mapping | None, init_weights) -> di
             "source": source, "log": f"head from {source}: {log_row}"}
 
 
-def run_phase(phase: Mapping, model, train, val, *, lighting, checkpoint_dir: Path,
-              label: str, log: Callable[[str], None]) -> dict:
-    """Run one SGD or L-BFGS phase on ``model`` (updated in place); its history, best row
-    and weights (None without validation)."""
-    if phase["kind"] == "lbfgs":
-        tx, ty = train.load_all()
-        vx, vy = val.load_all() if val is not None else (None, None)
-        probe = fit_probe(tx, ty, vx, vy, model.num_classes, l2_grid=phase["l2_grid"],
-                          max_iter=phase["max_iter"], select_by=phase["select_by"], log_fn=log)
-        flat = flatten_state(model)
-        flat["head/kernel"], flat["head/bias"] = probe["kernel"], probe["bias"]
-        assign_state(model, flat)
-        return {"history": probe["history"], "best": probe["best"],
-                "best_weights": flat if probe["best"] is not None else None}
-    result = fit(model, train, val, TrainSettings.from_dict(phase["train_settings"]),
-                 log_fn=log, lighting=lighting, checkpoint_dir=checkpoint_dir, label=label,
-                 stop_after_epochs=phase.get("stop_after_epochs"))
-    return {"history": result.history, "best": result.best,
-            "best_weights": result.best_weights, "stopped_early": result.stopped_early}
+def solve_probe(phase: Mapping, model, train, val, log: Callable[[str], None]) -> dict:
+    """An ``lbfgs`` phase: the L-BFGS probe on the cached pooled features, its head set on
+    ``model``."""
+    tx, ty = train.load_all()
+    vx, vy = val.load_all() if val is not None else (None, None)
+    probe = fit_probe(tx, ty, vx, vy, model.num_classes, l2_grid=phase["l2_grid"],
+                      max_iter=phase["max_iter"], select_by=phase["select_by"], log_fn=log)
+    flat = flatten_state(model)
+    flat["head/kernel"], flat["head/bias"] = probe["kernel"], probe["bias"]
+    assign_state(model, flat)
+    return {"history": probe["history"], "best": probe["best"],
+            "best_weights": flat if probe["best"] is not None else None}
 
 
 def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_dir,
@@ -224,6 +202,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             log_fn: Callable[[str], None] | None = print) -> dict:
     """Run the phases of ``settings`` and write weights, history and summary.
 
+    ``feature_indexes``: ``{layer: {split: index.json}}`` of the caches the phases read.
     ``probe``: ``{"weights", "summary"}`` of the linear probe job a ``probe_head`` phase
     reads. With ``settings["refit"]`` (:func:`finegrained.plan.protocol.refit_settings`) every
     phase trains on train + validation for the epochs chosen before, and the model written
@@ -234,96 +213,62 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     log = (log_fn if main else None) or (lambda _: None)
     label = settings["regime"] + settings.get("variant", "")
     refit = bool(settings.get("refit"))
-    select_by = settings["select_by"]
     names = manifest_class_names(classes)
-    model = build_start_model(settings, init_weights, len(names))
+    model = loading.start_model(settings["model"], init=settings["init"], seed=settings["seed"],
+                                num_classes=len(names), init_weights=init_weights)
     stats_dict = json.loads(Path(stats).read_text())
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    cache_indexes = {f"features_{split}_{layer}": path
-                     for layer, by_split in sorted((feature_indexes or {}).items())
-                     for split, path in by_split.items()}
-    probe_files = {f"probe_{k}": v for k, v in (probe or {}).items()}
+    checkpoint_dir = Path(checkpoint_dir)
+    inputs = {"init_weights": init_weights, "train_index": train_index, "val_index": val_index,
+              "stats": stats, "classes": classes,
+              **{f"features_{split}_{layer}": path
+                 for layer, by_split in sorted((feature_indexes or {}).items())
+                 for split, path in by_split.items()},
+              **{f"probe_{k}": v for k, v in (probe or {}).items()}}
     if main:
-        claim(checkpoint_dir, fingerprint(settings, {
-            "init_weights": init_weights, "train_index": train_index, "val_index": val_index,
-            "stats": stats, "classes": classes, **cache_indexes, **probe_files}), log)
+        claim(checkpoint_dir, fingerprint(settings, inputs), log)
     distributed.barrier(f"claimed/{label}")
 
-    rows, best, phase_epochs, head_from = [], None, {}, None
+    phases = Phases()
     for i, phase in enumerate(settings["phases"]):
         phase_dir = checkpoint_dir / f"{i}-{phase['name']}"
         record = _finished_phase(phase_dir, model)
-        if record is None and phase["kind"] == "probe_head":
-            result = probe_head(phase, model, probe, init_weights)
-            log(f"{label} phase {phase['name']}: {result['log']}")
-            record = {"history": result["history"], "best": result["best"],
-                      "source": result["source"]}
-        elif record is None:
-            train, val = _sources(phase, train_index, val_index, feature_indexes,
-                                  settings.get("verify_shards", True), init_weights, refit)
-            log(f"{label} phase {phase['name']}: {len(train)} train / "
-                f"{len(val) if val is not None else 0} val inputs "
-                f"({phase['input']['kind']}), {jax.device_count()} x "
-                f"{jax.devices()[0].platform}")
-            augment = phase.get("train_settings", {}).get("augment", {})
-            lighting = lighting_from_stats(stats_dict) if augment.get("pca_lighting") else None
-            result = run_phase(phase, model, train, val, lighting=lighting,
-                               checkpoint_dir=phase_dir, label=f"{label}/{phase['name']}",
-                               log=log)
-            record = {"history": result["history"], "best": result["best"]}
-        else:
-            result = None
-        if result is not None and main:
-            if result["best_weights"] is not None:
-                save_weights(phase_dir / "best.safetensors", result["best_weights"])
-            _mark_finished(phase_dir, model, record)
-        head_from = record.get("source", head_from)
-        phase_epochs[phase["name"]] = len(record["history"])
-        for row in record["history"]:
-            rows.append({"phase": phase["name"], **row})
-        if record["best"] is not None and (best is None or better(record["best"], best[1],
-                                                                   select_by)):
-            best = (i, record["best"], phase_dir / "best.safetensors")
+        if record is None:
+            if phase["kind"] == "probe_head":
+                result = probe_head(phase, model, probe, init_weights)
+                log(f"{label} phase {phase['name']}: {result['log']}")
+            else:
+                train, val = _sources(phase, train_index, val_index, feature_indexes,
+                                      settings.get("verify_shards", True), init_weights, refit)
+                log(f"{label} phase {phase['name']}: {len(train)} train / "
+                    f"{len(val) if val is not None else 0} val inputs "
+                    f"({phase['input']['kind']}), {jax.device_count()} x "
+                    f"{jax.devices()[0].platform}")
+                if phase["kind"] == "lbfgs":
+                    result = solve_probe(phase, model, train, val, log)
+                else:
+                    recipe = TrainSettings.from_dict(phase["train_settings"])
+                    lighting = (lighting_from_stats(stats_dict) if recipe.augment.pca_lighting
+                                else None)
+                    fitted = fit(model, train, val, recipe, log_fn=log, lighting=lighting,
+                                 checkpoint_dir=phase_dir, label=f"{label}/{phase['name']}",
+                                 stop_after_epochs=phase.get("stop_after_epochs"))
+                    result = {"history": fitted.history, "best": fitted.best,
+                              "best_weights": fitted.best_weights}
+            record = {k: result[k] for k in ("history", "best", "source") if k in result}
+            if main:
+                if result["best_weights"] is not None:
+                    save_weights(phase_dir / "best.safetensors", result["best_weights"])
+                _mark_finished(phase_dir, model, record)
+        phases.add(i, phase, record, phase_dir, settings["select_by"])
 
-    if best is None and not refit:
+    if phases.best is None and not refit:
         raise DataError("validation", f"{label}: no validation result to choose weights by")
     # Every process holds the same result; the others wait until process 0 has written it.
     if not main:
         distributed.barrier(f"job-done/{label}")
         return {}
-    metadata = weights_metadata(
-        arch=settings["arch"], num_classes=len(names), class_names=names,
-        input_recipe=model.input_recipe.name, source=f"{'refit' if refit else 'train'}:{label}",
-        width=str(settings["width"]), stage_depths=json.dumps(settings["stage_depths"]),
-        **model_options(settings["arch"], init_weights if settings["init"] != "random" else None))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = flatten_state(model) if refit else read_tensors(best[2])
-    save_weights(out_dir / "weights.safetensors", weights, metadata=metadata)
-    _write_history(out_dir / "history.parquet", rows)
-    best_row = None if refit else best[1]
-    summary = {
-        "regime": settings["regime"], "variant": settings.get("variant", ""),
-        "select_by": select_by, "refit": refit,
-        "trained_on": "train+val" if refit else "train",
-        "train_count": rows[-1].get("train_count") if rows else None,
-        "best_phase": None if refit else settings["phases"][best[0]]["name"],
-        "best_epoch": None if refit else best_row["epoch"],
-        "best_val_top1": None if refit else best_row["val_top1"],
-        "best_val_loss": None if refit else best_row["val_loss"],
-        "best": best_row, "final": rows[-1] if rows else None,
-        "epochs_run": len(rows), "phase_epochs": phase_epochs, "head_from": head_from,
-        "num_classes": len(names),
-        "wall_seconds": time.perf_counter() - t0, "config_hash": settings["config_hash"],
-        "init_weights_sha256": sha256_file(init_weights) if init_weights else None,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "provenance": provenance(
-            config_hash=settings["config_hash"],
-            shard_indexes={"train": train_index, "val": val_index},
-            init_weights=init_weights if settings["init"] != "random" else None,
-            **cache_indexes, **probe_files),
-        "settings": settings,
-    }
-    write_json(out_dir / "summary.json", summary)
+    summary = write_outputs(settings, model, phases, out_dir=Path(out_dir), names=names,
+                            inputs=inputs, seconds=time.perf_counter() - t0)
     if not settings.get("keep_checkpoints", False):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     distributed.barrier(f"job-done/{label}")
@@ -331,29 +276,52 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
         log(f"{label}: refit on train + validation ({summary['train_count']} inputs), "
             f"{summary['wall_seconds']:.1f}s")
     else:
-        log(f"{label}: best val top-1 {best_row['val_top1']:.4f}, val loss "
-            f"{best_row['val_loss']:.4f} ({select_by}; phase {summary['best_phase']}, "
-            f"epoch {best_row['epoch']}), {summary['wall_seconds']:.1f}s")
+        log(f"{label}: best val top-1 {summary['best_val_top1']:.4f}, val loss "
+            f"{summary['best_val_loss']:.4f} ({settings['select_by']}; phase "
+            f"{summary['best_phase']}, epoch {summary['best_epoch']}), "
+            f"{summary['wall_seconds']:.1f}s")
     return summary
 
 
-def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, classes, out_dir,
-                     log_fn: Callable[[str], None] | None = print) -> dict:
-    """The features rule: the frozen pretrained backbone over one split (see ``features``)."""
-    from finegrained.train.augment import Augmentation
-    from finegrained.train.features import extract_features
-
-    names = manifest_class_names(classes)
-    model = load_init_model(settings["arch"], len(names), init_weights,
-                            width=settings["width"], stage_depths=settings["stage_depths"],
-                            **runtime_options(settings["arch"], settings))
-    augment = Augmentation.from_dict(settings["augment"])
-    lighting = (lighting_from_stats(json.loads(Path(stats).read_text()))
-                if augment.pca_lighting > 0 else None)
-    return extract_features(
-        model, shard_index, out_dir, layers=settings["layers"],
-        image_size=settings["image_size"], eval_crop_fraction=settings["eval_crop_fraction"],
-        views=settings["views"], augment=augment, lighting=lighting, seed=settings["seed"],
-        batch_size=settings["batch_size"], dtype=settings["dtype"],
-        weights_sha256=sha256_file(init_weights), verify=settings["verify_shards"],
-        log_fn=log_fn)
+def write_outputs(settings: Mapping, model, phases: Phases, *, out_dir: Path, names: list[str],
+                  inputs: Mapping, seconds: float) -> dict:
+    """Write the job's weights (the best phase's best epoch; a refit's final model), its
+    history and its summary; return the summary."""
+    refit = bool(settings.get("refit"))
+    label = settings["regime"] + settings.get("variant", "")
+    init_weights = inputs["init_weights"] if settings["init"] != "random" else None
+    metadata = weights_metadata(
+        arch=settings["model"]["arch"], num_classes=len(names), class_names=names,
+        input_recipe=model.input_recipe.name, source=f"{'refit' if refit else 'train'}:{label}",
+        **loading.model_metadata(settings["model"], init_weights))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = flatten_state(model) if refit else read_tensors(phases.best.weights)
+    save_weights(out_dir / "weights.safetensors", weights, metadata=metadata)
+    _write_history(out_dir / "history.parquet", phases.rows)
+    best = None if refit else phases.best
+    rows = phases.rows
+    summary = {
+        "regime": settings["regime"], "variant": settings.get("variant", ""),
+        "select_by": settings["select_by"], "refit": refit,
+        "trained_on": "train+val" if refit else "train",
+        "train_count": rows[-1].get("train_count") if rows else None,
+        "best_phase": None if best is None else settings["phases"][best.phase]["name"],
+        "best_epoch": None if best is None else best.row["epoch"],
+        "best_val_top1": None if best is None else best.row["val_top1"],
+        "best_val_loss": None if best is None else best.row["val_loss"],
+        "best": None if best is None else best.row, "final": rows[-1] if rows else None,
+        "epochs_run": len(rows), "phase_epochs": phases.epochs, "head_from": phases.head_from,
+        "num_classes": len(names),
+        "wall_seconds": seconds, "config_hash": settings["config_hash"],
+        "init_weights_sha256": (sha256_file(inputs["init_weights"]) if inputs["init_weights"]
+                                else None),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "provenance": provenance(
+            config_hash=settings["config_hash"],
+            shard_indexes={"train": inputs["train_index"], "val": inputs["val_index"]},
+            init_weights=init_weights,
+            **{k: v for k, v in inputs.items() if k.startswith(("features_", "probe_"))}),
+        "settings": settings,
+    }
+    write_json(out_dir / "summary.json", summary)
+    return summary

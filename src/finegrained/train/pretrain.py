@@ -13,19 +13,17 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
-from flax import nnx
 
 from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import write_json
-from finegrained.models import build_model, flatten_state
-from finegrained.models.transfer import model_options
+from finegrained.models import flatten_state, loading
 from finegrained.models.weights import save_weights, weights_metadata
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.checkpoint import claim, fingerprint
@@ -34,15 +32,14 @@ from finegrained.train.settings import TrainSettings
 
 
 def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
-             stats_json: str | os.PathLike, classes: str | os.PathLike, *, arch: str,
-             width: int, settings: TrainSettings,
-             out_weights: str | os.PathLike, out_metrics: str | os.PathLike,
-             stage_depths: Sequence[int] | None = None, checkpoint_dir=None,
-             keep_checkpoints: bool = False, verify: bool = False,
-             depthwise_impl: str = "auto", log_fn: Callable[[str], None] | None = print) -> dict:
-    """Train ``arch`` from scratch on ``train_index``, validate on ``val_index``; write the
-    weights (class names from the manifests' ``classes`` table, one output per class even
-    if every image of a class was skipped) and a metrics JSON; return the metrics."""
+             stats_json: str | os.PathLike, classes: str | os.PathLike, *, model: Mapping,
+             settings: TrainSettings, out_weights: str | os.PathLike,
+             out_metrics: str | os.PathLike, checkpoint_dir=None, keep_checkpoints: bool = False,
+             verify: bool = False, log_fn: Callable[[str], None] | None = print) -> dict:
+    """Train the ``model`` block's architecture (``plan.archs.model_settings``) from scratch
+    on ``train_index``, validate on ``val_index``; write the weights (class names from the
+    manifests' ``classes`` table, one output per class even if every image of a class was
+    skipped) and a metrics JSON; return the metrics."""
     t0 = time.perf_counter()
     main = distributed.is_main_process()   # several processes: only process 0 writes
     log = (log_fn if main else None) or (lambda _: None)
@@ -58,10 +55,9 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         stats = json.load(f)
     lighting = lighting_from_stats(stats) if settings.augment.pca_lighting > 0 else None
 
-    options = model_options(arch, None)  # from scratch: MobileNetV2 trains with batch norm
-    runtime = {"depthwise_impl": depthwise_impl} if arch == "mobilenet_v2" else {}
-    model = build_model(arch, num_classes, width=width, stage_depths=stage_depths,
-                        rngs=nnx.Rngs(settings.seed), **options, **runtime)
+    arch, width = model["arch"], model["width"]
+    options = loading.weight_options(arch, None)   # from scratch: e.g. MobileNetV2's batch norm
+    net = loading.build(model, num_classes, seed=settings.seed, **options)
     log(f"pretrain {arch} width {width}: {len(train)} train / {len(val)} val images, "
         f"{num_classes} classes, stored {train.image_size}px -> crops {settings.image_size}px, "
         f"{jax.device_count()} x {jax.devices()[0].platform}")
@@ -69,30 +65,28 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
     if checkpoint_dir is not None:
         if main:
             claim(checkpoint_dir, fingerprint(
-                {"arch": arch, "width": width, "stage_depths": stage_depths,
-                 "depthwise_impl": depthwise_impl, "train_settings": settings.to_dict()},
+                {"model": dict(model), "train_settings": settings.to_dict()},
                 {"train_index": train_index, "val_index": val_index, "stats": stats_json,
                  "classes": classes}), log)
         distributed.barrier("pretrain-claimed")
         run_dir = Path(checkpoint_dir) / "run"
-    history = fit(model, train, val, settings, log_fn=log, lighting=lighting,
+    history = fit(net, train, val, settings, log_fn=log, lighting=lighting,
                   checkpoint_dir=run_dir, label="pretrain").history
     if not main:
         distributed.barrier("pretrain-done")
         return {}
 
     recipe = {"pixels": "RGB uint8 or float 0..255, NHWC",
-              "normalisation": getattr(model.input_recipe, "name", str(model.input_recipe)),
+              "normalisation": net.input_recipe.name,
               "train_image_size": settings.image_size, "stored_image_size": train.image_size,
               "eval_crop_fraction": settings.eval_crop_fraction}
     metadata = weights_metadata(
         arch=arch, num_classes=num_classes, class_names=class_names,
-        input_recipe=getattr(model.input_recipe, "name", str(model.input_recipe)),
-        source="pretrain", width=str(width),
-        stage_depths=json.dumps(list(stage_depths) if stage_depths else None),
+        input_recipe=net.input_recipe.name, source="pretrain",
+        **loading.model_metadata(model, None),
         image_size=str(settings.image_size), input=json.dumps(recipe),
-        train_settings=json.dumps(settings.to_dict()), **options)
-    save_weights(out_weights, flatten_state(model), metadata=metadata)
+        train_settings=json.dumps(settings.to_dict()))
+    save_weights(out_weights, flatten_state(net), metadata=metadata)
 
     wall = time.perf_counter() - t0
     later = [h["images_per_second"] for h in history[1:]] or \

@@ -1,0 +1,137 @@
+"""The table of architectures: everything the pipeline knows about a backbone, in one entry.
+
+An entry names the model's constructor (``finegrained.models.<module>:<function>``, imported
+only by ``models.registry``), its stages and what a stage boundary is, which
+``freeze_up_to`` values it takes, the input recipe of its weights, the constructor options
+that change how it runs (not its parameters) or how its parameters are laid out (recorded
+in every weights file), the weight layouts it converts from, and its default pooled feature
+layers. Nothing else in the library names an architecture: adding a backbone is one model
+module plus one entry here (``tests/plan/test_archs.py`` registers a test-only one and plans
+every regime for it).
+
+Freezing, for every architecture: ``freeze_up_to: stem`` freezes the stem;
+``strideK`` freezes every stage whose output is at most 1/K of the input resolution (the
+same resolution in ResNet and MobileNetV2; a ViT's every stage is at its patch stride, so
+``stride16``/``stride32`` freeze a /16 or /14 ViT whole); ``blockK`` (ViTs) freezes the
+stem and blocks 0..K. The last frozen stage is the forward cut point and the cached
+boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Mapping, Sequence
+
+from finegrained.errors import ConfigError
+
+Stages = Callable[[Sequence[int] | None], dict[str, int]]
+STRIDE_CHOICES = ("stride2", "stride4", "stride8", "stride16", "stride32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    name: str
+    #: ``module:function`` under ``finegrained.models``: ``build(num_classes, *, width,
+    #: stage_depths, rngs, dtype, param_dtype, **options)``.
+    constructor: str
+    #: ``stage_depths`` (or None) -> {body stage: output stride}, in order; the head follows.
+    stages: Stages
+    #: What a stage's output is: ``map`` (NHWC) or ``tokens`` (batch, tokens, width).
+    boundary: str
+    #: Whether ``freeze_up_to: blockK`` applies (stages named ``block0``, ``block1``, ...).
+    block_freezing: bool
+    #: The input normalisation of its published weights (``models.registry`` recipes).
+    input_recipe: str
+    #: Backbone config keys handed to the constructor that change how it runs, not its
+    #: parameters (changing them needs no other weights).
+    runtime_options: tuple[str, ...] = ()
+    #: Constructor options that shape the parameters, recorded in every weights file:
+    #: option -> (value from scratch, value of a file that does not record it).
+    weight_options: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    #: External weight layouts ``models.convert`` reads into it.
+    weight_layouts: tuple[str, ...] = ()
+    #: How many of the last body stages the features rule pools by default.
+    default_pooled: int = 2
+
+    def body_stages(self, stage_depths: Sequence[int] | None = None) -> list[str]:
+        return list(self.stages(stage_depths))
+
+    def freeze_choices(self, stage_depths: Sequence[int] | None = None) -> list[str]:
+        blocks = [s for s in self.stages(stage_depths) if self.block_freezing
+                  and re.fullmatch(r"block\d+", s)]
+        return ["stem", *STRIDE_CHOICES, *blocks]
+
+    def frozen_stages(self, freeze_up_to: str | None,
+                      stage_depths: Sequence[int] | None = None) -> list[str]:
+        """The stages ``freeze_up_to`` freezes, in order (see the module docstring)."""
+        if freeze_up_to is None:
+            return []
+        strides = self.stages(stage_depths)
+        stages = list(strides)
+        if freeze_up_to not in self.freeze_choices(stage_depths):
+            raise ConfigError(f"freeze_up_to {freeze_up_to!r} is not a choice of {self.name}: "
+                              f"{self.freeze_choices(stage_depths)} or null")
+        if freeze_up_to == "stem":
+            return ["stem"]
+        if freeze_up_to.startswith("block"):
+            return stages[:stages.index(freeze_up_to) + 1]
+        k = int(freeze_up_to[len("stride"):])
+        frozen = [s for s in stages if strides[s] <= k]
+        if not frozen:
+            raise ConfigError(f"freeze_up_to {freeze_up_to!r}: no stage of {self.name} has an "
+                              f"output stride of {k} or less (strides: {strides})")
+        return frozen
+
+    def default_feature_layers(self, stage_depths: Sequence[int] | None = None) -> list[str]:
+        """The pooled outputs of the last ``default_pooled`` body stages."""
+        return self.body_stages(stage_depths)[-self.default_pooled:]
+
+
+def _fixed(strides: Mapping[str, int]) -> Stages:
+    return lambda stage_depths=None: dict(strides)
+
+
+_RESNET = _fixed({"stem": 4, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32})
+_MOBILENET_V2 = _fixed({"stem": 2, "stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16,
+                        "stage5": 32, "features": 32})
+
+
+def _resnet(name: str) -> Architecture:
+    return Architecture(name, f"resnet:{name}", _RESNET, boundary="map", block_freezing=False,
+                        input_recipe="torchvision", weight_layouts=("torchvision",))
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a for a in (
+        _resnet("resnet18"), _resnet("resnet34"), _resnet("resnet50"),
+        Architecture("mobilenet_v2", "mobilenet_v2:mobilenet_v2", _MOBILENET_V2,
+                     boundary="map", block_freezing=False, input_recipe="tflite_uint8",
+                     runtime_options=("depthwise_impl",),
+                     # the published TF weights have batch norm folded into the convs;
+                     # from scratch (or self-pretrained) it trains with batch norm
+                     weight_options={"batch_norm": (True, False)},
+                     weight_layouts=("tf_mobilenet_v2",)),
+    )}
+
+
+def register(arch: Architecture) -> Architecture:
+    """Add ``arch`` to the table (a plugin's or a test's architecture)."""
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def model_settings(backbone: Mapping) -> dict:
+    """The model block of a job's settings, from the config's ``backbone``: the
+    architecture, its width and stage depths, and its runtime options (only those of this
+    architecture, so changing another's reruns no job)."""
+    arch = architecture(backbone["arch"])
+    return {"arch": arch.name, "width": backbone["width"],
+            "stage_depths": backbone["stage_depths"],
+            "runtime": {key: backbone[key] for key in arch.runtime_options}}
