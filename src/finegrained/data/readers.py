@@ -29,6 +29,7 @@ their original class id, which keeps the mapping stable and easy to reproduce by
 
 from __future__ import annotations
 
+import codecs
 import functools
 import math
 import os
@@ -227,21 +228,35 @@ DATASET_FORMATS = {
 
 # --------------------------------------------------------------------------- line parsing
 
+_BOM = codecs.BOM_UTF8.decode("utf-8")
+
 def _lines(path: Path):
     """Yield ``(line_no, text)`` for each non-blank line, without its newline only.
 
     Trailing spaces are kept on purpose: class names such as 'Blue-winged Teal  (Male)'
-    are part of the released data and later files refer to them exactly.
+    are part of the released data and later files refer to them exactly. A UTF-8
+    byte-order mark at the start of the file (Windows editors write one) is dropped; one
+    anywhere else is an error on its own line, as is a file in UTF-16: otherwise the first
+    id would carry an invisible character and be blamed on the next file that lists it.
     """
     # Decoded line by line (not by the text layer, which reads ahead in blocks) so that a
     # byte that is not UTF-8 is reported on its own line.
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    raise DataError(path, "file is UTF-16 text (it starts with a UTF-16 "
+                                          "byte-order mark): save it as UTF-8", line=1)
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as error:
                 raise DataError(path, "line is not UTF-8 text", line=line_no,
                                 value=raw[error.start:error.end]) from None
+            if _BOM in text:
+                raise DataError(path, "byte-order mark (U+FEFF, an invisible character) "
+                                      "inside the file: two files joined? delete it",
+                                line=line_no, value=text)
             if text.strip():
                 yield line_no, text
 
@@ -577,15 +592,18 @@ def image_file(root: str | os.PathLike, rel: str, *, follow_symlinks: bool = Fal
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
+    except OSError as exc:      # a name too long, a folder that cannot be listed, ...
+        raise DataError(path, f"cannot open image file: {exc.strerror}") from None
     if not stat.S_ISREG(mode):
         raise DataError(path, "not a regular file (a folder, FIFO or device): not a photo")
     return path
 
 
-def _folder_entries(directory: Path) -> dict[str, str]:
+def _folder_entries(directory: Path) -> dict[str, str] | None:
     """``name -> 'file' | 'link' | 'other'`` for the entries of ``directory`` (empty if it
     does not exist), from one listing: a regular file, a symbolic link (checked one by one),
-    anything else."""
+    anything else. None when it cannot be listed (no permission, a name too long): its
+    images are then looked at one by one, so each gets the operating system's reason."""
     try:
         with os.scandir(directory) as entries:
             return {entry.name: ("link" if entry.is_symlink() else
@@ -593,6 +611,8 @@ def _folder_entries(directory: Path) -> dict[str, str]:
                     for entry in entries}
     except (FileNotFoundError, NotADirectoryError):
         return {}
+    except OSError:
+        return None
 
 
 def _image_problem(root: Path, rel: str, kind: str | None, folder_outside: bool,
@@ -635,7 +655,8 @@ def check_image_files(dataset: Dataset, root: str | os.PathLike | None = None, *
         if folder not in listings:
             listings[folder] = (_folder_entries(root / folder), _outside(root / folder, root))
         entries, folder_outside = listings[folder]
-        problem = _image_problem(root, rel, entries.get(name), folder_outside, follow_symlinks)
+        kind = "unlisted" if entries is None else entries.get(name)
+        problem = _image_problem(root, rel, kind, folder_outside, follow_symlinks)
         if problem is not None:
             problems[i] = problem
     if not problems:
