@@ -5,11 +5,13 @@ jobs, the device check before any data is read (:func:`run_on_devices`)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
-from finegrained.errors import ConfigError, DataError, WeightsError
+from finegrained.errors import ConfigError, DataError, StorageError, WeightsError
+from finegrained.fileio import NO_ROOM
 
 __all__ = ["ConfigError", "expected_errors", "log", "read_settings", "run", "run_on_devices"]
 
@@ -30,16 +32,24 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     try:    # JAX is not needed by the light scripts (their environment may lack it)
         from finegrained.train.loop import NonFinite, Preempted
     except ImportError:
-        return (ConfigError, DataError, WeightsError)
-    return (ConfigError, DataError, WeightsError, NonFinite, Preempted)
+        return (ConfigError, DataError, StorageError, WeightsError)
+    return (ConfigError, DataError, StorageError, WeightsError, NonFinite, Preempted)
 
 
 def run(main: Callable[[], object]) -> int:
-    """Call ``main``; an expected error becomes ``error: ...`` on stderr and exit code 1."""
+    """Call ``main``; an expected error becomes ``error: ...`` on stderr and exit code 1, as
+    does a write that found no room where no writer named the file and sizes
+    (:func:`finegrained.fileio.room_for` does)."""
     try:
         main()
     except expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        print(f"error: cannot write {exc.filename or 'an output'}: {os.strerror(exc.errno)}",
+              file=sys.stderr, flush=True)
         return 1
     return 0
 

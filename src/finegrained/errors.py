@@ -45,3 +45,11 @@ class WeightsError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration value that the code cannot act on."""
+
+
+class StorageError(OSError):
+    """An output that does not fit: the disk is full, the quota or the file-size limit
+    reached. Names the file, the bytes it needs and the bytes free where it goes."""
+
+    def __str__(self) -> str:
+        return self.strerror
