@@ -118,16 +118,19 @@ def shard_ids(split):
 
 
 def shard_outputs():
-    """Files one crop job writes: metadata + skipped report, and the pixels for npy shards."""
+    """Files one crop job writes: metadata, skipped report and the record of what it wrote
+    (finegrained.data.shards), and the pixels for npy shards."""
     stem = results("data/{dataset}/shards/{split}/shard-{shard}")
-    outputs = {"meta": f"{stem}.parquet", "skipped": f"{stem}.skipped.json"}
+    outputs = {"meta": f"{stem}.parquet", "skipped": f"{stem}.skipped.json",
+               "record": f"{stem}.record.json"}
     if config["shards"]["format"] == "npy":
         outputs["images"] = f"{stem}.npy"
     return outputs
 
 
 def split_shard_files(kind):
-    """Input function: every shard file of one kind ('meta', 'skipped', 'images') of a split."""
+    """Input function: every shard file of one kind ('meta', 'skipped', 'record', 'images')
+    of a split."""
 
     def files(wildcards):
         if kind not in shard_outputs():

@@ -93,6 +93,7 @@ rule shard_index:
         script=script_path("index_shards.py"),
         metas=split_shard_files("meta"),
         skipped=split_shard_files("skipped"),
+        records=split_shard_files("record"),
         images=split_shard_files("images"),
     output:
         results("data/{dataset}/shards/{split}/index.json"),
