@@ -48,7 +48,8 @@ def write_tiny_dataset(root: Path, files: dict[str, list[str]], *, replace: dict
                        drop: tuple[str, ...] = (), image_files: bool = False) -> Path:
     """Write ``files`` (name -> lines) under ``root``; ``replace`` swaps a file's lines.
 
-    ``image_files`` also creates an empty file for every image listed in images.txt.
+    ``image_files`` also creates a file for every image listed in images.txt, holding its
+    name (distinct bytes: identical ones would be copies of one photo).
     """
     root.mkdir(parents=True, exist_ok=True)
     contents = {**files, **(replace or {})}
@@ -59,7 +60,7 @@ def write_tiny_dataset(root: Path, files: dict[str, list[str]], *, replace: dict
         for line in contents["images.txt"]:
             path = root / "images" / line.split(" ", 1)[1]
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
+            path.write_text(line)
     return root
 
 

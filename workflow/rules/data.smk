@@ -38,6 +38,7 @@ rule manifests:
         classes=results("data/{dataset}/manifest/classes.parquet"),
         taxonomy=results("data/{dataset}/manifest/taxonomy.parquet"),
         skipped=results("data/{dataset}/manifest/skipped.json"),
+        report=results("data/{dataset}/manifest/report.json"),
     params:
         settings=lambda wc: json.dumps(manifest_settings(dataset_config(wc.dataset))),
         root=dataset_root,

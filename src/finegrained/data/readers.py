@@ -17,8 +17,9 @@ Two kinds of fault, and where the line between them runs (``on_bad_image``):
   With ``on_bad_image='skip'`` the image is dropped and listed with its reason; with
   ``'error'`` (the default) the first one stops the run.
 * *Dataset-level*: the files themselves are inconsistent, so no image can be trusted: a
-  malformed line, a duplicate id, ids that do not match across files, an unknown class id, a
-  split flag other than 0/1, a hierarchy cycle, an empty split. Always fatal.
+  malformed line, a duplicate id, one file listed under two ids, ids that do not match across
+  files, an unknown class id, a split flag other than 0/1, a hierarchy cycle, an empty split.
+  Always fatal.
 
 ``photographers.txt`` holds optional credits: a line with an id and no name is no credit.
 
@@ -33,6 +34,7 @@ import codecs
 import functools
 import math
 import os
+import posixpath
 import re
 import stat
 from collections import defaultdict
@@ -147,7 +149,7 @@ def dataset_root_problem(fmt: str, root: str | os.PathLike, key: str = "dataset"
 
 def check_image_paths(fmt: str, root: str | os.PathLike) -> None:
     """The images.txt check of :func:`read_dataset` alone: a DataError naming the line of a
-    path that leaves ``root``. Cheap (one file, cached while the file is unchanged), so the
+    path that leaves ``root`` or names a file another line names. Cheap (one file, cached while the file is unchanged), so the
     workflow runs it when the DAG is built and ``snakemake -n`` refuses such a dataset."""
     listing = Path(root) / "images.txt"
     stat = listing.stat()
@@ -158,8 +160,7 @@ def check_image_paths(fmt: str, root: str | os.PathLike) -> None:
 def _check_image_paths(fmt: str, listing: str, mtime_ns: int, size: int) -> None:
     images = _read_keyed(Path(listing), DATASET_FORMATS[fmt].parse_image_id, [("path", _text)],
                          rest_is_text=True)
-    for record in images.values():
-        check_relative_path(record.values[0], Path(listing), record.line)
+    _check_listing(images, Path(listing))
 
 
 def annotation_files(fmt: str, root: str | os.PathLike, *,
@@ -465,8 +466,7 @@ def read_dataset(fmt: str, root: str | os.PathLike, *, on_bad_image: str = "erro
     images = _read_keyed(images_path, key, [("path", _text)], rest_is_text=True)
     if not images:
         raise DataError(images_path, "no images listed")
-    for record in images.values():
-        check_relative_path(record.values[0], images_path, record.line)
+    _check_listing(images, images_path)
     labels = _read_keyed(labels_path, key, [("class id (64-bit integer)", _int64)])
     split = _read_keyed(split_path, key, [("split flag", int)])
     sizes = (_read_keyed(sizes_path, key, [("width (integer, 1 to 2^31-1)", _positive_int),
@@ -551,6 +551,22 @@ def _check_choice(on_bad_image: str) -> None:
 
 
 # --------------------------------------------------------------------------- image files
+
+def _check_listing(images: dict, listing: Path) -> None:
+    """Every images.txt path names a file under the root, and a file no other line names:
+    one photo under two ids, one in train and one in test, would be tested on after being
+    trained on."""
+    first: dict[str, tuple[str, int]] = {}
+    for image_id, record in images.items():
+        rel = record.values[0]
+        check_relative_path(rel, listing, record.line)
+        seen = first.setdefault(posixpath.normpath(rel), (image_id, record.line))
+        if seen[1] != record.line:
+            raise DataError(listing, f"image {image_id!r} names the file of image {seen[0]!r} "
+                                     f"(line {seen[1]}): one photo under two ids, which in two "
+                                     f"splits would put a test photo in training; delete one "
+                                     f"of the lines", line=record.line, value=rel)
+
 
 def check_relative_path(rel: str, listing: Path, line: int) -> None:
     """An images.txt path must name a file under the dataset root by its letters alone: no

@@ -11,7 +11,8 @@ from typing import Mapping
 def manifest_settings(dataset: Mapping) -> dict:
     """The `manifests` job of one dataset block (``dataset`` or ``pretrain.dataset``)."""
     return {key: dataset[key] for key in ("format", "val_fraction", "split_seed", "on_bad_image",
-                                          "check_files", "follow_symlinks")}
+                                          "check_files", "follow_symlinks", "duplicate_photos",
+                                          "test_only_classes")}
 
 
 def crop_settings(config: Mapping, dataset: Mapping, split: str) -> dict:
