@@ -172,10 +172,7 @@ def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fractio
     split = assign_splits(dataset.images.column("label").to_numpy(),
                           dataset.images.column("is_train").to_numpy(zero_copy_only=False),
                           val_fraction, val_rng)
-    for rows in copies:     # the validation carve-out keeps the copies of a photo together
-        official_train = rows[split[rows] != "test"]
-        if len(set(split[official_train])) > 1:
-            split[official_train] = "train"
+    _keep_copies_together(split, copies)
     leaks = [rows for rows in copies if len(set(split[rows])) > 1]
     if leaks and duplicate_photos == "error":
         _raise_leak(dataset, split, leaks)
@@ -236,14 +233,32 @@ def excluded_classes(classes: pa.Table) -> list[dict]:
 def _identical_photos(dataset: Dataset) -> list[np.ndarray]:
     """Rows of the photos whose bytes another photo has, a group per content (rows in
     images.txt order), from the sha256 of every file (hashed side by side: hashlib
-    releases the GIL)."""
+    releases the GIL). A file that cannot be read is compared with none: the crop job
+    reports it (``on_bad_image``)."""
     paths = [dataset.root / rel for rel in dataset.images.column("path").to_pylist()]
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(sha256_file, paths))
+        digests = list(pool.map(_photo_digest, paths))
     rows = defaultdict(list)
     for row, digest in enumerate(digests):
-        rows[digest].append(row)
+        if digest is not None:
+            rows[digest].append(row)
     return [np.array(group) for group in rows.values() if len(group) > 1]
+
+
+def _photo_digest(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _keep_copies_together(split: np.ndarray, copies: list[np.ndarray]) -> None:
+    """Put every copy of a photo that the validation carve-out split between train and
+    validation back into train (in place), so validation never measures a training photo."""
+    for rows in copies:
+        official_train = rows[split[rows] != "test"]
+        if len(set(split[official_train])) > 1:
+            split[official_train] = "train"
 
 
 def _copies_entry(dataset: Dataset, split: np.ndarray, rows: np.ndarray) -> list[dict]:
@@ -260,10 +275,11 @@ def _raise_leak(dataset: Dataset, split: np.ndarray, leaks: list[np.ndarray]) ->
     raise DataError(dataset.images_file,
                     f"image {other['image_id']!r} ({other['split']}, {other['path']}) has the "
                     f"same bytes as image {first['image_id']!r} on line {first['images_line']} "
-                    f"({first['split']}, {first['path']}): one photo in two splits is tested on "
-                    f"after being trained on ({sum(len(rows) for rows in leaks)} such photos in "
-                    f"all); remove the copies, or set dataset.duplicate_photos: allow to keep "
-                    f"them (counted in the manifests' report.json)",
+                    f"({first['split']}, {first['path']}): one photo in two splits makes the "
+                    f"evaluation measure photos the model was trained or selected on "
+                    f"({sum(len(rows) for rows in leaks)} such photos in all); remove the "
+                    f"copies, or set dataset.duplicate_photos: allow to keep them (counted in "
+                    f"the manifests' report.json)",
                     line=other["images_line"], value=other["path"])
 
 
@@ -291,12 +307,13 @@ def _test_only_classes(dataset: Dataset, split: np.ndarray,
                         f"dataset.test_only_classes: exclude to leave it out of training and of "
                         f"the metrics", line=dataset.images.column("images_line")[first].as_py(),
                         value=k["name"])
-    keep = ~np.isin(labels, lonely)
-    new_label = np.cumsum(~np.isin(np.arange(dataset.num_classes), lonely)) - 1
+    kept_class = ~np.isin(np.arange(dataset.num_classes), lonely)
+    new_label = np.cumsum(kept_class) - 1
+    keep = kept_class[labels]
     images = dataset.images.filter(pa.array(keep))
     images = images.set_column(images.schema.get_field_index("label"), "label",
                                pa.array(new_label[labels[keep]], pa.int32()))
-    classes = dataset.classes.filter(pa.array(~np.isin(np.arange(dataset.num_classes), lonely)))
+    classes = dataset.classes.filter(pa.array(kept_class))
     classes = classes.set_column(0, "label", pa.array(np.arange(classes.num_rows, dtype=np.int32)))
     return replace(dataset, images=images, classes=classes), split[keep], excluded
 

@@ -38,7 +38,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -282,7 +282,8 @@ def read_shard_record(meta_path: str | os.PathLike) -> dict:
         record = json.loads(path.read_text())
         files = record["files"]
         checks = [(path.parent / name, int(entry["bytes"]), str(entry["sha256"]))
-                  for name, entry in files.items() if Path(name).name == name]
+                  for name, entry in files.items()
+                  if Path(name).name == name]       # a record names files beside it only
         count = int(record["count"])
     except FileNotFoundError:
         raise DataError(path, "shard record not found: its crop job writes it with the "
@@ -319,7 +320,7 @@ def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
     out_index = Path(out_index)
     base = out_index.parent.resolve()
     shards, skipped_all, common = [], [], None
-    for meta_path in shard_meta_paths:
+    for number, meta_path in enumerate(shard_meta_paths):
         meta_path = Path(meta_path)
         files = read_shard_record(meta_path)["files"]
         settings = read_shard_settings(meta_path)
@@ -338,7 +339,7 @@ def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
             if images_path.name not in files:
                 raise DataError(record_path(meta_path), "the shard's record lists no images "
                                                         "file", value=images_path.name)
-            check_npy(images_path, count, settings["size"], f"shard of split {split!r}")
+            check_npy(images_path, count, settings["size"], f"shard {number} of split {split!r}")
             entry["images"] = _relative(images_path, base)
             entry["images_sha256"] = files[images_path.name]["sha256"]
         if skipped_path.name not in files:
@@ -444,7 +445,8 @@ class ShardReader:
         for number, (meta_path, image_path) in enumerate(zip(self._meta_paths,
                                                              self._image_paths)):
             shard = f"shard {number} of split {self.index.get('split')!r}"
-            rows = _read_parquet(meta_path, lambda: pq.read_metadata(meta_path).num_rows)
+            with _reading(meta_path):
+                rows = pq.read_metadata(meta_path).num_rows
             if rows != counts[number]:
                 raise DataError(meta_path, f"{shard}: holds {rows} rows, {self.index_path} "
                                            f"lists {counts[number]}; rerun the crop phase")
@@ -480,28 +482,33 @@ class ShardReader:
         """All shards' metadata in order (without the encoded ``image`` column)."""
         tables = []
         for path in self._meta_paths:
-            names = [n for n in _read_parquet(path, lambda: pq.read_schema(path).names)
-                     if n != "image"]
-            tables.append(_read_parquet(path, lambda: pq.read_table(path, columns=names)))
+            with _reading(path):
+                names = [n for n in pq.read_schema(path).names if n != "image"]
+                tables.append(pq.read_table(path, columns=names))
         return pa.concat_tables(tables)
 
     @cached_property
     def labels(self) -> np.ndarray:
         """int32 labels of all images, in shard order."""
-        parts = [_read_parquet(p, lambda: pq.read_table(p, columns=["label"]))
-                 .column("label").to_numpy(zero_copy_only=False) for p in self._meta_paths]
+        parts = []
+        for path in self._meta_paths:
+            with _reading(path):
+                parts.append(pq.read_table(path, columns=["label"]).column("label")
+                             .to_numpy(zero_copy_only=False))
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
     def shard_content(self, i: int) -> np.ndarray:
         """int32 ``[count, 4]`` content rectangles ``(x, y, w, h)`` of shard ``i``'s crops:
         the pixels outside them are padding."""
         path = self._meta_paths[i]
-        names = _read_parquet(path, lambda: pq.read_schema(path).names)
+        with _reading(path):
+            names = pq.read_schema(path).names
         missing = [c for c in CONTENT_COLUMNS if c not in names]
         if missing:
             raise DataError(path, f"shard has no content columns ({', '.join(missing)}); "
                                   f"rerun the crop phase")
-        table = _read_parquet(path, lambda: pq.read_table(path, columns=list(CONTENT_COLUMNS)))
+        with _reading(path):
+            table = pq.read_table(path, columns=list(CONTENT_COLUMNS))
         return np.stack([table.column(c).to_numpy() for c in CONTENT_COLUMNS],
                         axis=1).astype(np.int32).reshape(-1, 4)
 
@@ -522,7 +529,8 @@ class ShardReader:
     def _decode_rows(self, i: int, rows: np.ndarray) -> np.ndarray:
         path = self._meta_paths[i]
         if i not in self._encoded:
-            table = _read_parquet(path, lambda: pq.read_table(path, columns=["image"]))
+            with _reading(path):
+                table = pq.read_table(path, columns=["image"])
             self._encoded[i] = table.column("image").combine_chunks()
         column = self._encoded[i]
         out = np.empty((len(rows), self.image_size, self.image_size, 3), np.uint8)
@@ -579,9 +587,10 @@ class ShardReader:
             yield self.gather(idx), labels[idx]
 
 
-def _read_parquet(path: Path, read: Callable):
-    """``read()`` of a shard's Parquet file, its failure a :class:`DataError` naming it."""
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A failure to read a shard's Parquet file in the block is a :class:`DataError` naming it."""
     try:
-        return read()
+        yield
     except (OSError, pa.ArrowException) as exc:
         raise DataError(path, f"cannot read shard metadata ({exc}); rerun the crop phase") from None
