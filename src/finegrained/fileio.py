@@ -190,3 +190,24 @@ def reserve(file, nbytes: int, path: str | os.PathLike) -> None:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
+
+
+def write_reserved(tmp: str | os.PathLike, final: str | os.PathLike, data) -> None:
+    """Write ``data`` (bytes, or any buffer) into ``tmp``, the temporary of ``final``, its
+    size reserved first (:func:`reserve`): no room is a :class:`StorageError` naming
+    ``final`` and the exact bytes it needs, before a byte is written."""
+    size = memoryview(data).nbytes
+    with open(tmp, "wb") as f:
+        reserve(f, size, final)
+        with room_for(final, size):
+            f.write(data)
+
+
+def parquet_bytes(table):
+    """A pyarrow Table as the bytes of a Parquet file (for :func:`write_reserved`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 import sys
 from collections import Counter
@@ -273,13 +275,16 @@ def test_a_class_with_no_training_photo_excluded_is_reported_everywhere(tmp_path
 
 # --------------------------------------------------------------------------- command line
 
-def run_script(root, out_dir, **settings) -> subprocess.CompletedProcess:
+def run_script(root, out_dir, file_size_limit=None, **settings) -> subprocess.CompletedProcess:
     settings = {"format": "cub", "val_fraction": 0.1, "split_seed": 0, "on_bad_image": "error",
                 "check_files": True, "follow_symlinks": False, "duplicate_photos": "error",
                 "test_only_classes": "error", **settings}
+    limit = (None if file_size_limit is None else
+             lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit,) * 2))
     return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "prepare_manifests.py"),
                            "--settings", json.dumps(settings), "--root", str(root),
-                           "--out-dir", str(out_dir)], capture_output=True, text=True, timeout=60)
+                           "--out-dir", str(out_dir)], capture_output=True, text=True, timeout=60,
+                          preexec_fn=limit, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
 
 
 def test_script_writes_manifests_and_prints_summary(tmp_path):
@@ -288,6 +293,16 @@ def test_script_writes_manifests_and_prints_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("cub: 4 images, 2 classes, train 2 / val 0 / test 2")
     assert {p.name for p in (tmp_path / "out").iterdir()} == OUTPUT_FILES
+
+
+def test_script_past_the_file_size_limit_ends_in_one_line(tmp_path):
+    """``ulimit -f`` stands in for a full disk (see test_shards): an OSError traceback before."""
+    root = tiny_cub(tmp_path / "data", image_files=True)
+    result = run_script(root, tmp_path / "out", file_size_limit=1024)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'out'}/")
+    assert "(File too large): it needs " in result.stderr and " are free on" in result.stderr
+    assert result.stderr.count("\n") == 1 and list((tmp_path / "out").iterdir()) == []
 
 
 def test_script_reports_bad_input_without_traceback(tmp_path):

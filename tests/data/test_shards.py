@@ -446,7 +446,6 @@ def test_no_space_left_is_one_error_naming_the_file_and_sizes(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    monkeypatch.setattr(pq, "write_table", full)
     with pytest.raises(StorageError) as caught:
         write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square", fmt=fmt,
                     **shard_files(out, 0, fmt))

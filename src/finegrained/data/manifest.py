@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from finegrained.data.readers import (CLASSES_SCHEMA, Dataset, check_image_files,
                                       read_dataset)
 from finegrained.errors import DataError
-from finegrained.fileio import atomic_output, room_for, sha256_file
+from finegrained.fileio import atomic_output, parquet_bytes, sha256_file, write_reserved
 
 SPLITS = ("train", "val", "test")
 CLASSES_FILE = "classes.parquet"
@@ -193,21 +193,17 @@ def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fractio
 
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as stack:
-        def write(name: str, table: pa.Table | None = None, text: str | None = None) -> None:
-            tmp = stack.enter_context(atomic_output(out_dir / name))
-            with room_for(out_dir / name, table.nbytes if table is not None else len(text)):
-                if table is not None:
-                    pq.write_table(table, tmp)
-                else:
-                    tmp.write_text(text)
+        def write(name: str, data) -> None:
+            write_reserved(stack.enter_context(atomic_output(out_dir / name)), out_dir / name,
+                           data)
         # Every file is written before any is renamed: atomic_output renames on exit,
         # which the ExitStack runs only once the whole block has succeeded.
         for name, table in tables.items():
-            write(f"{name}.parquet", table)
-        write(CLASSES_FILE, classes)
-        write(TAXONOMY_FILE, dataset.taxonomy)
-        write(SKIPPED_FILE, text=json.dumps(skipped, indent=2) + "\n")
-        write(REPORT_FILE, text=json.dumps(report, indent=2) + "\n")
+            write(f"{name}.parquet", parquet_bytes(table))
+        write(CLASSES_FILE, parquet_bytes(classes))
+        write(TAXONOMY_FILE, parquet_bytes(dataset.taxonomy))
+        write(SKIPPED_FILE, (json.dumps(skipped, indent=2) + "\n").encode())
+        write(REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode())
 
     return {
         "format": dataset.format,

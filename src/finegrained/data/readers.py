@@ -149,8 +149,9 @@ def dataset_root_problem(fmt: str, root: str | os.PathLike, key: str = "dataset"
 
 def check_image_paths(fmt: str, root: str | os.PathLike) -> None:
     """The images.txt check of :func:`read_dataset` alone: a DataError naming the line of a
-    path that leaves ``root`` or names a file another line names. Cheap (one file, cached while the file is unchanged), so the
-    workflow runs it when the DAG is built and ``snakemake -n`` refuses such a dataset."""
+    path that leaves ``root`` or names a file another line names. Cheap (one file, cached
+    while the file is unchanged), so the workflow runs it when the DAG is built and
+    ``snakemake -n`` refuses such a dataset."""
     listing = Path(root) / "images.txt"
     stat = listing.stat()
     _check_image_paths(fmt, os.fspath(listing), stat.st_mtime_ns, stat.st_size)

@@ -50,7 +50,8 @@ from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
 from finegrained.data.readers import image_file
 from finegrained.errors import ON_BAD_IMAGE, DataError
-from finegrained.fileio import atomic_output, reserve, room_for, sha256_file, write_json
+from finegrained.fileio import (atomic_output, parquet_bytes, reserve, room_for, sha256_file,
+                                write_json, write_reserved)
 
 SHARD_METADATA_KEY = b"finegrained.shard"
 #: Per-crop columns of the rectangle that holds image pixels (x, y, w, h in the S x S crop).
@@ -157,22 +158,16 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
         schema_meta = dict(meta.schema.metadata or {})
         schema_meta[SHARD_METADATA_KEY] = json.dumps(settings).encode()
         meta = meta.replace_schema_metadata(schema_meta)
-        with room_for(out_meta, meta.nbytes):
-            pq.write_table(meta, tmp_meta)
+        write_reserved(tmp_meta, out_meta, parquet_bytes(meta))
         written[out_meta] = (tmp_meta, {})
-        _write_text(tmp_skipped, out_skipped, json.dumps(skipped, indent=2) + "\n")
+        write_reserved(tmp_skipped, out_skipped, (json.dumps(skipped, indent=2) + "\n").encode())
         written[out_skipped] = (tmp_skipped, {})
         record = {"count": len(kept),
                   "files": {Path(final).name: {"bytes": tmp.stat().st_size,
                                                "sha256": sha256_file(tmp), **extra}
                             for final, (tmp, extra) in written.items()}}
-        _write_text(tmp_record, out_record, json.dumps(record, indent=2) + "\n")
+        write_reserved(tmp_record, out_record, (json.dumps(record, indent=2) + "\n").encode())
     return {"count": len(kept), "skipped": len(skipped), **settings}
-
-
-def _write_text(tmp: Path, final: str | os.PathLike, text: str) -> None:
-    with room_for(final, len(text.encode())):
-        tmp.write_text(text)
 
 
 def _crop_row(row: dict, dataset_root, crop_options: dict,
@@ -210,7 +205,7 @@ class _NpyWriter:
 
     def append(self, crop: np.ndarray) -> None:
         if crop.shape != self.item_shape or crop.dtype != np.uint8:
-            raise ValueError(f"crop of {crop.dtype} {crop.shape}, expected uint8 {self.item_shape}")
+            raise ValueError(f"crop of {crop.dtype} {crop.shape}, not uint8 {self.item_shape}")
         with room_for(self.final, self.needed):
             self.file.write(np.ascontiguousarray(crop).data)
         self.count += 1
@@ -593,4 +588,5 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(path, f"cannot read shard metadata ({exc}); rerun the crop phase") from None
+        raise DataError(path, f"cannot read shard metadata ({exc}); rerun the crop "
+                              f"phase") from None
