@@ -39,7 +39,7 @@ EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
 
 def default_recipe() -> dict:
     """The schema's default augmentation of a training regime (``full_finetune``)."""
-    from finegrained.config import load_config
+    from finegrained.plan.schema import load_config
     config = load_config(REPO / "config" / "config.yaml")
     return dict(config["regime_settings"]["full_finetune"]["augment"])
 

@@ -2,7 +2,7 @@
 first time (compiling) and the second (loading the compiled step from the cache).
 
 Each job is a fresh process started through the workflow's launcher
-(``python -m finegrained.gpus --compilation-cache DIR``), as every JAX job of a run is: it
+(``python -m finegrained.launch --compilation-cache DIR``), as every JAX job of a run is: it
 builds the model, prepares the train state and runs ``fit`` for one short epoch; the figure
 is the history's ``first_step_seconds`` (from ``prepare`` to the return of the first step:
 tracing plus compiling, or loading). For each model, ``--repeats`` times: a fresh cache
@@ -58,7 +58,7 @@ def job(model: str, cache: Path) -> dict:
     arch, width, image, batch = MODELS[model]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     proc = subprocess.run(
-        [sys.executable, "-m", "finegrained.gpus", "--count", "0", "--compilation-cache",
+        [sys.executable, "-m", "finegrained.launch", "--gpus", "0", "--compilation-cache",
          str(cache), "--", sys.executable, "-c", CHILD, arch, str(width), str(image),
          str(batch)], env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:

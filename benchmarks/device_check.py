@@ -48,7 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from finegrained.gpus import cache_env  # noqa: E402  (standard library only: no JAX here)
+from finegrained.launch import cache_env  # noqa: E402  (standard library only: no JAX here)
 STORED, IMAGE = 256, 224
 #: Batch per configuration for a GPU of 80-141 GB (config/examples/gpu.yaml's choices).
 GPU_BATCH = {("resnet50", "bfloat16"): 256, ("resnet50", "float32"): 128,

@@ -46,8 +46,8 @@ TARGET = 50.0
 
 def probe_config(use_cache: bool, batch_size: int, epochs: int) -> tuple[dict, dict]:
     """``(phase, regime settings)`` of the pipeline's linear_probe job (solver sgd)."""
-    from finegrained.config import load_config
-    from finegrained.train.regimes import job_settings
+    from finegrained.plan.schema import load_config
+    from finegrained.plan.regimes import job_settings
     overrides = {"regime_settings": {"linear_probe": {
         "solver": "sgd", "use_cache": use_cache, "batch_size": batch_size, "epochs": epochs}},
         "train": {"compute_dtype": "float32", "log_every_steps": 0, "checkpoint_every_steps": 0}}
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from finegrained.models import build_model
     from finegrained.train.features import FeatureReader, extract_features
     from finegrained.train.probe import fit_probe
-    from finegrained.train.regimes import body_stages
+    from finegrained.plan.regimes import body_stages
 
     def fresh_model():
         return build_model(args.arch, NUM_CLASSES, rngs=nnx.Rngs(0))

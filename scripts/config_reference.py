@@ -3,7 +3,7 @@ docs/configuration.md with --update docs/configuration.md."""
 
 import argparse
 
-from finegrained.config_reference import render_reference, update_reference
+from finegrained.plan.reference import render_reference, update_reference
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

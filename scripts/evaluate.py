@@ -7,13 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from finegrained import cli
+from finegrained import job_runner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--settings", required=True,
-                   help="the job's resolved settings: JSON, or @file (see finegrained.evaluate.settings)")
+                   help="the job's resolved settings: JSON, or @file (see finegrained.plan.jobs.evaluate_regime)")
     p.add_argument("--test-index", required=True, help="shard index of the test split")
     p.add_argument("--weights", help="train/<regime>/weights.safetensors")
     p.add_argument("--train-summary", help="train/<regime>/summary.json")
@@ -30,22 +30,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job():
-        from finegrained.evaluate.job import run_evaluation   # after argparse: --help stays fast
-        from finegrained.protocol import chosen_train_files
-        settings = cli.read_settings(args.settings)
-        weights, summary = args.weights, args.train_summary
-        if args.selection is not None:
-            weights, summary = chosen_train_files(args.selection, args.train_root,
-                                                  settings["regime"], settings.get("variant", ""))
-        run_evaluation(settings, test_index=args.test_index, weights=weights,
-                       classes=args.classes, train_summary=summary, out_dir=args.out_dir,
-                       source_dir=Path(__file__).resolve().parents[1], log_fn=cli.log)
-
-    return cli.run_on_devices(job)
+@job_runner.runs_on_devices(parse_args)
+def main(args: argparse.Namespace) -> None:
+    from finegrained.evaluate.job import run_evaluation
+    from finegrained.plan.protocol import chosen_train_files
+    settings = job_runner.read_settings(args.settings)
+    weights, summary = args.weights, args.train_summary
+    if args.selection is not None:
+        weights, summary = chosen_train_files(args.selection, args.train_root,
+                                              settings["regime"], settings.get("variant", ""))
+    run_evaluation(settings, test_index=args.test_index, weights=weights,
+                   classes=args.classes, train_summary=summary, out_dir=args.out_dir,
+                   source_dir=Path(__file__).resolve().parents[1], log_fn=job_runner.log)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,18 +20,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job():
-        from finegrained.train.job import run_features_job
-        index = run_features_job(cli.read_settings(args.settings), shard_index=args.index,
-                                 init_weights=args.init_weights, stats=args.stats,
-                                 classes=args.classes, out_dir=args.out_dir, log_fn=cli.log)
-        cli.log(f"cached {sorted(index['layers'])} for {index['count']} images "
-                f"x {index['views']} view(s)")
-
-    return cli.run_on_devices(job)
+@job_runner.runs_on_devices(parse_args)
+def main(args: argparse.Namespace) -> None:
+    from finegrained.train.job import run_features_job
+    index = run_features_job(job_runner.read_settings(args.settings), shard_index=args.index,
+                             init_weights=args.init_weights, stats=args.stats,
+                             classes=args.classes, out_dir=args.out_dir, log_fn=job_runner.log)
+    job_runner.log(f"cached {sorted(index['layers'])} for {index['count']} images "
+            f"x {index['views']} view(s)")
 
 
 if __name__ == "__main__":

@@ -15,25 +15,25 @@ import argparse
 import logging
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
 from finegrained.models.download import fetch
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", required=True,
                         help="JSON (or @file): url, sha256 (or null), allow_http, max_bytes, "
                              "timeout_s")
     parser.add_argument("--out", required=True, help="destination file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@job_runner.runs(parse_args)
+def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    def job():
-        s = cli.read_settings(args.settings)
-        fetch(s["url"], s["sha256"], args.out, allow_http=s["allow_http"],
-              max_bytes=s["max_bytes"], timeout_s=s["timeout_s"])
-
-    return cli.run(job)
+    s = job_runner.read_settings(args.settings)
+    fetch(s["url"], s["sha256"], args.out, allow_http=s["allow_http"],
+          max_bytes=s["max_bytes"], timeout_s=s["timeout_s"])
 
 
 if __name__ == "__main__":

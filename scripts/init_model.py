@@ -12,11 +12,11 @@ import argparse
 import logging
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
 from finegrained.models.transfer import write_target_init
 
 
-def main(argv=None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", required=True,
                    help="JSON (or @file): arch, width, stage_depths, init_from_source_names, seed")
@@ -25,22 +25,22 @@ def main(argv=None) -> int:
     p.add_argument("--source-class-names", default=None, help="label file of the source classifier")
     p.add_argument("--out-weights", required=True)
     p.add_argument("--out-report", required=True)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+@job_runner.runs(parse_args)
+def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    def job():
-        s = cli.read_settings(args.settings)
-        report = write_target_init(
-            args.classes, args.out_weights, args.out_report, arch=s["arch"], width=s["width"],
-            stage_depths=s["stage_depths"], weights=args.weights,
-            source_names_file=args.source_class_names,
-            init_from_source_names=s["init_from_source_names"], seed=s["seed"])
-        matched = report.get("head_init", {}).get("num_matched")
-        print(f"initialised {s['arch']} for {report['num_classes']} classes from "
-              f"{report['weights'] or 'random init'}"
-              + (f"; {matched} head rows from source names" if matched is not None else ""))
-
-    return cli.run(job)
+    s = job_runner.read_settings(args.settings)
+    report = write_target_init(
+        args.classes, args.out_weights, args.out_report, arch=s["arch"], width=s["width"],
+        stage_depths=s["stage_depths"], weights=args.weights,
+        source_names_file=args.source_class_names,
+        init_from_source_names=s["init_from_source_names"], seed=s["seed"])
+    matched = report.get("head_init", {}).get("num_matched")
+    print(f"initialised {s['arch']} for {report['num_classes']} classes from "
+          f"{report['weights'] or 'random init'}"
+          + (f"; {matched} head rows from source names" if matched is not None else ""))
 
 
 if __name__ == "__main__":

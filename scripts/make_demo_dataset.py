@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
+from finegrained.errors import ConfigError
 from finegrained.demo import VARIANTS, generate_demo_dataset
 
 
@@ -28,18 +29,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job():
-        try:
-            summary = generate_demo_dataset(args.out, variant=args.variant,
-                                            **cli.read_settings(args.settings))
-        except (TypeError, ValueError) as error:
-            raise cli.ConfigError(str(error)) from None
-        print(json.dumps(summary, indent=2))
-
-    return cli.run(job)
+@job_runner.runs(parse_args)
+def main(args: argparse.Namespace) -> None:
+    try:
+        summary = generate_demo_dataset(args.out, variant=args.variant,
+                                        **job_runner.read_settings(args.settings))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

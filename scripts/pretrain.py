@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,24 +23,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job():
-        from finegrained.train.settings import TrainSettings
-        from finegrained.train.pretrain import pretrain
-        settings = cli.read_settings(args.settings)
-        pretrain(args.train_index, args.val_index, args.stats, args.classes,
-                 arch=settings["arch"], width=settings["width"],
-                 stage_depths=settings["stage_depths"],
-                 settings=TrainSettings.from_dict(settings["train_settings"]),
-                 out_weights=args.out_weights, out_metrics=args.out_metrics,
-                 checkpoint_dir=args.checkpoint_dir,
-                 keep_checkpoints=settings.get("keep_checkpoints", False),
-                 depthwise_impl=settings.get("depthwise_impl", "auto"),
-                 verify=settings.get("verify_shards", True), log_fn=cli.log)
-
-    return cli.run_on_devices(job)
+@job_runner.runs_on_devices(parse_args)
+def main(args: argparse.Namespace) -> None:
+    from finegrained.train.settings import TrainSettings
+    from finegrained.train.pretrain import pretrain
+    settings = job_runner.read_settings(args.settings)
+    pretrain(args.train_index, args.val_index, args.stats, args.classes,
+             arch=settings["arch"], width=settings["width"],
+             stage_depths=settings["stage_depths"],
+             settings=TrainSettings.from_dict(settings["train_settings"]),
+             out_weights=args.out_weights, out_metrics=args.out_metrics,
+             checkpoint_dir=args.checkpoint_dir,
+             keep_checkpoints=settings.get("keep_checkpoints", False),
+             depthwise_impl=settings.get("depthwise_impl", "auto"),
+             verify=settings.get("verify_shards", True), log_fn=job_runner.log)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,18 +23,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job():
-        from finegrained.protocol import write_selection
-        settings = cli.read_settings(args.settings)
-        selection = write_selection(args.regime, json.loads(args.candidates), args.out,
-                                    settings["select_by"])
-        cli.log(f"{args.regime}: chose {selection['chosen']} of "
-                f"{len(selection['candidates'])} grid points ({selection['rule']})")
-
-    return cli.run(job)
+@job_runner.runs(parse_args)
+def main(args: argparse.Namespace) -> None:
+    from finegrained.plan.protocol import write_selection
+    settings = job_runner.read_settings(args.settings)
+    selection = write_selection(args.regime, json.loads(args.candidates), args.out,
+                                settings["select_by"])
+    job_runner.log(f"{args.regime}: chose {selection['chosen']} of "
+            f"{len(selection['candidates'])} grid points ({selection['rule']})")
 
 
 if __name__ == "__main__":

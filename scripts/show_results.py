@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
 from finegrained.report.tables import run_answer
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="results/<run_name>")
     p.add_argument("--report-command", default=None, help="how to build the HTML report")
-    args = p.parse_args(argv)
-    return cli.run(lambda: print(run_answer(args.run_dir, args.report_command)))
+    return p.parse_args(argv)
+
+
+@job_runner.runs(parse_args)
+def main(args: argparse.Namespace) -> None:
+    print(run_answer(args.run_dir, args.report_command))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finegrained import cli
+from finegrained import job_runner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,18 +19,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def job():
-        from finegrained.report.tables import write_summary
-        summary = write_summary(run_name=args.run_name, results_dir=args.results_dir,
-                                metrics_paths=args.metrics, selection_paths=args.selections,
-                                out_dir=args.out_dir)
-        cli.log(f"summary: {sum(len(r['runs']) for r in summary['regimes'].values())} evaluated "
-                f"runs of {len(summary['regimes'])} regimes")
-
-    return cli.run(job)
+@job_runner.runs(parse_args)
+def main(args: argparse.Namespace) -> None:
+    from finegrained.report.tables import write_summary
+    summary = write_summary(run_name=args.run_name, results_dir=args.results_dir,
+                            metrics_paths=args.metrics, selection_paths=args.selections,
+                            out_dir=args.out_dir)
+    job_runner.log(f"summary: {sum(len(r['runs']) for r in summary['regimes'].values())} evaluated "
+            f"runs of {len(summary['regimes'])} regimes")
 
 
 if __name__ == "__main__":

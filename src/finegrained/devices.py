@@ -1,7 +1,7 @@
 """The devices a job computes on: a job that asks for GPUs runs on GPUs, or stops saying why.
 
-The launcher (:mod:`finegrained.gpus`) tells a job what its rule asked for
-(``$FINEGRAINED_GPUS``, ``$FINEGRAINED_RULE``, ``$FINEGRAINED_ALLOW_CPU``). Before it loads
+The launcher (:mod:`finegrained.launch`) tells a job what its rule asked for
+(``$FINEGRAINED_GPUS``, ``$FINEGRAINED_JOB``, ``$FINEGRAINED_ALLOW_CPU``). Before it loads
 any data, the job compares that with the devices JAX found: a rule that asks for a GPU on a
 machine whose JAX is the CPU build (or whose GPUs the driver does not show) would otherwise
 run, silently, ten to a hundred times slower. ``resources.train.allow_cpu: true`` runs GPU
@@ -14,7 +14,7 @@ import os
 from typing import Callable, Sequence
 
 from finegrained.errors import ConfigError
-from finegrained.gpus import ALLOW_CPU_VAR, GPUS_VAR, RULE_VAR
+from finegrained.launch import ALLOW_CPU_VAR, GPUS_VAR, JOB_VAR
 
 INSTALL_HINT = ("install the CUDA build of JAX: `make install GPU=cuda12` (or `pip install -r "
                 "envs/requirements-cuda12.lock`)")
@@ -29,7 +29,7 @@ def describe(devices: Sequence) -> str:
     return f"{len(devices)} x {'/'.join(kinds)} ({names})"
 
 
-def check_backend(requested: int, *, allow_cpu: bool = False, rule: str = "this job",
+def check_backend(requested: int, *, allow_cpu: bool = False, job: str = "this job",
                   devices: Sequence | None = None,
                   log: Callable[[str], None] | None = print) -> str:
     """The platform the job will compute on ('gpu', 'cpu', ...). Raises :class:`ConfigError`
@@ -45,11 +45,11 @@ def check_backend(requested: int, *, allow_cpu: bool = False, rule: str = "this 
     found = describe(devices)
     if allow_cpu and not gpus:
         if log:
-            log(f"{rule}: asks for {requested} GPU(s) but JAX found {found}: running on the CPU "
+            log(f"{job}: asks for {requested} GPU(s) but JAX found {found}: running on the CPU "
                 f"on purpose (resources.train.allow_cpu: true)")
         return platform
     raise ConfigError(
-        f"rule {rule} asks for {requested} GPU(s) (resources.train.gpu: {requested}), but JAX "
+        f"{job} asks for {requested} GPU(s) (resources.train.gpu: {requested}), but JAX "
         f"{jax.__version__} found {found}; to run it on GPUs, {INSTALL_HINT}, and check that "
         f"nvidia-smi lists the GPUs; to run GPU rules on the CPU on purpose, set "
         f"resources.train.allow_cpu: true (or resources.train.gpu: 0)")
@@ -62,4 +62,4 @@ def check_job_devices(log: Callable[[str], None] | None = print) -> str | None:
         return None
     return check_backend(int(os.environ[GPUS_VAR]),
                          allow_cpu=os.environ.get(ALLOW_CPU_VAR) == "1",
-                         rule=os.environ.get(RULE_VAR) or "this job", log=log)
+                         job=os.environ.get(JOB_VAR) or "this job", log=log)

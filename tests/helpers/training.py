@@ -102,7 +102,7 @@ NO_AUGMENT = {"crop_area": [1.0, 1.0], "aspect_ratio": [1.0, 1.0], "flip": 0.0,
 def tiny_job_config(protocol=None, **regime_settings) -> dict:
     """A validated config for jobs on :func:`job_inputs`: a tiny ResNet at 32 px, one
     device, float32, two epochs of batches of 16 without augmentation unless overridden."""
-    from finegrained.config import validate_config
+    from finegrained.plan.schema import validate_config
     return validate_config({
         "backbone": {"arch": "resnet18", "width": 8, "stage_depths": [1, 1, 1, 1]},
         "train": {"image_size": 32, "compute_dtype": "float32", "log_every_steps": 0,
@@ -153,8 +153,8 @@ def pretrain_settings_json(**pretrain) -> str:
     """The pretrain job's ``--settings`` as the workflow makes them from the config: a
     ResNet-18 of width 4 and one block per stage, one epoch of batches of 16 at 16 px on one
     device, float32; ``pretrain`` overrides keys of the config's ``pretrain:`` section."""
-    from finegrained.config import load_config
-    from finegrained.train.regimes import pretrain_settings
+    from finegrained.plan.schema import load_config
+    from finegrained.plan.regimes import pretrain_settings
     config = load_config(overrides={"backbone": {"arch": "resnet18", "width": 4,
                                                  "stage_depths": [1, 1, 1, 1]},
                                     "pretrain": {"epochs": 1, "batch_size": 16, "lr": 0.05,
@@ -162,3 +162,15 @@ def pretrain_settings_json(**pretrain) -> str:
                                                  "num_devices": 1, "compute_dtype": "float32",
                                                  **pretrain}})
     return json.dumps(pretrain_settings(config))
+
+
+def feature_indexes(features_dir, config, regime, variant=""):
+    """``{layer: {split: index.json}}`` of the caches a job of ``regime`` reads under
+    ``features_dir``, as its rule passes them (``plan.targets.feature_indexes``)."""
+    from pathlib import Path
+
+    from finegrained.plan.paths import cache_index
+    from finegrained.plan.regimes import cached_layers
+    return {layer: {split: Path(features_dir) / cache_index(split, layer)
+                    for split in ("train", "val")}
+            for layer in cached_layers(config, regime, variant)}

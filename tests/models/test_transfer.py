@@ -13,7 +13,7 @@ from flax import nnx
 from finegrained.data.readers import CLASSES_SCHEMA, read_dataset
 from finegrained.errors import WeightsError
 from finegrained.fileio import sha256_file
-from finegrained.models.download import sha256_record
+from finegrained.plan.paths import sha256_record
 from finegrained.models import build_model, flatten_state, to_flat
 from finegrained.models.transfer import init_target_model, write_target_init
 from finegrained.models.weights import read_metadata, read_tensors, save_weights, weights_metadata

@@ -8,11 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from finegrained import protocol
-from finegrained.config import validate_config
 from finegrained.errors import ConfigError
+from finegrained.plan import protocol, regimes, variants
+from finegrained.plan.schema import validate_config
 from finegrained.report import systems
-from finegrained.train import regimes
 
 
 def _history(root, job, val, rounds_per_step, param_bytes):
@@ -53,7 +52,7 @@ def test_system_variants_name_a_system_and_set_its_keys():
         "bf16_sr": {"precision": {"params": "bfloat16", "rounding": "stochastic"}}}})
     assert protocol.system_variants(config, "linear_probe") == []
     assert protocol.system_variants(config, "full_finetune") == ["+system=bf16_sr"]
-    assert protocol.join_variants("+system=bf16_sr", "+seed=2") == "+seed=2+system=bf16_sr"
+    assert variants.join_variants("+system=bf16_sr", "+seed=2") == "+seed=2+system=bf16_sr"
     settings = regimes.job_settings(config, "full_finetune", "+seed=2+system=bf16_sr")
     train = settings["phases"][-1]["train_settings"]
     assert train["precision"] == {"params": "bfloat16", "rounding": "stochastic",

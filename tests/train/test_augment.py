@@ -290,8 +290,8 @@ def test_hue_jitter_in_augment_batch(images):
 
 def test_the_jax_free_is_augmented_agrees_with_the_augmentation():
     """The workflow asks a config block (no JAX on the head node), the job its Augmentation."""
-    from finegrained.config import validate_config
-    from finegrained.train.augment_settings import is_augmented
+    from finegrained.plan.schema import validate_config
+    from finegrained.plan.augment import is_augmented
 
     off = dataclasses.asdict(Augmentation.none())
     schema_default = validate_config({})["features"]["augment"]

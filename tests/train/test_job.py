@@ -15,10 +15,10 @@ import pytest
 from finegrained.errors import DataError
 from finegrained.models.transfer import write_target_init
 from finegrained.models.weights import read_tensors
-from finegrained.train import regimes
+from finegrained.plan import jobs, regimes
 from finegrained.train.job import run_features_job, run_job
 from finegrained.train.loop import Preempted, TIMING_FIELDS
-from helpers.training import job_inputs, tiny_job_config as tiny_config
+from helpers.training import feature_indexes, job_inputs, tiny_job_config as tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +96,18 @@ def test_a_cache_from_other_weights_fails_the_job_naming_the_cache(inputs, tmp_p
     settings = regimes.job_settings(config, "linear_probe")
     features = tmp_path / "features"
     for split in ("train", "val"):
-        run_features_job(regimes.feature_settings(config, split),
+        run_features_job(jobs.features(config, split),
                          shard_index=inputs[f"{split}_index"], init_weights=inputs["init_weights"],
                          stats=inputs["stats"], classes=inputs["classes"],
                          out_dir=features / split, log_fn=None)
-    run_job(settings, **inputs, features_dir=features, out_dir=tmp_path / "ok",
+    indexes = feature_indexes(features, config, "linear_probe")
+    run_job(settings, **inputs, feature_indexes=indexes, out_dir=tmp_path / "ok",
             checkpoint_dir=tmp_path / "ck1", log_fn=None)
     swapped = tmp_path / "swapped.safetensors"
     write_target_init(inputs["classes"], swapped, tmp_path / "s.json", arch="resnet18", width=8,
                       stage_depths=[1, 1, 1, 1], seed=7)
     with pytest.raises(DataError, match="feature cache was made from weights") as caught:
-        run_job(settings, **{**inputs, "init_weights": swapped}, features_dir=features,
+        run_job(settings, **{**inputs, "init_weights": swapped}, feature_indexes=indexes,
                 out_dir=tmp_path / "stale", checkpoint_dir=tmp_path / "ck2", log_fn=None)
     assert caught.value.path == str(features / "train" / "index.json")
     assert not (tmp_path / "stale").exists()
@@ -114,7 +115,7 @@ def test_a_cache_from_other_weights_fails_the_job_naming_the_cache(inputs, tmp_p
     moved = tmp_path / "moved_index.json"
     moved.write_text(Path(inputs["train_index"]).read_text() + "\n")
     with pytest.raises(DataError, match="feature cache was made from shard index") as caught:
-        run_job(settings, **{**inputs, "train_index": moved}, features_dir=features,
+        run_job(settings, **{**inputs, "train_index": moved}, feature_indexes=indexes,
                 out_dir=tmp_path / "stale", checkpoint_dir=tmp_path / "ck3", log_fn=None)
     assert caught.value.path == str(features / "train" / "index.json")
     assert not (tmp_path / "stale").exists()

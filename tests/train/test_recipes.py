@@ -10,13 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from finegrained import protocol
 from finegrained.errors import DataError
 from finegrained.models.weights import read_tensors
-from finegrained.train import regimes
+from finegrained.plan import jobs, protocol, regimes
 from finegrained.train.job import run_features_job, run_job
 from helpers.scripts import load_script
-from helpers.training import job_inputs, tiny_job_config
+from helpers.training import feature_indexes, job_inputs, tiny_job_config
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +25,17 @@ def inputs(tmp_path_factory):
 
 def _features(config, inputs, out):
     for split in ("train", "val"):
-        run_features_job(regimes.feature_settings(config, split),
+        run_features_job(jobs.features(config, split),
                          shard_index=inputs[f"{split}_index"], init_weights=inputs["init_weights"],
                          stats=inputs["stats"], classes=inputs["classes"],
                          out_dir=out / split, log_fn=None)
     return out
 
 
-def _run(config, regime, inputs, out, variant="", **more):
+def _run(config, regime, inputs, out, variant="", features=None, **more):
     settings = regimes.job_settings(config, regime, variant)
     return run_job(settings, **inputs, out_dir=out, checkpoint_dir=out.parent / f"ck-{out.name}",
+                   feature_indexes=feature_indexes(features, config, regime, variant),
                    log_fn=None, **more)
 
 
@@ -53,7 +53,7 @@ def probe_run(inputs, tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     config = tiny_job_config(linear_probe={"l2_grid": [0.001, 0.1]}, two_stage={"epochs": 2})
     features = _features(config, inputs, root / "features")
-    _run(config, "linear_probe", inputs, root / "linear_probe", features_dir=features)
+    _run(config, "linear_probe", inputs, root / "linear_probe", features=features)
     return config, features, root / "linear_probe"
 
 
@@ -63,7 +63,8 @@ def test_two_stage_starts_from_the_probe_head_exactly(inputs, probe_run, tmp_pat
     config, features, probe_dir = probe_run
     settings = regimes.job_settings(config, "two_stage")
     settings["keep_checkpoints"] = True
-    run_job(settings, **inputs, features_dir=features, probe=_probe(probe_dir),
+    run_job(settings, **inputs, feature_indexes=feature_indexes(features, config, "two_stage"),
+            probe=_probe(probe_dir),
             out_dir=tmp_path / "two_stage", checkpoint_dir=tmp_path / "ck", log_fn=None)
     start = read_tensors(tmp_path / "ck" / "0-head" / "done.safetensors")
     probe = read_tensors(probe_dir / "weights.safetensors")
@@ -88,17 +89,17 @@ def test_a_probe_of_other_settings_or_weights_is_refused(inputs, probe_run, tmp_
     config, features, probe_dir = probe_run
     other = tiny_job_config(linear_probe={"l2_grid": [0.5]}, two_stage={"epochs": 2})
     with pytest.raises(DataError, match="trained with other settings"):
-        _run(other, "two_stage", inputs, tmp_path / "a", features_dir=features,
+        _run(other, "two_stage", inputs, tmp_path / "a", features=features,
              probe=_probe(probe_dir))
     assert not (tmp_path / "a").exists()
     with pytest.raises(DataError, match="no probe weights were given"):
-        _run(config, "two_stage", inputs, tmp_path / "b", features_dir=features)
+        _run(config, "two_stage", inputs, tmp_path / "b", features=features)
 
 
 def test_head_from_sgd_trains_the_head_by_sgd_first(inputs, probe_run, tmp_path):
     config = tiny_job_config(two_stage={"head_from": "sgd", "head_epochs": 2, "epochs": 1,
                                         "head_patience": 5})
-    _run(config, "two_stage", inputs, tmp_path / "two_stage", features_dir=probe_run[1])
+    _run(config, "two_stage", inputs, tmp_path / "two_stage", features=probe_run[1])
     rows = _rows(tmp_path / "two_stage")
     assert [(r["phase"], r["epoch"]) for r in rows] == [("head", 1), ("head", 2), ("main", 1)]
     assert all(r["head_from"] is None for r in rows if "head_from" in r)
@@ -131,8 +132,8 @@ def test_refit_trains_on_train_and_validation_for_the_chosen_epochs(inputs, tmp_
     request = protocol.refit_request(config, "full_finetune", "")
     settings = protocol.refit_settings(request, summary)
     assert settings["phases"][0]["stop_after_epochs"] == summary["best_epoch"]
-    # the refit_regime rule's script, as the rule calls it
-    rc = load_script("refit").main([
+    # the refit_regime rule's script (train.py, given the chosen job), as the rule calls it
+    rc = load_script("train").main([
         "--settings", json.dumps(request),
         "--train-summary", str(tmp_path / "train" / "summary.json"),
         *[f"--{k.replace('_', '-')}={v}" for k, v in inputs.items()],
@@ -162,7 +163,8 @@ def test_the_probe_refits_with_its_chosen_l2(inputs, probe_run, tmp_path):
     settings = protocol.refit_settings(protocol.refit_request(config, "linear_probe", ""),
                                        summary)
     assert settings["phases"][0]["l2_grid"] == [summary["best"]["l2"]]
-    run_job(settings, **inputs, features_dir=features, out_dir=tmp_path / "refit",
+    run_job(settings, **inputs, feature_indexes=feature_indexes(features, config, "linear_probe"),
+            out_dir=tmp_path / "refit",
             checkpoint_dir=tmp_path / "ck", log_fn=None)
     [row] = _rows(tmp_path / "refit")
     assert row["l2"] == summary["best"]["l2"] and row["train_count"] == 64
@@ -177,6 +179,6 @@ def test_select_by_val_loss_picks_the_lower_loss_epoch_and_strength(inputs, prob
     lowest = min(rows, key=lambda r: (r["val_loss"], -r["val_top1"]))
     assert summary["best_epoch"] == lowest["epoch"] and summary["select_by"] == "val_loss"
     _, features, _ = probe_run
-    probe = _run(config, "linear_probe", inputs, tmp_path / "probe", features_dir=features)
+    probe = _run(config, "linear_probe", inputs, tmp_path / "probe", features=features)
     rows = _rows(tmp_path / "probe")
     assert probe["best"]["l2"] == min(rows, key=lambda r: r["val_loss"])["l2"]

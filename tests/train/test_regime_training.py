@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from finegrained.models import build_model, flatten_state
-from finegrained.train import regimes
+from finegrained.plan import regimes
 from finegrained.train.augment import Augmentation, center_crop
 from finegrained.train.checkpoint import Checkpointer
 from finegrained.train.features import FeatureReader, extract_features

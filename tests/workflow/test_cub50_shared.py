@@ -93,7 +93,7 @@ def test_cub50_linear_probe_inat_beats_imagenet(shared_weights, subset):
 def test_cub50_example_configs_validate(repo_root):
     """The example configs (and the ImageNet override the docs give) pass the schema; runs
     without ../shared."""
-    from finegrained.config import load_config
+    from finegrained.plan.schema import load_config
 
     # Snakemake reads config/config.yaml first (the Snakefile's configfile), then these
     default, examples = repo_root / "config" / "config.yaml", repo_root / "config" / "examples"
@@ -107,7 +107,7 @@ def test_cub50_example_configs_validate(repo_root):
     assert small["backbone"]["arch"] == "mobilenet_v2"      # merged key by key
     assert small["regime_settings"]["full_finetune"]["backbone_lr_mult"] == 0.1
     # every combination `make cub50` runs (docs/results-cub50.md)
-    from finegrained.protocol import check_protocol, train_variants
+    from finegrained.plan.protocol import check_protocol, train_variants
     combos = {("cub50-112px.yaml", "cub50-112px-sweep.yaml"): "cub50_inat_112px",
               ("cub50-112px.yaml", "cub50-112px-imagenet.yaml"): "cub50_imagenet_112px",
               ("cub50-112px-sgd-probe.yaml",): "cub50_inat_112px_sgd_probe",

@@ -71,7 +71,7 @@ def test_the_snakefile_loads_without_jax_or_the_installed_package(tmp_path):
                       "train_regime": "5", "evaluate_regime": "5", "summarize": "1",
                       "report_results": "1", "report_examples": "1", "all": "1",
                       "total": "39"}, counts
-    assert out.count("python -m finegrained.gpus --count 0 --rule train_regime -- python") == 5
+    assert len(re.findall(r"finegrained.launch --gpus 0 -- python \S+/train.py", out)) == 5
     assert '"regime": "two_stage"' in out and '"phases": [' in out
 
 
@@ -92,12 +92,12 @@ def test_resources_come_from_the_rule_family_and_the_cluster_settings(tmp_path):
     for resource in ("gpu=1", "gpu_model=a100", "lease_gpus=1", "runtime=60",
                      "slurm_partition=gpuq", "slurm_account=birds", "mem_mb=8000"):
         assert resource in train, train
-    assert "python -m finegrained.gpus --count 1 --rule train_regime -- python" in train
+    assert re.search(r"python -m finegrained.launch --gpus 1 -- python \S+/train.py", train)
     crop = _job(out, "crop_shard")
     assert "slurm_partition=short" in crop and "gpu=0" in crop and "gpu_model" not in crop
     init = _job(out, "init_target_model")
     assert "gpu=0" in init and "slurm_partition=short" in init
-    assert "--count 0 --rule init_target_model -- python" in init
+    assert re.search(r"--gpus 0 -- python \S+/init_model.py", init)
     # Light rules run on the submitting node.
     assert "localrules" not in out and re.search(r"^(local)?rule shard_index:", out, re.M)
     # The gres route: the GPU request becomes --gres (never beside a gpu resource).
@@ -126,15 +126,16 @@ def test_refit_and_the_probe_head_are_file_edges_of_the_dag(tmp_path):
     stats = out.split("Job stats:")[1].split("\n\n")[0]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
     assert counts["refit_regime"] == "5" and counts["evaluate_regime"] == "5", counts
-    evaluation = re.findall(r"--rule evaluate_regime -- python .*", out)
+    evaluation = re.findall(r"--gpus 0 -- python \S+/evaluate.py .*", out)
     assert len(evaluation) == 5
     assert all(re.search(r"--weights results/demo/refit/\w+/weights.safetensors", e)
                for e in evaluation), evaluation
-    train = [line for line in re.findall(r"--rule train_regime -- python .*", out)
-             if '"regime": "two_stage"' in line]
+    jobs = re.findall(r"--gpus 0 -- python \S+/train.py .*", out)
+    train = [line for line in jobs if '"regime": "two_stage"' in line
+             and "--out-dir results/demo/train/" in line]
     assert len(train) == 1 and "--probe-weights results/demo/train/linear_probe/weights" in train[0]
-    refit = [line for line in re.findall(r"--rule refit_regime -- python .*", out)
-             if '"regime": "two_stage"' in line]
+    refit = [line for line in jobs if '"regime": "two_stage"' in line
+             and "--out-dir results/demo/refit/" in line]
     assert len(refit) == 1 and "--probe-weights results/demo/refit/linear_probe/weights" in refit[0]
     assert '"select_by": "val_loss"' in refit[0]
 
@@ -159,7 +160,7 @@ def test_systems_train_each_sgd_regime_per_system_and_seed_and_draw_one_figure(t
     # 2 regimes x 2 seeds + full_finetune x 3 systems x 2 seeds; evaluations of the 4 only
     assert counts["train_regime"] == "10" and counts["evaluate_regime"] == "4", counts
     assert counts["report_systems"] == "1", counts
-    train = re.findall(r"--rule train_regime -- python .*", out)
+    train = re.findall(r"--gpus 0 -- python \S+/train.py .*", out)
     local = [t for t in train if "--out-dir results/demo/train/full_finetune+seed=1+system=local_sgd_h4" in t]
     assert len(local) == 1
     assert '"parallel": {"average_every": 4, "average_opt_state": true, "mode": "local_sgd"}' in local[0]

@@ -12,7 +12,7 @@ the profile's retry must resume from that checkpoint. Then:
 - every non-local Snakemake job was submitted to SLURM and has its SLURM log, every local
   rule ran on the submitting node;
 - the GPU rules asked SLURM for one GPU (TresPerJob gres:gpu:1) and their jobs leased it
-  (logged by finegrained.gpus), the others asked for none;
+  (logged by finegrained.launch), the others asked for none;
 - with `cluster.gpu_request: gres` the pretraining job asks by `--gres=gpu:1` instead
   (TresPerNode gres:gpu:1), on the same one-node cluster (Gres=gpu:4);
 - the retry of the cancelled job resumed from its checkpoint;

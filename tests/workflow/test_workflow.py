@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finegrained.config import load_config, load_schema, validate_config
-from finegrained.config_reference import render_reference
+from finegrained.plan.schema import load_config, load_schema, validate_config
+from finegrained.plan.reference import render_reference
 from finegrained.demo import generate_demo_dataset
 from finegrained.data.readers import annotation_files
 from finegrained.errors import ConfigError
-from finegrained.models.download import download_path
+from finegrained.plan.paths import download_path
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]

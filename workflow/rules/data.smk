@@ -11,7 +11,7 @@ rule demo_dataset:
         ),
         images=directory(results("demo_data/{dataset}/images")),
     params:
-        settings=lambda wc: json.dumps(dataset_config(wc.dataset)["demo"]),
+        settings=lambda wc: job_json(jobs.dataset_block(config, wc.dataset)["demo"]),
         out_dir=lambda wc, output: Path(output.images).parent,
     log:
         results("logs/demo_dataset/{dataset}.log"),
@@ -40,7 +40,7 @@ rule manifests:
         skipped=results("data/{dataset}/manifest/skipped.json"),
         report=results("data/{dataset}/manifest/report.json"),
     params:
-        settings=lambda wc: json.dumps(manifest_settings(dataset_config(wc.dataset))),
+        settings=lambda wc: job_json(jobs.manifests(config, wc.dataset)),
         root=dataset_root,
         out_dir=lambda wc, output: Path(output.train).parent,
     log:
@@ -65,7 +65,7 @@ rule crop_shard:
     output:
         **shard_outputs(),
     params:
-        settings=lambda wc: json.dumps(crop_settings(config, dataset_config(wc.dataset), wc.split)),
+        settings=lambda wc: job_json(jobs.crop_shard(config, wc.dataset, wc.split)),
         root=dataset_root,
         images=lambda wc, output: (
             f"--out-images {shlex.quote(output.images)}" if "images" in output.keys() else ""

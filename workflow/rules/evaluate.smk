@@ -11,11 +11,8 @@ rule evaluate_regime:
         metrics=results("eval/{regime}{variant}/metrics.json"),
         predictions=results("eval/{regime}{variant}/predictions.parquet"),
     params:
-        rule="evaluate_regime",
-        settings=lambda wc: json.dumps(
-            evaluation_settings(config, wc.regime, wc.variant), sort_keys=True
-        ),
-        train=evaluate_train_args,
+        settings=lambda wc: job_json(jobs.evaluate_regime(config, wc.regime, wc.variant)),
+        model=model_args,
         out_dir=lambda wc, output: Path(output.metrics).parent,
     log:
         results("logs/evaluate/{regime}{variant}.log"),
@@ -27,10 +24,10 @@ rule evaluate_regime:
     conda:
         jax_conda_env(config)
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
-        " python {input.script:q} --settings {params.settings:q}"
-        " --test-index {input.test:q} {params.train} --classes {input.classes:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        on_devices(
+            "python {input.script:q} --settings {params.settings:q} --test-index {input.test:q}"
+            " {params.model} --classes {input.classes:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        )
 
 
 rule evaluate:

@@ -13,8 +13,7 @@ rule features:
     output:
         index=results("features/{split}/index.json"),
     params:
-        rule="features",
-        settings=lambda wc: json.dumps(regimes.feature_settings(config, wc.split), sort_keys=True),
+        settings=lambda wc: job_json(jobs.features(config, wc.split)),
         out_dir=lambda wc, output: Path(output.index).parent,
     log:
         results("logs/features/{split}.log"),
@@ -26,23 +25,21 @@ rule features:
     conda:
         jax_conda_env(config)
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
-        " python {input.script:q} --settings {params.settings:q}"
-        " --index {input.index:q}"
-        " --init-weights {input.init:q} --stats {input.stats:q} --classes {input.classes:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        on_devices(
+            "python {input.script:q} --settings {params.settings:q} --index {input.index:q}"
+            " --init-weights {input.init:q} --stats {input.stats:q} --classes {input.classes:q}"
+            " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        )
 
 
 # One boundary activation (the output of a frozen lower part) that a cached regime reads:
 # a job of its own, so listing or dropping that regime touches no other cache.
 use rule features as feature_map with:
-    params:
-        rule="feature_map",
-        settings=lambda wc: json.dumps(
-            regimes.feature_settings(config, wc.split, f"{wc.stage}:map"), sort_keys=True
-        ),
     output:
         index=results("features/{split}/{stage}.map/index.json"),
+    params:
+        settings=lambda wc: job_json(jobs.features(config, wc.split, f"{wc.stage}:map")),
+        out_dir=lambda wc, output: Path(output.index).parent,
     log:
         results("logs/features/{split}/{stage}.map.log"),
     benchmark:
@@ -64,16 +61,14 @@ rule train_regime:
         history=results("train/{regime}{variant}/history.parquet"),
         summary=results("train/{regime}{variant}/summary.json"),
     params:
-        rule="train_regime",
-        settings=lambda wc: json.dumps(
-            regimes.job_settings(config, wc.regime, wc.variant), sort_keys=True
-        ),
+        settings=lambda wc: job_json(jobs.train_regime(config, wc.regime, wc.variant)),
+        chosen="",
         init=optional_flag("--init-weights", "init"),
-        features=features_dir_arg,
+        features=feature_args,
         probe=probe_args,
         checkpoints=lambda wc, output: checkpoint_dir(
-            output.weights, f"train/{wc.regime}{wc.variant}/weights.safetensors",
-            f"{wc.regime}{wc.variant}"),
+            output.weights, f"train/{wc.regime}{wc.variant}/weights.safetensors", f"{wc.regime}{wc.variant}"
+        ),
         out_dir=lambda wc, output: Path(output.weights).parent,
     log:
         results("logs/train/{regime}{variant}.log"),
@@ -85,12 +80,12 @@ rule train_regime:
     conda:
         jax_conda_env(config)
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
-        " python {input.script:q} --settings {params.settings:q}"
-        " --train-index {input.train:q}"
-        " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
-        " {params.init} {params.features} {params.probe} --checkpoint-dir {params.checkpoints:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        on_devices(
+            "python {input.script:q} --settings {params.settings:q} {params.chosen}"
+            " --train-index {input.train:q} --val-index {input.val:q} --stats {input.stats:q}"
+            " --classes {input.classes:q} {params.init} {params.features} {params.probe}"
+            " --checkpoint-dir {params.checkpoints:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        )
 
 
 # A sweep's choice on validation; the evaluation of each replicate opens the chosen point.
@@ -102,7 +97,7 @@ rule select_sweep:
         selection=results("select/{regime}.json"),
     params:
         candidates=lambda wc: json.dumps(sweep_candidates(wc)),
-        settings=json.dumps(protocol.selection_settings(config)),
+        settings=job_json(jobs.select_sweep(config)),
     log:
         results("logs/select/{regime}.log"),
     resources:
@@ -115,11 +110,12 @@ rule select_sweep:
 
 
 # protocol.refit: the recipe and epochs chosen on validation, trained once more on train +
-# validation; the evaluation reads this model.
-rule refit_regime:
+# validation (the train job's script, given the chosen job's summary); the evaluation reads
+# this model.
+use rule train_regime as refit_regime with:
     input:
         unpack(refit_inputs),
-        script=script_path("refit.py"),
+        script=script_path("train.py"),
         train=results("data/target/shards/train/index.json"),
         val=results("data/target/shards/val/index.json"),
         stats=results("data/target/stats.json"),
@@ -129,34 +125,15 @@ rule refit_regime:
         history=results("refit/{regime}{variant}/history.parquet"),
         summary=results("refit/{regime}{variant}/summary.json"),
     params:
-        rule="refit_regime",
-        settings=lambda wc: json.dumps(
-            protocol.refit_request(config, wc.regime, wc.variant), sort_keys=True
-        ),
-        chosen=refit_train_args,
-        init=optional_flag("--init-weights", "init"),
-        features=features_dir_arg,
-        probe=probe_args,
+        settings=lambda wc: job_json(jobs.refit_regime(config, wc.regime, wc.variant)),
+        chosen=model_args,
         checkpoints=lambda wc, output: checkpoint_dir(
-            output.weights, f"refit/{wc.regime}{wc.variant}/weights.safetensors",
-            f"refit-{wc.regime}{wc.variant}"),
-        out_dir=lambda wc, output: Path(output.weights).parent,
+            output.weights, f"refit/{wc.regime}{wc.variant}/weights.safetensors", f"refit-{wc.regime}{wc.variant}"
+        ),
     log:
         results("logs/refit/{regime}{variant}.log"),
     benchmark:
         results("benchmarks/refit/{regime}{variant}.tsv")
-    threads: family_threads(config, "train")
-    resources:
-        **rule_resources(config, "train"),
-    conda:
-        jax_conda_env(config)
-    shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
-        " python {input.script:q} --settings {params.settings:q} {params.chosen}"
-        " --train-index {input.train:q}"
-        " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
-        " {params.init} {params.features} {params.probe} --checkpoint-dir {params.checkpoints:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule train:

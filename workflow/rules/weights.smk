@@ -4,7 +4,7 @@
 
 
 # Only the file the config names: a user's own files in resources/weights/ are never outputs.
-if is_url(config["backbone"]["weights"]):
+if paths.is_url(config["backbone"]["weights"]):
 
     # On the head node under a cluster profile: compute nodes often have no internet.
     localrules:
@@ -17,11 +17,11 @@ if is_url(config["backbone"]["weights"]):
             weights=backbone_weights_file(),
             sha256=backbone_weights_record(),
         params:
-            settings=json.dumps(fetch_settings(config["backbone"])),
+            settings=job_json(jobs.fetch_weights(config)),
         log:
-            f"resources/logs/fetch_weights/{Path(backbone_weights_file()).relative_to(WEIGHTS_DIR)}.log",
+            f"resources/logs/fetch_weights/{Path(backbone_weights_file()).relative_to(paths.WEIGHTS_DIR)}.log",
         benchmark:
-            f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to(WEIGHTS_DIR)}.tsv"
+            f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to(paths.WEIGHTS_DIR)}.tsv"
         threads: 1
         resources:
             **rule_resources(config, "light"),
@@ -43,8 +43,7 @@ rule pretrain:
         weights=results("pretrain/weights.safetensors"),
         metrics=results("pretrain/metrics.json"),
     params:
-        rule="pretrain",
-        settings=json.dumps(regimes.pretrain_settings(config), sort_keys=True),
+        settings=job_json(jobs.pretrain(config)),
         checkpoints=lambda wc, output: checkpoint_dir(
             output.weights, "pretrain/weights.safetensors", "pretrain"),
     log:
@@ -57,12 +56,12 @@ rule pretrain:
     conda:
         jax_conda_env(config)
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
-        " python {input.script:q} --settings {params.settings:q}"
-        " --train-index {input.train:q}"
-        " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
-        " --checkpoint-dir {params.checkpoints:q} --out-weights {output.weights:q}"
-        " --out-metrics {output.metrics:q} > {log:q} 2>&1"
+        on_devices(
+            "python {input.script:q} --settings {params.settings:q} --train-index {input.train:q}"
+            " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
+            " --checkpoint-dir {params.checkpoints:q} --out-weights {output.weights:q}"
+            " --out-metrics {output.metrics:q} > {log:q} 2>&1"
+        )
 
 
 rule init_target_model:
@@ -76,8 +75,7 @@ rule init_target_model:
         weights=results("weights/init.safetensors"),
         report=results("weights/init_report.json"),
     params:
-        rule="init_target_model",
-        settings=json.dumps(init_settings(config)),
+        settings=job_json(jobs.init_target_model(config)),
         weights=optional_flag("--weights", "weights"),
         names=optional_flag("--source-class-names", "source_names"),
     log:
@@ -90,10 +88,11 @@ rule init_target_model:
     conda:
         jax_conda_env(config, 0)
     shell:
-        "python -m finegrained.gpus --count {resources.lease_gpus} --rule {params.rule} --"
-        " python {input.script:q} --settings {params.settings:q}"
-        " --classes {input.classes:q} {params.weights} {params.names}"
-        " --out-weights {output.weights:q} --out-report {output.report:q} > {log:q} 2>&1"
+        on_devices(
+            "python {input.script:q} --settings {params.settings:q} --classes {input.classes:q}"
+            " {params.weights} {params.names} --out-weights {output.weights:q}"
+            " --out-report {output.report:q} > {log:q} 2>&1"
+        )
 
 
 rule weights:

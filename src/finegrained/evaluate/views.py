@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finegrained.evaluate.settings import VIEWS
+from finegrained.plan.jobs import VIEWS
 # The one resampler of the project (train/augment.py): the centre view here is
 # bit-identical to the validation view.
 from finegrained.train.augment import _resample

@@ -17,7 +17,7 @@ Two ways to trust the bytes:
   Pin the logged hash to make the run strict.
 
 What a URL can do is bounded: it names one file under ``resources/weights/``
-(:func:`download_path`: no ``..``, no odd characters, port and query hashed into the folder
+(:func:`finegrained.plan.paths.download_path`: no ``..``, no odd characters, port and query hashed into the folder
 name); plain ``http://`` and a redirect from https to http are refused unless allowed; the
 transfer stops at ``max_bytes`` and after ``timeout_s`` seconds in all (a server that
 trickles bytes defeats a per-read timeout, not this one).
@@ -38,53 +38,12 @@ from pathlib import Path
 
 from finegrained.errors import WeightsError
 from finegrained.fileio import atomic_output, sha256_file
+from finegrained.plan.paths import sha256_record
 
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-#: Where downloaded weights go, relative to the working directory.
-WEIGHTS_DIR = "resources/weights"
-#: A path segment of a URL we store: letters, digits, ``._+-``, not starting with a dot
-#: (so no ``.``, ``..`` or hidden files), nothing percent-encoded.
-_SEGMENT = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
-_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
-_HOST = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 _CHUNK = 1 << 20
-
-
-def download_path(url: str, root: str = WEIGHTS_DIR) -> str:
-    """Where the file at ``url`` is kept: ``<root>/<host>/<path>``, or
-    ``<root>/<host>-<12 hex>/<path>`` when the URL has a port or a query (their sha256, so
-    neither reaches the file system as text). Raises :class:`WeightsError` for a URL that
-    could name a file outside ``root``: a ``..`` or ``.`` segment, an empty or odd host,
-    characters outside ``A-Za-z0-9._+-`` (percent escapes included), credentials, no file."""
-    parts = urllib.parse.urlsplit(url)
-    problem = None
-    if parts.scheme not in ("http", "https"):
-        problem = "not an http(s) URL"
-    elif parts.username is not None or parts.password is not None:
-        problem = "credentials in a URL are not stored in a config; use a token-free URL"
-    elif not parts.hostname or not _HOST.fullmatch(parts.hostname):
-        problem = f"host {parts.hostname!r} is empty or has characters outside a-z0-9.-"
-    segments = parts.path.split("/")[1:]
-    if problem is None:
-        if not segments or segments[-1] == "":
-            problem = "the URL names no file"
-        else:
-            bad = [s for s in segments if not _SEGMENT.fullmatch(s)]
-            if bad:
-                problem = (f"path segment {bad[0]!r} is empty, starts with a dot or has "
-                           f"characters outside A-Za-z0-9._+- (percent escapes included)")
-    if problem is not None:
-        raise WeightsError(f"backbone.weights: {url!r}: {problem}")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise WeightsError(f"backbone.weights: {url!r}: {exc}") from None
-    folder = parts.hostname
-    if port is not None or parts.query:
-        folder += "-" + hashlib.sha256(f"{port}?{parts.query}".encode()).hexdigest()[:12]
-    return "/".join([root.rstrip("/"), folder, *segments])
 
 
 class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
@@ -109,12 +68,6 @@ def _as_url(url: str | os.PathLike) -> str:
     if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         return text
     return Path(text).resolve().as_uri()
-
-
-def sha256_record(path: str | os.PathLike) -> Path:
-    """Where the recorded sha256 of a downloaded file lives: ``<file>.sha256``."""
-    path = Path(path)
-    return path.with_name(path.name + ".sha256")
 
 
 def read_recorded_sha256(path: str | os.PathLike) -> str:

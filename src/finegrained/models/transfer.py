@@ -21,7 +21,8 @@ from finegrained.data.manifest import class_names
 
 from finegrained.errors import WeightsError
 from finegrained.fileio import sha256_file, write_json
-from finegrained.models.download import sha256_record, verify_recorded_sha256
+from finegrained.models.download import verify_recorded_sha256
+from finegrained.plan.paths import sha256_record
 from finegrained.models import head_init
 from finegrained.models.params import assign_state, flatten_state
 from finegrained.models.registry import build_model

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from finegrained.data.manifest import read_classes
 from finegrained.data.shards import ShardReader
 from finegrained.report.figures import STYLE, save
-from finegrained.train.augment_settings import is_augmented
+from finegrained.plan.augment import is_augmented
 
 #: The view whose predictions the confusion figure shows (that of metrics.json's pairs).
 CONFUSION_VIEW = "ten_crop"

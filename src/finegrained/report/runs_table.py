@@ -15,7 +15,7 @@ grid point chosen on validation (``train_variant`` of the metrics, e.g.
 ``full_finetune+epochs=10``), which the regime cell names.
 
 Runs are given in order with a label (e.g. the weights they start from); rows follow the
-runs, then the regimes in the order of ``finegrained.train.regimes.REGIMES``.
+runs, then the regimes in the order of ``finegrained.plan.regimes.REGIMES``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from finegrained.evaluate.settings import VIEWS
+from finegrained.plan.jobs import VIEWS
 from finegrained.report import tables
 from finegrained.report.throughput import read_benchmark
-from finegrained.train.regimes import REGIMES
+from finegrained.plan.regimes import REGIMES
 
 VIEW_TITLES = {"center": "centre", "ten_crop": "10-crop", "multi_scale": "multi-scale"}
 

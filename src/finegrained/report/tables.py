@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from finegrained.evaluate.settings import VIEWS
+from finegrained.plan.jobs import VIEWS
 from finegrained.fileio import atomic_output, sha256_file, write_json
 from finegrained.provenance import provenance
 

@@ -3,7 +3,7 @@
 For each layer a job extracts, the cache holds one float16 (or float32) NPY in the job's
 folder plus an ``index.json`` (shape, dtype, layer, sha256 of the weights and of the shard
 index it read, the view and the labels' file). The workflow runs one job for the pooled
-layers of a split and one per boundary map (``regimes.cache_index``)::
+layers of a split and one per boundary map (``plan.paths.cache_index``)::
 
     features/train/stage4.npy                  [V*N, C]      pooled output of stage4
     features/train/labels.npy                  [V*N] int32
@@ -39,7 +39,7 @@ from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.fileio import atomic_output, sha256_file, write_json
 from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
-from finegrained.train.regimes import MAP_SUFFIX, layer_stem
+from finegrained.plan.paths import MAP_SUFFIX, layer_stem
 
 def layer_file(layer: str) -> str:
     """File name of a layer's array (``stage3:map`` -> ``stage3.map.npy``)."""

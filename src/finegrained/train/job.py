@@ -10,7 +10,7 @@ writes, atomically::
     <out_dir>/history.parquet       one row per epoch (per L2 strength for L-BFGS)
     <out_dir>/summary.json          best epoch, its validation figures, wall time, hashes
 
-A refit (``settings["refit"]``, made by :func:`finegrained.protocol.refit_settings` from a
+A refit (``settings["refit"]``, made by :func:`finegrained.plan.protocol.refit_settings` from a
 train job's summary) trains the same phases on train + validation for the epochs that job
 chose, without validation, and writes the final model under ``refit/<regime>/``.
 
@@ -53,13 +53,12 @@ from finegrained.models.weights import (read_metadata, read_tensors, save_weight
 from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
 from finegrained.train.checkpoint import claim, fingerprint
-from finegrained.selection import better
+from finegrained.plan.selection import better
 from finegrained.train.features import FeatureReader
 from finegrained.train.input_pipeline import ConcatSource
 from finegrained.train.loop import fit
 from finegrained.train.settings import TrainSettings
 from finegrained.train.probe import fit_probe
-from finegrained.train.regimes import cache_index
 
 
 def runtime_options(arch: str, settings: Mapping) -> dict:
@@ -101,18 +100,19 @@ def build_start_model(settings: Mapping, init_weights: str | os.PathLike | None,
                            stage_depths=stage_depths, **runtime_options(arch, settings))
 
 
-def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool,
+def _sources(phase: Mapping, train_index, val_index, feature_indexes, verify: bool,
              init_weights=None, refit: bool = False):
     """The phase's train and val sources: the shards, or the feature cache (checked against
     the init weights and shard indexes this job was given). A refit trains on both splits
     and validates on none."""
     inp = phase["input"]
     if inp["kind"] == "cache":
-        if features_dir is None:
-            raise DataError("features", f"phase {phase['name']} reads the feature cache, "
-                            f"but no features directory was given")
-        train, val = (FeatureReader(Path(features_dir) / cache_index(split, inp["layer"]),
-                                    inp["layer"], weights=init_weights, shard_index=index)
+        indexes = (feature_indexes or {}).get(inp["layer"])
+        if indexes is None:
+            raise DataError("features", f"phase {phase['name']} reads the feature cache of "
+                            f"{inp['layer']}, but no index of it was given")
+        train, val = (FeatureReader(indexes[split], inp["layer"], weights=init_weights,
+                                    shard_index=index)
                       for split, index in (("train", train_index), ("val", val_index)))
     else:
         train, val = ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
@@ -220,12 +220,12 @@ def run_phase(phase: Mapping, model, train, val, *, lighting, checkpoint_dir: Pa
 
 
 def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_dir,
-            checkpoint_dir, init_weights=None, features_dir=None, probe=None,
+            checkpoint_dir, init_weights=None, feature_indexes=None, probe=None,
             log_fn: Callable[[str], None] | None = print) -> dict:
     """Run the phases of ``settings`` and write weights, history and summary.
 
     ``probe``: ``{"weights", "summary"}`` of the linear probe job a ``probe_head`` phase
-    reads. With ``settings["refit"]`` (:func:`finegrained.protocol.refit_settings`) every
+    reads. With ``settings["refit"]`` (:func:`finegrained.plan.protocol.refit_settings`) every
     phase trains on train + validation for the epochs chosen before, and the model written
     is the final one.
     """
@@ -239,9 +239,9 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     model = build_start_model(settings, init_weights, len(names))
     stats_dict = json.loads(Path(stats).read_text())
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    cached = {p["input"]["layer"] for p in settings["phases"] if p["input"]["kind"] == "cache"}
-    cache_indexes = {f"features_{split}_{layer}": Path(features_dir, cache_index(split, layer))
-                     for layer in sorted(cached) for split in ("train", "val")}
+    cache_indexes = {f"features_{split}_{layer}": path
+                     for layer, by_split in sorted((feature_indexes or {}).items())
+                     for split, path in by_split.items()}
     probe_files = {f"probe_{k}": v for k, v in (probe or {}).items()}
     if main:
         claim(checkpoint_dir, fingerprint(settings, {
@@ -259,7 +259,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
             record = {"history": result["history"], "best": result["best"],
                       "source": result["source"]}
         elif record is None:
-            train, val = _sources(phase, train_index, val_index, features_dir,
+            train, val = _sources(phase, train_index, val_index, feature_indexes,
                                   settings.get("verify_shards", True), init_weights, refit)
             log(f"{label} phase {phase['name']}: {len(train)} train / "
                 f"{len(val) if val is not None else 0} val inputs "

@@ -31,7 +31,7 @@ from flax import nnx
 
 from finegrained.errors import ConfigError
 from finegrained.models.params import flatten_state
-from finegrained.selection import better
+from finegrained.plan.selection import better
 from finegrained.train import local_sgd, optim
 from finegrained.train.augment import Lighting
 from finegrained.train.checkpoint import (Checkpointer, Preempted, Progress, StopFlag,

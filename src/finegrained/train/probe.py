@@ -4,7 +4,7 @@ Multinomial logistic regression ``softmax(x W + b)`` on cached pooled features, 
 the mean cross-entropy plus ``l2 / 2 * |W|^2`` (the bias is not penalised) with
 ``optax.lbfgs`` (zoom line search) from zero weights. Every strength of the grid is fitted
 on the training features and scored on the validation split; the best by ``select_by``
-(:mod:`finegrained.selection`) is kept. Without a validation split (a refit on train +
+(:mod:`finegrained.plan.selection`) is kept. Without a validation split (a refit on train +
 validation) the grid holds the one strength chosen before. Features are centred and scaled
 by the training statistics for conditioning; the returned ``W, b`` act on the raw features, so they drop
 into the model's ``head`` Linear as they are.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from finegrained.selection import better
+from finegrained.plan.selection import better
 
 
 def _objective(w_and_b, x, y, l2):

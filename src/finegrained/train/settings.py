@@ -2,7 +2,7 @@
 schema says.
 
 All transfer regimes differ only in these values. The workflow resolves them for each job
-from the validated config (:func:`finegrained.train.regimes.job_settings`: recipe keys,
+from the validated config (:func:`finegrained.plan.regimes.job_settings`: recipe keys,
 run keys, parameter groups, where the inputs come from) and a job builds
 :class:`TrainSettings` with :meth:`TrainSettings.from_dict`. No field has a default here:
 the schema is the one place a default lives, and :func:`default_settings` reads them from it
@@ -43,7 +43,7 @@ class TrainSettings:
     l2_sp_beta: float                     # L2-SP decay of the head's kernels
     label_smoothing: float
     patience: int                         # early stop after this many epochs without gain
-    select_by: str                        # 'val_top1' | 'val_loss' (finegrained.selection)
+    select_by: str                        # 'val_top1' | 'val_loss' (finegrained.plan.selection)
     param_groups: tuple[tuple[str, float | None], ...]   # (regex, lr_mult); 0/None frozen
     augment: Augmentation
     compute_dtype: str                    # 'auto' | 'float32' | 'bfloat16'
@@ -92,8 +92,8 @@ def default_settings(**overrides: Any) -> TrainSettings:
     """The schema's defaults for every recipe and run key (no parameter groups, pixels in),
     with ``overrides``: a run outside the workflow starts from the same values a config
     starts from."""
-    from finegrained.config import validate_config
-    from finegrained.train.regimes import pretrain_settings
+    from finegrained.plan.schema import validate_config
+    from finegrained.plan.regimes import pretrain_settings
 
     d = pretrain_settings(validate_config({}))["train_settings"]
     augment = overrides.pop("augment", None)

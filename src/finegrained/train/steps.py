@@ -29,7 +29,7 @@ from finegrained.errors import ConfigError
 from finegrained.train import optim
 from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
 from finegrained.train import precision as low_precision
-from finegrained.train.augment_settings import is_augmented
+from finegrained.plan.augment import is_augmented
 from finegrained.train.precision import FLOAT32, Precision
 from finegrained.train.sharding import data_sharding, replicated
 

@@ -1,4 +1,5 @@
-"""Configuration: validated against workflow/schemas/config.schema.yaml, defaults filled in.
+"""The config schema and its loader: validated against workflow/schemas/config.schema.yaml,
+defaults filled in.
 
 The Snakefile and the tests use this one function, so a wrong key or value fails the same
 way everywhere: before any job runs, with the dotted path of the offending key.
@@ -19,14 +20,18 @@ import jsonschema
 import yaml
 
 from finegrained.errors import ConfigError, WeightsError
-from finegrained.models.download import download_path
+from finegrained.plan.paths import download_path, is_url
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     with open(path) as f:
         return yaml.safe_load(f)
+
+
+#: The workflow's schema, read once (the planning code reads its key lists from it).
+SCHEMA = load_schema()
 
 
 def _validator_with_defaults(schema: dict):
@@ -129,7 +134,7 @@ def coerce_types(instance, schema: Mapping, root: Mapping | None = None):
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate ``config`` in place (text read as numbers where the schema says so, defaults
     filled in) and return it; ConfigError names every problem once."""
-    schema = load_schema() if schema is None else schema
+    schema = SCHEMA if schema is None else schema
     given_source = isinstance(config.get("pretrain"), Mapping) and "dataset" in config["pretrain"]
     coerce_types(config, schema)
     errors = sorted(_validator_with_defaults(schema).iter_errors(config),
@@ -155,10 +160,6 @@ def _check_regexes(config: Mapping[str, Any]) -> None:
             except re.error as err:
                 raise ConfigError(f"{where}.param_groups.{i}: {pattern!r} is not a regular "
                                   f"expression: {err}") from None
-
-
-def is_url(weights: str) -> bool:
-    return weights.startswith(("http://", "https://"))
 
 
 def _check_cross_field(config: Mapping[str, Any], *, given_source: bool = True) -> None:

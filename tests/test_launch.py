@@ -1,4 +1,4 @@
-"""The local GPU leases of ``python -m finegrained.gpus``, with fake device ids."""
+"""The local GPU leases of ``python -m finegrained.launch``, with fake device ids."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finegrained import gpus
+from finegrained import launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,8 @@ HOLD = ("import os, sys, time, pathlib; out = pathlib.Path(sys.argv[1]);"
 def _env(tmp_path, ids, **extra):
     """The launcher's environment: ``ids`` as the machine's, ``extra`` on top (None drops)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", gpus.IDS_VAR)}
-    env.update({gpus.IDS_VAR: ids, gpus.LOCK_DIR_VAR: str(tmp_path / "locks"),
+           if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", launch.IDS_VAR)}
+    env.update({launch.IDS_VAR: ids, launch.LOCK_DIR_VAR: str(tmp_path / "locks"),
                 "PYTHONPATH": str(REPO / "src")}, **extra)
     return {k: v for k, v in env.items() if v is not None}
 
@@ -36,7 +36,7 @@ def _env(tmp_path, ids, **extra):
 def _start(tmp_path, name, ids, count=1, **extra):
     out = tmp_path / f"{name}.txt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finegrained.gpus", "--count", str(count), "--",
+        [sys.executable, "-m", "finegrained.launch", "--gpus", str(count), "--",
          sys.executable, "-c", HOLD, str(out)],
         env=_env(tmp_path, ids, **extra), stderr=subprocess.PIPE, text=True)
     return proc, out
@@ -92,7 +92,7 @@ def test_jobs_inside_an_allocation_lease_among_the_gpus_slurm_granted(tmp_path):
     """Under salloc/sbatch with GPUs 2 and 3 granted, Snakemake's local jobs share those
     two, one each, with locks of that allocation only."""
     granted = {"SLURM_JOB_ID": "4711", "CUDA_VISIBLE_DEVICES": "2,3"}
-    allocation = {**granted, gpus.IDS_VAR: None}       # no FINEGRAINED_GPU_IDS
+    allocation = {**granted, launch.IDS_VAR: None}       # no FINEGRAINED_GPU_IDS
     jobs = [_start(tmp_path, f"job{i}", None, **allocation) for i in range(2)]
     held = [_devices(out, proc) for proc, out in jobs]
     assert sorted(held) == ["2", "3"]
@@ -105,9 +105,9 @@ def test_jobs_inside_an_allocation_lease_among_the_gpus_slurm_granted(tmp_path):
         _stop(out, proc)
     assert sorted(p.name for p in (tmp_path / "locks").iterdir()) == ["slurm-4711"]
     # Another allocation on the node has its own locks, though its ids also read 2 and 3.
-    env, fds = gpus.job_environment(2, environ={**granted, "SLURM_JOB_ID": "4712"},
-                                    lock_dir=gpus.default_lock_dir(
-                                        {gpus.LOCK_DIR_VAR: str(tmp_path / "locks"),
+    env, fds = launch.job_environment(2, environ={**granted, "SLURM_JOB_ID": "4712"},
+                                    lock_dir=launch.default_lock_dir(
+                                        {launch.LOCK_DIR_VAR: str(tmp_path / "locks"),
                                          "SLURM_JOB_ID": "4712"}))
     assert sorted(env["CUDA_VISIBLE_DEVICES"].split(",")) == ["2", "3"]
     for fd in fds:
@@ -115,21 +115,21 @@ def test_jobs_inside_an_allocation_lease_among_the_gpus_slurm_granted(tmp_path):
 
 
 def test_granted_ids_come_from_slurm_when_cuda_visible_devices_is_unset():
-    assert gpus.machine_gpu_ids({"SLURM_JOB_ID": "1", "SLURM_STEP_GPUS": "4,5"}) == ["4", "5"]
-    assert gpus.machine_gpu_ids({"SLURM_JOB_ID": "1", "SLURM_JOB_GPUS": "6"}) == ["6"]
+    assert launch.machine_gpu_ids({"SLURM_JOB_ID": "1", "SLURM_STEP_GPUS": "4,5"}) == ["4", "5"]
+    assert launch.machine_gpu_ids({"SLURM_JOB_ID": "1", "SLURM_JOB_GPUS": "6"}) == ["6"]
 
 
 def test_a_cpu_job_sees_no_gpu_and_runs_jax_on_the_cpu(tmp_path):
-    env, fds = gpus.job_environment(0, environ={gpus.IDS_VAR: "0,1"}, lock_dir=tmp_path)
+    env, fds = launch.job_environment(0, environ={launch.IDS_VAR: "0,1"}, lock_dir=tmp_path)
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["JAX_PLATFORMS"] == "cpu" and fds == []
-    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and env[gpus.GPUS_VAR] == "0"
-    env, _ = gpus.job_environment(0, mem_fraction=0.45, environ={}, lock_dir=tmp_path)
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and env[launch.GPUS_VAR] == "0"
+    env, _ = launch.job_environment(0, mem_fraction=0.45, environ={}, lock_dir=tmp_path)
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.45"
 
 
 def test_the_lock_directory_is_private_and_a_planted_link_is_refused(tmp_path):
     lock_dir = tmp_path / "a" / "locks"
-    chosen, fds = gpus.try_lease(["0"], 1, lock_dir)
+    chosen, fds = launch.try_lease(["0"], 1, lock_dir)
     assert chosen == ["0"] and (lock_dir.stat().st_mode & 0o777) == 0o700
     assert (lock_dir.parent.stat().st_mode & 0o777) == 0o700
     for fd in fds:
@@ -139,24 +139,24 @@ def test_the_lock_directory_is_private_and_a_planted_link_is_refused(tmp_path):
     planted = tmp_path / "b"
     planted.mkdir(mode=0o700)
     (planted / "slot0-gpu0.lock").symlink_to(target)
-    with pytest.raises(gpus.LeaseError, match="symbolic link"):
-        gpus.try_lease(["0"], 1, planted)
+    with pytest.raises(launch.LeaseError, match="symbolic link"):
+        launch.try_lease(["0"], 1, planted)
     assert target.read_text() == "precious"
     open_dir = tmp_path / "shared"
     open_dir.mkdir()
     open_dir.chmod(0o777)
-    with pytest.raises(gpus.LeaseError, match="others could plant locks"):
-        gpus.try_lease(["0"], 1, open_dir)
+    with pytest.raises(launch.LeaseError, match="others could plant locks"):
+        launch.try_lease(["0"], 1, open_dir)
 
 
 def test_the_machine_ids_come_from_the_environment_first():
-    assert gpus.machine_gpu_ids({gpus.IDS_VAR: "2, 3", "CUDA_VISIBLE_DEVICES": "0"}) == ["2", "3"]
-    assert gpus.machine_gpu_ids({"CUDA_VISIBLE_DEVICES": "1,0"}) == ["1", "0"]
+    assert launch.machine_gpu_ids({launch.IDS_VAR: "2, 3", "CUDA_VISIBLE_DEVICES": "0"}) == ["2", "3"]
+    assert launch.machine_gpu_ids({"CUDA_VISIBLE_DEVICES": "1,0"}) == ["1", "0"]
 
 
 def test_asking_for_more_gpus_than_the_machine_has_fails(tmp_path):
-    with pytest.raises(gpus.LeaseError, match="asks for 3 GPUs"):
-        gpus.lease(["0", "1"], 3, tmp_path)
+    with pytest.raises(launch.LeaseError, match="asks for 3 GPUs"):
+        launch.lease(["0", "1"], 3, tmp_path)
 
 
 CACHED_JOB = """
@@ -175,7 +175,7 @@ def test_the_compilation_cache_is_hit_by_a_second_process(tmp_path):
 
     def job():
         proc = subprocess.run(
-            [sys.executable, "-m", "finegrained.gpus", "--count", "0",
+            [sys.executable, "-m", "finegrained.launch", "--gpus", "0",
              "--compilation-cache", str(cache), "--", sys.executable, "-c", CACHED_JOB],
             env=_env(tmp_path, "0"), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr

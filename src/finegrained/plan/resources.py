@@ -11,7 +11,7 @@ asked for depends on the cluster (``cluster.gpu_request``):
 - ``gres``: the ``gres`` resource ``gpu[:<model>]:N`` (the executor's ``--gres``), for
   clusters that refuse ``--gpus``; no ``gpu`` resource then (the executor refuses both).
 
-Either way ``lease_gpus`` tells the job's launcher (:mod:`finegrained.gpus`) how many GPUs
+Either way ``lease_gpus`` tells the job's launcher (:mod:`finegrained.launch`) how many GPUs
 to lease, so a change of route reruns nothing and ``gpu: 0`` means no GPU in every route.
 Partition and account come from ``config.cluster``, else ``$FINEGRAINED_*_PARTITION`` /
 ``$FINEGRAINED_ACCOUNT`` / ``$SLURM_ACCOUNT``, else the cluster's defaults (left out).

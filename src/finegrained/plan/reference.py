@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finegrained.config import load_schema
+from finegrained.plan.schema import SCHEMA
 
 HEADER = """# Configuration reference
 
@@ -90,7 +90,7 @@ def _table(rows: list[str]) -> str:
 
 
 def render_reference() -> str:
-    schema = load_schema()
+    schema = SCHEMA
     top, defs = schema["properties"], schema["$defs"]
     parts = [HEADER]
 

@@ -1,4 +1,4 @@
-"""finegrained.resources: what a rule asks the scheduler for and the environment of its job."""
+"""finegrained.plan.resources: what a rule asks the scheduler for and the environment of its job."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from finegrained.config import load_config
-from finegrained.resources import (device_environment, jax_conda_env, rule_resources,
+from finegrained.plan.schema import load_config
+from finegrained.plan.resources import (device_environment, jax_conda_env, rule_resources,
                                    shell_prefix)
 
 

@@ -1,13 +1,13 @@
-"""Replicates, sweeps and the choice on validation (finegrained.protocol)."""
+"""Replicates, sweeps and the choice on validation (finegrained.plan.protocol)."""
 
 from __future__ import annotations
 
 import pytest
 
-from finegrained.config import validate_config
+from finegrained.plan.schema import validate_config
 from finegrained.errors import ConfigError, DataError
-from finegrained import protocol as P
-from finegrained.train.regimes import parse_variant
+from finegrained.plan import protocol as P
+from finegrained.plan.variants import parse_variant
 
 
 def config(**extra):

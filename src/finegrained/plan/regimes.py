@@ -27,18 +27,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from finegrained.config import load_schema
 from finegrained.errors import ConfigError
-from finegrained.train.augment_settings import is_augmented
+from finegrained.plan.augment import is_augmented
+from finegrained.plan.paths import MAP_SUFFIX
+from finegrained.plan.schema import SCHEMA
+from finegrained.plan.variants import parse_variant
 
-_SCHEMA = load_schema()
 #: The transfer regimes, in the schema's order (`regimes:`).
-REGIMES = tuple(_SCHEMA["properties"]["regimes"]["items"]["enum"])
+REGIMES = tuple(SCHEMA["properties"]["regimes"]["items"]["enum"])
 
 #: Output stride (input side / output side) of each body stage.
 STAGE_STRIDES = {
@@ -51,16 +51,8 @@ FREEZE_CHOICES = ("stem", "stride2", "stride4", "stride8", "stride16", "stride32
 #: Recipe keys (``$defs/recipe``; ``param_groups`` is resolved per regime) and run keys
 #: (``$defs/run``; ``keep_checkpoints`` is the job's): with the parameter groups and the input
 #: placement, the fields of ``TrainSettings``, under the same names.
-RECIPE_KEYS = tuple(k for k in _SCHEMA["$defs"]["recipe"]["properties"] if k != "param_groups")
-RUN_KEYS = tuple(k for k in _SCHEMA["$defs"]["run"]["properties"] if k != "keep_checkpoints")
-#: Keys a variant may override: what a sweep may vary, and the replicate seed.
-VARIANT_KEYS = ("seed", "system",
-                *_SCHEMA["properties"]["sweep"]["additionalProperties"]["properties"])
-#: Variant keys whose value is a name (of ``systems:``), not a number.
-NAMED_VARIANT_KEYS = ("system",)
-VARIANT_PATTERN = r"(\+[a-z_]+=[A-Za-z0-9._\-]+)*"
-#: A cached layer ``<stage>:map`` is that stage's whole activation; ``<stage>`` is its pool.
-MAP_SUFFIX = ":map"
+RECIPE_KEYS = tuple(k for k in SCHEMA["$defs"]["recipe"]["properties"] if k != "param_groups")
+RUN_KEYS = tuple(k for k in SCHEMA["$defs"]["run"]["properties"] if k != "keep_checkpoints")
 
 
 def arch_family(arch: str) -> str:
@@ -117,32 +109,6 @@ def param_groups(arch: str, regime: Mapping[str, Any]) -> list[list]:
             groups.append(["head/.*", 1.0])
             groups.append([".*", mult])
     return groups
-
-
-def parse_variant(variant: str) -> dict:
-    """``'+seed=1+lr=0.003'`` -> ``{'seed': 1, 'lr': 0.003}``."""
-    if not variant:
-        return {}
-    if not re.fullmatch(VARIANT_PATTERN, variant):
-        raise ConfigError(f"variant {variant!r} is not of the form +key=value[+key=value...]")
-    out = {}
-    for part in variant[1:].split("+"):
-        key, value = part.split("=", 1)
-        if key not in VARIANT_KEYS:
-            raise ConfigError(f"variant key {key!r} is not one of {VARIANT_KEYS}")
-        out[key] = value if key in NAMED_VARIANT_KEYS else _variant_value(value)
-    return out
-
-
-def _variant_value(text: str):
-    """A variant value as a number: ``'3'`` -> 3, ``'0.003'`` and ``'1e-05'`` -> float
-    (YAML 1.1 would read ``1e-05`` as a string)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise ConfigError(f"variant value {text!r} is not a number")
 
 
 def _train_settings(recipe: Mapping, run: Mapping, **fields) -> dict:
@@ -277,22 +243,6 @@ def pretrain_settings(config: Mapping) -> dict:
                 select_by=config["protocol"]["select_by"])}
 
 
-def feature_settings(config: Mapping, split: str, layer: str | None = None) -> dict:
-    """The resolved settings of one feature-cache job for ``split``: the pooled layers
-    (``layer`` None, the `features` rule) or the one boundary map ``layer`` (`feature_map`).
-    Neither depends on which regimes are listed, so changing `regimes:` reruns no cache."""
-    feats, run = config["features"], config["train"]
-    views = feats["train_views"] if split == "train" else 0
-    return {"arch": config["backbone"]["arch"], "width": config["backbone"]["width"],
-            "stage_depths": config["backbone"]["stage_depths"],
-            "depthwise_impl": config["backbone"]["depthwise_impl"],
-            "layers": pooled_layers(config) if layer is None else [layer], "views": views,
-            "augment": feats["augment"], "image_size": run["image_size"],
-            "eval_crop_fraction": run["eval_crop_fraction"], "seed": run["seed"],
-            "batch_size": feats["batch_size"], "dtype": feats["dtype"],
-            "verify_shards": config["shards"].get("verify", True)}
-
-
 def pooled_layers(config: Mapping) -> list[str]:
     """The pooled layers the features rule caches: ``features.layers`` (default: the last
     two stages), the last stage always."""
@@ -315,20 +265,6 @@ def cached_layers(config: Mapping, regime_name: str, variant: str = "") -> list[
         if phase["input"]["kind"] == "cache" and phase["input"]["layer"] not in layers:
             layers.append(phase["input"]["layer"])
     return layers
-
-
-def cache_index(split: str, layer: str) -> str:
-    """The index of ``layer``'s cache of ``split``, relative to the run's ``features/``
-    folder: the pooled layers share ``<split>/index.json``; each boundary map
-    (``<stage>:map``) has a job and a folder of its own, ``<split>/<stage>.map/index.json``."""
-    if layer.endswith(MAP_SUFFIX):
-        return f"{split}/{layer_stem(layer)}/index.json"
-    return f"{split}/index.json"
-
-
-def layer_stem(layer: str) -> str:
-    """A cached layer's name on disk (``stage3:map`` -> ``stage3.map``)."""
-    return layer.replace(MAP_SUFFIX, ".map")
 
 
 def settings_hash(settings: Mapping) -> str:

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from finegrained.config import load_config, load_schema
 from finegrained.errors import ConfigError
-from finegrained.train import regimes
+from finegrained.plan import jobs, paths, regimes, variants
+from finegrained.plan.schema import load_config, load_schema
 from finegrained.train.local_sgd import SYNC, Parallel
 from finegrained.train.precision import FLOAT32, Precision
 from finegrained.train.settings import TrainSettings, default_settings
@@ -60,7 +60,7 @@ def test_the_schema_is_the_only_home_of_a_default():
     for key, prop in augment.items():
         value = getattr(settings.augment, key)
         assert (list(value) if isinstance(value, tuple) else value) == prop["default"], key
-    assert regimes.VARIANT_KEYS == ("seed", "system", *schema["properties"]["sweep"][
+    assert variants.VARIANT_KEYS == ("seed", "system", *schema["properties"]["sweep"][
         "additionalProperties"]["properties"])
     # the regime names: one list, the schema's, for `regimes:`, its default and `sweep:`
     names = schema["properties"]["regimes"]
@@ -105,14 +105,14 @@ def test_the_cut_point_is_also_the_freeze_regex_and_the_cache_layer():
     assert phase["input"] == {"kind": "pixels", "start": None, "cut": "stage3"}
     assert regimes.cached_layers(config, "partial_finetune") == ["stage3:map"]
     assert regimes.cached_layers(augmented, "partial_finetune") == []
-    assert regimes.cache_index("train", "stage3:map") == "train/stage3.map/index.json"
-    assert regimes.cache_index("val", "stage4") == "val/index.json"
+    assert paths.cache_index("train", "stage3:map") == "train/stage3.map/index.json"
+    assert paths.cache_index("val", "stage4") == "val/index.json"
     # the pooled cache is the same whichever regimes are listed
-    assert regimes.feature_settings(config, "train")["layers"] == ["stage3", "stage4"]
-    assert regimes.feature_settings(_config(backbone={"arch": "resnet18"},
+    assert jobs.features(config, "train")["layers"] == ["stage3", "stage4"]
+    assert jobs.features(_config(backbone={"arch": "resnet18"},
                                             regimes=["linear_probe"]), "train") \
-        == regimes.feature_settings(config, "train")
-    assert regimes.feature_settings(config, "val", "stage3:map")["layers"] == ["stage3:map"]
+        == jobs.features(config, "train")
+    assert jobs.features(config, "val", "stage3:map")["layers"] == ["stage3:map"]
 
 
 def test_full_finetune_has_three_tiers():
@@ -205,11 +205,11 @@ def test_variants_override_one_job():
     v = regimes.job_settings(config, "full_finetune", "+seed=2+lr=0.003")
     assert v["seed"] == 2 and v["phases"][0]["train_settings"]["lr"] == 0.003
     assert v["config_hash"] != base["config_hash"]
-    assert regimes.parse_variant("") == {}
+    assert variants.parse_variant("") == {}
     with pytest.raises(ConfigError, match="not one of"):
-        regimes.parse_variant("+arch=resnet50")
+        variants.parse_variant("+arch=resnet50")
     with pytest.raises(ConfigError, match="form"):
-        regimes.parse_variant("seed=1")
+        variants.parse_variant("seed=1")
 
 
 def test_settings_hash_is_stable_and_sensitive():

@@ -1,4 +1,4 @@
-"""Devices for one job: ``python -m finegrained.gpus --count N --rule NAME -- CMD``.
+"""The device launcher of every JAX job: ``python -m finegrained.launch --gpus N -- CMD``.
 
 Snakemake counts the ``gpu`` resource (``--resources gpu=4``) but never tells a job which
 device is its own, and JAX in every job would see, and preallocate most of, every GPU. This
@@ -22,18 +22,18 @@ releases it; there is no stale lock to clean up.
 - The lock directory is the user's own (``$TMPDIR/finegrained-gpus-<uid>``, created 0700,
   refused when another user owns it or can write it), and a lock file that is a symbolic
   link is refused (``O_NOFOLLOW``): no other user can plant one.
-- ``--count 0`` hides every GPU (``CUDA_VISIBLE_DEVICES=``, ``JAX_PLATFORMS=cpu``), so a CPU
+- ``--gpus 0`` hides every GPU (``CUDA_VISIBLE_DEVICES=``, ``JAX_PLATFORMS=cpu``), so a CPU
   job of a CUDA JAX install takes no GPU memory.
 - Memory: ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (allocate as needed, so jobs sharing a GPU
   still run), or ``--mem-fraction F`` preallocates that fraction of each visible GPU.
-- ``--rule``, ``--allow-cpu``: what the job's backend check reports and permits
-  (:func:`finegrained.devices.check_backend`, told through ``$FINEGRAINED_RULE``,
-  ``$FINEGRAINED_GPUS``, ``$FINEGRAINED_ALLOW_CPU``).
+- ``--allow-cpu``: what the job's backend check permits
+  (:func:`finegrained.devices.check_backend`, told through ``$FINEGRAINED_GPUS``,
+  ``$FINEGRAINED_ALLOW_CPU``, and ``$FINEGRAINED_JOB``: the job's script, for its message).
 - ``--compilation-cache DIR``: JAX's persistent compilation cache, shared by the jobs of a
   run (``$JAX_COMPILATION_CACHE_DIR``; a size bound, so reads and writes take its file
   lock and jobs writing it at the same time are safe).
 - ``--xla-flags``: appended to ``$XLA_FLAGS``.
-- The options but ``--count`` and ``--rule`` default to ``$FINEGRAINED_ALLOW_CPU``,
+- The options but ``--gpus`` default to ``$FINEGRAINED_ALLOW_CPU``,
   ``$FINEGRAINED_GPU_MEM_FRACTION``, ``$FINEGRAINED_COMPILATION_CACHE`` and
   ``$FINEGRAINED_XLA_FLAGS``, which the workflow exports for every job.
 
@@ -57,9 +57,9 @@ from typing import Mapping, Sequence
 
 IDS_VAR = "FINEGRAINED_GPU_IDS"
 LOCK_DIR_VAR = "FINEGRAINED_GPU_LOCK_DIR"
-RULE_VAR, GPUS_VAR, ALLOW_CPU_VAR = "FINEGRAINED_RULE", "FINEGRAINED_GPUS", "FINEGRAINED_ALLOW_CPU"
+JOB_VAR, GPUS_VAR, ALLOW_CPU_VAR = "FINEGRAINED_JOB", "FINEGRAINED_GPUS", "FINEGRAINED_ALLOW_CPU"
 #: The launcher's defaults from the environment the workflow exports for every job
-#: (finegrained.resources.device_environment): changing them reruns nothing.
+#: (finegrained.plan.resources.device_environment): changing them reruns nothing.
 MEM_FRACTION_VAR = "FINEGRAINED_GPU_MEM_FRACTION"
 CACHE_VAR = "FINEGRAINED_COMPILATION_CACHE"
 XLA_FLAGS_VAR = "FINEGRAINED_XLA_FLAGS"
@@ -228,13 +228,18 @@ def job_environment(count: int, *, mem_fraction: float | None = None,
     return env, fds
 
 
+def job_name(command: Sequence[str]) -> str:
+    """What the job's messages call it: its script (``train.py``), else its program."""
+    script = next((arg for arg in command if arg.endswith(".py")), command[0])
+    return Path(script).name
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> None:
     env_default = environ.get
-    p = argparse.ArgumentParser(prog="python -m finegrained.gpus",
+    p = argparse.ArgumentParser(prog="python -m finegrained.launch",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--count", type=int, required=True, help="GPUs the job uses (0: none)")
-    p.add_argument("--rule", default="", help="the Snakemake rule, for the backend check's message")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs the job uses (0: none)")
     p.add_argument("--allow-cpu", action="store_true", default=env_default(ALLOW_CPU_VAR) == "1",
                    help=f"a job that asks for GPUs may run on the CPU (${ALLOW_CPU_VAR}=1)")
     p.add_argument("--mem-fraction", type=float,
@@ -252,15 +257,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         p.error("no command given after --")
 
     def log(message):
-        print(f"[finegrained.gpus] {message}", file=sys.stderr, flush=True)
+        print(f"[finegrained.launch] {message}", file=sys.stderr, flush=True)
 
     try:
-        env, fds = job_environment(args.count, mem_fraction=args.mem_fraction, log=log,
+        env, fds = job_environment(args.gpus, mem_fraction=args.mem_fraction, log=log,
                                    environ=environ)
     except LeaseError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-    env.update({RULE_VAR: args.rule, ALLOW_CPU_VAR: "1" if args.allow_cpu else "0"})
+    env.update({JOB_VAR: job_name(command), ALLOW_CPU_VAR: "1" if args.allow_cpu else "0"})
     if args.compilation_cache:
         env.update(cache_env(args.compilation_cache))
     if args.xla_flags:

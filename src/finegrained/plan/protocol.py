@@ -1,7 +1,7 @@
 """The protocol around the regimes: replicate seeds, sweeps, and the choice on validation.
 
 No JAX here: the Snakefile imports it. A job is a regime plus a *variant*
-(:func:`finegrained.train.regimes.parse_variant`), and both expand through variants:
+(:mod:`finegrained.plan.variants`), and both expand through variants:
 
 - ``seeds: [0, 1, 2]`` trains and evaluates every regime once per seed. The replicate at
   ``train.seed`` keeps the plain paths (``train/<regime>/``, ``eval/<regime>/``); the others
@@ -11,7 +11,7 @@ No JAX here: the Snakefile imports it. A job is a regime plus a *variant*
   one grid point from the validation results of all replicates, and the evaluation of each
   replicate reads that point's training job (:func:`chosen_train_variant`): the test split
   sees only the chosen one.
-- ``protocol.select_by`` is the one comparison every choice uses (:mod:`finegrained.selection`).
+- ``protocol.select_by`` is the one comparison every choice uses (:mod:`finegrained.plan.selection`).
 - ``protocol.refit: true`` trains the chosen recipe once more on train + validation for the
   chosen epochs (:func:`refit_settings`), under ``refit/<regime><replicate>/``; the
   evaluation reads that model.
@@ -29,39 +29,9 @@ from typing import Mapping, Sequence
 from finegrained.errors import ConfigError, DataError
 from finegrained.fileio import sha256_file, write_json
 from finegrained.provenance import provenance
-from finegrained.selection import RULES, selection_key
-from finegrained.train.regimes import (NAMED_VARIANT_KEYS, VARIANT_KEYS, job_settings,
-                                      parse_variant, settings_hash)
-
-
-def format_variant(overrides: Mapping) -> str:
-    """``{'lr': 0.003, 'seed': 1}`` -> ``'+seed=1+lr=0.003'`` (keys in ``VARIANT_KEYS`` order,
-    so one set of overrides has one path)."""
-    unknown = set(overrides) - set(VARIANT_KEYS)
-    if unknown:
-        raise ConfigError(f"variant keys {sorted(unknown)} are not among {VARIANT_KEYS}")
-    return "".join(f"+{key}={_format_value(overrides[key], key)}"
-                   for key in VARIANT_KEYS if key in overrides)
-
-
-def _format_value(value, key: str = "") -> str:
-    if key in NAMED_VARIANT_KEYS:
-        return str(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"variant value {value!r} is not a number")
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def join_variants(*variants: str) -> str:
-    """The variant with the overrides of all of ``variants`` (which must not overlap)."""
-    merged: dict = {}
-    for variant in variants:
-        overrides = parse_variant(variant)
-        overlap = set(merged) & set(overrides)
-        if overlap:
-            raise ConfigError(f"variants {variants} both set {sorted(overlap)}")
-        merged.update(overrides)
-    return format_variant(merged)
+from finegrained.plan.regimes import job_settings, settings_hash
+from finegrained.plan.selection import RULES, selection_key
+from finegrained.plan.variants import format_variant, join_variants, parse_variant
 
 
 def replicate_variants(config: Mapping) -> list[str]:
