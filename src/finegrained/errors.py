@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+#: The most characters of a value (its repr) that an error message quotes, and of the file
+#: name and the message around it: a 10 MB line in an annotation file gives a short message.
+MAX_QUOTED = 300
+MAX_MESSAGE = 1000
+
 #: What to do with an image that cannot be used (unreadable file, unusable box): stop with a
 #: DataError, or drop it and list it with its reason. Dataset-level faults are always fatal.
 ON_BAD_IMAGE = ("error", "skip")
@@ -18,11 +23,20 @@ class DataError(ValueError):
         self.line = line
         self.value = value
         self.reason = message
-        where = self.path if line is None else f"{self.path}:{line}"
-        text = f"{where}: {message}"
+        where = shorten(self.path, MAX_MESSAGE)
+        if line is not None:
+            where += f":{line}"
+        text = f"{where}: {shorten(message, MAX_MESSAGE)}"
         if value is not None:
-            text += f" (value: {value!r})"
+            text += f" (value: {shorten(repr(value), MAX_QUOTED)})"
         super().__init__(text)
+
+
+def shorten(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` itself, or its first ``limit`` characters and how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit:,} more characters]"
 
 
 class WeightsError(ValueError):
@@ -31,3 +45,11 @@ class WeightsError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration value that the code cannot act on."""
+
+
+class StorageError(OSError):
+    """An output that does not fit: the disk is full, the quota or the file-size limit
+    reached. Names the file, the bytes it needs and the bytes free where it goes."""
+
+    def __str__(self) -> str:
+        return self.strerror

@@ -12,15 +12,19 @@ so they do not pile up (a NABirds crop shard's is ~265 MB).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from finegrained.errors import StorageError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -147,3 +151,63 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: What a write that does not fit fails with: no space left, over quota, over the file-size
+#: limit (``ulimit -f``; Python ignores SIGXFSZ, so the write fails instead of the process).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def room_for(path: str | os.PathLike, needed: int) -> Iterator[None]:
+    """Turn a write in the block that fails for want of room (:data:`NO_ROOM`) into a
+    one-line :class:`StorageError` naming ``path``, the ``needed`` bytes and the bytes free
+    on its file system."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_ROOM or isinstance(exc, StorageError):
+            raise
+        free = shutil.disk_usage(Path(path).parent).free
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        cap = ("" if limit == resource.RLIM_INFINITY
+               else f"; files may not grow past {limit:,} bytes here (ulimit -f)")
+        raise StorageError(exc.errno, f"{path}: cannot write it ({os.strerror(exc.errno)}): "
+                                      f"it needs {needed:,} bytes, {free:,} are free on its "
+                                      f"file system{cap}") from None
+
+
+def reserve(file, nbytes: int, path: str | os.PathLike) -> None:
+    """Allocate ``nbytes`` of disk for the open ``file`` (named ``path`` in errors) before
+    anything is written, so a full disk stops the job at once with a :class:`StorageError`
+    and every later write lands on blocks it owns. Where the file system cannot reserve
+    (no ``posix_fallocate``), writes still go through ``file`` and fail cleanly."""
+    if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    with room_for(path, nbytes):
+        try:
+            os.posix_fallocate(file.fileno(), 0, nbytes)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
+def write_reserved(tmp: str | os.PathLike, final: str | os.PathLike, data) -> None:
+    """Write ``data`` (bytes, or any buffer) into ``tmp``, the temporary of ``final``, its
+    size reserved first (:func:`reserve`): no room is a :class:`StorageError` naming
+    ``final`` and the exact bytes it needs, before a byte is written."""
+    size = memoryview(data).nbytes
+    with open(tmp, "wb") as f:
+        reserve(f, size, final)
+        with room_for(final, size):
+            f.write(data)
+
+
+def parquet_bytes(table):
+    """A pyarrow Table as the bytes of a Parquet file (for :func:`write_reserved`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue()

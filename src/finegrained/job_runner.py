@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from finegrained.errors import ConfigError, DataError, WeightsError
+from finegrained.errors import ConfigError, DataError, StorageError, WeightsError
+from finegrained.fileio import NO_ROOM
 
 Main = Callable[[argparse.Namespace], object]
 Script = Callable[[Sequence[str] | None], int]
@@ -45,16 +47,24 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     try:    # JAX is not needed by the light scripts (their environment may lack it)
         from finegrained.train.loop import NonFinite, Preempted
     except ImportError:
-        return (ConfigError, DataError, WeightsError)
-    return (ConfigError, DataError, WeightsError, NonFinite, Preempted)
+        return (ConfigError, DataError, StorageError, WeightsError)
+    return (ConfigError, DataError, StorageError, WeightsError, NonFinite, Preempted)
 
 
 def run(body: Callable[[], object]) -> int:
-    """Call ``body``; an expected error becomes ``error: ...`` on stderr and exit code 1."""
+    """Call ``body``; an expected error becomes ``error: ...`` on stderr and exit code 1, as
+    does a write that found no room where no writer named the file and sizes
+    (:func:`finegrained.fileio.room_for` does)."""
     try:
         body()
     except expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        print(f"error: cannot write {exc.filename or 'an output'}: {os.strerror(exc.errno)}",
+              file=sys.stderr, flush=True)
         return 1
     return 0
 

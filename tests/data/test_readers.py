@@ -48,7 +48,8 @@ def write_tiny_dataset(root: Path, files: dict[str, list[str]], *, replace: dict
                        drop: tuple[str, ...] = (), image_files: bool = False) -> Path:
     """Write ``files`` (name -> lines) under ``root``; ``replace`` swaps a file's lines.
 
-    ``image_files`` also creates an empty file for every image listed in images.txt.
+    ``image_files`` also creates a file for every image listed in images.txt, holding its
+    name (distinct bytes: identical ones would be copies of one photo).
     """
     root.mkdir(parents=True, exist_ok=True)
     contents = {**files, **(replace or {})}
@@ -59,7 +60,7 @@ def write_tiny_dataset(root: Path, files: dict[str, list[str]], *, replace: dict
         for line in contents["images.txt"]:
             path = root / "images" / line.split(" ", 1)[1]
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
+            path.write_text(line)
     return root
 
 
@@ -235,6 +236,61 @@ def test_non_utf8_line_is_named(tmp_path):
     with pytest.raises(DataError, match="not UTF-8") as caught:
         read_dataset("nabirds", root)
     assert_names(caught.value, "classes.txt", 6, b"\xe9")
+
+
+def _tables(dataset) -> tuple:
+    return dataset.images, dataset.classes, dataset.taxonomy
+
+
+TINY = {"nabirds": TINY_NABIRDS, "cub": TINY_CUB}
+
+
+@pytest.mark.parametrize("fmt, name", [(fmt, name) for fmt, files in TINY.items()
+                                       for name in files])
+def test_a_utf8_byte_order_mark_at_the_start_of_a_file_is_dropped(tmp_path, fmt, name):
+    """Windows editors start a file with a BOM; it used to make images.txt's first id
+    '\ufeffa-1', blamed on image_class_labels.txt, which lists 'a-1'."""
+    files = TINY[fmt]
+    root = write_tiny_dataset(tmp_path / "bom", files)
+    path = root / name
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    clean = read_dataset(fmt, write_tiny_dataset(tmp_path / "clean", files))
+    for got, expected in zip(_tables(read_dataset(fmt, root)), _tables(clean)):
+        assert got.equals(expected)
+
+
+@pytest.mark.parametrize("fmt", TINY)
+def test_a_byte_order_mark_inside_a_file_is_named_where_it_is(tmp_path, fmt):
+    root = write_tiny_dataset(tmp_path, TINY[fmt])
+    lines = (root / "image_class_labels.txt").read_text().splitlines()
+    lines[2] = "\ufeff" + lines[2]
+    (root / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="byte-order mark") as caught:
+        read_dataset(fmt, root)
+    assert_names(caught.value, "image_class_labels.txt", 3, lines[2])
+
+
+def test_a_utf16_file_is_named(tmp_path):
+    root = tiny_nabirds(tmp_path)
+    (root / "images.txt").write_bytes((root / "images.txt").read_text().encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16") as caught:
+        read_dataset("nabirds", root)
+    assert_names(caught.value, "images.txt", 1, None)
+
+
+@pytest.mark.parametrize("name, line", [
+    ("images.txt", "a-2 0010/" + "x" * 10_000_000 + ".jpg"),        # a path: file not found
+    ("image_class_labels.txt", "a-2 " + "9" * 10_000_000),          # a value: not an int64
+    ("bounding_boxes.txt", "a-2 " + "0 " * 5_000_000),              # a line: too many fields
+])
+def test_a_10_mb_line_gives_a_short_message(tmp_path, name, line):
+    root = tiny_nabirds(tmp_path, image_files=True)
+    tiny_nabirds(tmp_path, replace=with_line(name, 2, line))
+    with pytest.raises(DataError) as caught:
+        check_image_files(read_dataset("nabirds", root))
+    text = str(caught.value)
+    assert len(text) < 3_000, len(text)
+    assert f"{name}:2: " in text and "more characters]" in text
 
 
 def test_image_without_label_names_the_labels_file(tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -14,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from finegrained.data import shards
 from finegrained.data.imageio import load_crop
 from finegrained.data.manifest import MANIFEST_SCHEMA
-from finegrained.data.shards import (ShardReader, shard_rows, sibling_paths, write_shard,
-                                     write_split_index)
-from finegrained.errors import DataError
+from finegrained.data.shards import (ShardReader, record_path, shard_rows, sibling_paths,
+                                     write_shard, write_split_index)
+from finegrained.errors import DataError, StorageError
 from finegrained.fileio import sha256_file
 
 SIZE, MARGIN = 32, 0.1
@@ -146,6 +149,122 @@ def test_index_records_hashes_and_counts(tmp_path):
         assert shard["meta_sha256"] == sha256_file(out / shard["meta"])
         assert shard["images_sha256"] == sha256_file(out / shard["images"])
 
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_the_crop_job_records_every_file_it_writes(tmp_path, fmt):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root, n=4, bad={1: "garbage"})
+    out = tmp_path / "s"
+    write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square", fmt=fmt,
+                on_bad_image="skip", **shard_files(out, 0, fmt))
+    record = json.loads(record_path(out / "shard-00000.parquet").read_text())
+    names = ["shard-00000.parquet", "shard-00000.skipped.json"] + (
+        ["shard-00000.npy"] if fmt == "npy" else [])
+    assert record["count"] == 3 and sorted(record["files"]) == sorted(names)
+    for name in names:
+        entry = record["files"][name]
+        assert (entry["bytes"], entry["sha256"]) == ((out / name).stat().st_size,
+                                                     sha256_file(out / name))
+    if fmt == "npy":
+        assert record["files"]["shard-00000.npy"]["shape"] == [3, SIZE, SIZE, 3]
+        assert record["files"]["shard-00000.npy"]["dtype"] == "uint8"
+        assert np.load(out / "shard-00000.npy").shape == (3, SIZE, SIZE, 3)
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+SHARD_CHANGES = {
+    "flipped byte": _flip,
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:-100]),
+    "extended": lambda path: path.write_bytes(path.read_bytes() + b"\0" * 3072),
+    "emptied": lambda path: path.write_bytes(b""),
+    "replaced by another shard's": lambda path: path.write_bytes(
+        path.with_name(path.name.replace("00001", "00000")).read_bytes()),
+}
+
+
+@pytest.mark.parametrize("fmt, name, change", [
+    (fmt, name, change) for fmt, name in [("npy", "shard-00001.npy"),
+                                          ("npy", "shard-00001.parquet"),
+                                          ("npy", "shard-00001.skipped.json"),
+                                          ("parquet", "shard-00001.parquet")]
+    for change in SHARD_CHANGES
+    if (name, change) != ("shard-00001.skipped.json", "replaced by another shard's")])  # "[]"
+def test_the_index_refuses_a_shard_changed_after_its_crop_job(tmp_path, fmt, name, change):
+    """A shard edited after cropping used to be hashed into index.json as it was, so every
+    later check passed on corrupted pixels."""
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root, n=6)
+    out = tmp_path / "s"
+    for i in range(2):
+        write_shard(manifest, root, i, 2, size=SIZE, margin=MARGIN, aspect="square", fmt=fmt,
+                    **shard_files(out, i, fmt))
+    SHARD_CHANGES[change](out / name)
+    with pytest.raises(DataError) as caught:
+        write_split_index([out / f"shard-0000{i}.parquet" for i in range(2)],
+                          out / "index.json", "train")
+    assert caught.value.path == str(out / name)
+    assert "crop job" in str(caught.value) and "shard-00001.record.json" in str(caught.value)
+    assert not (out / "index.json").exists()
+
+
+def test_the_index_script_names_a_shard_without_its_record(tmp_path, repo_root):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root, n=3)
+    out = tmp_path / "s"
+    write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square",
+                **shard_files(out, 0))
+    record_path(out / "shard-00000.parquet").unlink()
+    proc = subprocess.run([sys.executable, str(repo_root / "scripts" / "index_shards.py"),
+                           "--split", "train", "--out", str(out / "index.json"),
+                           str(out / "shard-00000.parquet")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {out / 'shard-00000.record.json'}: shard record not "
+                                  f"found") and proc.stderr.count("\n") == 1
+    assert not (out / "index.json").exists()
+
+
+NPY_CHANGES = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:-100]),
+    "extended": lambda path: path.write_bytes(path.read_bytes() + b"\0" * 3072),
+    "emptied": lambda path: path.write_bytes(b""),
+    "another shape": lambda path: np.save(path, np.zeros((4, SIZE, SIZE // 2, 3), np.uint8)),
+    "another dtype": lambda path: np.save(path, np.zeros((4, SIZE, SIZE, 3), np.float32)),
+    "not an array": lambda path: path.write_bytes(b"PK\x03\x04 a zip file"),
+}
+
+
+@pytest.mark.parametrize("change", NPY_CHANGES)
+def test_the_reader_checks_an_npy_shard_before_mapping_it(tmp_path, change, monkeypatch):
+    """A truncated shard ended in a raw 'mmap length is greater than file size'."""
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "s"
+    index = write_split(root, manifest, out, 2)
+    NPY_CHANGES[change](out / "shard-00001.npy")
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("mapped before checking"))
+    with pytest.raises(DataError) as caught:
+        ShardReader(index).load_all()
+    assert caught.value.path == str(out / "shard-00001.npy")
+    assert "shard 1 of split 'train'" in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_the_reader_names_a_truncated_metadata_file(tmp_path, fmt):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "s"
+    index = write_split(root, manifest, out, 2, fmt=fmt)
+    meta = out / "shard-00000.parquet"
+    meta.write_bytes(meta.read_bytes()[:-50])
+    with pytest.raises(DataError) as caught:
+        ShardReader(index).load_all()
+    assert caught.value.path == str(meta)
+
+
 @pytest.mark.parametrize("fmt, tampered", [("npy", "shard-00001.npy"),
                                            ("npy", "shard-00000.parquet"),
                                            ("parquet", "shard-00001.parquet")])
@@ -157,7 +276,10 @@ def test_verify_names_the_tampered_shard(tmp_path, fmt, tampered):
     data = bytearray((out / tampered).read_bytes())
     data[len(data) // 2] ^= 0xFF                       # one flipped byte, same size
     (out / tampered).write_bytes(bytes(data))
-    ShardReader(index_path)  # existence only
+    try:
+        ShardReader(index_path)     # structure only: a flipped byte may leave it readable
+    except DataError as error:
+        assert error.path == str(out / tampered)
     with pytest.raises(DataError) as caught:
         ShardReader(index_path, verify=True)
     assert caught.value.path == str(out / tampered)
@@ -283,6 +405,85 @@ def test_scripts_end_to_end(tmp_path, repo_root):
                     "train", "--out", str(index), str(files["out_meta"])], check=True,
                    capture_output=True)
     assert len(ShardReader(index)) == 3
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def _crop_settings(fmt):
+    return {"size": SIZE, "margin": 0.1, "aspect": "square", "overflow": "pad",
+            "max_squeeze": None, "format": fmt, "codec": "png" if fmt == "parquet" else None,
+            "num_shards": 1, "on_bad_image": "error", "follow_symlinks": False}
+
+
+def test_npy_shard_blocks_are_reserved_before_the_first_crop(tmp_path, monkeypatch):
+    """The crop job wrote into a memory map of a sparse file: when the disk filled, the
+    first store to an unallocated page killed it with SIGBUS (rc 135, an empty log)."""
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "s"
+    allocated = []
+    crop_row = shards._crop_row
+
+    def first_crop(*args, **kwargs):
+        if not allocated:
+            [tmp] = out.glob(".shard-00000.npy.*.tmp")
+            allocated.append(tmp.stat().st_blocks * 512)
+        return crop_row(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "_crop_row", first_crop)
+    write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square",
+                **shard_files(out, 0))
+    assert allocated[0] >= 128 + 7 * SIZE * SIZE * 3
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_no_space_left_is_one_error_naming_the_file_and_sizes(tmp_path, monkeypatch, fmt):
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "s"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(StorageError) as caught:
+        write_shard(manifest, root, 0, 1, size=SIZE, margin=MARGIN, aspect="square", fmt=fmt,
+                    **shard_files(out, 0, fmt))
+    name = "shard-00000.npy" if fmt == "npy" else "shard-00000.parquet"
+    text = str(caught.value)
+    assert text.startswith(f"{out / name}: cannot write it (No space left on device): it needs ")
+    assert "are free on its file system" in text and "\n" not in text
+    if fmt == "npy":
+        assert f"it needs {128 + 7 * SIZE * SIZE * 3:,} bytes" in text
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_a_crop_job_past_the_file_size_limit_ends_in_one_line(tmp_path, repo_root, fmt):
+    """``ulimit -f`` stands in for a full disk: each write past it fails (EFBIG), as one
+    fails with ENOSPC on a full disk. Both formats used to end in an OSError traceback."""
+    root = tmp_path / "data"
+    manifest, _ = make_dataset(root)
+    out = tmp_path / "s"
+    files = shard_files(out, 0, fmt)
+    cmd = [sys.executable, str(repo_root / "scripts" / "crop_shard.py"), "--manifest",
+           str(manifest), "--root", str(root), "--shard", "0", "--settings",
+           json.dumps(_crop_settings(fmt)), "--out-meta", str(files["out_meta"]),
+           "--out-skipped", str(files["out_skipped"])]
+    if fmt == "npy":
+        cmd += ["--out-images", str(files["out_images"])]
+    limit = 8192                    # the shard needs ~22 kB: 7 crops of 32 x 32 x 3
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    name = "shard-00000.npy" if fmt == "npy" else "shard-00000.parquet"
+    assert proc.stderr.startswith(f"error: {out / name}: cannot write it (File too large): "
+                                  f"it needs ")
+    assert "are free on its file system" in proc.stderr
+    assert f"files may not grow past {limit:,} bytes here (ulimit -f)" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert list(out.iterdir()) == []
 
 
 def test_gather_any_order_with_repeats(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from finegrained.data.manifest import EXCLUDED_CLASSES_KEY
 from finegrained.evaluate import metrics as M
 from finegrained.evaluate.views import average_scores, render_view, view_boxes
 from finegrained.train.augment import center_crop
@@ -137,8 +138,8 @@ def test_per_class_and_confused_pairs():
 
 # ---------------------------------------------------------------------------- the job
 
-CONTRACT = {"regime", "variant", "n_test", "views", "summary_view", "per_level", "ece",
-            "per_class", "confused_pairs", "protocol", "provenance"}
+CONTRACT = {"regime", "variant", "n_test", "excluded_classes", "views", "summary_view",
+            "per_level", "ece", "per_class", "confused_pairs", "protocol", "provenance"}
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,10 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
     test_index = write_split(tmp_path / "shards", "test", images, labels, names)
     classes = tmp_path / "classes.parquet"
     write_classes(classes, names)
+    # A class with test photos and none in train, left out by the manifests.
+    excluded = [{"class_id": 9, "name": "purple", "val": 0, "test": 3}]
+    pq.write_table(pq.read_table(classes).replace_schema_metadata(
+        {EXCLUDED_CLASSES_KEY: json.dumps(excluded).encode()}), classes)
     model = random_model("resnet18", 4, width=8, stage_depths=[1, 1, 1, 1])
     weights = tmp_path / "weights.safetensors"
     save_weights(weights, flatten_state(model), metadata=weights_metadata(
@@ -189,6 +194,7 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert CONTRACT <= set(written)
     assert written["n_test"] == 13 and written["summary_view"] == "ten_crop"
+    assert written["excluded_classes"] == excluded
     assert written["protocol"] == {"select_by": "val_loss", "refit": True,
                                    "trained_on": "train+val", "train_count": 64}
     assert written["train_variant"] == "+lr=0.1"

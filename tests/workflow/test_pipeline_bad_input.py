@@ -18,6 +18,7 @@ import yaml
 
 from finegrained.demo import generate_demo_dataset
 from finegrained.data.shards import ShardReader
+from finegrained.fileio import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,8 +67,8 @@ def test_error_names_the_file_and_writes_no_partial_shard(corrupt_dataset, tmp_p
     assert not (test_dir / "index.json").exists()
     # only the shard without the corrupt photo exists (complete); no temporary files
     written = sorted(p.name for p in test_dir.iterdir())
-    assert written == ["shard-00000.npy", "shard-00000.parquet", "shard-00000.skipped.json"] \
-        or written == ["shard-00001.npy", "shard-00001.parquet", "shard-00001.skipped.json"]
+    assert written in ([f"shard-0000{i}.{ext}" for ext in ("npy", "parquet", "record.json",
+                                                         "skipped.json")] for i in (0, 1))
     meta = pq.read_table(test_dir / written[1])
     assert meta.num_rows == 2 and image_id not in meta.column("image_id").to_pylist()
 
@@ -87,6 +88,29 @@ def test_skip_reports_the_image_and_keeps_the_rest(corrupt_dataset, tmp_path, fm
     assert images.shape == (3, 32, 32, 3) and len(labels) == 3
     manifest = pq.read_table(data / "manifest" / "test.parquet")
     assert manifest.num_rows == 4   # the manifest lists it; the crop phase dropped it
+
+
+def test_a_shard_edited_after_cropping_stops_the_rerun_naming_it(corrupt_dataset, tmp_path):
+    """The edited file's newer date reruns shard_index, which used to hash the edited shard
+    into index.json, so every later check passed on corrupted pixels."""
+    root, _, _ = corrupt_dataset
+    assert _run_data(tmp_path, root, "skip", "npy").returncode == 0
+    shards = tmp_path / "results" / "bad" / "data" / "target" / "shards" / "train"
+    shard = shards / "shard-00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = _run_data(tmp_path, root, "skip", "npy")
+    assert proc.returncode != 0
+    log = (tmp_path / "results" / "bad" / "logs" / "shard_index" / "target" / "train.log")
+    recorded = json.loads((shards / "shard-00000.record.json").read_text())["files"]
+    assert log.read_text() == (
+        f"error: results/bad/data/target/shards/train/shard-00000.npy: was changed after its "
+        f"crop job wrote it: its sha256 is "
+        f"{sha256_file(shard)}, shard-00000.record.json records "
+        f"{recorded[shard.name]['sha256']}; delete the shard's files and rerun the crop phase "
+        f"to rebuild it\n")
+    assert not (shards / "index.json").exists()
 
 
 def test_skip_drops_an_image_whose_box_has_no_area(tmp_path_factory, tmp_path):

@@ -108,12 +108,14 @@ def dataset_root(wildcards, input):
 
 
 def shard_outputs():
-    """Files one crop job writes: metadata + skipped report, and the pixels for npy shards."""
+    """Files one crop job writes: metadata, skipped report and record, and the pixels for
+    npy shards."""
     return paths.shard_outputs(config)
 
 
 def split_shard_files(kind):
-    """Input function: every shard file of one kind ('meta', 'skipped', 'images') of a split."""
+    """Input function: every shard file of one kind ('meta', 'skipped', 'record', 'images')
+    of a split."""
     return lambda wildcards: paths.split_shard_files(config, wildcards.dataset, wildcards.split, kind)
 
 

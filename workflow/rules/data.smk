@@ -38,6 +38,7 @@ rule manifests:
         classes=results("data/{dataset}/manifest/classes.parquet"),
         taxonomy=results("data/{dataset}/manifest/taxonomy.parquet"),
         skipped=results("data/{dataset}/manifest/skipped.json"),
+        report=results("data/{dataset}/manifest/report.json"),
     params:
         settings=lambda wc: job_json(jobs.manifests(config, wc.dataset)),
         root=dataset_root,
@@ -93,6 +94,7 @@ rule shard_index:
         script=script_path("index_shards.py"),
         metas=split_shard_files("meta"),
         skipped=split_shard_files("skipped"),
+        records=split_shard_files("record"),
         images=split_shard_files("images"),
     output:
         results("data/{dataset}/shards/{split}/index.json"),

@@ -10,13 +10,21 @@
 - ``taxonomy.parquet`` — every class id with its parent (empty for CUB).
 - ``skipped.json`` — images dropped with ``on_bad_image='skip'`` because their box cannot be
   cropped or their file is missing, with the reason (always written).
+- ``report.json`` — the leakage checks: photos with identical bytes and where they went,
+  the classes left out (:func:`write_manifests`).
+
+Two faults would make every test number wrong without a word, and are checked here, where
+the splits are made: a photo in two splits (its file listed under two ids is refused by the
+reader; identical bytes under two names are found by the sha256 of every photo, computed
+once here), and a class with test or validation photos but no training photo, which no
+model can learn.
 
 Rows within each split are in a seeded random order, not file order: the shard stage cuts
 each split into contiguous ranges, and file order is grouped by class folder, so shards cut
 from it would each hold only a handful of classes.
 
-All six files are written to temporary names and renamed together at the end, so a failure
-never leaves a partial set under the final names.
+All seven files are written to temporary names and renamed together at the end, so a
+failure never leaves a partial set under the final names.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +45,19 @@ import pyarrow.parquet as pq
 from finegrained.data.readers import (CLASSES_SCHEMA, Dataset, check_image_files,
                                       read_dataset)
 from finegrained.errors import DataError
-from finegrained.fileio import atomic_output
+from finegrained.fileio import atomic_output, parquet_bytes, sha256_file, write_reserved
 
 SPLITS = ("train", "val", "test")
 CLASSES_FILE = "classes.parquet"
 TAXONOMY_FILE = "taxonomy.parquet"
 SKIPPED_FILE = "skipped.json"
+REPORT_FILE = "report.json"
+#: What to do with a photo whose bytes are also in another split, and with a class that has
+#: validation or test photos but no training photo (see :func:`write_manifests`).
+DUPLICATE_PHOTOS = ("error", "allow")
+TEST_ONLY_CLASSES = ("error", "exclude")
+#: classes.parquet schema metadata: the classes left out, which each metrics.json states.
+EXCLUDED_CLASSES_KEY = b"finegrained.excluded_classes"
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -119,42 +138,72 @@ def _manifest_tables(dataset: Dataset, split: np.ndarray,
 
 def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fraction: float = 0.1,
                     seed: int = 0, on_bad_image: str = "error", check_files: bool = True,
-                    follow_symlinks: bool = False) -> dict:
-    """Write the split manifests, class tables and skipped list for ``dataset`` into ``out_dir``.
+                    follow_symlinks: bool = False, duplicate_photos: str = "error",
+                    test_only_classes: str = "error") -> dict:
+    """Write the split manifests, class tables, skipped list and report for ``dataset`` into
+    ``out_dir``.
 
     ``check_files`` confirms every image is a regular file inside the dataset root first
     (``follow_symlinks``: or reached through a link that leaves it; ``on_bad_image``:
     ``'error'`` raises, ``'skip'`` drops the image and lists it in skipped.json, after the
-    images the reader already left out). The same ``seed`` gives byte-identical tables. Returns counts:
-    images, classes, train/val/test, skipped.
+    images the reader already left out) and hashes every photo: copies within the official
+    train split stay in one split (never one in train, one in validation), and a copy in
+    train and test is a :class:`DataError` naming both, or with ``duplicate_photos='allow'``
+    counted in report.json. A class with validation or test photos but none in train is a
+    DataError, or with ``test_only_classes='exclude'`` left out of every split and of the
+    class table (its labels renumbered), and listed in report.json and in classes.parquet's
+    schema metadata, which each evaluation states (:func:`excluded_classes`). The same
+    ``seed`` gives byte-identical files. Returns counts: images, classes, train/val/test,
+    skipped, photos hashed and the seconds it took.
     """
+    if duplicate_photos not in DUPLICATE_PHOTOS or test_only_classes not in TEST_ONLY_CLASSES:
+        raise ValueError(f"bad leakage options: duplicate_photos={duplicate_photos!r} "
+                         f"test_only_classes={test_only_classes!r}")
     if check_files:
         dataset, _ = check_image_files(dataset, on_bad_image=on_bad_image,
                                        follow_symlinks=follow_symlinks)
     skipped = list(dataset.skipped)
+    start = time.perf_counter()
+    copies = _identical_photos(dataset) if check_files else []
+    hash_seconds = time.perf_counter() - start
 
     # Independent streams: the test order does not change when val_fraction does.
     val_rng, order_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     split = assign_splits(dataset.images.column("label").to_numpy(),
                           dataset.images.column("is_train").to_numpy(zero_copy_only=False),
                           val_fraction, val_rng)
+    _keep_copies_together(split, copies)
+    leaks = [rows for rows in copies if len(set(split[rows])) > 1]
+    if leaks and duplicate_photos == "error":
+        _raise_leak(dataset, split, leaks)
+    dataset, split, excluded = _test_only_classes(dataset, split, test_only_classes)
     tables = _manifest_tables(dataset, split, order_rng)
     for name in ("train", "test"):
         if tables[name].num_rows == 0:
             raise DataError(dataset.images_file,
                             f"no {name} images left after skipping {len(skipped)} bad images")
+    classes = dataset.classes.replace_schema_metadata(
+        {EXCLUDED_CLASSES_KEY: json.dumps(excluded).encode()})
+    report = {"photos_hashed": dataset.images.num_rows if check_files else None,
+              "identical_photos": {"copies": sum(len(rows) for rows in copies),
+                                   "in_two_splits": sum(len(rows) for rows in leaks),
+                                   "across_splits": [_copies_entry(dataset, split, rows)
+                                                     for rows in leaks]},
+              "excluded_classes": excluded}
 
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as stack:
-        def temp(name: str) -> Path:
-            return stack.enter_context(atomic_output(out_dir / name))
+        def write(name: str, data) -> None:
+            write_reserved(stack.enter_context(atomic_output(out_dir / name)), out_dir / name,
+                           data)
         # Every file is written before any is renamed: atomic_output renames on exit,
         # which the ExitStack runs only once the whole block has succeeded.
         for name, table in tables.items():
-            pq.write_table(table, temp(f"{name}.parquet"))
-        pq.write_table(dataset.classes, temp(CLASSES_FILE))
-        pq.write_table(dataset.taxonomy, temp(TAXONOMY_FILE))
-        temp(SKIPPED_FILE).write_text(json.dumps(skipped, indent=2) + "\n")
+            write(f"{name}.parquet", parquet_bytes(table))
+        write(CLASSES_FILE, parquet_bytes(classes))
+        write(TAXONOMY_FILE, parquet_bytes(dataset.taxonomy))
+        write(SKIPPED_FILE, (json.dumps(skipped, indent=2) + "\n").encode())
+        write(REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode())
 
     return {
         "format": dataset.format,
@@ -164,7 +213,105 @@ def write_manifests(dataset: Dataset, out_dir: str | os.PathLike, *, val_fractio
         "skipped": len(skipped),
         "val_fraction": val_fraction,
         "seed": seed,
+        "photos_hashed": report["photos_hashed"],
+        "identical_photos_in_two_splits": report["identical_photos"]["in_two_splits"],
+        "excluded_classes": len(excluded),
+        "hash_seconds": hash_seconds,
     }
+
+
+def excluded_classes(classes: pa.Table) -> list[dict]:
+    """The classes the manifests left out (``test_only_classes='exclude'``), from the
+    schema metadata of the class table they wrote: ``[{class_id, name, val, test}]``."""
+    return json.loads((classes.schema.metadata or {}).get(EXCLUDED_CLASSES_KEY, b"[]"))
+
+
+def _identical_photos(dataset: Dataset) -> list[np.ndarray]:
+    """Rows of the photos whose bytes another photo has, a group per content (rows in
+    images.txt order), from the sha256 of every file (hashed side by side: hashlib
+    releases the GIL). A file that cannot be read is compared with none: the crop job
+    reports it (``on_bad_image``)."""
+    paths = [dataset.root / rel for rel in dataset.images.column("path").to_pylist()]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_photo_digest, paths))
+    rows = defaultdict(list)
+    for row, digest in enumerate(digests):
+        if digest is not None:
+            rows[digest].append(row)
+    return [np.array(group) for group in rows.values() if len(group) > 1]
+
+
+def _photo_digest(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _keep_copies_together(split: np.ndarray, copies: list[np.ndarray]) -> None:
+    """Put every copy of a photo that the validation carve-out split between train and
+    validation back into train (in place), so validation never measures a training photo."""
+    for rows in copies:
+        official_train = rows[split[rows] != "test"]
+        if len(set(split[official_train])) > 1:
+            split[official_train] = "train"
+
+
+def _copies_entry(dataset: Dataset, split: np.ndarray, rows: np.ndarray) -> list[dict]:
+    images = dataset.images.take(pa.array(rows))
+    return [{"image_id": image_id, "path": path, "split": where, "images_line": line}
+            for image_id, path, where, line in zip(
+                images.column("image_id").to_pylist(), images.column("path").to_pylist(),
+                split[rows], images.column("images_line").to_pylist())]
+
+
+def _raise_leak(dataset: Dataset, split: np.ndarray, leaks: list[np.ndarray]) -> None:
+    first, *others = _copies_entry(dataset, split, leaks[0])
+    other = next(c for c in others if c["split"] != first["split"])
+    raise DataError(dataset.images_file,
+                    f"image {other['image_id']!r} ({other['split']}, {other['path']}) has the "
+                    f"same bytes as image {first['image_id']!r} on line {first['images_line']} "
+                    f"({first['split']}, {first['path']}): one photo in two splits makes the "
+                    f"evaluation measure photos the model was trained or selected on "
+                    f"({sum(len(rows) for rows in leaks)} such photos in all); remove the "
+                    f"copies, or set dataset.duplicate_photos: allow to keep them (counted in "
+                    f"the manifests' report.json)",
+                    line=other["images_line"], value=other["path"])
+
+
+def _test_only_classes(dataset: Dataset, split: np.ndarray,
+                       action: str) -> tuple[Dataset, np.ndarray, list[dict]]:
+    """Refuse (``'error'``) or leave out (``'exclude'``) the classes with validation or test
+    photos but no training photo; return the dataset and split without them, and the list."""
+    labels = dataset.images.column("label").to_numpy()
+    counts = {name: np.bincount(labels[split == name], minlength=dataset.num_classes)
+              for name in SPLITS}
+    lonely = np.flatnonzero((counts["train"] == 0) & (counts["val"] + counts["test"] > 0))
+    if len(lonely) == 0:
+        return dataset, split, []
+    class_ids = dataset.classes.column("class_id").to_pylist()
+    names = dataset.classes.column("name").to_pylist()
+    excluded = [{"class_id": class_ids[k], "name": names[k], "val": int(counts["val"][k]),
+                 "test": int(counts["test"][k])} for k in lonely]
+    if action == "error":
+        k, first = excluded[0], int(np.flatnonzero(labels == lonely[0])[0])
+        raise DataError(dataset.images_file,
+                        f"class {k['class_id']} ({k['name']!r}) has {k['test']} test and "
+                        f"{k['val']} validation photos but no training photo: no model can "
+                        f"learn it, and each of its photos would count as an error "
+                        f"({len(excluded)} such classes in all); give it training photos, or set "
+                        f"dataset.test_only_classes: exclude to leave it out of training and of "
+                        f"the metrics", line=dataset.images.column("images_line")[first].as_py(),
+                        value=k["name"])
+    kept_class = ~np.isin(np.arange(dataset.num_classes), lonely)
+    new_label = np.cumsum(kept_class) - 1
+    keep = kept_class[labels]
+    images = dataset.images.filter(pa.array(keep))
+    images = images.set_column(images.schema.get_field_index("label"), "label",
+                               pa.array(new_label[labels[keep]], pa.int32()))
+    classes = dataset.classes.filter(pa.array(kept_class))
+    classes = classes.set_column(0, "label", pa.array(np.arange(classes.num_rows, dtype=np.int32)))
+    return replace(dataset, images=images, classes=classes), split[keep], excluded
 
 
 def prepare_manifests(fmt: str, root: str | os.PathLike, out_dir: str | os.PathLike,

@@ -17,8 +17,9 @@ Two kinds of fault, and where the line between them runs (``on_bad_image``):
   With ``on_bad_image='skip'`` the image is dropped and listed with its reason; with
   ``'error'`` (the default) the first one stops the run.
 * *Dataset-level*: the files themselves are inconsistent, so no image can be trusted: a
-  malformed line, a duplicate id, ids that do not match across files, an unknown class id, a
-  split flag other than 0/1, a hierarchy cycle, an empty split. Always fatal.
+  malformed line, a duplicate id, one file listed under two ids, ids that do not match across
+  files, an unknown class id, a split flag other than 0/1, a hierarchy cycle, an empty split.
+  Always fatal.
 
 ``photographers.txt`` holds optional credits: a line with an id and no name is no credit.
 
@@ -29,9 +30,11 @@ their original class id, which keeps the mapping stable and easy to reproduce by
 
 from __future__ import annotations
 
+import codecs
 import functools
 import math
 import os
+import posixpath
 import re
 import stat
 from collections import defaultdict
@@ -146,8 +149,9 @@ def dataset_root_problem(fmt: str, root: str | os.PathLike, key: str = "dataset"
 
 def check_image_paths(fmt: str, root: str | os.PathLike) -> None:
     """The images.txt check of :func:`read_dataset` alone: a DataError naming the line of a
-    path that leaves ``root``. Cheap (one file, cached while the file is unchanged), so the
-    workflow runs it when the DAG is built and ``snakemake -n`` refuses such a dataset."""
+    path that leaves ``root`` or names a file another line names. Cheap (one file, cached
+    while the file is unchanged), so the workflow runs it when the DAG is built and
+    ``snakemake -n`` refuses such a dataset."""
     listing = Path(root) / "images.txt"
     stat = listing.stat()
     _check_image_paths(fmt, os.fspath(listing), stat.st_mtime_ns, stat.st_size)
@@ -157,8 +161,7 @@ def check_image_paths(fmt: str, root: str | os.PathLike) -> None:
 def _check_image_paths(fmt: str, listing: str, mtime_ns: int, size: int) -> None:
     images = _read_keyed(Path(listing), DATASET_FORMATS[fmt].parse_image_id, [("path", _text)],
                          rest_is_text=True)
-    for record in images.values():
-        check_relative_path(record.values[0], Path(listing), record.line)
+    _check_listing(images, Path(listing))
 
 
 def annotation_files(fmt: str, root: str | os.PathLike, *,
@@ -227,21 +230,35 @@ DATASET_FORMATS = {
 
 # --------------------------------------------------------------------------- line parsing
 
+_BOM = codecs.BOM_UTF8.decode("utf-8")
+
 def _lines(path: Path):
     """Yield ``(line_no, text)`` for each non-blank line, without its newline only.
 
     Trailing spaces are kept on purpose: class names such as 'Blue-winged Teal  (Male)'
-    are part of the released data and later files refer to them exactly.
+    are part of the released data and later files refer to them exactly. A UTF-8
+    byte-order mark at the start of the file (Windows editors write one) is dropped; one
+    anywhere else is an error on its own line, as is a file in UTF-16: otherwise the first
+    id would carry an invisible character and be blamed on the next file that lists it.
     """
     # Decoded line by line (not by the text layer, which reads ahead in blocks) so that a
     # byte that is not UTF-8 is reported on its own line.
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    raise DataError(path, "file is UTF-16 text (it starts with a UTF-16 "
+                                          "byte-order mark): save it as UTF-8", line=1)
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as error:
                 raise DataError(path, "line is not UTF-8 text", line=line_no,
                                 value=raw[error.start:error.end]) from None
+            if _BOM in text:
+                raise DataError(path, "byte-order mark (U+FEFF, an invisible character) "
+                                      "inside the file: two files joined? delete it",
+                                line=line_no, value=text)
             if text.strip():
                 yield line_no, text
 
@@ -450,8 +467,7 @@ def read_dataset(fmt: str, root: str | os.PathLike, *, on_bad_image: str = "erro
     images = _read_keyed(images_path, key, [("path", _text)], rest_is_text=True)
     if not images:
         raise DataError(images_path, "no images listed")
-    for record in images.values():
-        check_relative_path(record.values[0], images_path, record.line)
+    _check_listing(images, images_path)
     labels = _read_keyed(labels_path, key, [("class id (64-bit integer)", _int64)])
     split = _read_keyed(split_path, key, [("split flag", int)])
     sizes = (_read_keyed(sizes_path, key, [("width (integer, 1 to 2^31-1)", _positive_int),
@@ -537,6 +553,22 @@ def _check_choice(on_bad_image: str) -> None:
 
 # --------------------------------------------------------------------------- image files
 
+def _check_listing(images: dict, listing: Path) -> None:
+    """Every images.txt path names a file under the root, and a file no other line names:
+    one photo under two ids, one in train and one in test, would be tested on after being
+    trained on."""
+    first: dict[str, tuple[str, int]] = {}
+    for image_id, record in images.items():
+        rel = record.values[0]
+        check_relative_path(rel, listing, record.line)
+        seen = first.setdefault(posixpath.normpath(rel), (image_id, record.line))
+        if seen[1] != record.line:
+            raise DataError(listing, f"image {image_id!r} names the file of image {seen[0]!r} "
+                                     f"(line {seen[1]}): one photo under two ids, which in two "
+                                     f"splits would put a test photo in training; delete one "
+                                     f"of the lines", line=record.line, value=rel)
+
+
 def check_relative_path(rel: str, listing: Path, line: int) -> None:
     """An images.txt path must name a file under the dataset root by its letters alone: no
     absolute path, no ``..`` that climbs out (a dataset-level fault, never skipped)."""
@@ -577,15 +609,18 @@ def image_file(root: str | os.PathLike, rel: str, *, follow_symlinks: bool = Fal
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
+    except OSError as exc:      # a name too long, a folder that cannot be listed, ...
+        raise DataError(path, f"cannot open image file: {exc.strerror}") from None
     if not stat.S_ISREG(mode):
         raise DataError(path, "not a regular file (a folder, FIFO or device): not a photo")
     return path
 
 
-def _folder_entries(directory: Path) -> dict[str, str]:
+def _folder_entries(directory: Path) -> dict[str, str] | None:
     """``name -> 'file' | 'link' | 'other'`` for the entries of ``directory`` (empty if it
     does not exist), from one listing: a regular file, a symbolic link (checked one by one),
-    anything else."""
+    anything else. None when it cannot be listed (no permission, a name too long): its
+    images are then looked at one by one, so each gets the operating system's reason."""
     try:
         with os.scandir(directory) as entries:
             return {entry.name: ("link" if entry.is_symlink() else
@@ -593,6 +628,8 @@ def _folder_entries(directory: Path) -> dict[str, str]:
                     for entry in entries}
     except (FileNotFoundError, NotADirectoryError):
         return {}
+    except OSError:
+        return None
 
 
 def _image_problem(root: Path, rel: str, kind: str | None, folder_outside: bool,
@@ -635,7 +672,8 @@ def check_image_files(dataset: Dataset, root: str | os.PathLike | None = None, *
         if folder not in listings:
             listings[folder] = (_folder_entries(root / folder), _outside(root / folder, root))
         entries, folder_outside = listings[folder]
-        problem = _image_problem(root, rel, entries.get(name), folder_outside, follow_symlinks)
+        kind = "unlisted" if entries is None else entries.get(name)
+        problem = _image_problem(root, rel, kind, folder_outside, follow_symlinks)
         if problem is not None:
             problems[i] = problem
     if not problems:

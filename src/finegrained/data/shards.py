@@ -8,13 +8,24 @@ A split's manifest is cut into ``N`` contiguous shards; shard ``i`` holds manife
                               (the pixels outside it are letterbox padding)
     shard-00003.npy           (format 'npy') uint8 [count, S, S, 3], memory-mappable
     shard-00003.skipped.json  images left out: [{image_id, path, reason}], always written
+    shard-00003.record.json   what the crop job wrote: each file's bytes and sha256, the
+                              images' shape and dtype, the count
 
 In format ``'parquet'`` there is no ``.npy``: the metadata file carries an ``image`` column
 of PNG (lossless, default) or JPEG (q=95) bytes, a compact archive that is decoded on read.
 The crop settings travel in the Parquet schema metadata under :data:`SHARD_METADATA_KEY`,
 so :func:`write_split_index` can check that a split's shards agree.
 
-:class:`ShardReader` is the one reader the training code uses.
+A shard is trusted by its content, never by its name or date: the crop job records the
+sha256 of every file it writes, :func:`write_split_index` checks each file against that
+record before it lists the shard (so a shard edited after cropping is refused, not hashed
+into the index), and :class:`ShardReader`, the one reader the training code uses, checks
+the images' header and size before it maps them, and every hash with ``verify``.
+
+The ``.npy`` is written through a file object, its full size reserved on the disk first: a
+memory map of a file with unallocated blocks dies of SIGBUS when the disk fills, without a
+word; here a full disk stops the job at once with one line naming the file, the bytes it
+needs and the bytes free.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import contextlib
 import io
 import json
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -38,7 +50,8 @@ from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
 from finegrained.data.readers import image_file
 from finegrained.errors import ON_BAD_IMAGE, DataError
-from finegrained.fileio import atomic_output, sha256_file, temporary_path, write_json
+from finegrained.fileio import (atomic_output, parquet_bytes, reserve, room_for, sha256_file,
+                                write_json, write_reserved)
 
 SHARD_METADATA_KEY = b"finegrained.shard"
 #: Per-crop columns of the rectangle that holds image pixels (x, y, w, h in the S x S crop).
@@ -62,6 +75,12 @@ def sibling_paths(meta_path: str | os.PathLike) -> tuple[Path, Path]:
     meta_path = Path(meta_path)
     stem = meta_path.with_suffix("")
     return stem.with_suffix(".npy"), stem.with_name(stem.name + ".skipped.json")
+
+
+def record_path(meta_path: str | os.PathLike) -> Path:
+    """The ``.record.json`` in which the crop job lists the files of a shard it wrote."""
+    stem = Path(meta_path).with_suffix("")
+    return stem.with_name(stem.name + ".record.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,14 +117,16 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
                 "codec": codec if fmt == "parquet" else None, "shard_index": int(shard_index),
                 "num_shards": int(num_shards), "manifest_rows": [int(start), int(stop)]}
 
+    out_record = record_path(out_meta)
     with contextlib.ExitStack() as stack:
         # Every output goes to a temp file; all are renamed only after the last crop succeeds.
         tmp_meta = stack.enter_context(atomic_output(out_meta))
         tmp_skipped = stack.enter_context(atomic_output(out_skipped))
-        tmp_images = stack.enter_context(atomic_output(out_images)) if fmt == "npy" else None
-        array = (np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8,
-                                           shape=(rows.num_rows, size, size, 3))
-                 if fmt == "npy" else None)
+        tmp_record = stack.enter_context(atomic_output(out_record))
+        images = None
+        if fmt == "npy":
+            tmp_images = stack.enter_context(atomic_output(out_images))
+            images = stack.enter_context(_NpyWriter(tmp_images, out_images, rows.num_rows, size))
         kept, encoded, skipped, contents = [], [], [], []
         for i, row in enumerate(rows.to_pylist()):
             try:
@@ -118,18 +139,16 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
                 skipped.append({"image_id": row["image_id"], "path": row["path"],
                                 "reason": exc.reason})
                 continue
-            if array is not None:
-                array[len(kept)] = crop
+            if images is not None:
+                images.append(crop)
             else:
                 encoded.append(encode_image(crop, codec))
             kept.append(i)
             contents.append(content)
 
-        if array is not None:
-            array.flush()
-            del array
-            if len(kept) < rows.num_rows:
-                _truncate_npy(tmp_images, len(kept), out_images)
+        written = {}                # final path -> (temporary, what the record adds)
+        if images is not None:
+            written[out_images] = (tmp_images, images.finish())
         meta = rows.take(pa.array(kept, type=pa.int64()))
         meta = meta.append_column("row", pa.array(np.arange(len(kept), dtype=np.int32)))
         for k, name in enumerate(CONTENT_COLUMNS):
@@ -138,8 +157,16 @@ def write_shard(manifest_path: str | os.PathLike, dataset_root: str | os.PathLik
             meta = meta.append_column("image", pa.array(encoded, type=pa.binary()))
         schema_meta = dict(meta.schema.metadata or {})
         schema_meta[SHARD_METADATA_KEY] = json.dumps(settings).encode()
-        pq.write_table(meta.replace_schema_metadata(schema_meta), tmp_meta)
-        tmp_skipped.write_text(json.dumps(skipped, indent=2) + "\n")
+        meta = meta.replace_schema_metadata(schema_meta)
+        write_reserved(tmp_meta, out_meta, parquet_bytes(meta))
+        written[out_meta] = (tmp_meta, {})
+        write_reserved(tmp_skipped, out_skipped, (json.dumps(skipped, indent=2) + "\n").encode())
+        written[out_skipped] = (tmp_skipped, {})
+        record = {"count": len(kept),
+                  "files": {Path(final).name: {"bytes": tmp.stat().st_size,
+                                               "sha256": sha256_file(tmp), **extra}
+                            for final, (tmp, extra) in written.items()}}
+        write_reserved(tmp_record, out_record, (json.dumps(record, indent=2) + "\n").encode())
     return {"count": len(kept), "skipped": len(skipped), **settings}
 
 
@@ -155,23 +182,55 @@ def _crop_row(row: dict, dataset_root, crop_options: dict,
                        **crop_options)
 
 
-def _truncate_npy(path: Path, count: int, final: str | os.PathLike) -> None:
-    """Keep the first ``count`` images of the temporary ``.npy`` at ``path``, written with room
-    for more (skips). The shorter copy is a temporary of ``final`` too, so a kill in between
-    leaves nothing the next attempt at ``final`` would not remove."""
-    full = np.load(path, mmap_mode="r")
-    tmp = temporary_path(final)
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(count,) + full.shape[1:])
-        if count:
-            out[:] = full[:count]
-        out.flush()
-        del out
-        del full
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+class _NpyWriter:
+    """A uint8 ``[n, S, S, 3]`` ``.npy`` of at most ``capacity`` images, written one crop at a
+    time through a file object into the temporary ``tmp`` of ``final``, its full size reserved
+    first (:func:`~finegrained.fileio.reserve`). :meth:`finish` writes the header of the
+    images actually appended (fewer when some were skipped) and cuts the file there."""
+
+    def __init__(self, tmp: Path, final: str | os.PathLike, capacity: int, size: int):
+        self.final, self.item_shape = final, (size, size, 3)
+        self.offset = len(npy_header((capacity, *self.item_shape)))
+        self.needed = self.offset + capacity * size * size * 3
+        self.count = 0
+        self.file = open(tmp, "r+b")
+        reserve(self.file, self.needed, final)
+        self.file.seek(self.offset)
+
+    def __enter__(self) -> "_NpyWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def append(self, crop: np.ndarray) -> None:
+        if crop.shape != self.item_shape or crop.dtype != np.uint8:
+            raise ValueError(f"crop of {crop.dtype} {crop.shape}, not uint8 {self.item_shape}")
+        with room_for(self.final, self.needed):
+            self.file.write(np.ascontiguousarray(crop).data)
+        self.count += 1
+
+    def finish(self) -> dict:
+        """Write the header and flush; return the shape and dtype for the shard's record."""
+        shape = (self.count, *self.item_shape)
+        with room_for(self.final, self.needed):
+            self.file.seek(0)
+            self.file.write(npy_header(shape, self.offset))
+            self.file.truncate(self.offset + self.count * int(np.prod(self.item_shape)))
+            self.file.flush()
+        return {"shape": list(shape), "dtype": "uint8"}
+
+
+def npy_header(shape: Sequence[int], length: int | None = None) -> bytes:
+    """The ``.npy`` (format 1.0) header of a C-order uint8 array of ``shape``, padded with
+    spaces to ``length`` bytes, or to numpy's own multiple of 64: the header of fewer images
+    then fits the room left for that of more, and the pixels stay where they are."""
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}).encode()
+    prefix = 10                         # magic string, version, 2-byte header length
+    if length is None:
+        length = -(-(prefix + len(text) + 1) // 64) * 64
+    return (np.lib.format.magic(1, 0) + struct.pack("<H", length - prefix)
+            + text.ljust(length - prefix - 1) + b"\n")
 
 
 def encode_image(pixels: np.ndarray, codec: str) -> bytes:
@@ -209,19 +268,56 @@ def read_shard_settings(meta_path: str | os.PathLike) -> dict:
     return json.loads(raw)
 
 
+def read_shard_record(meta_path: str | os.PathLike) -> dict:
+    """The crop job's record of a shard (:func:`record_path`), once every file it lists has
+    been found with the recorded size and sha256: a shard edited, truncated or replaced
+    after its crop job wrote it is a :class:`DataError` naming the file, never hashed anew."""
+    path = record_path(meta_path)
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+        checks = [(path.parent / name, int(entry["bytes"]), str(entry["sha256"]))
+                  for name, entry in files.items()
+                  if Path(name).name == name]       # a record names files beside it only
+        count = int(record["count"])
+    except FileNotFoundError:
+        raise DataError(path, "shard record not found: its crop job writes it with the "
+                              "shard; delete the shard's files and rerun the crop phase") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(path, f"not a shard record: {exc!r}") from None
+    if len(checks) != len(files) or Path(meta_path).name not in files or count < 0:
+        raise DataError(path, "not a shard record of this shard", value=sorted(files))
+    for file, size, digest in checks:
+        fix = "delete the shard's files and rerun the crop phase to rebuild it"
+        try:
+            actual = file.stat().st_size
+        except FileNotFoundError:
+            raise DataError(file, f"shard file listed in {path.name} not found; {fix}") from None
+        if actual != size:
+            raise DataError(file, f"is {actual:,} bytes, its crop job wrote {size:,} "
+                                  f"({path.name}): truncated or replaced since; {fix}")
+        got = sha256_file(file)
+        if got != digest:
+            raise DataError(file, f"was changed after its crop job wrote it: its sha256 is "
+                                  f"{got}, {path.name} records {digest}; {fix}")
+    return record
+
+
 def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
                       out_index: str | os.PathLike, split: str) -> dict:
     """Write the JSON index of a split's shards and return it.
 
     Paths in the index are relative to the index file's folder, so a results tree can move.
     Each shard lists its files with their sha256, its image count and the skipped images
-    read from its ``.skipped.json`` (see :func:`sibling_paths`).
+    read from its ``.skipped.json`` (see :func:`sibling_paths`). Every file is checked
+    against the record its crop job wrote (:func:`read_shard_record`) before it is listed.
     """
     out_index = Path(out_index)
     base = out_index.parent.resolve()
     shards, skipped_all, common = [], [], None
-    for meta_path in shard_meta_paths:
+    for number, meta_path in enumerate(shard_meta_paths):
         meta_path = Path(meta_path)
+        files = read_shard_record(meta_path)["files"]
         settings = read_shard_settings(meta_path)
         key = {k: settings.get(k) for k in ("size", "margin", "aspect", "overflow",
                                             "max_squeeze", "format", "codec")}
@@ -231,15 +327,19 @@ def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
             raise DataError(meta_path, f"shard settings {key} differ from the split's {common}")
         images_path, skipped_path = sibling_paths(meta_path)
         count = pq.read_metadata(meta_path).num_rows
-        entry = {"meta": _relative(meta_path, base), "meta_sha256": sha256_file(meta_path),
+        entry = {"meta": _relative(meta_path, base),
+                 "meta_sha256": files[meta_path.name]["sha256"],
                  "images": None, "images_sha256": None, "count": count}
         if settings["format"] == "npy":
-            if not images_path.exists():
-                raise DataError(images_path, "shard images file not found")
+            if images_path.name not in files:
+                raise DataError(record_path(meta_path), "the shard's record lists no images "
+                                                        "file", value=images_path.name)
+            check_npy(images_path, count, settings["size"], f"shard {number} of split {split!r}")
             entry["images"] = _relative(images_path, base)
-            entry["images_sha256"] = sha256_file(images_path)
-        if not skipped_path.exists():
-            raise DataError(skipped_path, "shard skipped report not found")
+            entry["images_sha256"] = files[images_path.name]["sha256"]
+        if skipped_path.name not in files:
+            raise DataError(record_path(meta_path), "the shard's record lists no skipped "
+                                                    "report", value=skipped_path.name)
         skipped = json.loads(skipped_path.read_text())
         entry["skipped"] = len(skipped)
         skipped_all.extend({**s, "shard": _relative(meta_path, base)} for s in skipped)
@@ -254,6 +354,31 @@ def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
              "shards": shards, "num_skipped": len(skipped_all), "skipped": skipped_all}
     write_json(out_index, index)
     return index
+
+
+def check_npy(path: Path, count: int, size: int, shard: str) -> None:
+    """Before any memory map: the header of a shard's ``.npy`` must describe ``count``
+    C-order uint8 ``size x size x 3`` images and the file must hold exactly their bytes, or
+    a :class:`DataError` names the file (``shard`` says which shard it is)."""
+    expected = (count, size, size, 3)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise DataError(path, f"{shard}: not a readable .npy array ({exc}); delete it and "
+                              f"rerun the crop phase") from None
+    if tuple(shape) != expected or dtype != np.uint8 or fortran_order:
+        raise DataError(path, f"{shard}: holds {dtype} {tuple(shape)}, not the uint8 "
+                              f"{expected} its index lists; delete it and rerun the crop phase")
+    need, actual = offset + int(np.prod(expected)), os.path.getsize(path)
+    if actual != need:
+        raise DataError(path, f"{shard}: is {actual:,} bytes, its header of {expected} needs "
+                              f"{need:,}: truncated or extended; delete it and rerun the crop "
+                              f"phase")
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -277,11 +402,14 @@ class ShardReader:
     def __init__(self, index_path: str | os.PathLike, *, verify: bool = False):
         """Open a split through its ``index.json``.
 
-        Every shard file must exist. With ``verify`` (config ``shards.verify``; training and
-        feature jobs pass it) each file's sha256 is checked against the index once, here,
-        streamed (constant memory) and with up to 8 files hashed in parallel (about 2 s per
-        GB per core on the development machine); a mismatch raises :class:`DataError` naming
-        the shard file.
+        Every shard file must exist, each metadata file must hold its shard's count of rows
+        and each ``.npy`` the header and size of its count of images (:func:`check_npy`):
+        a truncated or reshaped shard is a :class:`DataError` naming it, before any memory
+        map. With ``verify`` (config ``shards.verify``; training, feature and evaluation
+        jobs pass it) each file's sha256 is checked against the index once, here, streamed
+        (constant memory) and with up to 8 files hashed in parallel (about 2 s per GB per
+        core on the development machine); a mismatch raises :class:`DataError` naming the
+        shard file.
         """
         self.index_path = Path(index_path)
         try:
@@ -309,6 +437,16 @@ class ShardReader:
         if verify:
             self._verify(listed)
         counts = [int(s["count"]) for s in self.index["shards"]]
+        for number, (meta_path, image_path) in enumerate(zip(self._meta_paths,
+                                                             self._image_paths)):
+            shard = f"shard {number} of split {self.index.get('split')!r}"
+            with _reading(meta_path):
+                rows = pq.read_metadata(meta_path).num_rows
+            if rows != counts[number]:
+                raise DataError(meta_path, f"{shard}: holds {rows} rows, {self.index_path} "
+                                           f"lists {counts[number]}; rerun the crop phase")
+            if image_path is not None:
+                check_npy(image_path, counts[number], self.image_size, shard)
         #: offsets[i] is the global index of shard i's first image; offsets[-1] == len(self).
         self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._mmaps: dict[int, np.ndarray] = {}
@@ -339,26 +477,33 @@ class ShardReader:
         """All shards' metadata in order (without the encoded ``image`` column)."""
         tables = []
         for path in self._meta_paths:
-            names = [n for n in pq.read_schema(path).names if n != "image"]
-            tables.append(pq.read_table(path, columns=names))
+            with _reading(path):
+                names = [n for n in pq.read_schema(path).names if n != "image"]
+                tables.append(pq.read_table(path, columns=names))
         return pa.concat_tables(tables)
 
     @cached_property
     def labels(self) -> np.ndarray:
         """int32 labels of all images, in shard order."""
-        parts = [pq.read_table(p, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
-                 for p in self._meta_paths]
+        parts = []
+        for path in self._meta_paths:
+            with _reading(path):
+                parts.append(pq.read_table(path, columns=["label"]).column("label")
+                             .to_numpy(zero_copy_only=False))
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
     def shard_content(self, i: int) -> np.ndarray:
         """int32 ``[count, 4]`` content rectangles ``(x, y, w, h)`` of shard ``i``'s crops:
         the pixels outside them are padding."""
         path = self._meta_paths[i]
-        missing = [c for c in CONTENT_COLUMNS if c not in pq.read_schema(path).names]
+        with _reading(path):
+            names = pq.read_schema(path).names
+        missing = [c for c in CONTENT_COLUMNS if c not in names]
         if missing:
             raise DataError(path, f"shard has no content columns ({', '.join(missing)}); "
                                   f"rerun the crop phase")
-        table = pq.read_table(path, columns=list(CONTENT_COLUMNS))
+        with _reading(path):
+            table = pq.read_table(path, columns=list(CONTENT_COLUMNS))
         return np.stack([table.column(c).to_numpy() for c in CONTENT_COLUMNS],
                         axis=1).astype(np.int32).reshape(-1, 4)
 
@@ -377,13 +522,19 @@ class ShardReader:
         return self._mmaps[i]
 
     def _decode_rows(self, i: int, rows: np.ndarray) -> np.ndarray:
+        path = self._meta_paths[i]
         if i not in self._encoded:
-            table = pq.read_table(self._meta_paths[i], columns=["image"])
+            with _reading(path):
+                table = pq.read_table(path, columns=["image"])
             self._encoded[i] = table.column("image").combine_chunks()
         column = self._encoded[i]
         out = np.empty((len(rows), self.image_size, self.image_size, 3), np.uint8)
         for j, row in enumerate(rows):
-            out[j] = decode_image(column[int(row)].as_py())
+            try:
+                out[j] = decode_image(column[int(row)].as_py())
+            except (OSError, ValueError) as exc:      # undecodable, or not S x S x 3
+                raise DataError(path, f"shard {i}, row {int(row)}: cannot decode the stored "
+                                      f"crop ({exc}); rerun the crop phase") from None
         return out
 
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
@@ -429,3 +580,13 @@ class ShardReader:
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]
             yield self.gather(idx), labels[idx]
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A failure to read a shard's Parquet file in the block is a :class:`DataError` naming it."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(path, f"cannot read shard metadata ({exc}); rerun the crop "
+                              f"phase") from None

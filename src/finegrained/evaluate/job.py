@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from finegrained.data.manifest import read_classes
+from finegrained.data.manifest import excluded_classes, read_classes
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.evaluate import metrics as M
@@ -70,7 +70,9 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
     """Evaluate the trained ``weights`` on the test split; write predictions and metrics.
 
     ``metrics.json``: ``regime``, ``variant``, ``train_variant`` (the train job evaluated: with a
-    sweep, the chosen grid point of this replicate), ``n_test``, ``views`` ({view: {top1, top5}},
+    sweep, the chosen grid point of this replicate), ``n_test``, ``excluded_classes`` (the
+    classes with test photos but no training photo that the manifests left out, with their
+    photo counts: ``dataset.test_only_classes``), ``views`` ({view: {top1, top5}},
     fractions), ``summary_view`` (the view the rest is computed on: ``ten_crop``),
     ``per_level`` ({level1.., leaf: top1}, see :func:`metrics.taxonomy_accuracy`), ``ece``
     (15 bins, top-1 confidence), ``per_class`` ({class name: top1}), ``confused_pairs``
@@ -127,6 +129,7 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
     result = {
         "regime": settings["regime"], "variant": settings.get("variant", ""),
         "train_variant": train_variant, "n_test": n,
+        "excluded_classes": excluded_classes(table),
         "protocol": {**protocol, "trained_on": summary.get("trained_on", "train"),
                      "train_count": summary.get("train_count")},
         "views": {name: {"top1": M.top_k_accuracy(tl, labels, 1),

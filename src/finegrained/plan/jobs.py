@@ -32,7 +32,8 @@ def manifests(config: Mapping, dataset: str) -> dict:
     """The `manifests` job of one dataset: the reader, the validation split, bad images."""
     block = dataset_block(config, dataset)
     return {key: block[key] for key in ("format", "val_fraction", "split_seed", "on_bad_image",
-                                        "check_files", "follow_symlinks")}
+                                        "check_files", "follow_symlinks", "duplicate_photos",
+                                        "test_only_classes")}
 
 
 def crop_shard(config: Mapping, dataset: str, split: str) -> dict:

@@ -52,16 +52,19 @@ def shard_ids(config: Mapping, split: str) -> list[str]:
 
 def shard_outputs(config: Mapping) -> dict[str, str]:
     """Files one crop job writes (with ``{dataset}``, ``{split}``, ``{shard}`` wildcards):
-    metadata + skipped report, and the pixels for npy shards."""
+    metadata, skipped report and the record of what it wrote (finegrained.data.shards), and
+    the pixels for npy shards."""
     stem = results(config, "data/{dataset}/shards/{split}/shard-{shard}")
-    outputs = {"meta": f"{stem}.parquet", "skipped": f"{stem}.skipped.json"}
+    outputs = {"meta": f"{stem}.parquet", "skipped": f"{stem}.skipped.json",
+               "record": f"{stem}.record.json"}
     if config["shards"]["format"] == "npy":
         outputs["images"] = f"{stem}.npy"
     return outputs
 
 
 def split_shard_files(config: Mapping, dataset: str, split: str, kind: str) -> list[str]:
-    """Every shard file of one kind (``meta``, ``skipped``, ``images``) of a split."""
+    """Every shard file of one kind (``meta``, ``skipped``, ``record``, ``images``) of a
+    split."""
     pattern = shard_outputs(config).get(kind)
     if pattern is None:
         return []
