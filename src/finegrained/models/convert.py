@@ -7,6 +7,8 @@
   ``MobilenetV2/expanded_conv_3/depthwise/bias``, ``MobilenetV2/Logits/Conv2d_1c_1x1/kernel``
   or ``Logits/kernel``): already HWIO with BatchNorm folded into biases; only renamed
   (block ``expanded_conv_<i>`` -> ``<stage>/<index in stage>``).
+* Hugging Face ViT / DINOv2 / DINOv2-with-registers state dicts (``hf_vit``,
+  ``hf_dinov2``, ``hf_dinov2_registers``): see ``convert_vit``.
 
 Only numpy is needed here. Every unrecognised name is reported at once (``WeightsError``),
 never silently dropped.
@@ -20,8 +22,9 @@ from typing import Mapping
 import numpy as np
 
 from finegrained.errors import WeightsError
+from finegrained.models.convert_vit import HF_LAYOUTS, detect_hf_layout, hf_vit_to_flat
 
-LAYOUTS = ("ours", "torchvision", "tf_mobilenet_v2")
+LAYOUTS = ("ours", "torchvision", "tf_mobilenet_v2", *HF_LAYOUTS)
 
 _TV_BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
@@ -109,10 +112,14 @@ def tf_mobilenet_v2_to_flat(npz: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def detect_layout(flat_names) -> str:
-    """``'ours'``, ``'torchvision'`` or ``'tf_mobilenet_v2'``, judged from tensor names."""
+    """One of ``LAYOUTS`` (``'ours'``, ``'torchvision'``, ``'tf_mobilenet_v2'``, ``'hf_vit'``,
+    ``'hf_dinov2'``, ``'hf_dinov2_registers'``), judged from tensor names."""
     names = set(flat_names)
     if any(n.startswith("MobilenetV2/") for n in names):
         return "tf_mobilenet_v2"
+    hf_layout = detect_hf_layout(names)
+    if hf_layout is not None:
+        return hf_layout
     if {"conv1.weight", "fc.weight"} & names or any(n.startswith("layer1.") for n in names):
         return "torchvision"
     if "head/kernel" in names or any(n.startswith("stem/") for n in names):
@@ -131,4 +138,6 @@ def to_flat(tensors: Mapping[str, np.ndarray], arch: str) -> dict[str, np.ndarra
         return torchvision_resnet_to_flat(tensors)
     if layout == "tf_mobilenet_v2" and arch == "mobilenet_v2":
         return tf_mobilenet_v2_to_flat(tensors)
+    if layout in HF_LAYOUTS and arch.startswith("vit"):
+        return hf_vit_to_flat(tensors)
     raise WeightsError(f"weights in {layout} layout cannot be loaded into {arch}")
