@@ -21,8 +21,7 @@ from transformers.core_model_loading import revert_weight_conversion  # noqa: E4
 
 from finegrained.models import assign_state, detect_layout, to_flat  # noqa: E402
 from finegrained.models.convert_vit import hf_vit_to_flat, vit_config  # noqa: E402
-from finegrained.models.registry import INCEPTION_RECIPE, TORCHVISION_RECIPE  # noqa: E402
-from finegrained.models.vit import VisionTransformer  # noqa: E402
+from finegrained.models.vit import VisionTransformer, vit_from_config  # noqa: E402
 
 ATOL = 1e-4
 NUM_CLASSES = 5
@@ -80,10 +79,8 @@ def numpy_state(state_dict) -> dict[str, np.ndarray]:
 
 def our_model(state: dict[str, np.ndarray], head_dim: int) -> VisionTransformer:
     config = vit_config(state, head_dim=head_dim)
-    recipe = INCEPTION_RECIPE if config.input_recipe == "inception" else TORCHVISION_RECIPE
-    model = nnx.eval_shape(lambda: VisionTransformer(
-        config.num_classes, pool=config.pool, input_recipe=recipe, rngs=nnx.Rngs(0),
-        **config.model_options()))
+    model = nnx.eval_shape(lambda: vit_from_config(config, config.num_classes,
+                                                   rngs=nnx.Rngs(0)))
     assign_state(model, to_flat(state, "vit_test"))
     assert config.mismatches(model) == []
     return model

@@ -48,13 +48,16 @@ from finegrained.errors import WeightsError
 HF_LAYOUTS = ("hf_vit", "hf_dinov2", "hf_dinov2_registers")
 
 #: Settings fixed by the family, not by any tensor shape: LayerNorm eps (the checkpoints'
-#: configs), whether transformers resamples position embeddings with antialiasing, and the
-#: input recipe (``registry``).
+#: configs), whether transformers resamples position embeddings with antialiasing, the
+#: input recipe (``registry``) and the family's usual head pooling (a stored classifier's
+#: input size overrides it).
 FAMILY_SETTINGS = {
-    "hf_vit": dict(layer_norm_eps=1e-12, pos_antialias=False, input_recipe="inception"),
-    "hf_dinov2": dict(layer_norm_eps=1e-6, pos_antialias=False, input_recipe="torchvision"),
+    "hf_vit": dict(layer_norm_eps=1e-12, pos_antialias=False, input_recipe="inception",
+                   pool="cls"),
+    "hf_dinov2": dict(layer_norm_eps=1e-6, pos_antialias=False, input_recipe="torchvision",
+                      pool="cls+mean"),
     "hf_dinov2_registers": dict(layer_norm_eps=1e-6, pos_antialias=True,
-                                input_recipe="torchvision"),
+                                input_recipe="torchvision", pool="cls+mean"),
 }
 
 
@@ -208,7 +211,9 @@ def hf_vit_to_flat(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 class ViTConfig:
     """The settings a ViT state dict implies. Shapes give the structure; the family
     (``layout``) gives eps, antialiasing and input recipe (None where unknown: our own
-    layout). ``num_classes`` / ``pool``: the stored classifier's (None without one)."""
+    layout). ``num_classes``: the stored classifier's (None without one); ``pool``: what
+    the stored classifier reads (``cls`` or ``cls+mean``, by its input size), else the
+    family's usual one (None for our layout without a head)."""
 
     layout: str
     patch_size: int
@@ -266,10 +271,10 @@ def vit_config(tensors: Mapping[str, np.ndarray], *, head_dim: int = 64) -> ViTC
     layout = detect_layout(tensors.keys())
     if layout in HF_LAYOUTS:
         flat = hf_vit_to_flat(tensors)
-        family = FAMILY_SETTINGS[layout]
+        family = dict(FAMILY_SETTINGS[layout])
     elif layout == "ours":
         flat, family = dict(tensors), dict(layer_norm_eps=None, pos_antialias=None,
-                                           input_recipe=None)
+                                           input_recipe=None, pool=None)
     else:
         raise WeightsError(f"weights in {layout} layout are not a ViT")
     required = ("stem/patch/kernel", "stem/pos_embed", "block0/mlp/fc1/kernel")
@@ -287,11 +292,11 @@ def vit_config(tensors: Mapping[str, np.ndarray], *, head_dim: int = 64) -> ViTC
     if width % head_dim:
         raise WeightsError(f"width {width} is not a multiple of head_dim {head_dim}")
     head = flat.get("head/kernel")
-    pool = num_classes = None
+    num_classes = None
     if head is not None:
         num_classes = head.shape[1]
-        pool = {width: "cls", 2 * width: "cls+mean"}.get(head.shape[0])
-        if pool is None:
+        family["pool"] = {width: "cls", 2 * width: "cls+mean"}.get(head.shape[0])
+        if family["pool"] is None:
             raise WeightsError(f"classifier input {head.shape[0]} is neither the width "
                                f"{width} nor twice it")
     return ViTConfig(
@@ -300,5 +305,4 @@ def vit_config(tensors: Mapping[str, np.ndarray], *, head_dim: int = 64) -> ViTC
         mlp_ratio=_shape(flat, "block0/mlp/fc1/kernel")[1] / width,
         registers=_shape(flat, "stem/registers")[0] if "stem/registers" in flat else 0,
         layerscale="block0/ls1/scale" in flat, stored_grid=grid,
-        qkv_bias="block0/attn/qkv/bias" in flat, num_classes=num_classes, pool=pool,
-        **family)
+        qkv_bias="block0/attn/qkv/bias" in flat, num_classes=num_classes, **family)

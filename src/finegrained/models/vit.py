@@ -289,6 +289,22 @@ class VisionTransformer(StagedClassifier):
         return self.head(x).astype(jnp.float32)
 
 
+RECIPES = {recipe.name: recipe for recipe in (TORCHVISION_RECIPE, INCEPTION_RECIPE)}
+
+
+def vit_from_config(config, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                    param_dtype=jnp.float32, **options) -> VisionTransformer:
+    """The ``VisionTransformer`` that the weights described by ``config`` (a
+    ``convert_vit.ViTConfig``) fit, with its input recipe and pooling; ``options`` add or
+    override keywords (``pool``, ``drop_path_rate``, ``arch``, ...)."""
+    settings = dict(config.model_options(), pool=config.pool or "cls", arch="vit")
+    if config.input_recipe is not None:
+        settings["input_recipe"] = RECIPES[config.input_recipe]
+    settings.update(options)
+    return VisionTransformer(num_classes, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                             **settings)
+
+
 #: The two families' conventions. google ViT (``google/vit-*``, patch 16): 224 px
 #: pretraining (grid 14), LayerNorm eps 1e-12, pixels scaled to [-1, 1], class-token head.
 #: DINOv2 (``facebook/dinov2-*``, patch 14): 518 px (grid 37), LayerScale, eps 1e-6,
@@ -316,11 +332,11 @@ def _vit(size: str, patch_size: int):
                                  rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                  arch=arch, **settings)
     build.__name__ = arch
-    build.__doc__ = (f"{arch}: D={width}, {depth} blocks, {heads} heads, patch "
-                     f"{patch_size}, with the {'DINOv2' if patch_size == 14 else 'google ViT'}"
-                     f" defaults ({family}); ``registers=4`` for DINOv2 with registers "
-                     f"(antialiased position resampling by default, as transformers "
-                     f"does); ``options`` override any ``VisionTransformer`` keyword.")
+    build.__doc__ = (f"{arch}: D={width}, {depth} blocks, {heads} heads, patch {patch_size}, "
+                     f"{'DINOv2' if patch_size == 14 else 'google ViT'} defaults; "
+                     f"``registers=4`` for DINOv2 with registers (antialiased position "
+                     f"resampling, as transformers does); ``options`` override any "
+                     f"``VisionTransformer`` keyword.")
     return build
 
 
