@@ -35,9 +35,8 @@ def hub_state(layout: str, *, registers: int = 4, classifier: bool = True, prefi
         shapes["embeddings.mask_token"] = (1, WIDTH)
     if layout == "hf_dinov2_registers":
         shapes["embeddings.register_tokens"] = (1, registers, WIDTH)
-    blocks = {"attention.attention.query": (WIDTH, WIDTH), "attention.attention.key": (WIDTH, WIDTH),
-              "attention.attention.value": (WIDTH, WIDTH),
-              "attention.output.dense": (WIDTH, WIDTH)}
+    blocks = {f"attention.{part}": (WIDTH, WIDTH) for part in (
+        "attention.query", "attention.key", "attention.value", "output.dense")}
     if dinov2:
         blocks.update({"norm1": None, "norm2": None, "mlp.fc1": (MLP, WIDTH),
                        "mlp.fc2": (WIDTH, MLP)})
@@ -162,7 +161,8 @@ def test_not_a_square_grid_and_wrong_target():
 
 
 def test_other_layouts_still_detected():
-    assert detect_layout(["conv1.weight", "fc.weight", "layer1.0.conv1.weight"]) == "torchvision"
+    assert detect_layout(["conv1.weight", "fc.weight", "layer1.0.conv1.weight"]) == (
+        "torchvision")
     assert detect_layout(["stem/patch/kernel", "head/kernel"]) == "ours"
     assert detect_layout(["MobilenetV2/Conv/kernel"]) == "tf_mobilenet_v2"
 

@@ -19,8 +19,9 @@ from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.core_model_loading import revert_weight_conversion  # noqa: E402
 
-from finegrained.models import assign_state, detect_layout, to_flat  # noqa: E402
-from finegrained.models.convert_vit import hf_vit_to_flat, vit_config  # noqa: E402
+from finegrained.models import assign_state, detect_layout, to_flat, vit  # noqa: E402
+from finegrained.models.convert_vit import (HF_CHECKPOINTS, hf_vit_to_flat,  # noqa: E402
+                                            vit_config)
 from finegrained.models.vit import VisionTransformer, vit_from_config  # noqa: E402
 
 ATOL = 1e-4
@@ -152,3 +153,42 @@ def test_same_tokens_and_logits(reference, size_index):
           + ", ".join(f"{k} {v:.2g}" for k, v in differences.items())
           + f" (max |logit| {np.abs(their_logits).max():.3g})")
     assert max(differences.values()) < ATOL
+
+
+# the Hub checkpoints' architectures (their config.json), built on torch's meta device
+FULL_SIZE = {
+    "facebook/dinov2-small": ("Dinov2Config", "Dinov2Model", dict(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518,
+        patch_size=14)),
+    "facebook/dinov2-with-registers-base": ("Dinov2WithRegistersConfig",
+                                            "Dinov2WithRegistersModel", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518,
+        patch_size=14, num_register_tokens=4)),
+    "google/vit-base-patch16-224": ("ViTConfig", "ViTForImageClassification",
+                                    dict(num_labels=1000)),
+    "google/vit-base-patch16-224-in21k": ("ViTConfig", "ViTModel", {}),
+}
+
+
+@pytest.mark.parametrize("repo", sorted(FULL_SIZE))
+def test_hub_checkpoints_fit_their_constructors(repo):
+    """Full-size Hub names and shapes (no weights: zero-stride arrays) convert into exactly
+    the tensors of the model that ``HF_CHECKPOINTS`` says to build."""
+    config_class, model_class, kwargs = FULL_SIZE[repo]
+    with torch.device("meta"):
+        net = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
+    hub = revert_weight_conversion(net, net.state_dict())
+    state = {name: np.broadcast_to(np.float32(0), tuple(t.shape)) for name, t in hub.items()}
+    checkpoint = HF_CHECKPOINTS[repo]
+    assert detect_layout(state) == checkpoint.layout
+    config = vit_config(state)
+    assert config.num_classes == checkpoint.num_classes
+    model = nnx.eval_shape(lambda: getattr(vit, checkpoint.constructor)(
+        config.num_classes or 10, rngs=nnx.Rngs(0), **checkpoint.options))
+    assert config.mismatches(model) == []
+    flat = hf_vit_to_flat(state)
+    ours = {"/".join(map(str, path)): tuple(v.get_value().shape)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if checkpoint.num_classes is None:
+        ours = {n: s for n, s in ours.items() if not n.startswith("head/")}
+    assert {n: tuple(a.shape) for n, a in flat.items()} == ours

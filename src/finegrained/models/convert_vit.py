@@ -63,14 +63,15 @@ FAMILY_SETTINGS = {
 
 @dataclasses.dataclass(frozen=True)
 class HFCheckpoint:
-    """A Hub checkpoint: its file, layout, and how to build the model it fits
-    (``vit.<constructor>(num_classes, **options)``)."""
+    """A Hub checkpoint: its file, layout, how to build the model it fits
+    (``vit.<constructor>(num_classes, **options)``) and its stored classifier's classes
+    (None: a backbone only)."""
 
     repo: str
     layout: str
     constructor: str
     options: dict
-    classifier: str  # what its classifier.* holds, or "none"
+    num_classes: int | None
 
     @property
     def url(self) -> str:
@@ -78,20 +79,19 @@ class HFCheckpoint:
 
 
 #: Hub repository -> checkpoint. Nothing here downloads; the workflow fetches ``url``.
+#: The in21k ViT is a ``ViTModel`` with a pooler (dropped, see above), no classifier.
 HF_CHECKPOINTS: dict[str, HFCheckpoint] = {c.repo: c for c in (
-    HFCheckpoint("facebook/dinov2-small", "hf_dinov2", "vit_small_patch14", {}, "none"),
-    HFCheckpoint("facebook/dinov2-base", "hf_dinov2", "vit_base_patch14", {}, "none"),
-    HFCheckpoint("facebook/dinov2-large", "hf_dinov2", "vit_large_patch14", {}, "none"),
+    HFCheckpoint("facebook/dinov2-small", "hf_dinov2", "vit_small_patch14", {}, None),
+    HFCheckpoint("facebook/dinov2-base", "hf_dinov2", "vit_base_patch14", {}, None),
+    HFCheckpoint("facebook/dinov2-large", "hf_dinov2", "vit_large_patch14", {}, None),
     HFCheckpoint("facebook/dinov2-with-registers-small", "hf_dinov2_registers",
-                 "vit_small_patch14", {"registers": 4}, "none"),
+                 "vit_small_patch14", {"registers": 4}, None),
     HFCheckpoint("facebook/dinov2-with-registers-base", "hf_dinov2_registers",
-                 "vit_base_patch14", {"registers": 4}, "none"),
+                 "vit_base_patch14", {"registers": 4}, None),
     HFCheckpoint("facebook/dinov2-with-registers-large", "hf_dinov2_registers",
-                 "vit_large_patch14", {"registers": 4}, "none"),
-    HFCheckpoint("google/vit-base-patch16-224", "hf_vit", "vit_base_patch16", {},
-                 "ImageNet-1k, 1000 classes, on the class token"),
-    HFCheckpoint("google/vit-base-patch16-224-in21k", "hf_vit", "vit_base_patch16", {},
-                 "none (a pooler, dropped)"),
+                 "vit_large_patch14", {"registers": 4}, None),
+    HFCheckpoint("google/vit-base-patch16-224", "hf_vit", "vit_base_patch16", {}, 1000),
+    HFCheckpoint("google/vit-base-patch16-224-in21k", "hf_vit", "vit_base_patch16", {}, None),
 )}
 
 _PREFIXES = ("dinov2.", "dinov2_with_registers.", "vit.")

@@ -15,23 +15,27 @@ the parameter; an image with another patch grid resamples them in the forward pa
 torch's bicubic interpolation written as two constant matrices (``bicubic``), so weight
 files keep the checkpoint's shape, gradients reach the stored embedding, and any input
 size works. ``pos_antialias`` picks torch's antialiased kernel, which
-``Dinov2WithRegistersModel`` uses (``Dinov2Model`` and ``ViTModel`` do not).
+``Dinov2WithRegistersModel`` uses (``Dinov2Model`` and ``ViTModel`` do not). This is
+``transformers`` 5's resampling (a target ``size=``); the original DINOv2 code passes a
+``scale_factor`` with a 0.1 offset instead, which moves the sample points slightly.
 
 Attention runs through ``jax.nn.dot_product_attention``. ``attention_impl='auto'`` asks
 for cuDNN's fused kernel where it applies (a GPU backend, bfloat16/float16 activations,
-head size a multiple of 8 up to 128) and XLA's otherwise; ``'xla'`` forces XLA.
+head size a multiple of 8 up to 128) and XLA's otherwise; ``'xla'`` forces XLA. (The
+cuDNN path has not run here yet: ``test_cudnn_attention_matches_xla`` checks it on a GPU.)
 
-Stochastic depth (drop path): block ``k`` of ``L`` drops each of its two residual
-branches, per sample, with probability ``drop_path_rate * k / (L - 1)`` and scales the
-kept ones by ``1 / keep``. Its randomness is an argument, not model state:
-``model.forward(x, key=k)`` (``StagedClassifier.forward`` gives stage ``i`` the key
-``fold_in(k, i)``, and each block splits its own for its two branches). That keeps the
-pure train step pure (``train_step(state, batch, rng)`` derives ``k`` from its ``rng``;
-no RNG variables in the model's state, the weight files or the checkpoints), and the
-other architectures, which take no key (``takes_key``), are untouched. Drop path acts
-only in train mode (``model.train()``, or ``nnx.view(model, deterministic=False)``: it is
-an ``nnx.Dropout`` broadcast over tokens and channels) and only when a key is given;
-eval mode, and any call without a key, is deterministic.
+Stochastic depth (drop path): each block drops each of its two residual branches, per
+sample, with a probability rising linearly over depth from 0 (``block0``) to
+``drop_path_rate`` (the last block), and scales the kept ones by ``1 / keep``. Its
+randomness is an argument, not model state: ``model.forward(x, key=k)``
+(``StagedClassifier.forward`` gives stage ``i`` the key ``fold_in(k, i)``; each block
+splits its own for its two branches). That keeps the train step pure (``train_step(state,
+batch, rng)`` derives ``k`` from its ``rng``; no RNG variables in the model's state, the
+weight files or the checkpoints), and leaves the other architectures, which take no key
+(``takes_key``), untouched. Drop path acts only in train mode (``model.train()``, or
+``nnx.view(model, deterministic=False)``: it is an ``nnx.Dropout`` broadcast over tokens
+and channels) and only when a key is given; eval mode, and any call without a key, is
+deterministic.
 
 Stages: ``stem`` (pixels -> tokens ``(B, T, D)``, T = 1 + registers + patches),
 ``block0`` .. ``block{L-1}`` (tokens -> tokens), ``norm`` (the final LayerNorm over all
@@ -157,6 +161,8 @@ class SelfAttention(nnx.Module):
 
 
 class Mlp(nnx.Module):
+    """``fc2(gelu(fc1(x)))`` with the exact (erf) GELU, as the checkpoints were trained."""
+
     def __init__(self, width, hidden, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = _linear(width, hidden, **kw)
