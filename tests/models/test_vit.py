@@ -253,3 +253,13 @@ def test_bad_settings_are_config_errors():
         VisionTransformer(2, drop_path_rate=1.0, rngs=nnx.Rngs(0), **TINY)
     with pytest.raises(ConfigError, match="stop='blocks3'"):
         random_vit().forward(pixels(), stop="blocks3")
+
+
+def test_constructor_options_override_the_size_and_family():
+    model = nnx.eval_shape(lambda: vit.vit_small_patch14(
+        3, registers=4, depth=2, pool="mean", stored_grid=16, pos_antialias=False,
+        rngs=nnx.Rngs(0)))
+    assert model.stage_names == ("stem", "block0", "block1", "norm", "head")
+    assert (model.arch, model.width, model.num_heads, model.registers, model.pool,
+            model.stored_grid, model.pos_antialias, model.layerscale) == (
+        "vit_small_patch14", 384, 6, 4, "mean", 16, False, True)

@@ -331,12 +331,12 @@ def _vit(size: str, patch_size: int):
 
     def build(num_classes: int, *, registers: int = 0, rngs: nnx.Rngs, dtype=jnp.float32,
               param_dtype=jnp.float32, **options) -> VisionTransformer:
-        settings = dict(family, pos_antialias=bool(registers))
+        settings = dict(family, patch_size=patch_size, width=width, depth=depth,
+                        num_heads=heads, registers=registers, pos_antialias=bool(registers),
+                        arch=arch)
         settings.update(options)
-        return VisionTransformer(num_classes, patch_size=patch_size, width=width,
-                                 depth=depth, num_heads=heads, registers=registers,
-                                 rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                 arch=arch, **settings)
+        return VisionTransformer(num_classes, rngs=rngs, dtype=dtype,
+                                 param_dtype=param_dtype, **settings)
     build.__name__ = arch
     build.__doc__ = (f"{arch}: D={width}, {depth} blocks, {heads} heads, patch {patch_size}, "
                      f"{'DINOv2' if patch_size == 14 else 'google ViT'} defaults; "
