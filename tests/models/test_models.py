@@ -15,6 +15,7 @@ from finegrained.errors import ConfigError, WeightsError
 from finegrained.models import (assign_state, build_model, detect_layout, flatten_state,
                                 tf_mobilenet_v2_to_flat, to_flat, torchvision_resnet_to_flat)
 from finegrained.models.mobilenet_v2 import block_layout
+from finegrained.plan.archs import ARCHITECTURES, architecture
 
 
 def rngs(seed=0):
@@ -255,3 +256,12 @@ def test_tf_mobilenet_converter_names():
         tf_mobilenet_v2_to_flat({"MobilenetV2/expanded_conv_17/project/kernel": np.zeros(1)})
     with pytest.raises(WeightsError, match="cannot tell the layout"):
         detect_layout(["foo", "bar"])
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_table_entry_builds_the_stages_and_recipe_it_lists(name):
+    """The table of architectures (plan, no JAX) and the models agree on every entry."""
+    entry = architecture(name)
+    model = nnx.eval_shape(lambda: build_model(name, 3, rngs=nnx.Rngs(0)))
+    assert model.stage_names == (*entry.body_stages(), "head")
+    assert model.input_recipe.name == entry.input_recipe

@@ -131,7 +131,7 @@ def test_init_model_script_reports_bad_input_without_traceback(tmp_path, problem
     script = Path(__file__).resolve().parents[2] / "scripts" / "init_model.py"
     classes = _classes_parquet(tmp_path, ["a", "b"])
     weights, _ = _pretrained_file(tmp_path, ["x", "y"])
-    settings = {"arch": "resnet18", "width": 8, "stage_depths": None,
+    settings = {"model": {"arch": "resnet18", "width": 8, "stage_depths": None, "options": {}},
                 "init_from_source_names": False, "seed": 0}
     args = ["--classes", str(classes), "--weights", str(weights),
             "--out-weights", str(tmp_path / "o.safetensors"), "--out-report", str(tmp_path / "o.json")]

@@ -7,6 +7,8 @@
   ``MobilenetV2/expanded_conv_3/depthwise/bias``, ``MobilenetV2/Logits/Conv2d_1c_1x1/kernel``
   or ``Logits/kernel``): already HWIO with BatchNorm folded into biases; only renamed
   (block ``expanded_conv_<i>`` -> ``<stage>/<index in stage>``).
+* Hugging Face ViT / DINOv2 / DINOv2-with-registers state dicts (``hf_vit``,
+  ``hf_dinov2``, ``hf_dinov2_registers``): see ``convert_vit``.
 
 Only numpy is needed here. Every unrecognised name is reported at once (``WeightsError``),
 never silently dropped.
@@ -20,9 +22,10 @@ from typing import Mapping
 import numpy as np
 
 from finegrained.errors import WeightsError
+from finegrained.models.convert_vit import HF_LAYOUTS, detect_hf_layout, hf_vit_to_flat, vit_config
 from finegrained.plan.archs import architecture
 
-LAYOUTS = ("ours", "torchvision", "tf_mobilenet_v2")
+LAYOUTS = ("ours", "torchvision", "tf_mobilenet_v2", *HF_LAYOUTS)
 
 _TV_BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
@@ -110,10 +113,14 @@ def tf_mobilenet_v2_to_flat(npz: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def detect_layout(flat_names) -> str:
-    """``'ours'``, ``'torchvision'`` or ``'tf_mobilenet_v2'``, judged from tensor names."""
+    """One of ``LAYOUTS`` (``'ours'``, ``'torchvision'``, ``'tf_mobilenet_v2'``, ``'hf_vit'``,
+    ``'hf_dinov2'``, ``'hf_dinov2_registers'``), judged from tensor names."""
     names = set(flat_names)
     if any(n.startswith("MobilenetV2/") for n in names):
         return "tf_mobilenet_v2"
+    hf_layout = detect_hf_layout(names)
+    if hf_layout is not None:
+        return hf_layout
     if {"conv1.weight", "fc.weight"} & names or any(n.startswith("layer1.") for n in names):
         return "torchvision"
     if "head/kernel" in names or any(n.startswith("stem/") for n in names):
@@ -124,7 +131,20 @@ def detect_layout(flat_names) -> str:
 
 
 #: External layout -> its converter to our flat names.
-CONVERTERS = {"torchvision": torchvision_resnet_to_flat, "tf_mobilenet_v2": tf_mobilenet_v2_to_flat}
+CONVERTERS = {"torchvision": torchvision_resnet_to_flat, "tf_mobilenet_v2": tf_mobilenet_v2_to_flat,
+              **{layout: hf_vit_to_flat for layout in HF_LAYOUTS}}
+
+
+#: External layout -> what a model must be to take its weights (one line per difference),
+#: where the layout implies more than the tensor shapes show (a ViT's eps, heads, ...).
+FIT_CHECKS = {layout: lambda tensors, model: vit_config(tensors).mismatches(model)
+              for layout in HF_LAYOUTS}
+
+
+def fit_problems(tensors: Mapping[str, np.ndarray], model) -> list[str]:
+    """Where ``model`` differs from what ``tensors`` (in their own layout) imply."""
+    check = FIT_CHECKS.get(detect_layout(tensors.keys()))
+    return check(tensors, model) if check else []
 
 
 def to_flat(tensors: Mapping[str, np.ndarray], arch: str) -> dict[str, np.ndarray]:

@@ -25,14 +25,16 @@ from finegrained.models.weights import read_metadata, read_tensors
 from finegrained.plan.archs import architecture
 
 
-def weight_options(arch: str, weights: str | os.PathLike | None) -> dict:
+def weight_options(arch: str, weights: str | os.PathLike | None,
+                   chosen: Mapping | None = None) -> dict:
     """The parameter-shaping options of a model made from ``weights`` (None: from scratch):
-    what the file records, else the architecture's value for a file that records none."""
-    table = architecture(arch).weight_options
+    what the file records, else those the config ``chosen`` (``model["options"]``), else
+    the architecture's value from scratch or for a file that records none."""
+    table, chosen = architecture(arch).weight_options, chosen or {}
     if weights is None:
-        return {key: scratch for key, (scratch, _) in table.items()}
+        return {key: chosen.get(key, scratch) for key, (scratch, _) in table.items()}
     meta = read_metadata(weights) if Path(weights).suffix == ".safetensors" else {}
-    return {key: json.loads(meta[key]) if key in meta else unrecorded
+    return {key: json.loads(meta[key]) if key in meta else chosen.get(key, unrecorded)
             for key, (_, unrecorded) in table.items()}
 
 
@@ -48,7 +50,7 @@ def load(weights: str | os.PathLike, model: Mapping, num_classes: int):
     model): built abstractly, then every parameter and statistic set from the file (a
     missing or extra tensor is an error). No random initialisation runs, which on a CPU
     compiles one small program per tensor shape (ResNet-50: about 14 s of a job's start)."""
-    options = weight_options(model["arch"], weights)
+    options = weight_options(model["arch"], weights, model.get("options"))
     abstract = nnx.eval_shape(lambda: build(model, num_classes, seed=0, **options))
     assign_state(abstract, to_flat(read_tensors(weights), model["arch"]))
     return abstract
@@ -59,7 +61,8 @@ def start_model(model: Mapping, *, init: str, seed: int, num_classes: int,
     """The model a training job starts from: ``init_weights`` (the target init with its new
     head) for ``init: pretrained``, the architecture's random initialisation otherwise."""
     if init == "random":
-        return build(model, num_classes, seed=seed, **weight_options(model["arch"], None))
+        return build(model, num_classes, seed=seed,
+                     **weight_options(model["arch"], None, model.get("options")))
     if init_weights is None:
         raise DataError("init weights", "the job starts pretrained but no init weights "
                                         "were given")
@@ -86,4 +89,4 @@ def model_metadata(model: Mapping, weights: str | os.PathLike | None) -> dict:
     """What a weights file of this model records to be loaded again: width, stage depths
     and the parameter-shaping options (for ``models.weights.weights_metadata``)."""
     return {"width": str(model["width"]), "stage_depths": json.dumps(model["stage_depths"]),
-            **weight_options(model["arch"], weights)}
+            **weight_options(model["arch"], weights, model.get("options"))}

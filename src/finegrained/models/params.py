@@ -11,6 +11,8 @@ nothing else (no RNG state)::
     stage2/1/expand/conv/kernel  stage2/1/depthwise/conv/bias  stage2/1/project/conv/bias
                                    (MobileNetV2; ``.../bn/*`` when built with batch_norm)
     features/conv/kernel           MobileNetV2's 1x1 conv to 1280 channels
+    stem/patch/kernel  stem/cls_token  stem/registers  stem/pos_embed     ViT (see ``vit``)
+    block3/attn/qkv/kernel  block3/ls1/scale  block3/mlp/fc1/bias  norm/scale
     head/kernel  (in, out)   head/bias  (out,)     always, for every architecture
 
 Arrays come back in the model's ``param_dtype``; ``assign_state`` casts to it. When every

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -44,6 +45,9 @@ TORCHVISION_RECIPE = InputRecipe(
     "torchvision", mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
     std=(0.229 * 255, 0.224 * 255, 0.225 * 255))
 
+#: google ViT / Inception recipe: ``(x / 255 - 0.5) / 0.5``, pixels to [-1, 1].
+INCEPTION_RECIPE = InputRecipe("inception", mean=(127.5,) * 3, std=(127.5,) * 3)
+
 #: TFLite quantised MobileNetV2 recipe: ``(x - 128) * 0.0078125`` (not ``x / 127.5 - 1``).
 TFLITE_RECIPE = InputRecipe("tflite_uint8", mean=(128.0,) * 3, std=(128.0,) * 3)
 
@@ -51,10 +55,14 @@ TFLITE_RECIPE = InputRecipe("tflite_uint8", mean=(128.0,) * 3, std=(128.0,) * 3)
 class StagedClassifier(nnx.Module):
     """Base class of the backbones. Subclasses set ``stage_names`` (the last one is
     ``'head'``), ``input_recipe``, ``num_features``, ``num_classes``, ``dtype``, the
-    ``head`` Linear, and implement ``run_stage(name, x)`` for every stage but ``'head'``."""
+    ``head`` Linear, and implement ``run_stage(name, x)`` for every stage but ``'head'``
+    (``run_stage(name, x, *, key=None)`` where ``takes_key``)."""
 
     stage_names: tuple[str, ...]
     input_recipe: InputRecipe
+    #: Whether ``run_stage`` takes a ``key``: randomness for layers that are stochastic in
+    #: train mode (ViT's drop path). ``forward`` gives the others no key.
+    takes_key: bool = False
 
     def run_stage(self, name: str, x):
         raise NotImplementedError
@@ -65,13 +73,17 @@ class StagedClassifier(nnx.Module):
                               f"stages are {list(self.stage_names)}")
         return self.stage_names.index(name)
 
-    def forward(self, x, start: str | None = None, stop: str | None = None):
+    def forward(self, x, start: str | None = None, stop: str | None = None, *, key=None):
         """Run the stages after ``start`` up to and including ``stop``.
 
         ``start=None``: ``x`` is pixels (uint8 or float 0..255, NHWC) and is normalised
         first; otherwise ``x`` is the activation that stage ``start`` produced.
         ``stop=None`` (or ``'head'``): return float32 logits; otherwise the activation
-        after stage ``stop`` (NHWC feature map).
+        after stage ``stop`` (NHWC feature map; ViT: tokens).
+        ``key``: a PRNG key for the stochastic layers of a model in train mode (drop
+        path); stage ``i`` gets ``fold_in(key, i)``, so a forward split at a stage boundary
+        draws what the whole forward would. ``None``, or a model without such layers
+        (``takes_key`` false): deterministic.
         """
         first = 0 if start is None else self._stage_index(start, "start") + 1
         last = (len(self.stage_names) - 1 if stop is None
@@ -81,27 +93,38 @@ class StagedClassifier(nnx.Module):
                               f"stages are {list(self.stage_names)}")
         if start is None:
             x = self.input_recipe.apply(x, self.dtype)
-        for name in self.stage_names[first:last + 1]:
-            x = self.classify(x) if name == "head" else self.run_stage(name, x)
+        for index in range(first, last + 1):
+            name = self.stage_names[index]
+            if name == "head":
+                x = self.classify(x)
+            elif key is not None and self.takes_key:
+                x = self.run_stage(name, x, key=jax.random.fold_in(key, index))
+            else:
+                x = self.run_stage(name, x)
         return x
 
+    def pool(self, x):
+        """The pooled vector of a stage's output (what the head, and a linear probe, read
+        of it): the global average of a feature map; a ViT pools its tokens."""
+        return jnp.mean(x, axis=(1, 2))
+
     def pooled_features(self, x, start: str | None = None):
-        """The globally average-pooled vector the classifier sees (linear-probe features),
+        """The pooled vector the classifier sees (linear-probe features),
         ``(batch, num_features)``; ``start`` as in ``forward``."""
         last_body = self.stage_names[-2]
         if start != last_body:
             x = self.forward(x, start=start, stop=last_body)
-        return jnp.mean(x, axis=(1, 2))
+        return self.pool(x)
 
     def classify(self, x):
-        """The ``'head'`` stage: global average pool (skipped when ``x`` is already pooled,
-        2-D) and the ``head`` Linear; float32 logits."""
-        if x.ndim == 4:
-            x = jnp.mean(x, axis=(1, 2))
+        """The ``'head'`` stage: pooling (skipped when ``x`` is already pooled, 2-D) and the
+        ``head`` Linear; float32 logits."""
+        if x.ndim > 2:
+            x = self.pool(x)
         return self.head(x).astype(jnp.float32)
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, *, key=None):
+        return self.forward(x, key=key)
 
 
 def build_model(arch: str, num_classes: int, *, width: int = 64,
@@ -120,6 +143,7 @@ def build_model(arch: str, num_classes: int, *, width: int = 64,
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     module_name, constructor = entry.constructor.split(":")
-    build = getattr(importlib.import_module(f"finegrained.models.{module_name}"), constructor)
+    module = module_name if "." in module_name else f"finegrained.models.{module_name}"
+    build = getattr(importlib.import_module(module), constructor)
     return build(num_classes, width=width, stage_depths=stage_depths, rngs=rngs,
                  dtype=dtype, param_dtype=param_dtype, **options)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from flax import nnx
 
@@ -28,7 +28,7 @@ from finegrained.models.params import assign_state, flatten_state
 from finegrained.models.registry import build_model
 from finegrained.models.weights import (load_pretrained, read_metadata, read_tensors,
                                         save_weights, weights_metadata)
-from finegrained.models.convert import to_flat
+from finegrained.models.convert import fit_problems, to_flat
 from finegrained.models.loading import weight_options
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,14 @@ def weights_sha256(weights: str | os.PathLike) -> str:
 
 
 def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
-                      stage_depths: Sequence[int] | None = None,
+                      stage_depths: Sequence[int] | None = None, options: Mapping | None = None,
                       weights: str | os.PathLike | None = None,
                       source_names_file: str | os.PathLike | None = None,
                       init_from_source_names: bool = False, seed: int = 0):
-    """Build the target model and load ``weights`` into it. Returns ``(model, report)``."""
+    """Build the target model and load ``weights`` into it. Returns ``(model, report)``.
+    ``options``: the weight options the config chose (``plan.archs.model_settings``)."""
     model = build_model(arch, len(class_names), width=width, stage_depths=stage_depths,
-                        rngs=nnx.Rngs(seed), **weight_options(arch, weights))
+                        rngs=nnx.Rngs(seed), **weight_options(arch, weights, options))
     report: dict = {"arch": arch, "width": width, "num_classes": len(class_names),
                     "weights": None if weights is None else os.fspath(weights)}
     if weights is None:
@@ -76,7 +77,12 @@ def init_target_model(*, arch: str, class_names: Sequence[str], width: int = 64,
     report["weights_sha256"] = weights_sha256(weights)
     log.info("weights %s, sha256 %s", weights, report["weights_sha256"])
 
-    tensors = to_flat(read_tensors(weights), arch)
+    raw = read_tensors(weights)
+    problems = fit_problems(raw, model)
+    if problems:
+        raise WeightsError(f"{weights}: the weights do not fit {arch} as configured: "
+                           + "; ".join(problems))
+    tensors = to_flat(raw, arch)
     report["load"] = load_pretrained(model, tensors, arch=arch, replace_head=True)
     if init_from_source_names:
         if "head/kernel" not in tensors or "head/bias" not in tensors:
@@ -104,7 +110,7 @@ def write_target_init(classes_path: str | os.PathLike, out_weights: str | os.Pat
     initial weights (safetensors, with class names in the metadata) and a JSON report."""
     names = class_names(classes_path)
     model, report = init_target_model(class_names=names, **kwargs)
-    options = weight_options(kwargs["arch"], kwargs.get("weights"))
+    options = weight_options(kwargs["arch"], kwargs.get("weights"), kwargs.get("options"))
     save_weights(out_weights, flatten_state(model), metadata=weights_metadata(
         arch=kwargs["arch"], num_classes=len(names), class_names=names,
         input_recipe=model.input_recipe.name, source=report["weights"] or "random init",

@@ -32,8 +32,9 @@ STRIDE_CHOICES = ("stride2", "stride4", "stride8", "stride16", "stride32")
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str
-    #: ``module:function`` under ``finegrained.models``: ``build(num_classes, *, width,
-    #: stage_depths, rngs, dtype, param_dtype, **options)``.
+    #: ``module:function``, the module under ``finegrained.models`` (or a dotted module
+    #: path): ``build(num_classes, *, width, stage_depths, rngs, dtype, param_dtype,
+    #: **options)``.
     constructor: str
     #: ``stage_depths`` (or None) -> {body stage: output stride}, in order; the head follows.
     stages: Stages
@@ -41,6 +42,8 @@ class Architecture:
     boundary: str
     #: Whether ``freeze_up_to: blockK`` applies (stages named ``block0``, ``block1``, ...).
     block_freezing: bool
+    #: How many numbers ``backbone.stage_depths`` has for it.
+    depth_count: int
     #: The input normalisation of its published weights (``models.registry`` recipes).
     input_recipe: str
     #: Backbone config keys handed to the constructor that change how it runs, not its
@@ -49,6 +52,9 @@ class Architecture:
     #: Constructor options that shape the parameters, recorded in every weights file:
     #: option -> (value from scratch, value of a file that does not record it).
     weight_options: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    #: Those of the weight options the config may choose (``backbone.<option>``; null: the
+    #: value above).
+    config_options: tuple[str, ...] = ()
     #: External weight layouts ``models.convert`` reads into it.
     weight_layouts: tuple[str, ...] = ()
     #: How many of the last body stages the features rule pools by default.
@@ -99,19 +105,51 @@ _MOBILENET_V2 = _fixed({"stem": 2, "stage1": 2, "stage2": 4, "stage3": 8, "stage
 
 def _resnet(name: str) -> Architecture:
     return Architecture(name, f"resnet:{name}", _RESNET, boundary="map", block_freezing=False,
-                        input_recipe="torchvision", weight_layouts=("torchvision",))
+                        depth_count=4, input_recipe="torchvision",
+                        weight_layouts=("torchvision",))
+
+
+#: ViT sizes: blocks (``backbone.stage_depths: [L]`` overrides them).
+VIT_DEPTHS = {"tiny": 12, "small": 12, "base": 12, "large": 24}
+
+
+def _vit_stages(patch: int, depth: int) -> Stages:
+    """Every stage of a ViT is at its patch stride: stem, the blocks, the final norm."""
+    def stages(stage_depths=None):
+        blocks = stage_depths[0] if stage_depths else depth
+        return {"stem": patch, **{f"block{k}": patch for k in range(blocks)}, "norm": patch}
+    return stages
+
+
+def _vit(size: str, patch: int, registers: int = 0) -> Architecture:
+    """google ViT conventions at patch 16 (AugReg / ImageNet-21k weights: pixels to [-1, 1],
+    class-token head); DINOv2's at patch 14 (ImageNet mean/std, LayerScale, class token +
+    patch mean head), with ``registers`` register tokens ("reg4")."""
+    name = f"vit_{size}_patch{patch}" + (f"_reg{registers}" if registers else "")
+    dinov2 = patch == 14
+    pool = "cls+mean" if dinov2 else "cls"
+    layout = ("hf_dinov2_registers" if registers else "hf_dinov2") if dinov2 else "hf_vit"
+    return Architecture(name, f"vit:{name}", _vit_stages(patch, VIT_DEPTHS[size]),
+                        boundary="tokens", block_freezing=True, depth_count=1,
+                        input_recipe="torchvision" if dinov2 else "inception",
+                        runtime_options=("drop_path_rate",),
+                        weight_options={"pool": (pool, pool)}, config_options=("pool",),
+                        weight_layouts=(layout,), default_pooled=1)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a for a in (
         _resnet("resnet18"), _resnet("resnet34"), _resnet("resnet50"),
         Architecture("mobilenet_v2", "mobilenet_v2:mobilenet_v2", _MOBILENET_V2,
-                     boundary="map", block_freezing=False, input_recipe="tflite_uint8",
+                     boundary="map", block_freezing=False, depth_count=7,
+                     input_recipe="tflite_uint8",
                      runtime_options=("depthwise_impl",),
                      # the published TF weights have batch norm folded into the convs;
                      # from scratch (or self-pretrained) it trains with batch norm
                      weight_options={"batch_norm": (True, False)},
                      weight_layouts=("tf_mobilenet_v2",)),
+        *(_vit(size, patch) for patch in (16, 14) for size in VIT_DEPTHS),
+        *(_vit(size, 14, registers=4) for size in ("small", "base", "large")),
     )}
 
 
@@ -129,9 +167,11 @@ def architecture(name: str) -> Architecture:
 
 def model_settings(backbone: Mapping) -> dict:
     """The model block of a job's settings, from the config's ``backbone``: the
-    architecture, its width and stage depths, and its runtime options (only those of this
-    architecture, so changing another's reruns no job)."""
+    architecture, its width and stage depths, the weight options the config chose, and its
+    runtime options (only this architecture's, so changing another's reruns no job)."""
     arch = architecture(backbone["arch"])
     return {"arch": arch.name, "width": backbone["width"],
             "stage_depths": backbone["stage_depths"],
+            "options": {key: backbone[key] for key in arch.config_options
+                        if backbone[key] is not None},
             "runtime": {key: backbone[key] for key in arch.runtime_options}}

@@ -65,10 +65,10 @@ def fetch_weights(config: Mapping) -> dict:
 
 def init_target_model(config: Mapping) -> dict:
     """The `init_target_model` job: the architecture and the new head's initialisation."""
-    backbone, head = config["backbone"], config["head"]
-    return {"arch": backbone["arch"], "width": backbone["width"],
-            "stage_depths": backbone["stage_depths"],
-            "init_from_source_names": head["init_from_source_names"], "seed": head["seed"]}
+    model = model_settings(config["backbone"])
+    del model["runtime"]        # the weights are the same however the model runs
+    return {"model": model, "init_from_source_names": config["head"]["init_from_source_names"],
+            "seed": config["head"]["seed"]}
 
 
 def pretrain(config: Mapping) -> dict:

@@ -171,7 +171,11 @@ def _check_architecture(config: Mapping[str, Any]) -> None:
         arch = architecture(backbone["arch"])
     except ConfigError as exc:
         raise ConfigError(f"backbone.arch: {exc}") from None
-    choices = arch.freeze_choices(backbone["stage_depths"])
+    depths = backbone["stage_depths"]
+    if depths is not None and len(depths) != arch.depth_count:
+        raise ConfigError(f"backbone.stage_depths: {arch.name} takes {arch.depth_count} "
+                          f"number(s), got {list(depths)}")
+    choices = arch.freeze_choices(depths)
     for name, block in config["regime_settings"].items():
         if block["freeze_up_to"] is not None and block["freeze_up_to"] not in choices:
             raise ConfigError(f"regime_settings.{name}.freeze_up_to: {block['freeze_up_to']!r} "

@@ -80,7 +80,7 @@ def _extract_fn(model, layers: Sequence[str], image_size: int, crop_fraction: fl
             x = net.run_stage(stage, x)
             for layer, (name, is_map) in zip(layers, parsed):
                 if name == stage:
-                    outputs[layer] = x if is_map else jnp.mean(x, axis=(1, 2))
+                    outputs[layer] = x if is_map else net.pool(x)
         return outputs
 
     return lambda images, key: extract(state, images, key)

@@ -161,9 +161,14 @@ def freeze_frozen_batch_norms(model: nnx.Module, frozen: nnx.State) -> None:
                 module.use_running_average = True
 
 
+#: The stream of a step's rng that draws the model's own randomness (a ViT's drop path).
+MODEL_STREAM = 9
+
+
 def _forward(graphdef, params, frozen, stats, images: jax.Array, *, train: bool, dtype,
-             start: str | None = None, cut: str | None = None):
-    """Logits (float32) and the new non-Param state.
+             start: str | None = None, cut: str | None = None, key=None):
+    """Logits (float32) and the new non-Param state. ``key``: randomness of the stages that
+    draw any in train mode (a ViT's drop path); the frozen part before ``cut`` gets none.
 
     ``copy=True`` makes fresh Variables at the current trace level (inside ``jax.grad``);
     without it flax 0.12 refuses the BatchNorm statistics update ("Cannot mutate BatchStat
@@ -180,10 +185,11 @@ def _forward(graphdef, params, frozen, stats, images: jax.Array, *, train: bool,
     if cut is not None and cut != start:
         images = jax.lax.stop_gradient(model.forward(images, start=start, stop=cut))
         start = cut
+    random = {"key": key} if key is not None and getattr(model, "takes_key", False) else {}
     if start is None:
-        logits = model(images)
+        logits = model(images, **random)
     else:
-        logits = model.forward(jnp.asarray(images).astype(dtype), start=start)
+        logits = model.forward(jnp.asarray(images).astype(dtype), start=start, **random)
     logits = logits.astype(jnp.float32)
     return logits, nnx.state(model, nnx.Not(nnx.Param))
 
@@ -212,7 +218,8 @@ def update_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: ja
 
     def loss_fn(params, frozen, stats):
         logits, new_stats = _forward(state.graphdef, params, frozen, stats, images, train=True,
-                                    dtype=dtype, start=options.start, cut=options.cut)
+                                    dtype=dtype, start=options.start, cut=options.cut,
+                                    key=jax.random.fold_in(rng, MODEL_STREAM))
         loss = jnp.mean(cross_entropy(logits, labels, options.label_smoothing))
         return loss, (logits, new_stats)
 
