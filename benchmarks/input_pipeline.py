@@ -7,9 +7,9 @@ Builds a NABirds stand-in of ``--images`` photos (real geometry from ``../shared
 so both loaders start from the page cache. Then, ``--repeats`` times, side by side:
 
 1. ours: shuffled batches gathered from the memory-mapped shards (``ShardReader.gather``)
-   and put on the device by the background ``Prefetcher`` of the training loop, exactly
-   as ``run_epoch`` loads them (the 224-pixel training window is cut on the device inside
-   the step, see ``augment_cpu.py``);
+   and put on the device by the background ``Prefetcher``, exactly as the training loop
+   (``loop.EpochSteps``) loads them (the 224-pixel training window is cut on the device
+   inside the step, see ``augment_cpu.py``);
 2. a JPEG-folder loader as a torchvision ``ImageFolder`` user has it: per image PIL open,
    full decode, RandomResizedCrop-style box, resize to 224 (bilinear), flip; batches
    stacked to uint8 arrays; in the main process (``num_workers=0``) and with a pool of 2

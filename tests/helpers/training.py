@@ -29,6 +29,27 @@ def step_options(**changes) -> StepOptions:
     return dataclasses.replace(options, **changes)
 
 
+def optimizer(**changes):
+    """Momentum SGD without weight decay or L2-SP (the plain optimizer the step tests assert
+    against), with ``changes``."""
+    from finegrained.train.optim import OptimizerSettings
+    return dataclasses.replace(OptimizerSettings(
+        optimizer="momentum", momentum=0.9, nesterov=False, weight_decay=0.0,
+        regularizer="weight_decay", l2_sp_alpha=0.0, l2_sp_beta=0.0), **changes)
+
+
+def train_state(model, *, lr: float, schedule: str = "cosine", total_steps: int = 1,
+                param_groups=None, precision=None, **changes):
+    """``create_train_state`` with :func:`optimizer` (``changes``) and a ``schedule`` of
+    ``total_steps`` from ``lr`` (cosine over one step: ``lr`` at step 0)."""
+    from finegrained.train.optim import make_schedule
+    from finegrained.train.precision import FLOAT32
+    from finegrained.train.steps import create_train_state
+    return create_train_state(model, param_groups=param_groups,
+                              schedule=make_schedule(lr, schedule, total_steps),
+                              optimizer=optimizer(**changes), precision=precision or FLOAT32)
+
+
 class TinyNet(nnx.Module):
     """stem -> stage1 -> head, with BatchNorm (or without: ``batch_norm=False``); takes
     uint8/float 0..255 NHWC pixels."""

@@ -19,10 +19,9 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     import jax, numpy as np
     from flax import nnx
-    from helpers.training import TinyNet, coloured_squares, crop_and_flip, step_options
+    from helpers.training import TinyNet, coloured_squares, crop_and_flip, step_options, train_state
     from finegrained.train.sharding import make_mesh, replicate, shard_batch
-    from finegrained.train.steps import (create_train_state, make_eval_metrics_step,
-                                         make_train_step)
+    from finegrained.train.steps import make_eval_metrics_step, make_train_step
     from finegrained.train.validation import validate
 
     assert jax.device_count() == 4, jax.devices()
@@ -35,7 +34,7 @@ SCRIPT = textwrap.dedent('''
     results = {}
     for n in (1, 4):
         mesh = make_mesh(n)
-        state = create_train_state(TinyNet(4, rngs=nnx.Rngs(0)), lr=0.1,
+        state = train_state(TinyNet(4, rngs=nnx.Rngs(0)), lr=0.1,
                                    weight_decay=1e-4, param_groups=[("stem/.*", 0.5)])
         state = replicate(state, mesh)
         sharded = shard_batch(batch, mesh)

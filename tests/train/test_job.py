@@ -3,7 +3,6 @@ settings or inputs is set aside, never resumed; a stale feature cache is refused
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path

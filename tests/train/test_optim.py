@@ -15,10 +15,10 @@ from flax import nnx
 
 from finegrained.errors import ConfigError
 from finegrained.train.augment import Augmentation
-from finegrained.train.optim import build_optimizer, make_schedule, param_names
-from finegrained.train.steps import (create_train_state, cross_entropy,
-                                     make_train_step)
-from helpers.training import step_options
+from finegrained.train.optim import ADAM_B1, ADAM_B2, build_optimizer, make_schedule, param_names
+from finegrained.train.steps import cross_entropy, make_train_step
+from helpers.training import optimizer as plain
+from helpers.training import step_options, train_state
 
 # Tiny real backbones: the torchvision / TF parameter paths, few blocks, few channels.
 MODELS = {
@@ -83,8 +83,8 @@ def _decayed(tx, params) -> dict[str, np.ndarray]:
 def test_weight_decay_applies_to_kernels_only(model, name, optimizer):
     params = nnx.state(model(name), nnx.Param)
     wd = 0.01
-    tx = build_optimizer(params, lr=1.0, schedule="constant", optimizer=optimizer,
-                         weight_decay=wd)
+    tx = build_optimizer(params, schedule=make_schedule(1.0, "constant", 1),
+                         settings=plain(optimizer=optimizer, weight_decay=wd), param_groups=None)
     before, updates = _flat(params), _decayed(tx, params)
     assert set(updates) == set(before)
     kernels = [k for k in before if k.endswith("/kernel")]
@@ -131,9 +131,12 @@ def test_adamw_two_steps_match_numpy():
               "stem": {"kernel": rng.normal(size=(2, 2, 3, 2)).astype(np.float32)}}
     grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32),
                                     params) for _ in range(2)]
-    lr, wd, b1, b2, eps, stem_mult = 0.01, 0.05, 0.9, 0.999, 1e-8, 0.5
-    tx = build_optimizer(params, lr=lr, schedule="constant", optimizer="adamw",
-                         weight_decay=wd, b1=b1, b2=b2, param_groups=[(r"stem/.*", stem_mult)])
+    lr, wd, eps, stem_mult = 0.01, 0.05, 1e-8, 0.5
+    b1, b2 = ADAM_B1, ADAM_B2
+    assert (b1, b2) == (0.9, 0.999)
+    tx = build_optimizer(params, schedule=make_schedule(lr, "constant", 1),
+                         settings=plain(optimizer="adamw", weight_decay=wd),
+                         param_groups=[(r"stem/.*", stem_mult)])
     state, current = tx.init(params), params
     expected = {n: p.astype(np.float64) for n, p in _flat(params).items()}
     m = {n: 0.0 for n in expected}
@@ -169,7 +172,7 @@ def _batches(n: int, size: int = 32, classes: int = 5, seed: int = 0):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2_bn"])
 def test_frozen_stem_and_stage1_stay_bit_identical(model, name):
     groups = [(r"(stem|stage1)/.*", 0)]
-    state = create_train_state(model(name, seed=1), lr=0.1, schedule="constant",
+    state = train_state(model(name, seed=1), lr=0.1, schedule="constant",
                                weight_decay=1e-3, param_groups=groups)
     frozen_names = set(_flat(state.frozen))
     assert frozen_names and all(n.startswith(("stem/", "stage1/")) for n in frozen_names)
@@ -199,9 +202,10 @@ def test_l2_sp_update_equals_the_hand_computation(model):
     biases and BatchNorm parameters -lr g; weight_decay is not used on top."""
     lr, alpha, beta = 0.5, 0.3, 0.02
     params = nnx.state(model("resnet18"), nnx.Param)
-    tx = build_optimizer(params, lr=lr, schedule="constant", optimizer="sgd", momentum=0.0,
-                         weight_decay=0.1, regularizer="l2_sp", l2_sp_alpha=alpha,
-                         l2_sp_beta=beta)
+    tx = build_optimizer(params, schedule=make_schedule(lr, "constant", 1),
+                         settings=plain(optimizer="sgd", momentum=0.0, weight_decay=0.1,
+                                        regularizer="l2_sp", l2_sp_alpha=alpha,
+                                        l2_sp_beta=beta), param_groups=None)
     state = tx.init(params)
     key = jax.random.key(0)
     moved = jax.tree_util.tree_map(
@@ -228,8 +232,10 @@ def test_l2_sp_pulls_the_weights_back_toward_the_pretrained_ones(model):
     lr, alpha = 0.1, 0.5
     params = nnx.state(model("resnet18"), nnx.Param)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    tx = build_optimizer(params, lr=lr, schedule="constant", optimizer="momentum",
-                         momentum=0.0, regularizer="l2_sp", l2_sp_alpha=alpha, l2_sp_beta=0.0)
+    tx = build_optimizer(params, schedule=make_schedule(lr, "constant", 1),
+                         settings=plain(optimizer="momentum", momentum=0.0,
+                                        regularizer="l2_sp", l2_sp_alpha=alpha),
+                         param_groups=None)
     state = tx.init(params)
     w = jax.tree_util.tree_map(lambda p: p + 1.0, params)      # displaced by 1 everywhere
     step = jax.jit(lambda w, s: tx.update(zeros, s, w))

@@ -20,8 +20,8 @@ from finegrained.train import precision as low_precision
 from finegrained.train.loop import fit
 from finegrained.train.precision import FLOAT32, Precision
 from finegrained.train.settings import default_settings
-from finegrained.train.steps import create_train_state, make_train_step
-from helpers.training import TinyNet, coloured_squares, crop_and_flip
+from finegrained.train.steps import make_train_step
+from helpers.training import TinyNet, coloured_squares, crop_and_flip, train_state
 
 BF16_SR = Precision("bfloat16", "stochastic", "bfloat16")
 BF16_NEAREST = Precision("bfloat16", "nearest", "float32")
@@ -106,8 +106,8 @@ def _images():
 
 def test_bfloat16_state_is_stored_as_such_and_moves():
     model = TinyNet(4, rngs=nnx.Rngs(5))
-    full = create_train_state(TinyNet(4, rngs=nnx.Rngs(5)), lr=0.05, optimizer="momentum")
-    state = create_train_state(model, lr=0.05, optimizer="momentum", precision=BF16_SR)
+    full = train_state(TinyNet(4, rngs=nnx.Rngs(5)), lr=0.05, optimizer="momentum")
+    state = train_state(model, lr=0.05, optimizer="momentum", precision=BF16_SR)
     for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert leaf.dtype == jnp.bfloat16

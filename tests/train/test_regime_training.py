@@ -7,10 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import jax.numpy as jnp
 import jax

@@ -19,12 +19,11 @@ from finegrained.train.augment import Augmentation, center_crop
 from finegrained.train.loop import TIMING_FIELDS, fit
 from finegrained.train.settings import default_settings
 from finegrained.train.validation import validate
-from finegrained.train.optim import build_optimizer
-from finegrained.train.steps import (create_train_state, make_eval_metrics_step,
-                                     make_eval_step,
-                                     make_train_step)
-from helpers.training import (TinyNet, coloured_squares, crop_and_flip, pretrain_inputs,
-                              pretrain_settings_json, step_options)
+from finegrained.train.optim import build_optimizer, make_schedule
+from finegrained.train.steps import make_eval_metrics_step, make_eval_step, make_train_step
+from helpers.training import (TinyNet, coloured_squares, crop_and_flip, optimizer,
+                              pretrain_inputs, pretrain_settings_json, step_options,
+                              train_state)
 
 SMALL = default_settings(epochs=3, batch_size=32, lr=0.05, schedule="cosine", warmup_epochs=0,
                          weight_decay=1e-4, image_size=20, eval_crop_fraction=1.0,
@@ -56,7 +55,7 @@ def test_eval_counts_every_example_once():
     images, labels = coloured_squares(37, seed=3)
     model = TinyNet(4, rngs=nnx.Rngs(1))
     options = step_options(image_size=20, eval_crop_fraction=1.0)
-    state = create_train_state(model, lr=0.1)
+    state = train_state(model, lr=0.1)
     eval_step = make_eval_step(options)
     result = validate(state, (images, labels), make_eval_metrics_step(options),
                       batch_size=8)   # 4 full + 5 of 8
@@ -80,7 +79,7 @@ def _steps(state, options, n, seed=0):
 def test_frozen_group_is_bit_identical_and_has_no_optimizer_state():
     model = TinyNet(4, rngs=nnx.Rngs(2))
     groups = ((r"stem/.*", 0.0), (r"stage1/.*", None))
-    state = create_train_state(model, lr=0.5, weight_decay=0.1, param_groups=groups)
+    state = train_state(model, lr=0.5, weight_decay=0.1, param_groups=groups)
     frozen_before = jax.tree_util.tree_map(np.array, state.frozen)
     trained_before = jax.tree_util.tree_map(np.array, state.params)
     assert set(nnx.to_pure_dict(state.frozen)) == {"stem", "stage1"}
@@ -102,7 +101,7 @@ def test_frozen_group_is_bit_identical_and_has_no_optimizer_state():
 def test_batch_norm_of_a_frozen_group_keeps_its_running_statistics():
     model = TinyNet(4, rngs=nnx.Rngs(2))
     groups = ((r"stem(_bn)?/.*", 0.0),)
-    state = create_train_state(model, lr=0.5, param_groups=groups)
+    state = train_state(model, lr=0.5, param_groups=groups)
     state, _ = _steps(state, step_options(image_size=20), 3)
     frozen_bn = state.stats["stem_bn"]
     np.testing.assert_array_equal(np.asarray(frozen_bn["mean"][...]), 0.0)
@@ -113,8 +112,9 @@ def test_batch_norm_of_a_frozen_group_keeps_its_running_statistics():
 def test_lr_multiplier_scales_the_first_sgd_step():
     params = {"head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
               "stem": {"kernel": jnp.ones((3, 3))}}
-    tx = build_optimizer(params, lr=0.1, schedule="constant", total_steps=10,
-                         optimizer="sgd", momentum=0.0, param_groups=[(r"stem/.*", 0.1)])
+    tx = build_optimizer(params, schedule=make_schedule(0.1, "constant", 10),
+                         settings=optimizer(optimizer="sgd", momentum=0.0),
+                         param_groups=[(r"stem/.*", 0.1)])
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -127,7 +127,7 @@ def test_lr_multiplier_scales_the_first_sgd_step():
     options = step_options(image_size=20, augment=Augmentation.none())
     moves = []
     for groups in ((), ((r"stem/.*", 0.1),)):
-        state = create_train_state(TinyNet(4, rngs=nnx.Rngs(3)), lr=0.1,
+        state = train_state(TinyNet(4, rngs=nnx.Rngs(3)), lr=0.1,
                                    schedule="constant", weight_decay=0.0, param_groups=groups)
         new_state, _ = _steps(state, options, 1)
         before, after = nnx.to_pure_dict(state.params), nnx.to_pure_dict(new_state.params)
@@ -143,7 +143,7 @@ def test_lr_multiplier_scales_the_first_sgd_step():
 
 def test_unmatched_group_regex_is_an_error():
     with pytest.raises(ConfigError, match="match no parameter"):
-        create_train_state(TinyNet(4, rngs=nnx.Rngs(0)), lr=0.1,
+        train_state(TinyNet(4, rngs=nnx.Rngs(0)), lr=0.1,
                            param_groups=[(r"backbone/.*", 0)])
 
 
@@ -171,7 +171,7 @@ def test_bfloat16_compute_is_used_and_close_to_float32(random_model):
     """bf16 changes the numbers (so compute_dtype is not ignored), but only by bf16
     rounding; parameters and running statistics stay float32 through a bf16 train step."""
     model = random_model("resnet18", 4, width=8, stage_depths=[1, 1, 1, 1], seed=6)
-    state = create_train_state(model, lr=0.05, schedule="constant")
+    state = train_state(model, lr=0.05, schedule="constant")
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
              "label": rng.integers(0, 4, 8).astype(np.int32)}

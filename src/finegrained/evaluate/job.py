@@ -12,7 +12,6 @@ The test split is read here and nowhere else in the workflow.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Mapping
 

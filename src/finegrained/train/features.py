@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from finegrained.data.manifest import class_names

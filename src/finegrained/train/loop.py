@@ -1,12 +1,12 @@
 """The training loop: epochs of seeded shuffled batches through the jitted step, with
 checkpoints, resume, preemption and non-finite guards.
 
-``fit`` reads in one sitting: :func:`prepare` (state, steps, schedule for the settings),
-then per epoch :func:`run_epoch` (the steps, checkpointing and guarding as they go), the
-validation pass and :func:`end_epoch` (the history row, the best weights, early stopping,
-the epoch's checkpoint). It starts from the model's current values (or a checkpoint) and
-returns the final ``TrainState``. The step itself is ``steps.train_step_fn``; the batches
-come from ``input_pipeline``; the checkpoints are ``checkpoint``'s.
+:func:`fit` reads in one sitting: :func:`prepare` (the state on the mesh, the jitted steps,
+the learning-rate schedule), :func:`resume` (a checkpoint, if any), then per epoch its steps
+(``training.train_step``, which is ``steps.train_step``, each booked by :class:`EpochSteps`:
+loss checked, checkpoints, progress), the validation pass and :func:`end_epoch` (the
+history row, the best weights, early stopping, the epoch's checkpoint). The batches come
+from ``input_pipeline``; the checkpoints are ``checkpoint``'s.
 
 The data order is a permutation per (seed, epoch) and each step's augmentation key is
 ``fold_in(key(seed), step)``, so a run resumed at step ``s`` reads the batches and draws the
@@ -56,8 +56,9 @@ class NonFinite(RuntimeError):
 
 
 @dataclasses.dataclass
-class Run:
-    """What :func:`prepare` builds for one run: the state on the mesh and the steps."""
+class Training:
+    """What :func:`prepare` builds for one run: the state on the mesh, the steps, the
+    schedule."""
 
     settings: TrainSettings
     mesh: Any
@@ -69,11 +70,11 @@ class Run:
     num_train: int                        # training examples (the epoch's data)
     group_lrs: dict[str, float | None]    # history column name -> lr multiplier
     started: float
-    #: The state validation and exported weights use: ``state`` itself, or with local SGD
-    #: the mean of its per-device copies.
-    evaluated: Callable[[TrainState], TrainState]
-    #: A host copy of ``state`` (a restored checkpoint) back on the mesh as ``state`` is.
-    place: Callable[[Any], TrainState]
+    #: The model validation sees and the weights files hold, from ``state``: the state
+    #: itself, or with local SGD the mean of its per-device copies.
+    averaged: Callable[[TrainState], TrainState]
+    #: A host copy of ``state`` (a restored checkpoint) put back on the mesh as ``state`` is.
+    to_mesh: Callable[[Any], TrainState]
     #: Seconds from :func:`prepare` to the return of this process's first step (tracing and
     #: compiling it, or loading it from the persistent compilation cache); None until then.
     first_step_seconds: float | None = None
@@ -120,35 +121,37 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
     """
     log = log_fn or (lambda _: None)
     train_source = as_source(train_source)
-    run = prepare(model, len(train_source), settings, mesh=mesh, lighting=lighting)
-    eval_batch = round_up(settings.eval_batch_size or settings.batch_size, run.mesh.devices.size)
+    training = prepare(model, len(train_source), settings, mesh=mesh, lighting=lighting)
+    eval_batch = round_up(settings.eval_batch_size or settings.batch_size,
+                          training.mesh.devices.size)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
-    progress, best_weights = Progress(), None
-    if ckpt is not None:
-        restored = restore_checkpoint(ckpt, run.state, lambda: flatten_state(model))
-        if restored is not None:
-            state, progress, best_weights = restored
-            run.state = run.place(jax.tree_util.tree_map(jnp.asarray, state))
-            log(f"{label}: resumed from checkpoint at step {progress.step}")
-    first_epoch_here = True
+    progress, best_weights = resume(training, ckpt, model, label, log)
+    step_key = jax.random.fold_in(jax.random.key(settings.seed), 1)
     epochs = min(settings.epochs, stop_after_epochs or settings.epochs)
+    first_epoch_here = True
     try:
         with StopFlag() as stop:
-            while not progress.done and progress.step < run.steps_per_epoch * epochs:
-                epoch = progress.step // run.steps_per_epoch
-                run_epoch(run, train_source, epoch, progress, label=label, ckpt=ckpt,
-                          best_weights=best_weights, stop=stop, log=log)
-                check_state(run, label, epoch + 1, progress.step, ckpt)
+            while not progress.done and progress.step < training.steps_per_epoch * epochs:
+                epoch = progress.step // training.steps_per_epoch
+                with EpochSteps(training, train_source, epoch, progress, label=label,
+                                ckpt=ckpt, stop=stop, log=log) as steps:
+                    for batch in steps.batches:
+                        rng = jax.random.fold_in(step_key, progress.step)
+                        training.state, metrics = training.train_step(training.state, batch,
+                                                                      rng)
+                        steps.book(metrics, best_weights)
+                check_state(training, label, epoch + 1, progress.step, ckpt)
                 t_eval = time.perf_counter()
-                val = (validate(run.evaluated(run.state), val_source, run.eval_metrics,
-                                eval_batch, run.mesh, settings.prefetch_batches)
+                val = (validate(training.averaged(training.state), val_source,
+                                training.eval_metrics, eval_batch, training.mesh,
+                                settings.prefetch_batches)
                        if val_source is not None else None)
-                record = epoch_record(run, epoch, progress, val)
+                record = epoch_record(training, epoch, progress, val)
                 record["eval_seconds"] = time.perf_counter() - t_eval
                 if first_epoch_here:          # the startup of this process
-                    record["first_step_seconds"] = run.first_step_seconds
+                    record["first_step_seconds"] = training.first_step_seconds
                     first_epoch_here = False
-                best_weights = end_epoch(run, progress, record, best_weights, ckpt)
+                best_weights = end_epoch(training, progress, record, best_weights, ckpt)
                 log(f"{label} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in record.items()))
                 if stop.agreed(f"epoch{epoch}"):
@@ -159,13 +162,13 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
             ckpt.close()
 
     # Back to single-device arrays so the caller's model does not stay tied to the mesh.
-    nnx.update(model, *jax.tree_util.tree_map(jnp.asarray, host_weights(run)))
-    return FitResult(progress.history, run.state, progress.best, best_weights,
+    nnx.update(model, *jax.tree_util.tree_map(jnp.asarray, host_weights(training)))
+    return FitResult(progress.history, training.state, progress.best, best_weights,
                      stopped_early=progress.done)
 
 
 def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=None,
-            lighting: Lighting | None = None) -> Run:
+            lighting: Lighting | None = None) -> Training:
     """The train state on the mesh (replicated), the jitted steps and the schedule."""
     started = time.perf_counter()
     mesh = mesh if mesh is not None else make_mesh(settings.num_devices)
@@ -174,17 +177,12 @@ def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {settings.batch_size} exceeds the {num_train} "
                           f"training examples (the last partial batch is dropped)")
-    total_steps = steps_per_epoch * settings.epochs
-    warmup_steps = int(round(settings.warmup_epochs * steps_per_epoch))
-    schedule = optim.make_schedule(settings.lr, settings.schedule, total_steps, warmup_steps,
-                                   settings.end_lr_fraction)
-    state = create_train_state(
-        model, param_groups=settings.param_groups, lr=settings.lr, schedule=settings.schedule,
-        total_steps=total_steps, warmup_steps=warmup_steps, weight_decay=settings.weight_decay,
-        optimizer=settings.optimizer, momentum=settings.momentum, nesterov=settings.nesterov,
-        end_lr_fraction=settings.end_lr_fraction, regularizer=settings.regularizer,
-        l2_sp_alpha=settings.l2_sp_alpha, l2_sp_beta=settings.l2_sp_beta,
-        precision=settings.precision)
+    schedule = optim.make_schedule(
+        settings.lr, settings.schedule, steps_per_epoch * settings.epochs,
+        int(round(settings.warmup_epochs * steps_per_epoch)), settings.end_lr_fraction)
+    state = create_train_state(model, param_groups=settings.param_groups, schedule=schedule,
+                               optimizer=settings.optimizer_settings(),
+                               precision=settings.precision)
     # Donated train state: the step updates it in place (a CPU cannot donate; no warning).
     donate = jax.default_backend() != "cpu"
     options = settings.step_options()
@@ -193,142 +191,180 @@ def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=
         train_step = local_sgd.make_local_sgd_step(options, settings.parallel, mesh,
                                                    lighting=lighting, schedule=schedule,
                                                    donate=donate)
-        evaluated = local_sgd.make_mean_of_copies(mesh)
-        place = functools.partial(local_sgd.place, mesh=mesh)
+        averaged = local_sgd.make_mean_of_copies(mesh)
+        to_mesh = functools.partial(local_sgd.place, mesh=mesh)
     else:
         state = replicate(state, mesh)
         train_step = make_train_step(options, lighting=lighting, schedule=schedule, mesh=mesh,
                                      donate=donate)
-        evaluated, place = (lambda s: s), functools.partial(replicate, mesh=mesh)
+        averaged, to_mesh = (lambda s: s), functools.partial(replicate, mesh=mesh)
     eval_metrics = make_eval_metrics_step(options, mesh=mesh)
     group_lrs = {f"lr:{pattern}": mult for pattern, mult in settings.param_groups}
-    return Run(settings, mesh, state, train_step, eval_metrics, schedule, steps_per_epoch,
-               num_train, group_lrs, started, evaluated, place)
+    return Training(settings, mesh, state, train_step, eval_metrics, schedule, steps_per_epoch,
+                    num_train, group_lrs, started, averaged, to_mesh)
 
 
-def run_epoch(run: Run, source: Any, epoch: int, progress: Progress, *, label: str,
-              ckpt: Checkpointer | None, best_weights: dict | None, stop: StopFlag,
-              log: Callable[[str], None]) -> None:
-    """Steps of ``epoch`` (0-based) from where ``progress`` stands. Checks each step's loss
-    (one step behind, so dispatch stays asynchronous), checkpoints every
-    ``checkpoint_every_steps`` and on SIGTERM (then raises :class:`Preempted`)."""
-    settings, steps_per_epoch = run.settings, run.steps_per_epoch
-    labels = np.asarray(source.labels, np.int32)
-    done_before = progress.step - epoch * steps_per_epoch     # steps of a resumed epoch
-    batches = epoch_batches(len(source), settings.batch_size, settings.seed, epoch)[done_before:]
-    step_key = jax.random.fold_in(jax.random.key(settings.seed), 1)
-    rows = local_rows(settings.batch_size, run.mesh)       # this process's part of each batch
+def resume(training: Training, ckpt: Checkpointer | None, model: nnx.Module, label: str,
+           log: Callable[[str], None]) -> tuple[Progress, dict | None]:
+    """The progress and best weights of the latest checkpoint (its state put on the mesh),
+    or a fresh start."""
+    if ckpt is not None:
+        restored = restore_checkpoint(ckpt, training.state, lambda: flatten_state(model))
+        if restored is not None:
+            state, progress, best_weights = restored
+            training.state = training.to_mesh(jax.tree_util.tree_map(jnp.asarray, state))
+            log(f"{label}: resumed from checkpoint at step {progress.step}")
+            return progress, best_weights
+    return Progress(), None
 
-    def load(indices):
-        indices = indices[rows]
-        return shard_batch({"image": source.gather(indices), "label": labels[indices]},
-                           run.mesh, settings.batch_size)
 
-    bar = _progress_bar(steps_per_epoch, f"{label} epoch {epoch + 1}/{settings.epochs}")
-    if bar is not None:
-        bar.update(done_before)
-    prefetch = Prefetcher(batches, load, settings.prefetch_batches)
-    t0, pending = time.perf_counter(), None
+class EpochSteps:
+    """The machinery around the steps of one epoch (0-based) from where ``progress``
+    stands: the batches (this process's rows of each, loaded ahead on a thread), each
+    step's loss fetched one step behind (so dispatch stays asynchronous) and checked,
+    checkpoints every ``checkpoint_every_steps`` and on SIGTERM (then :class:`Preempted`),
+    the progress bar or log lines, and the epoch's time."""
 
-    def settle() -> None:
+    def __init__(self, training: Training, source: Any, epoch: int, progress: Progress, *,
+                 label: str, ckpt: Checkpointer | None, stop: StopFlag,
+                 log: Callable[[str], None]):
+        settings = self.settings = training.settings
+        self.training, self.epoch, self.progress = training, epoch, progress
+        self.label, self.ckpt, self.stop, self.log = label, ckpt, stop, log
+        labels = np.asarray(source.labels, np.int32)
+        # steps of this epoch a resumed run has done already
+        self.done_before = progress.step - epoch * training.steps_per_epoch
+        order = epoch_batches(len(source), settings.batch_size, settings.seed,
+                              epoch)[self.done_before:]
+        rows = local_rows(settings.batch_size, training.mesh)   # this process's part
+
+        def load(indices):
+            indices = indices[rows]
+            return shard_batch({"image": source.gather(indices), "label": labels[indices]},
+                               training.mesh, settings.batch_size)
+
+        self.bar = _progress_bar(training.steps_per_epoch,
+                                 f"{label} epoch {epoch + 1}/{settings.epochs}")
+        if self.bar is not None:
+            self.bar.update(self.done_before)
+        self.batches = Prefetcher(order, load, settings.prefetch_batches)
+        self.t0, self.pending = time.perf_counter(), None
+
+    def __enter__(self) -> "EpochSteps":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            if kind is None:
+                self.settle()
+        finally:
+            self.batches.close()
+            if self.bar is not None:
+                self.bar.close()
+        if kind is None:
+            seconds, wait = self.elapsed()
+            self.progress.epoch_seconds += seconds
+            self.progress.epoch_wait += wait
+
+    def book(self, metrics: Mapping, best_weights: dict | None) -> None:
+        """A step just dispatched: the previous step's loss checked while it runs, the step
+        counted, a checkpoint if one is due (and :class:`Preempted` after a SIGTERM's), the
+        progress shown."""
+        training, progress, settings = self.training, self.progress, self.settings
+        if training.first_step_seconds is None:
+            training.first_step_seconds = time.perf_counter() - training.started
+        self.settle()
+        progress.step += 1
+        self.pending = (metrics, progress.step)
+        every = settings.checkpoint_every_steps
+        mid_epoch = progress.step % training.steps_per_epoch != 0   # epoch ends: after val
+        stopping = self.stop.agreed(progress.step)
+        if mid_epoch and ((every and progress.step % every == 0) or stopping):
+            self.settle()
+            check_state(training, self.label, self.epoch + 1, progress.step, self.ckpt)
+            seconds, wait = self.elapsed()
+            save_checkpoint(self.ckpt, training.state, dataclasses.replace(
+                progress, epoch_seconds=progress.epoch_seconds + seconds,
+                epoch_wait=progress.epoch_wait + wait), best_weights)
+            if stopping:
+                raise Preempted(f"{self.label}: SIGTERM at epoch {self.epoch + 1}, step "
+                                f"{progress.step}; checkpoint written, rerun to resume")
+        self.show()
+
+    def settle(self) -> None:
         """Fetch the pending step's metrics, check its loss, record it."""
-        nonlocal pending
-        if pending is None:
+        if self.pending is None:
             return
-        metrics, step = jax.device_get(pending[0]), pending[1]
-        pending = None
-        loss = _check_loss(metrics, label, epoch + 1, step, ckpt)
-        progress.epoch_metrics.append([loss, float(metrics["accuracy"])])
+        metrics, step = jax.device_get(self.pending[0]), self.pending[1]
+        self.pending = None
+        loss = _check_loss(metrics, self.label, self.epoch + 1, step, self.ckpt)
+        self.progress.epoch_metrics.append([loss, float(metrics["accuracy"])])
 
-    def elapsed() -> tuple[float, float]:
-        return time.perf_counter() - t0, prefetch.wait_seconds
+    def show(self) -> None:
+        """The progress bar on a terminal, else a log line every ``log_every_steps``."""
+        progress, settings = self.progress, self.settings
+        if self.bar is not None:
+            self.bar.update(1)
+            if progress.epoch_metrics:    # the previous step's loss (no extra sync)
+                seconds, _ = self.elapsed()
+                steps_here = (progress.step - self.epoch * self.training.steps_per_epoch
+                              - self.done_before)
+                self.bar.set_postfix(loss=f"{progress.epoch_metrics[-1][0]:.4f}",
+                                     img_s=f"{steps_here * settings.batch_size / seconds:.0f}")
+        elif settings.log_every_steps and progress.step % settings.log_every_steps == 0:
+            self.settle()
+            loss, acc = progress.epoch_metrics[-1]
+            self.log(f"{self.label} epoch {self.epoch + 1} step {progress.step}/"
+                     f"{self.training.steps_per_epoch * settings.epochs} loss {loss:.4f} "
+                     f"acc {acc:.3f}")
 
-    try:
-        for batch in prefetch:
-            rng = jax.random.fold_in(step_key, progress.step)
-            run.state, metrics = run.train_step(run.state, batch, rng)
-            if run.first_step_seconds is None:
-                run.first_step_seconds = time.perf_counter() - run.started
-            settle()                      # the previous step, while this one runs
-            progress.step += 1
-            pending = (metrics, progress.step)
-            every = settings.checkpoint_every_steps
-            mid_epoch = progress.step % steps_per_epoch != 0   # epoch ends: after validation
-            stopping = stop.agreed(progress.step)
-            if mid_epoch and ((every and progress.step % every == 0) or stopping):
-                settle()
-                check_state(run, label, epoch + 1, progress.step, ckpt)
-                seconds, wait = elapsed()
-                save_checkpoint(ckpt, run.state, dataclasses.replace(
-                    progress, epoch_seconds=progress.epoch_seconds + seconds,
-                    epoch_wait=progress.epoch_wait + wait), best_weights)
-                if stopping:
-                    raise Preempted(f"{label}: SIGTERM at epoch {epoch + 1}, step "
-                                    f"{progress.step}; checkpoint written, rerun to resume")
-            if bar is not None:
-                bar.update(1)
-                if progress.epoch_metrics:    # the previous step's loss (no extra sync)
-                    seconds, _ = elapsed()
-                    steps_here = progress.step - epoch * steps_per_epoch - done_before
-                    bar.set_postfix(loss=f"{progress.epoch_metrics[-1][0]:.4f}",
-                                    img_s=f"{steps_here * settings.batch_size / seconds:.0f}")
-            elif settings.log_every_steps and progress.step % settings.log_every_steps == 0:
-                settle()
-                loss, acc = progress.epoch_metrics[-1]
-                log(f"{label} epoch {epoch + 1} step {progress.step}/"
-                    f"{steps_per_epoch * settings.epochs} loss {loss:.4f} acc {acc:.3f}")
-        settle()
-    finally:
-        prefetch.close()
-        if bar is not None:
-            bar.close()
-    seconds, wait = elapsed()
-    progress.epoch_seconds += seconds
-    progress.epoch_wait += wait
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.t0, self.batches.wait_seconds
 
 
-def epoch_record(run: Run, epoch: int, progress: Progress, val: dict | None) -> dict:
+def epoch_record(training: Training, epoch: int, progress: Progress,
+                 val: dict | None) -> dict:
     """The history row of an epoch just run (and validated)."""
     metrics = np.asarray(progress.epoch_metrics, np.float64)
     seconds = max(progress.epoch_seconds, 1e-9)
-    copies = run.mesh.devices.size if run.settings.parallel.local else 1
-    record = {"epoch": epoch + 1, "step": progress.step, **run.lrs(progress.step - 1),
-              "train_count": run.num_train, "train_loss": float(metrics[:, 0].mean()),
+    copies = training.mesh.devices.size if training.settings.parallel.local else 1
+    record = {"epoch": epoch + 1, "step": progress.step, **training.lrs(progress.step - 1),
+              "train_count": training.num_train, "train_loss": float(metrics[:, 0].mean()),
               "train_top1": float(metrics[:, 1].mean()),
               # one copy's storage of the trained parameters and the optimizer state
-              "param_bytes": nbytes(run.state.params) // copies,
-              "opt_state_bytes": nbytes(run.state.opt_state) // copies,
-              "communication_rounds": run.settings.parallel.communication_rounds(progress.step)}
+              "param_bytes": nbytes(training.state.params) // copies,
+              "opt_state_bytes": nbytes(training.state.opt_state) // copies,
+              "communication_rounds": training.settings.parallel.communication_rounds(progress.step)}
     if val is not None:
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_count=val["count"])
-    record.update(images_per_second=len(metrics) * run.settings.batch_size / seconds,
+    record.update(images_per_second=len(metrics) * training.settings.batch_size / seconds,
                   seconds=seconds, input_wait_fraction=progress.epoch_wait / seconds)
     return record
 
 
-def host_weights(run: Run) -> tuple:
+def host_weights(training: Training) -> tuple:
     """Trained parameters, frozen parameters and statistics on the host, the parameters as
     float32 whatever their storage (bfloat16 widens exactly): what weights files hold."""
-    state = run.evaluated(run.state)
+    state = training.averaged(training.state)
     params, frozen, stats = jax.device_get((state.params, state.frozen, state.stats))
     return cast_floats(params, np.float32), frozen, stats
 
 
-def end_epoch(run: Run, progress: Progress, record: dict, best_weights: dict | None,
+def end_epoch(training: Training, progress: Progress, record: dict, best_weights: dict | None,
               ckpt: Checkpointer | None) -> dict | None:
     """Book an epoch: its row, the best weights so far (``select_by``), early stopping
     (``patience``), the epoch's checkpoint. Returns the best weights."""
     progress.history.append(record)
     if "val_top1" in record:
-        if better(record, progress.best, run.settings.select_by):
+        if better(record, progress.best, training.settings.select_by):
             progress.best, progress.stale_epochs = record, 0
-            best_weights = flatten_state(nnx.merge(run.state.graphdef, *host_weights(run)))
+            best_weights = flatten_state(nnx.merge(training.state.graphdef, *host_weights(training)))
         else:
             progress.stale_epochs += 1
-        if run.settings.patience and progress.stale_epochs >= run.settings.patience:
+        if training.settings.patience and progress.stale_epochs >= training.settings.patience:
             progress.done = True
     progress.epoch_metrics, progress.epoch_seconds, progress.epoch_wait = [], 0.0, 0.0
-    save_checkpoint(ckpt, run.state, progress, best_weights)
+    save_checkpoint(ckpt, training.state, progress, best_weights)
     return best_weights
 
 
@@ -356,12 +392,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
-def check_state(run: Run, label: str, epoch: int, step: int,
+def check_state(training: Training, label: str, epoch: int, step: int,
                 ckpt: Checkpointer | None) -> None:
     """Raise :class:`NonFinite` unless every trained parameter, statistic and optimizer
     moment is finite. The loss the loop reads is the loss *before* a step's update, so an
     update that overflows shows only here; called before every checkpoint and epoch end."""
-    state = (run.state.params, run.state.stats, run.state.opt_state)
+    state = (training.state.params, training.state.stats, training.state.opt_state)
     if not bool(jax.device_get(_all_finite(state))):
         raise NonFinite(f"{label}: non-finite parameters after epoch {epoch}, step {step} (the "
                         f"update diverged; lower the learning rate); stopped ({_kept(ckpt)})")
@@ -375,6 +411,6 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
 
 
-__all__: Sequence[str] = ("FitResult", "NonFinite", "Preempted", "Run", "TIMING_FIELDS",
-                          "check_state", "end_epoch", "epoch_record", "fit", "prepare",
-                          "run_epoch")
+__all__: Sequence[str] = ("EpochSteps", "FitResult", "NonFinite", "Preempted", "TIMING_FIELDS",
+                          "Training", "check_state", "end_epoch", "epoch_record", "fit",
+                          "prepare", "resume")

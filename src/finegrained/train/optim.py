@@ -22,6 +22,7 @@ stateless), so the mechanism is safe either way.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -192,56 +193,69 @@ def l2_sp(alpha: float, beta: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def _group_transform(schedule: optax.Schedule, lr_mult: float, *, optimizer: str,
-                     weight_decay: float, momentum: float, nesterov: bool,
-                     b1: float, b2: float, regularizer: str = "weight_decay",
-                     l2_sp_alpha: float = 0.0,
-                     l2_sp_beta: float = 0.0) -> optax.GradientTransformation:
-    lr = lambda step: lr_mult * schedule(step)  # noqa: E731
-    if regularizer not in REGULARIZERS:
-        raise ConfigError(f"unknown regularizer {regularizer!r}; use one of {REGULARIZERS}")
-    parts = []
-    if regularizer == "l2_sp":
-        parts.append(l2_sp(l2_sp_alpha, l2_sp_beta))
+#: AdamW's moment decay rates (not in the config: the values every recipe here uses).
+ADAM_B1, ADAM_B2 = 0.9, 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """A recipe's optimizer: the schema's recipe keys of the same names (where their one
+    default lives; ``TrainSettings.optimizer_settings``)."""
+
+    optimizer: str          # 'momentum' | 'sgd' | 'adamw'
+    momentum: float
+    nesterov: bool
+    weight_decay: float     # toward zero (decoupled for adamw), kernels only
+    regularizer: str        # 'weight_decay' | 'l2_sp'
+    l2_sp_alpha: float
+    l2_sp_beta: float
+
+
+def _group_transform(lr: Callable, settings: OptimizerSettings) -> optax.GradientTransformation:
+    if settings.regularizer not in REGULARIZERS:
+        raise ConfigError(f"unknown regularizer {settings.regularizer!r}; use one of "
+                          f"{REGULARIZERS}")
+    parts, weight_decay = [], settings.weight_decay
+    if settings.regularizer == "l2_sp":
+        parts.append(l2_sp(settings.l2_sp_alpha, settings.l2_sp_beta))
         weight_decay = 0.0
-    if optimizer in ("momentum", "sgd"):
+    if settings.optimizer in ("momentum", "sgd"):
         if weight_decay:
             parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
-        parts.append(optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
+        parts.append(optax.sgd(lr, momentum=settings.momentum or None,
+                               nesterov=settings.nesterov))
         return optax.chain(*parts)
-    if optimizer == "adamw":
-        return optax.chain(*parts, optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay,
-                                               mask=_decay_mask))
-    raise ConfigError(f"unknown optimizer {optimizer!r}; use 'momentum', 'sgd' or 'adamw'")
+    if settings.optimizer == "adamw":
+        return optax.chain(*parts, optax.adamw(lr, b1=ADAM_B1, b2=ADAM_B2,
+                                               weight_decay=weight_decay, mask=_decay_mask))
+    raise ConfigError(f"unknown optimizer {settings.optimizer!r}; use 'momentum', 'sgd' or "
+                      f"'adamw'")
 
 
-def build_optimizer(params: Any, *, lr: float, schedule: str = "cosine",
-                    total_steps: int = 1, warmup_steps: int = 0, weight_decay: float = 0.0,
-                    optimizer: str = "momentum", momentum: float = 0.9, nesterov: bool = False,
-                    b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.0,
-                    regularizer: str = "weight_decay", l2_sp_alpha: float = 0.0,
-                    l2_sp_beta: float = 0.0, param_groups: ParamGroups | None = None,
+def build_optimizer(params: Any, *, schedule: optax.Schedule, settings: OptimizerSettings,
+                    param_groups: ParamGroups | None,
                     check: bool = True) -> optax.GradientTransformation:
     """One optax transformation for ``params`` (any pytree: nnx.State or nested dicts).
 
-    Each group gets the same optimizer with its learning rate (and so its decoupled
-    weight decay for adamw) scaled by ``lr_mult``; frozen groups get ``set_to_zero``.
-    Weight decay applies to kernels (ndim > 1) only; ``regularizer='l2_sp'`` replaces it
-    with :func:`l2_sp` toward the values ``params`` hold at ``init``. ``check`` raises on
-    regexes that match no name in ``params`` (turn off when ``params`` holds only the
-    trainable part).
+    Each group gets the same optimizer with the learning rate ``schedule`` (the run's, built
+    once by :func:`make_schedule`) scaled by its ``lr_mult`` (and so its decoupled weight
+    decay for adamw); frozen groups get ``set_to_zero``. Weight decay applies to kernels
+    (ndim > 1) only; ``regularizer='l2_sp'`` replaces it with :func:`l2_sp` toward the
+    values ``params`` hold at ``init``. ``check`` raises on regexes that match no name in
+    ``params`` (turn off when ``params`` holds only the trainable part).
     """
     groups = normalize_groups(param_groups)
     if check:
         check_groups(jax.tree_util.tree_leaves(param_names(params)), param_groups)
-    sched = make_schedule(lr, schedule, total_steps, warmup_steps, end_lr_fraction)
-    kwargs = dict(optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
-                  nesterov=nesterov, b1=b1, b2=b2, regularizer=regularizer,
-                  l2_sp_alpha=l2_sp_alpha, l2_sp_beta=l2_sp_beta)
-    transforms = {DEFAULT: _group_transform(sched, 1.0, **kwargs), FROZEN: optax.set_to_zero()}
+
+    def scaled(mult: float) -> Callable:
+        return lambda step: mult * schedule(step)
+
+    transforms = {DEFAULT: _group_transform(scaled(1.0), settings),
+                  FROZEN: optax.set_to_zero()}
     for i, (_, mult) in enumerate(groups):
         if not is_frozen(mult):
-            transforms[f"group{i}"] = _group_transform(sched, mult, **kwargs)
+            transforms[f"group{i}"] = _group_transform(scaled(mult), settings)
 
     def labels(tree):
         return jax.tree_util.tree_map_with_path(

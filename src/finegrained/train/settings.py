@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from finegrained.errors import ConfigError
 from finegrained.train.augment import Augmentation
 from finegrained.train.local_sgd import Parallel
+from finegrained.train.optim import OptimizerSettings
 from finegrained.train.precision import Precision
 from finegrained.train.steps import StepOptions
 
@@ -58,6 +59,10 @@ class TrainSettings:
     cut: str | None                       # frozen part run online up to this stage
     precision: Precision                  # storage of trained parameters and optimizer state
     parallel: Parallel                    # sync data parallel, or local SGD (model averaging)
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(**{f.name: getattr(self, f.name)
+                                    for f in dataclasses.fields(OptimizerSettings)})
 
     def step_options(self) -> StepOptions:
         return StepOptions(image_size=self.image_size, eval_crop_fraction=self.eval_crop_fraction,

@@ -30,7 +30,7 @@ from finegrained.train import optim
 from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
 from finegrained.train import precision as low_precision
 from finegrained.plan.augment import is_augmented
-from finegrained.train.precision import FLOAT32, Precision
+from finegrained.train.precision import Precision
 from finegrained.train.sharding import data_sharding, replicated
 
 # No float16: it needs loss scaling (small gradients underflow), which the step does not do.
@@ -60,14 +60,15 @@ def split_model(model: nnx.Module, param_groups: optim.ParamGroups | None):
     return nnx.split(model, optim.trainable_filter(param_groups), nnx.Param, ...)
 
 
-def create_train_state(model: nnx.Module, *, param_groups: optim.ParamGroups | None = None,
-                       precision: Precision = FLOAT32, **optimizer_kwargs) -> TrainState:
-    """Split ``model`` by ``param_groups`` and build the optimizer for the trainable part,
-    the trained parameters and the optimizer state stored at ``precision``.
-    ``optimizer_kwargs`` go to :func:`optim.build_optimizer` (lr, schedule, ...)."""
+def create_train_state(model: nnx.Module, *, param_groups: optim.ParamGroups | None,
+                       schedule: optax.Schedule, optimizer: optim.OptimizerSettings,
+                       precision: Precision) -> TrainState:
+    """Split ``model`` by ``param_groups`` and build the optimizer for the trainable part
+    (the run's learning-rate ``schedule``, built once), the trained parameters and the
+    optimizer state stored at ``precision``."""
     graphdef, params, frozen, stats = split_model(model, param_groups)
-    tx = optim.build_optimizer(params, param_groups=param_groups, check=False,
-                               **optimizer_kwargs)
+    tx = optim.build_optimizer(params, schedule=schedule, settings=optimizer,
+                               param_groups=param_groups, check=False)
     if not precision.full:
         tx = low_precision.with_state_dtype(tx, precision)
         params = low_precision.store(params, precision)
