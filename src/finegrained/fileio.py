@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes (temp file + fsync + rename) and content hashes.
+"""Small file helpers: atomic writes (temp file + fsync + rename), content hashes, and the
+one JSON reader (:func:`read_json`: a missing or torn file is an error naming it).
 
 Every output of the pipeline is written through :func:`atomic_output`, so a failed or
 interrupted job never leaves a partial file behind under the final name, and a power loss
@@ -21,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from finegrained.errors import DataError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -147,3 +150,32 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """The JSON value in ``path``. A missing, unreadable or torn file (a job killed while
+    writing it by hand, a copy cut short) is a :class:`DataError` naming the file, what it
+    is and where the parse stopped, never a bare ``JSONDecodeError``."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise DataError(path, f"{what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read this {what}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not a valid {what} ({exc.msg} at line {exc.lineno}, "
+                              f"column {exc.colno}; truncated or edited?)") from None
+
+
+def check_sha256(path: str | os.PathLike, recorded: str | None, record: str | os.PathLike,
+                 remedy: str) -> None:
+    """Refuse ``path`` unless its sha256 is ``recorded``, the hash the job that wrote it put
+    in ``record``: the error names the file, both hashes, the record and ``remedy``."""
+    if not Path(path).is_file():
+        raise DataError(path, f"not found (listed in {record}); {remedy}")
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise DataError(path, f"changed since it was written: its sha256 is {actual}, "
+                              f"{record} records {recorded}; {remedy}")
