@@ -7,9 +7,7 @@ refit/<regime><replicate>/."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from finegrained import cli
 
@@ -47,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def job():
+        from finegrained.fileio import read_json
         from finegrained.protocol import chosen_train_files, refit_settings
         from finegrained.train.job import run_job   # after argparse: --help stays fast
         request = cli.read_settings(args.settings)
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.selection is not None:
             _, summary = chosen_train_files(args.selection, args.train_root,
                                             request["regime"], request["variant"])
-        settings = refit_settings(request, json.loads(Path(summary).read_text()))
+        settings = refit_settings(request, read_json(summary, "train summary"))
         probe = (None if args.probe_weights is None else
                  {"weights": args.probe_weights, "summary": args.probe_summary})
         run_job(settings, train_index=args.train_index, val_index=args.val_index,

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from finegrained.errors import ConfigError, DataError
-from finegrained.fileio import sha256_file, write_json
+from finegrained.fileio import read_json, sha256_file, write_json
 from finegrained.provenance import provenance
 from finegrained.selection import RULES, selection_key
 from finegrained.train.regimes import (NAMED_VARIANT_KEYS, VARIANT_KEYS, job_settings,
@@ -134,7 +133,7 @@ def chosen_train_variant(selection: Mapping, variant: str) -> str:
 def chosen_train_files(selection_path: str | os.PathLike, train_root: str | os.PathLike,
                        regime: str, variant: str) -> tuple[Path, Path]:
     """``(weights, summary.json)`` of the chosen train job under ``train_root``."""
-    selection = json.loads(Path(selection_path).read_text())
+    selection = read_json(selection_path, "sweep selection")
     if selection.get("regime") != regime:
         raise DataError(selection_path, f"a selection for {selection.get('regime')!r}, "
                                         f"not for {regime!r}")
@@ -194,7 +193,7 @@ def write_selection(regime: str, candidates: Mapping[str, Sequence[str | os.Path
                     out: str | os.PathLike, select_by: str = "val_top1") -> dict:
     """:func:`select` on the train summaries at ``candidates`` (grid point -> one summary.json
     path per replicate), written to ``out`` with provenance (the summaries' sha256)."""
-    summaries = {variant: [json.loads(Path(p).read_text()) for p in paths]
+    summaries = {variant: [read_json(p, "train summary") for p in paths]
                  for variant, paths in candidates.items()}
     selection = select(regime, summaries, select_by)
     selection["provenance"] = {

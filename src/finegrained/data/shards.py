@@ -38,7 +38,8 @@ from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
 from finegrained.data.readers import image_file
 from finegrained.errors import ON_BAD_IMAGE, DataError
-from finegrained.fileio import atomic_output, sha256_file, temporary_path, write_json
+from finegrained.fileio import (atomic_output, read_json, sha256_file, temporary_path,
+                                write_json)
 
 SHARD_METADATA_KEY = b"finegrained.shard"
 #: Per-crop columns of the rectangle that holds image pixels (x, y, w, h in the S x S crop).
@@ -240,7 +241,7 @@ def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
             entry["images_sha256"] = sha256_file(images_path)
         if not skipped_path.exists():
             raise DataError(skipped_path, "shard skipped report not found")
-        skipped = json.loads(skipped_path.read_text())
+        skipped = read_json(skipped_path, "shard skipped report")
         entry["skipped"] = len(skipped)
         skipped_all.extend({**s, "shard": _relative(meta_path, base)} for s in skipped)
         shards.append(entry)

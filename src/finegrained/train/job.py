@@ -43,7 +43,8 @@ from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
-from finegrained.fileio import atomic_output, sha256_file, write_json
+from finegrained.fileio import atomic_output, check_sha256, read_json, sha256_file, write_json
+from finegrained.locks import exclusive
 from finegrained.models import build_model, flatten_state
 from finegrained.models.convert import to_flat
 from finegrained.models.params import assign_state
@@ -52,7 +53,7 @@ from finegrained.models.weights import (read_metadata, read_tensors, save_weight
                                         weights_metadata)
 from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
-from finegrained.train.checkpoint import claim, fingerprint
+from finegrained.train.checkpoint import claim, fingerprint, read_finished_phase
 from finegrained.selection import better
 from finegrained.train.features import FeatureReader
 from finegrained.train.input_pipeline import ConcatSource
@@ -60,6 +61,7 @@ from finegrained.train.loop import fit
 from finegrained.train.settings import TrainSettings
 from finegrained.train.probe import fit_probe
 from finegrained.train.regimes import cache_index
+from finegrained.train.validation import require_examples
 
 
 def runtime_options(arch: str, settings: Mapping) -> dict:
@@ -104,19 +106,24 @@ def build_start_model(settings: Mapping, init_weights: str | os.PathLike | None,
 def _sources(phase: Mapping, train_index, val_index, features_dir, verify: bool,
              init_weights=None, refit: bool = False):
     """The phase's train and val sources: the shards, or the feature cache (checked against
-    the init weights and shard indexes this job was given). A refit trains on both splits
-    and validates on none."""
+    the init weights and shard indexes this job was given, and with ``verify`` its files
+    against its index). A refit trains on both splits and validates on none; otherwise an
+    empty validation split is an error."""
     inp = phase["input"]
     if inp["kind"] == "cache":
         if features_dir is None:
             raise DataError("features", f"phase {phase['name']} reads the feature cache, "
                             f"but no features directory was given")
         train, val = (FeatureReader(Path(features_dir) / cache_index(split, inp["layer"]),
-                                    inp["layer"], weights=init_weights, shard_index=index)
+                                    inp["layer"], weights=init_weights, shard_index=index,
+                                    verify=verify)
                       for split, index in (("train", train_index), ("val", val_index)))
     else:
         train, val = ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
-    return (ConcatSource(train, val), None) if refit else (train, val)
+    if refit:
+        return ConcatSource(train, val), None
+    require_examples(len(val), val_index, "val")
+    return train, val
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -129,13 +136,14 @@ def _write_history(path: Path, rows: list[dict]) -> None:
         pq.write_table(table, tmp)
 
 
-def _finished_phase(directory: Path, model) -> dict | None:
+def _finished_phase(directory: Path, model, log) -> dict | None:
     """A phase finished by an earlier attempt: load its final state, return its record."""
-    record, weights = directory / "done.json", directory / "done.safetensors"
-    if not (record.exists() and weights.exists()):
+    finished = read_finished_phase(directory, log)
+    if finished is None:
         return None
-    assign_state(model, read_tensors(weights))
-    return json.loads(record.read_text())
+    record, weights = finished
+    assign_state(model, weights)
+    return record
 
 
 def _mark_finished(directory: Path, model, record: dict) -> None:
@@ -164,7 +172,9 @@ def probe_head(phase: Mapping, model, probe: Mapping | None, init_weights) -> di
         raise DataError("probe", f"phase {phase['name']} starts from the "
                         f"{want['regime']}{want['variant']} job's head, but no probe "
                         f"weights were given")
-    summary = json.loads(Path(probe["summary"]).read_text())
+    summary = read_json(probe["summary"], "probe summary")
+    check_sha256(probe["weights"], summary.get("weights_sha256"), probe["summary"],
+                 f"rerun the {want['regime']}{want['variant']} job that writes both")
     refit = bool(want.get("refit", False))
     problems = []
     if recipe_hash(summary) != want["config_hash"]:
@@ -219,6 +229,7 @@ def run_phase(phase: Mapping, model, train, val, *, lighting, checkpoint_dir: Pa
             "best_weights": result.best_weights, "stopped_early": result.stopped_early}
 
 
+@exclusive("checkpoint_dir")
 def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_dir,
             checkpoint_dir, init_weights=None, features_dir=None, probe=None,
             log_fn: Callable[[str], None] | None = print) -> dict:
@@ -227,7 +238,8 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     ``probe``: ``{"weights", "summary"}`` of the linear probe job a ``probe_head`` phase
     reads. With ``settings["refit"]`` (:func:`finegrained.protocol.refit_settings`) every
     phase trains on train + validation for the epochs chosen before, and the model written
-    is the final one.
+    is the final one. One copy of a job runs at a time (:func:`finegrained.locks.exclusive`
+    on ``checkpoint_dir``).
     """
     t0 = time.perf_counter()
     main = distributed.is_main_process()
@@ -237,7 +249,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     select_by = settings["select_by"]
     names = manifest_class_names(classes)
     model = build_start_model(settings, init_weights, len(names))
-    stats_dict = json.loads(Path(stats).read_text())
+    stats_dict = read_json(stats, "colour statistics")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     cached = {p["input"]["layer"] for p in settings["phases"] if p["input"]["kind"] == "cache"}
     cache_indexes = {f"features_{split}_{layer}": Path(features_dir, cache_index(split, layer))
@@ -252,7 +264,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     rows, best, phase_epochs, head_from = [], None, {}, None
     for i, phase in enumerate(settings["phases"]):
         phase_dir = checkpoint_dir / f"{i}-{phase['name']}"
-        record = _finished_phase(phase_dir, model)
+        record = _finished_phase(phase_dir, model, log)
         if record is None and phase["kind"] == "probe_head":
             result = probe_head(phase, model, probe, init_weights)
             log(f"{label} phase {phase['name']}: {result['log']}")
@@ -311,6 +323,8 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
         "best_val_top1": None if refit else best_row["val_top1"],
         "best_val_loss": None if refit else best_row["val_loss"],
         "best": best_row, "final": rows[-1] if rows else None,
+        "weights_sha256": sha256_file(out_dir / "weights.safetensors"),
+        "history_sha256": sha256_file(out_dir / "history.parquet"),
         "epochs_run": len(rows), "phase_epochs": phase_epochs, "head_from": head_from,
         "num_classes": len(names),
         "wall_seconds": time.perf_counter() - t0, "config_hash": settings["config_hash"],
@@ -337,6 +351,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     return summary
 
 
+@exclusive("out_dir")
 def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, classes, out_dir,
                      log_fn: Callable[[str], None] | None = print) -> dict:
     """The features rule: the frozen pretrained backbone over one split (see ``features``)."""
@@ -348,7 +363,7 @@ def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, cla
                             width=settings["width"], stage_depths=settings["stage_depths"],
                             **runtime_options(settings["arch"], settings))
     augment = Augmentation.from_dict(settings["augment"])
-    lighting = (lighting_from_stats(json.loads(Path(stats).read_text()))
+    lighting = (lighting_from_stats(read_json(stats, "colour statistics"))
                 if augment.pca_lighting > 0 else None)
     return extract_features(
         model, shard_index, out_dir, layers=settings["layers"],

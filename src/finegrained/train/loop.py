@@ -106,8 +106,9 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
     ``settings.epochs`` (a refit repeating a chosen epoch). Without ``val_source`` no
     validation runs: no best row, no best weights, no early stopping.
 
-    With ``checkpoint_dir``, resumes from the latest checkpoint there (bit-identically:
-    same data order, same augmentation, same state), checkpoints every
+    With ``checkpoint_dir``, resumes from the newest checkpoint there that reads whole (an
+    unreadable one is set aside and logged; bit-identically: same data order, same
+    augmentation, same state), checkpoints every
     ``settings.checkpoint_every_steps`` and at every epoch end, and on SIGTERM checkpoints
     and raises :class:`Preempted`. A non-finite loss, or a non-finite parameter before a
     checkpoint or at an epoch end, raises :class:`NonFinite` naming ``label``, epoch and
@@ -125,7 +126,7 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     progress, best_weights = Progress(), None
     if ckpt is not None:
-        restored = restore_checkpoint(ckpt, run.state, lambda: flatten_state(model))
+        restored = restore_checkpoint(ckpt, run.state, lambda: flatten_state(model), log)
         if restored is not None:
             state, progress, best_weights = restored
             run.state = run.place(jax.tree_util.tree_map(jnp.asarray, state))

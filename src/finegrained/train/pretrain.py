@@ -23,7 +23,8 @@ from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
-from finegrained.fileio import write_json
+from finegrained.fileio import read_json, write_json
+from finegrained.locks import exclusive
 from finegrained.models import build_model, flatten_state
 from finegrained.models.transfer import model_options
 from finegrained.models.weights import save_weights, weights_metadata
@@ -33,6 +34,7 @@ from finegrained.train.loop import fit
 from finegrained.train.settings import TrainSettings
 
 
+@exclusive("checkpoint_dir", "out_weights")
 def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
              stats_json: str | os.PathLike, classes: str | os.PathLike, *, arch: str,
              width: int, settings: TrainSettings,
@@ -54,8 +56,7 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         if len(reader) and int(reader.labels.max()) >= num_classes:
             raise DataError(reader.index_path, f"label {int(reader.labels.max())} is not one "
                             f"of the {num_classes} classes of {classes}")
-    with open(stats_json) as f:
-        stats = json.load(f)
+    stats = read_json(stats_json, "colour statistics")
     lighting = lighting_from_stats(stats) if settings.augment.pca_lighting > 0 else None
 
     options = model_options(arch, None)  # from scratch: MobileNetV2 trains with batch norm
