@@ -135,6 +135,26 @@ def test_write_selection_reads_the_summaries_and_records_them(tmp_path):
     assert "device" not in selection["provenance"]
 
 
+@pytest.mark.parametrize("key, value", [("best_val_top1", "0.9"), ("best_val_top1", 1.7),
+                                        ("best_val_loss", -0.5)])
+def test_a_sweep_refuses_a_validation_figure_out_of_range(tmp_path, key, value):
+    """A summary edited to a top-1 of "0.9" or 1.7 would have been chosen: its file and key
+    are named and no selection is written."""
+    import json
+
+    paths = {}
+    for variant, top1 in [("+lr=0.01", 0.4), ("+lr=0.1", 0.6)]:
+        path = tmp_path / f"{variant}.json"
+        path.write_text(json.dumps({**summary(variant, top1),
+                                    **({key: value} if variant == "+lr=0.01" else {})}))
+        paths[variant] = [str(path)]
+    out = tmp_path / "select" / "scratch.json"
+    with pytest.raises(DataError, match=f"{key} is ") as caught:
+        P.write_selection("scratch", paths, out)
+    assert caught.value.path == paths["+lr=0.01"][0]
+    assert not out.exists()
+
+
 def test_chosen_train_files_and_a_selection_of_another_regime(tmp_path):
     import json
 

@@ -6,21 +6,23 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Callable
 
 from finegrained.errors import ConfigError, DataError, WeightsError
+from finegrained.fileio import read_json
 
 __all__ = ["ConfigError", "expected_errors", "log", "read_settings", "run", "run_on_devices"]
 
 
 def read_settings(value: str) -> dict:
     """Settings given as a JSON object, or ``@path`` of a JSON file."""
-    text = Path(value[1:]).read_text() if value.startswith("@") else value
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--settings is not a JSON object: {exc}") from exc
+    if value.startswith("@"):
+        settings = read_json(value[1:], "settings file")
+    else:
+        try:
+            settings = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--settings is not a JSON object: {exc}") from exc
     if not isinstance(settings, dict):
         raise ConfigError("--settings must be a JSON object")
     return settings

@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 from finegrained.errors import ConfigError, DataError
 from finegrained.fileio import read_json, sha256_file, write_json
 from finegrained.provenance import provenance
+from finegrained.report.records import read_train_summary
 from finegrained.selection import RULES, selection_key
 from finegrained.train.regimes import (NAMED_VARIANT_KEYS, VARIANT_KEYS, job_settings,
                                       parse_variant, settings_hash)
@@ -192,8 +193,9 @@ def select(regime: str, candidates: Mapping[str, Sequence[Mapping]],
 def write_selection(regime: str, candidates: Mapping[str, Sequence[str | os.PathLike]],
                     out: str | os.PathLike, select_by: str = "val_top1") -> dict:
     """:func:`select` on the train summaries at ``candidates`` (grid point -> one summary.json
-    path per replicate), written to ``out`` with provenance (the summaries' sha256)."""
-    summaries = {variant: [read_json(p, "train summary") for p in paths]
+    path per replicate, each read checked: a validation figure out of range stops it),
+    written to ``out`` with provenance (the summaries' sha256)."""
+    summaries = {variant: [read_train_summary(p) for p in paths]
                  for variant, paths in candidates.items()}
     selection = select(regime, summaries, select_by)
     selection["provenance"] = {

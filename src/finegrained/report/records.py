@@ -97,9 +97,13 @@ def read_metrics(path: str | os.PathLike) -> dict:
 
 
 def read_train_summary(path: str | os.PathLike) -> dict:
-    """A train job's ``summary.json``, its validation top-1 checked (a fraction or null)."""
+    """A train job's ``summary.json``, its validation figures checked: top-1 a fraction,
+    loss a finite number >= 0 (null for a refit, which has no validation)."""
     summary = _mapping(read_json(path, "train summary"), path, "the file")
     fraction(summary.get("best_val_top1"), path, "best_val_top1", optional=True)
+    loss = summary.get("best_val_loss")
+    if loss is not None and not (_is_number(loss) and math.isfinite(loss) and loss >= 0):
+        raise DataError(path, f"best_val_loss is {loss!r}, not a loss >= 0")
     return dict(summary)
 
 
