@@ -13,8 +13,10 @@ seeds (mean ± std [95 % interval], from its report).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from finegrained import cli
 from finegrained.report.runs_table import (collect_rows, markdown_job_times,
                                            markdown_replicates, markdown_table,
                                            replace_between)
@@ -56,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))     # a bad result file: one line naming it and the key

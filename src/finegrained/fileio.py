@@ -175,6 +175,9 @@ def check_sha256(path: str | os.PathLike, recorded: str | None, record: str | os
     in ``record``: the error names the file, both hashes, the record and ``remedy``."""
     if not Path(path).is_file():
         raise DataError(path, f"not found (listed in {record}); {remedy}")
+    if recorded is None:
+        raise DataError(path, f"{record} records no sha256 of it (written by an older "
+                              f"version?), so it cannot be checked; {remedy}")
     actual = sha256_file(path)
     if actual != recorded:
         raise DataError(path, f"changed since it was written: its sha256 is {actual}, "

@@ -155,3 +155,22 @@ def test_a_negative_wall_time_and_a_replicate_mean_above_one_are_refused(tmp_pat
     with pytest.raises(DataError, match="mean is 1.2, not a fraction") as caught:
         markdown_replicates([("A", run)])
     assert caught.value.path == f"{table}:2"
+
+
+def test_the_results_table_script_names_a_bad_metrics_file_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    run = _run(tmp_path / "a", {"scratch": (0.2, 0.25)})
+    metrics = run / "eval" / "scratch" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:50])
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "results_table.py"), "--run",
+                           f"A={run}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo / "src")})
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {metrics}: not a valid metrics file (") and \
+        line.endswith("at line 1, column 51; truncated or edited?)"), line
