@@ -178,8 +178,8 @@ def claim(directory: str | os.PathLike, expected: Mapping,
     aside = None
     if directory.is_dir() and any(directory.iterdir()):
         try:
-            found = json.loads(record.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            found = read_json(record, "checkpoint fingerprint")
+        except DataError:            # none, or torn: not known to be this job's
             found = None
         if found != expected:
             aside = _aside_name(directory, "set-aside")
