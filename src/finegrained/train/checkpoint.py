@@ -25,11 +25,15 @@ always the run its settings describe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -236,6 +240,36 @@ def restore_checkpoint(ckpt: Checkpointer, state, best_like: Callable[[], dict],
 
     A step that fails to read (on any process) is set aside (:meth:`Checkpointer.set_aside`)
     and logged, and the next older one tried; when none is left the run starts afresh."""
+    with _quiet_asyncio():
+        return _restore_newest_readable(ckpt, state, best_like, log)
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    """Keep the echoes of a failed read out of the log while checkpoints are read: orbax's
+    pending tasks log the same error again, as a long traceback, when they are collected
+    (done here, before the logger is restored), and a read finishing after its event loop
+    closed raises "Event loop is closed" where nothing can catch it. The log line of
+    :func:`restore_checkpoint` says what failed, once."""
+    logger, previous_hook = logging.getLogger("asyncio"), sys.unraisablehook
+    level = logger.level
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous_hook(unraisable)
+
+    logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous_hook
+        logger.setLevel(level)
+
+
+def _restore_newest_readable(ckpt: Checkpointer, state, best_like, log):
     for step in sorted(ckpt.manager.all_steps(), reverse=True):
         problem = None
         try:
