@@ -152,6 +152,21 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class HashingWriter:
+    """A binary file's ``write`` that also feeds every byte to a sha256: the hash of a file
+    as it is written, with no second read (a cached feature map can be tens of GB)."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file"):
     """The JSON value in ``path``. A missing, unreadable or torn file (a job killed while
     writing it by hand, a copy cut short) is a :class:`DataError` naming the file, what it

@@ -37,7 +37,8 @@ import numpy as np
 
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
-from finegrained.fileio import atomic_output, check_sha256, read_json, sha256_file, write_json
+from finegrained.fileio import (HashingWriter, atomic_output, check_sha256, read_json,
+                                sha256_file, write_json)
 from finegrained.train.augment import Augmentation, Lighting, augment_batch, center_crop
 from finegrained.train.regimes import MAP_SUFFIX, layer_stem
 from finegrained.train.validation import require_examples
@@ -145,8 +146,9 @@ def _save_array(path: Path, array: np.ndarray) -> str:
     """Write ``array`` as an NPY atomically; the sha256 of the bytes written."""
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array)
-        return sha256_file(tmp)
+            writer = HashingWriter(f)
+            np.save(writer, array)
+    return writer.hexdigest()
 
 
 class FeatureReader:
