@@ -91,7 +91,8 @@ def test_a_multi_gpu_job_gets_distinct_devices_and_a_shared_gpu_is_shared_by_slo
 def test_mig_instance_ids_with_slashes_are_leased(tmp_path):
     """A MIG instance id of the older form holds '/', which a lock file name cannot: two
     jobs each lease one instance, and the lock files sit in the lock directory itself."""
-    ids = "MIG-GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f/1/0,MIG-GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f/2/0"
+    gpu = "MIG-GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f"
+    ids = f"{gpu}/1/0,{gpu}/2/0"
     a, a_out = _start(tmp_path, "a", ids)
     b, b_out = _start(tmp_path, "b", ids)
     assert sorted([_devices(a_out, a), _devices(b_out, b)]) == ids.split(",")

@@ -212,7 +212,8 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
     assert provenance["shard_indexes_sha256"] == {"test": provenance["shard_index_sha256"]}
     assert provenance["device"]["count"] >= 1
     assert len(provenance["shard_index_sha256"]) == len(provenance["weights_sha256"]) == 64
-    assert provenance["predictions_sha256"] == sha256_file(tmp_path / "eval" / "predictions.parquet")
+    assert provenance["predictions_sha256"] == sha256_file(tmp_path / "eval"
+                                                           / "predictions.parquet")
 
     predictions = pq.read_table(tmp_path / "eval" / "predictions.parquet")
     assert predictions.num_rows == 13
@@ -244,8 +245,8 @@ def test_evaluate_refuses_a_model_changed_after_its_train_job(tmp_path, random_m
         model = random_model("resnet18", 4, width=8, stage_depths=[1, 1, 1, 1], seed=seed)
         save_weights(path, flatten_state(model), metadata=meta)
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"config_hash": "f" * 64, "refit": False,
-                                   "select_by": "val_top1", "weights_sha256": sha256_file(weights)}))
+    summary.write_text(json.dumps({"config_hash": "f" * 64, "refit": False, "select_by": "val_top1",
+                                   "weights_sha256": sha256_file(weights)}))
     settings = {"regime": "full_finetune", "variant": "", "image_size": 16,
                 "eval_crop_fraction": 0.875, "multi_scale_fractions": [1.0],
                 "average": "softmax", "batch_size": 8, "verify_shards": True,

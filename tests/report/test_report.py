@@ -138,7 +138,8 @@ def make_fake_run(root: Path) -> Path:
                 "views": {v: {"top1": t + shift, "top5": 1.0} for v, t in VIEWS.items()},
                 "per_level": {"leaf": 0.75 + shift, "level1": 0.9 + shift / 2},
                 "confused_pairs": [[NAMES[0], NAMES[1], 2], [NAMES[2], NAMES[0], 1]],
-                "provenance": {"predictions_sha256": sha256_file(eval_dir / "predictions.parquet")}})
+                "provenance": {
+                    "predictions_sha256": sha256_file(eval_dir / "predictions.parquet")}})
             _benchmark(run / f"benchmarks/train/{regime}{variant}.tsv", 30.0 + seed)
             _benchmark(run / f"benchmarks/evaluate/{regime}{variant}.tsv", 5.0)
             rel = f"{RUN}/%s/{regime}{variant}"

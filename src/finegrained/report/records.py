@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from finegrained.errors import DataError
 from finegrained.fileio import check_sha256, read_json
 
-#: Keys of metrics.json that hold a fraction (top-1/top-5 per view: the views' own keys).
+#: Keys of metrics.json that map names to a top-1 fraction (per taxonomy level, per class).
 FRACTION_MAPS = ("per_level", "per_class")
 
 
@@ -25,7 +25,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def fraction(value: Any, path: str | os.PathLike, key: str, *, optional: bool = False) -> float | None:
+def fraction(value: Any, path: str | os.PathLike, key: str, *,
+             optional: bool = False) -> float | None:
     """``value`` as a float in [0, 1] (an accuracy, a calibration error); None passes when
     ``optional``."""
     if value is None and optional:

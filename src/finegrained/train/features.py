@@ -2,8 +2,9 @@
 
 For each layer a job extracts, the cache holds one float16 (or float32) NPY in the job's
 folder plus an ``index.json`` (shape, dtype and sha256 of each array file it wrote, the
-sha256 of the weights and of the shard index it read, the view and the labels' file). The workflow runs one job for the pooled
-layers of a split and one per boundary map (``regimes.cache_index``)::
+sha256 of the weights and of the shard index it read, the view and the labels' file). The
+workflow runs one job for the pooled layers of a split and one per boundary map
+(``regimes.cache_index``)::
 
     features/train/stage4.npy                  [V*N, C]      pooled output of stage4
     features/train/labels.npy                  [V*N] int32
