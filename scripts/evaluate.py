@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @job_runner.runs_on_devices(parse_args)
 def main(args: argparse.Namespace) -> None:
     from finegrained.evaluate.job import run_evaluation
-    from finegrained.plan.protocol import chosen_train_files
+    from finegrained.sweeps import chosen_train_files
     settings = job_runner.read_settings(args.settings)
     weights, summary = args.weights, args.train_summary
     if args.selection is not None:

@@ -13,14 +13,16 @@ seeds (mean ± std [95 % interval], from its report).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from finegrained import job_runner
 from finegrained.report.runs_table import (collect_rows, markdown_job_times,
                                            markdown_replicates, markdown_table,
                                            replace_between)
 
 
-def main():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, metavar="LABEL=RESULTS_DIR",
@@ -31,7 +33,8 @@ def main():
                    help="with --update: the markers <!-- NAME:begin --> / <!-- NAME:end -->")
     p.add_argument("--levels", nargs="*", default=[], help="taxonomy levels to show (top-1)")
     p.add_argument("--update", type=Path, help="write the table between the markers of this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+
     def labelled(specs, option):
         out = []
         for spec in specs:
@@ -41,7 +44,14 @@ def main():
             out.append((label, run_dir))
         return out
 
-    runs, replicates = labelled(args.run, "--run"), labelled(args.replicates, "--replicates")
+    args.run = labelled(args.run, "--run")
+    args.replicates = labelled(args.replicates, "--replicates")
+    return args
+
+
+@job_runner.runs(parse_args)      # a bad result file: one line naming it and the key
+def main(args: argparse.Namespace) -> None:
+    runs, replicates = args.run, args.replicates
     table = (markdown_table(collect_rows(runs), levels=args.levels)
              + "\nWall time of every job (Snakemake benchmark files, `s` column):\n\n"
              + markdown_job_times(runs + [r for r in replicates
@@ -56,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @job_runner.runs(parse_args)
 def main(args: argparse.Namespace) -> None:
-    from finegrained.plan.protocol import write_selection
+    from finegrained.sweeps import write_selection
     settings = job_runner.read_settings(args.settings)
     selection = write_selection(args.regime, json.loads(args.candidates), args.out,
                                 settings["select_by"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from finegrained import job_runner
 
@@ -47,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def job_settings(args: argparse.Namespace) -> dict:
     """The settings to run: as given, or for a refit, resolved from the chosen job."""
-    from finegrained.plan.protocol import chosen_train_files, refit_settings
+    from finegrained.fileio import read_json
+    from finegrained.plan.protocol import refit_settings
+    from finegrained.sweeps import chosen_train_files
     settings = job_runner.read_settings(args.settings)
     if args.train_summary is None and args.selection is None:
         return settings
@@ -55,7 +56,7 @@ def job_settings(args: argparse.Namespace) -> dict:
     if args.selection is not None:
         _, summary = chosen_train_files(args.selection, args.train_root, settings["regime"],
                                         settings["variant"])
-    return refit_settings(settings, json.loads(Path(summary).read_text()))
+    return refit_settings(settings, read_json(summary, "train summary"))
 
 
 @job_runner.runs_on_devices(parse_args)

@@ -1,9 +1,16 @@
 """Atomic outputs: the leftovers of a killed attempt are removed by the next one, and only
-those."""
+those. Every JSON file the pipeline reads is read by one reader that names a torn file."""
 
 from __future__ import annotations
 
-from finegrained.fileio import atomic_output, remove_stale_temporaries
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from finegrained.errors import DataError
+from finegrained.fileio import atomic_output, read_json, remove_stale_temporaries, sha256_file
 
 
 def test_next_attempt_removes_only_its_own_leftovers(tmp_path):
@@ -89,3 +96,36 @@ def test_a_committed_file_and_its_rename_reach_the_disk_first(tmp_path, monkeypa
         tmp.write_text("{}")
         name = str(tmp)
     assert events == [("fsync", name), ("replace", str(out)), ("fsync", str(tmp_path))]
+
+
+def test_a_missing_or_torn_json_file_is_named(tmp_path):
+    path = tmp_path / "metrics.json"
+    with pytest.raises(DataError, match="metrics file not found") as caught:
+        read_json(path, "metrics file")
+    assert caught.value.path == str(path)
+    path.write_text('{"views": {"center": {"top1": 0.8')
+    with pytest.raises(DataError, match=r"not a valid metrics file \(Expecting .* line 1, "
+                                        r"column 34; truncated or edited\?\)") as caught:
+        read_json(path, "metrics file")
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_a_truncated_shard_skipped_report_is_named_by_the_index_job(tmp_path):
+    """The shard index read each shard's .skipped.json with a bare json.loads: a truncated
+    one ended in a JSONDecodeError that named no file. Its crop job's record names it now."""
+    from finegrained.data.shards import SHARD_METADATA_KEY, record_path, write_split_index
+    settings = {"size": 32, "margin": 0.1, "aspect": "square", "overflow": "pad",
+                "max_squeeze": 1.0, "format": "parquet", "codec": "png"}
+    meta = tmp_path / "shard-00000.parquet"
+    table = pa.table({"label": pa.array([0], pa.int32())})
+    pq.write_table(table.replace_schema_metadata({SHARD_METADATA_KEY: json.dumps(settings)}), meta)
+    skipped = tmp_path / "shard-00000.skipped.json"
+    skipped.write_text('[{"image_id": "12", "path": "a/b.jpg", "reason": "unreadable"}]')
+    record_path(meta).write_text(json.dumps({"count": 1, "files": {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in (meta, skipped)}}))
+    skipped.write_text('[{"image_id": "12", "path": "a/b.jpg", "rea')
+    with pytest.raises(DataError, match="truncated or replaced since") as caught:
+        write_split_index([meta], tmp_path / "index.json", "test")
+    assert caught.value.path == str(skipped)
+    assert not (tmp_path / "index.json").exists()

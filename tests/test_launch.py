@@ -88,6 +88,21 @@ def test_a_multi_gpu_job_gets_distinct_devices_and_a_shared_gpu_is_shared_by_slo
         _stop(o, p)
 
 
+def test_mig_instance_ids_with_slashes_are_leased(tmp_path):
+    """A MIG instance id of the older form holds '/', which a lock file name cannot: two
+    jobs each lease one instance, and the lock files sit in the lock directory itself."""
+    gpu = "MIG-GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f"
+    ids = f"{gpu}/1/0,{gpu}/2/0"
+    a, a_out = _start(tmp_path, "a", ids)
+    b, b_out = _start(tmp_path, "b", ids)
+    assert sorted([_devices(a_out, a), _devices(b_out, b)]) == ids.split(",")
+    locks = sorted(p.name for p in (tmp_path / "locks").iterdir())
+    assert locks == ["slot0-gpuMIG-GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f%2F1%2F0.lock",
+                     "slot1-gpuMIG-GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f%2F2%2F0.lock"]
+    for proc, out in [(a, a_out), (b, b_out)]:
+        _stop(out, proc)
+
+
 def test_jobs_inside_an_allocation_lease_among_the_gpus_slurm_granted(tmp_path):
     """Under salloc/sbatch with GPUs 2 and 3 granted, Snakemake's local jobs share those
     two, one each, with locks of that allocation only."""

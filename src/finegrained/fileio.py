@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes (temp file + fsync + rename) and content hashes.
+"""Small file helpers: atomic writes (temp file + fsync + rename), content hashes, and the
+one JSON reader (:func:`read_json`: a missing or torn file is an error naming it).
 
 Every output of the pipeline is written through :func:`atomic_output`, so a failed or
 interrupted job never leaves a partial file behind under the final name, and a power loss
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from finegrained.errors import StorageError
+from finegrained.errors import DataError, StorageError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -211,3 +212,50 @@ def parquet_bytes(table):
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue()
+
+
+class HashingWriter:
+    """A binary file's ``write`` that also feeds every byte to a sha256: the hash of a file
+    as it is written, with no second read (a cached feature map can be tens of GB)."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """The JSON value in ``path``. A missing, unreadable or torn file (a job killed while
+    writing it by hand, a copy cut short) is a :class:`DataError` naming the file, what it
+    is and where the parse stopped, never a bare ``JSONDecodeError``."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise DataError(path, f"{what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read this {what}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not a valid {what} ({exc.msg} at line {exc.lineno}, "
+                              f"column {exc.colno}; truncated or edited?)") from None
+
+
+def check_sha256(path: str | os.PathLike, recorded: str | None, record: str | os.PathLike,
+                 remedy: str) -> None:
+    """Refuse ``path`` unless its sha256 is ``recorded``, the hash the job that wrote it put
+    in ``record``: the error names the file, both hashes, the record and ``remedy``."""
+    if not Path(path).is_file():
+        raise DataError(path, f"not found (listed in {record}); {remedy}")
+    if recorded is None:
+        raise DataError(path, f"{record} records no sha256 of it (written by an older "
+                              f"version?), so it cannot be checked; {remedy}")
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise DataError(path, f"changed since it was written: its sha256 is {actual}, "
+                              f"{record} records {recorded}; {remedy}")

@@ -21,11 +21,10 @@ import functools
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from finegrained.errors import ConfigError, DataError, StorageError, WeightsError
-from finegrained.fileio import NO_ROOM
+from finegrained.fileio import NO_ROOM, read_json
 
 Main = Callable[[argparse.Namespace], object]
 Script = Callable[[Sequence[str] | None], int]
@@ -33,11 +32,13 @@ Script = Callable[[Sequence[str] | None], int]
 
 def read_settings(value: str) -> dict:
     """Settings given as a JSON object, or ``@path`` of a JSON file."""
-    text = Path(value[1:]).read_text() if value.startswith("@") else value
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--settings is not a JSON object: {exc}") from exc
+    if value.startswith("@"):
+        settings = read_json(value[1:], "settings file")
+    else:
+        try:
+            settings = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--settings is not a JSON object: {exc}") from exc
     if not isinstance(settings, dict):
         raise ConfigError("--settings must be a JSON object")
     return settings

@@ -46,6 +46,7 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -135,6 +136,15 @@ def _open_lock(path: Path) -> int:
         raise
 
 
+def lock_name(slot: int, device_id: str) -> str:
+    """The lock file of one id slot. A device id may hold characters a file name cannot (a
+    MIG instance ``MIG-GPU-<uuid>/1/0`` holds '/'): each such character is written ``%XX``,
+    so distinct ids keep distinct names."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", lambda m: "".join(f"%{b:02X}" for b in m[0].encode()),
+                  device_id)
+    return f"slot{slot}-gpu{safe}.lock"
+
+
 def try_lease(ids: Sequence[str], count: int, lock_dir: Path) -> tuple[list[str], list[int]]:
     """Lock ``count`` free slots (distinct devices first); ``([], [])`` when too few are free.
     Returns the leased ids and the open, locked file descriptors that hold them."""
@@ -147,7 +157,7 @@ def try_lease(ids: Sequence[str], count: int, lock_dir: Path) -> tuple[list[str]
             break
         if ids[slot] in chosen:
             continue
-        fd = _open_lock(lock_dir / f"slot{slot}-gpu{ids[slot]}.lock")
+        fd = _open_lock(lock_dir / lock_name(slot, ids[slot]))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

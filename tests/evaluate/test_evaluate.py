@@ -17,7 +17,8 @@ from finegrained.evaluate.views import average_scores, render_view, view_boxes
 from finegrained.train.augment import center_crop
 
 from helpers.scripts import load_script
-from helpers.training import coloured_squares, write_classes, write_split
+from finegrained.fileio import sha256_file
+from helpers.training import coloured_squares, overwrite_tensor, write_classes, write_split
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,7 +170,7 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({     # a refit of the grid point +lr=0.1
         "config_hash": "f" * 64, "variant": "", "refit": True, "select_by": "val_loss",
-        "trained_on": "train+val", "train_count": 64,
+        "trained_on": "train+val", "train_count": 64, "weights_sha256": sha256_file(weights),
         "settings": {"refit": {"train_variant": "+lr=0.1"}}}))
     settings = {"regime": "full_finetune", "variant": "", "image_size": 16,
                 "eval_crop_fraction": 0.875, "multi_scale_fractions": [0.75, 1.0],
@@ -217,6 +218,8 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
     assert provenance["shard_indexes_sha256"] == {"test": provenance["shard_index_sha256"]}
     assert provenance["device"]["count"] >= 1
     assert len(provenance["shard_index_sha256"]) == len(provenance["weights_sha256"]) == 64
+    assert provenance["predictions_sha256"] == sha256_file(tmp_path / "eval"
+                                                           / "predictions.parquet")
 
     predictions = pq.read_table(tmp_path / "eval" / "predictions.parquet")
     assert predictions.num_rows == 13
@@ -227,6 +230,53 @@ def test_evaluate_job_writes_the_contract(tmp_path, random_model, evaluate_scrip
     assert np.all(np.diff(probs, axis=1) <= 0) and np.all(probs.sum(1) <= 1 + 1e-5)
     top1 = float(np.mean(top[:, 0] == labels))
     assert top1 == pytest.approx(written["views"]["ten_crop"]["top1"])
+
+
+def test_evaluate_refuses_a_model_changed_after_its_train_job(tmp_path, random_model,
+                                                             evaluate_script, capsys):
+    """Overwritten head bytes were evaluated (50 -> 30 % on the tiny set); a weights file
+    swapped for another model, and a torn train summary, are refused the same way: one
+    line naming the file, exit 1, nothing written."""
+    from finegrained.models import flatten_state
+    from finegrained.models.weights import save_weights, weights_metadata
+
+    names = ["red", "green", "blue", "yellow"]
+    test_index = write_split(tmp_path / "shards", "test", *coloured_squares(8, size=24), names)
+    classes = tmp_path / "classes.parquet"
+    write_classes(classes, names)
+    meta = weights_metadata(arch="resnet18", num_classes=4, class_names=names, width="8",
+                            stage_depths=json.dumps([1, 1, 1, 1]))
+    weights, other = tmp_path / "weights.safetensors", tmp_path / "other.safetensors"
+    for path, seed in ((weights, 0), (other, 1)):
+        model = random_model("resnet18", 4, width=8, stage_depths=[1, 1, 1, 1], seed=seed)
+        save_weights(path, flatten_state(model), metadata=meta)
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"config_hash": "f" * 64, "refit": False, "select_by": "val_top1",
+                                   "weights_sha256": sha256_file(weights)}))
+    settings = {"regime": "full_finetune", "variant": "", "image_size": 16,
+                "eval_crop_fraction": 0.875, "multi_scale_fractions": [1.0],
+                "average": "softmax", "batch_size": 8, "verify_shards": True,
+                "protocol": {"select_by": "val_top1", "refit": False}}
+
+    def evaluate(model):
+        capsys.readouterr()
+        rc = evaluate_script.main([
+            "--settings", json.dumps(settings), "--test-index", str(test_index), "--weights",
+            str(model), "--train-summary", str(summary), "--classes", str(classes),
+            "--out-dir", str(tmp_path / "eval")])
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    overwrite_tensor(weights, "head/kernel")
+    rc, err = evaluate(weights)
+    assert rc == 1 and len(err) == 1
+    assert err[0].startswith(f"error: {weights}: changed since it was written") and \
+        f"{summary} records" in err[0], err
+    rc, err = evaluate(other)
+    assert rc == 1 and err[0].startswith(f"error: {other}: changed since it was written")
+    summary.write_text(summary.read_text()[:30])
+    rc, err = evaluate(weights)
+    assert rc == 1 and err[0].startswith(f"error: {summary}: not a valid train summary")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_evaluate_refuses_weights_of_other_classes(tmp_path, random_model):

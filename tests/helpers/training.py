@@ -195,3 +195,25 @@ def feature_indexes(features_dir, config, regime, variant=""):
     return {layer: {split: Path(features_dir) / cache_index(split, layer)
                     for split in ("train", "val")}
             for layer in cached_layers(config, regime, variant)}
+
+
+# --- damage, as a disk, a copy or a hand can do it -----------------------------------------
+
+def overwrite_tensor(path, name: str, fill: int = 0x7F) -> None:
+    """Overwrite the bytes of tensor ``name`` in a safetensors file in place (the header,
+    and so the file's size and layout, unchanged)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        start, stop = json.loads(f.read(size))[name]["data_offsets"]
+        f.seek(8 + size + start)
+        f.write(bytes([fill]) * (stop - start))
+
+
+def flip_bytes(path, offset: int = -64, count: int = 16) -> None:
+    """Invert ``count`` bytes of a file from ``offset`` (negative: from its end)."""
+    with open(path, "r+b") as f:
+        f.seek(offset, 2 if offset < 0 else 0)
+        where = f.tell()
+        data = bytes(b ^ 0xFF for b in f.read(count))
+        f.seek(where)
+        f.write(data)

@@ -148,3 +148,9 @@ def test_init_model_script_reports_bad_input_without_traceback(tmp_path, problem
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert expected in done.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_an_empty_weights_path_is_named_as_such():
+    from finegrained.models.transfer import weights_sha256
+    with pytest.raises(WeightsError, match="empty path .*backbone.weights: none"):
+        weights_sha256("")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from finegrained.plan.schema import validate_config
 from finegrained.errors import ConfigError, DataError
 from finegrained.plan import protocol as P
+from finegrained.plan.schema import validate_config
 from finegrained.plan.variants import parse_variant
 
 
@@ -115,35 +115,3 @@ def test_select_ties_go_to_lower_loss_then_grid_order():
     nan = P.select("scratch", {"+lr=0.01": [summary("", 0.5, loss=float("nan"))],
                                "+lr=0.1": [summary("", 0.5, loss=3.0)]})
     assert nan["chosen"] == "+lr=0.1"
-
-
-def test_write_selection_reads_the_summaries_and_records_them(tmp_path):
-    import json
-
-    from finegrained.fileio import sha256_file
-
-    paths = {}
-    for variant, top1 in [("+lr=0.01", 0.4), ("+lr=0.1", 0.6)]:
-        path = tmp_path / f"{variant}.json"
-        path.write_text(json.dumps(summary(variant, top1)))
-        paths[variant] = [str(path)]
-    out = tmp_path / "select" / "scratch.json"
-    selection = P.write_selection("scratch", paths, out)
-    assert json.loads(out.read_text()) == selection and selection["chosen"] == "+lr=0.1"
-    recorded = selection["provenance"]["train_summaries_sha256"]
-    assert recorded == {p[0]: sha256_file(p[0]) for p in paths.values()}
-    assert "device" not in selection["provenance"]
-
-
-def test_chosen_train_files_and_a_selection_of_another_regime(tmp_path):
-    import json
-
-    from finegrained.errors import DataError
-
-    selection = tmp_path / "full_finetune.json"
-    selection.write_text(json.dumps({"regime": "full_finetune", "chosen": "+lr=0.1"}))
-    weights, summary = P.chosen_train_files(selection, tmp_path / "train", "full_finetune", "+seed=2")
-    assert weights == tmp_path / "train" / "full_finetune+seed=2+lr=0.1" / "weights.safetensors"
-    assert summary.name == "summary.json" and summary.parent == weights.parent
-    with pytest.raises(DataError, match="not for 'scratch'"):
-        P.chosen_train_files(selection, tmp_path / "train", "scratch", "")

@@ -91,6 +91,10 @@ def test_jobs_see_the_device_settings_through_the_shell_prefix(base, tmp_path):
     assert proc.returncode != 0                                  # set -e: `false` stops it
     assert device_environment(_config(base, allow_cpu=False, compilation_cache=None)) == {
         "FINEGRAINED_ALLOW_CPU": "0"}
+    # waiting for a running copy of a job (finegrained.locks) reaches jobs the same way
+    assert device_environment(_config(base, allow_cpu=False, compilation_cache=None,
+                                      wait_for_lock=True)) == {
+        "FINEGRAINED_ALLOW_CPU": "0", "FINEGRAINED_WAIT_FOR_LOCK": "1"}
 
 
 def test_jax_rules_take_the_cuda_env_only_when_they_ask_for_a_gpu(base):

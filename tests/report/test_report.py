@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from finegrained.data.readers import CLASSES_SCHEMA  # noqa: E402
+from finegrained.errors import DataError  # noqa: E402
+from finegrained.fileio import sha256_file  # noqa: E402
 from finegrained.report import figures, gallery, throughput  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,21 +121,25 @@ def make_fake_run(root: Path) -> Path:
             _write_json(train_dir / "summary.json",
                         {"regime": regime, "variant": variant, "num_classes": 3,
                          "best_val_top1": max(history["val_top1"]),
+                         "history_sha256": sha256_file(train_dir / "history.parquet"),
                          "settings": {"phases": phases}})
-            shift = 0.05 * seed + (0.1 if regime == "two_stage" else 0.0)
-            _write_json(eval_dir / "metrics.json", {
-                "regime": regime, "variant": variant, "n_test": 12, "summary_view": "ten_crop",
-                "views": {v: {"top1": t + shift, "top5": 1.0} for v, t in VIEWS.items()},
-                "per_level": {"leaf": 0.75 + shift, "level1": 0.9 + shift / 2},
-                "confused_pairs": [[NAMES[0], NAMES[1], 2], [NAMES[2], NAMES[0], 1]]})
             top = [[p, (p + 1) % 3, (p + 2) % 3] for p in predicted]
             probs = [[0.9 - 0.01 * i, 0.05, 0.05] for i in range(12)]
+            eval_dir.mkdir(parents=True)
             pq.write_table(pa.table({
                 "image_id": [f"test-{i}" for i in range(12)],
                 "label": pa.array(test_labels, pa.int32()),
                 **{f"{v}_top5_labels": pa.array(top, pa.list_(pa.int32())) for v in VIEWS},
                 **{f"{v}_top5_probs": pa.array(probs, pa.list_(pa.float32())) for v in VIEWS}}),
                 eval_dir / "predictions.parquet")
+            shift = 0.05 * seed + (0.1 if regime == "two_stage" else 0.0)
+            _write_json(eval_dir / "metrics.json", {
+                "regime": regime, "variant": variant, "n_test": 12, "summary_view": "ten_crop",
+                "views": {v: {"top1": t + shift, "top5": 1.0} for v, t in VIEWS.items()},
+                "per_level": {"leaf": 0.75 + shift, "level1": 0.9 + shift / 2},
+                "confused_pairs": [[NAMES[0], NAMES[1], 2], [NAMES[2], NAMES[0], 1]],
+                "provenance": {
+                    "predictions_sha256": sha256_file(eval_dir / "predictions.parquet")}})
             _benchmark(run / f"benchmarks/train/{regime}{variant}.tsv", 30.0 + seed)
             _benchmark(run / f"benchmarks/evaluate/{regime}{variant}.tsv", 5.0)
             rel = f"{RUN}/%s/{regime}{variant}"
@@ -305,6 +311,29 @@ def test_figures_and_tables_are_replaced_whole_or_not_at_all(runs, tmp_path, mon
     plt.close(fig)
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in stem.parent.iterdir()) == ["curve.png", "curve.svg"]
+
+
+def test_a_history_or_predictions_file_changed_after_its_job_is_refused(fake_run, monkeypatch,
+                                                                     tmp_path):
+    """The report reads a train job's history and an evaluation's predictions only if they
+    are the files those jobs wrote (the sha256 their summary and metrics.json record)."""
+    monkeypatch.chdir(fake_run)
+    history = Path(f"{RUN}/train/two_stage/history.parquet")
+    table = pq.read_table(history)
+    pq.write_table(table.set_column(table.schema.get_field_index("val_top1"), "val_top1",
+                                    pa.array([0.99] * table.num_rows)), history)
+    with pytest.raises(DataError, match="changed since it was written") as caught:
+        figures.load_runs(figures.read_json(f"{RUN}/report/summary.json"))
+    assert caught.value.path == str(history)
+
+    predictions = Path(f"{RUN}/eval/linear_probe/predictions.parquet")
+    pq.write_table(pq.read_table(predictions).slice(0, 6), predictions)
+    metrics = figures.read_json(f"{RUN}/eval/linear_probe/metrics.json")
+    with pytest.raises(DataError, match="changed since it was written") as caught:
+        gallery.confused_pairs(metrics, predictions, f"{RUN}/data/target/shards/test/index.json",
+                               f"{RUN}/data/target/manifest/classes.parquet", tmp_path / "pairs")
+    assert caught.value.path == str(predictions)
+    plt.close("all")
 
 
 def test_confused_pairs_pick_the_confused_images(runs, tmp_path):

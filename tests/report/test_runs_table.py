@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from finegrained.errors import DataError
 from finegrained.report.runs_table import (collect_rows, job_seconds, markdown_job_times,
                                        markdown_table, replace_between)
 
@@ -118,3 +119,58 @@ def test_replicates_and_refits_read_their_own_jobs(tmp_path):
     assert rows["full_finetune+seed=1"]["train_variant"] == "+seed=1+lr=0.1"
     assert rows["full_finetune+seed=1"]["val_top1"] == 0.77
     assert "refit/linear_probe 50 s" in markdown_job_times([("A", root)])
+
+
+@pytest.mark.parametrize("file, edit, key", [
+    ("eval/scratch/metrics.json", {"views": {"center": {"top1": 1.7, "top5": 1.0}}},
+     "views.center.top1"),
+    ("eval/scratch/metrics.json", {"views": {"center": {"top1": "0.9", "top5": 1.0}}},
+     "views.center.top1"),
+    ("eval/scratch/metrics.json", {"n_test": 0}, "n_test"),
+    ("train/scratch/summary.json", {"best_val_top1": 95.0}, "best_val_top1"),
+])
+def test_a_value_out_of_range_or_of_the_wrong_type_is_refused_naming_file_and_key(
+        tmp_path, file, edit, key):
+    run = _run(tmp_path / "a", {"scratch": (0.2, 0.25)})
+    path = run / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(DataError, match=rf"{key.replace('.', '[.]')} is ") as caught:
+        collect_rows([("A", run)])
+    assert caught.value.path == str(path)
+
+
+def test_a_negative_wall_time_and_a_replicate_mean_above_one_are_refused(tmp_path):
+    run = _run(tmp_path / "a", {"scratch": (0.2, 0.25)})
+    bench = run / "benchmarks" / "train" / "scratch.tsv"
+    bench.write_text(TSV_HEAD + "-150.0\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t0\n")
+    with pytest.raises(DataError, match="s is -150.0, not a number of seconds") as caught:
+        collect_rows([("A", run)])
+    assert caught.value.path == str(bench)
+
+    from finegrained.report.runs_table import markdown_replicates
+    table = run / "report" / "tables" / "regime_views.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text("regime,protocol,view,metric,n,mean,std,ci95_low,ci95_high,values\n"
+                     "scratch,\"val_top1, train\",center,top1,2,1.2,0.1,0.3,1.0,0.7;1.7\n")
+    with pytest.raises(DataError, match="mean is 1.2, not a fraction") as caught:
+        markdown_replicates([("A", run)])
+    assert caught.value.path == f"{table}:2"
+
+
+def test_the_results_table_script_names_a_bad_metrics_file_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    run = _run(tmp_path / "a", {"scratch": (0.2, 0.25)})
+    metrics = run / "eval" / "scratch" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:50])
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "results_table.py"), "--run",
+                           f"A={run}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo / "src")})
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {metrics}: not a valid metrics file (") and \
+        line.endswith("at line 1, column 51; truncated or edited?)"), line

@@ -4,11 +4,14 @@ the curves figure."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from finegrained.errors import ConfigError
+from finegrained.fileio import sha256_file
 from finegrained.plan import protocol, regimes, variants
 from finegrained.plan.schema import validate_config
 from finegrained.report import systems
@@ -22,6 +25,8 @@ def _history(root, job, val, rounds_per_step, param_bytes):
             "seconds": [0.8, 0.8]}      # per epoch: 0.1 s a step
     (root / job).mkdir(parents=True)
     pq.write_table(pa.table(rows), root / job / "history.parquet")
+    (root / job / "summary.json").write_text(json.dumps(
+        {"history_sha256": sha256_file(root / job / "history.parquet")}))
 
 
 def test_table_and_figure_from_the_histories(tmp_path):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from finegrained.errors import DataError
 from finegrained.report import tables as T
 
 
@@ -32,7 +33,7 @@ def test_mean_std_and_student_t_interval_by_hand():
 
 
 def metrics(regime, variant, center, ten_crop, train_variant=None):
-    return {"regime": regime, "variant": variant,
+    return {"regime": regime, "variant": variant, "n_test": 10,
             "train_variant": variant if train_variant is None else train_variant,
             "views": {"ten_crop": {"top1": ten_crop, "top5": 1.0},
                       "center": {"top1": center, "top5": 0.9}}}
@@ -90,3 +91,50 @@ def test_write_summary_from_a_run_directory(tmp_path):
     assert rows[0]["values"] == "0.8;0.7"
     assert rows[-1]["std"] == ""        # one seed: no spread
     assert "## Top-1" in (run / "report" / "tables" / "regime_views.md").read_text()
+
+
+def _one_run(tmp_path, edit):
+    """A run of one evaluated regime whose metrics.json ``edit`` changed; its metrics path."""
+    run = tmp_path / "results" / "r"
+    (run / "train" / "scratch").mkdir(parents=True)
+    (run / "train" / "scratch" / "summary.json").write_text(json.dumps({"settings": {"seed": 0}}))
+    path = run / "eval" / "scratch" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    data = {**metrics("scratch", "", 0.4, 0.5), "per_level": {"leaf": 0.5}, "ece": 0.1,
+            "confused_pairs": [["a", "b", 3]], "protocol": {"train_count": 40}}
+    text = edit(data)
+    path.write_text(text if isinstance(text, str) else json.dumps(data))
+    return run, path
+
+
+@pytest.mark.parametrize("key, value", [
+    ("views.ten_crop.top1", 1.7), ("views.ten_crop.top1", "0.9"), ("views.ten_crop.top1", True),
+    ("views.center.top5", float("nan")), ("views.center.top1", -0.1),
+    ("views.center.top5", 0.3),                      # below its top-1 (0.4)
+    ("n_test", -3), ("n_test", 12.5), ("n_test", "10"), ("per_level.leaf", 1.2),
+    ("ece", "0.1"), ("confused_pairs.0.2", -1), ("protocol.train_count", 40.5)])
+def test_a_metric_out_of_range_or_of_the_wrong_type_stops_the_summary(tmp_path, key, value):
+    """metrics.json edited to a top-1 of 1.7 or "0.9" was tabled as 170.0 / 90.0 %: every
+    value the tables read is checked, the error names the file and the key, and nothing of
+    the summary is written."""
+    def edit(data):
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(last) if isinstance(node, list) else last] = value
+    run, path = _one_run(tmp_path, edit)
+    with pytest.raises(DataError, match=rf"{key.replace('.', '[.]')} is ") as caught:
+        T.write_summary(run_name="r", results_dir=str(run), metrics_paths=[str(path)],
+                        selection_paths=[], out_dir=run / "report")
+    assert caught.value.path == str(path)
+    assert not (run / "report").exists()
+
+
+def test_a_truncated_metrics_file_is_named(tmp_path):
+    run, path = _one_run(tmp_path, lambda data: json.dumps(data)[:40])
+    with pytest.raises(DataError, match="not a valid metrics file .*truncated") as caught:
+        T.write_summary(run_name="r", results_dir=str(run), metrics_paths=[str(path)],
+                        selection_paths=[], out_dir=run / "report")
+    assert caught.value.path == str(path)
+    assert not (run / "report").exists()

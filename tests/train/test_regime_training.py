@@ -131,6 +131,21 @@ def test_lbfgs_probe_solves_a_separable_problem():
     assert np.mean(logits.argmax(-1) == y[300:]) == pytest.approx(probe["best"]["val_top1"])
 
 
+def test_lbfgs_probe_refuses_to_fit_or_write_a_non_finite_head():
+    """As SGD training does: NaN features (a damaged cache read unchecked) or a head that
+    comes out non-finite stop the probe instead of giving a NaN head at chance accuracy."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 8)).astype(np.float32), rng.integers(0, 3, 40)
+    bad = x.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(NonFinite, match="1 of the training features are NaN or infinite"):
+        fit_probe(bad, y, x, y, 3, l2_grid=[0.01])
+    with pytest.raises(NonFinite, match="1 of the validation features"):
+        fit_probe(x, y, bad, y, 3, l2_grid=[0.01])
+    with pytest.raises(NonFinite, match="the head fitted at l2 inf is not finite"):
+        fit_probe(x, y, x, y, 3, l2_grid=[float("inf")])
+
+
 def _comparable(history):
     return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
 

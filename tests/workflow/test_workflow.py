@@ -243,6 +243,18 @@ def test_dry_run_demo():
     assert out.count("rule crop_shard:") == 8
 
 
+def test_random_init_passes_no_weights_file():
+    """`backbone.weights: none` (the schema's default) gave the init job `--weights ''`,
+    which failed with `error: : weights file not found`: no option is passed for an input
+    the rule does not have."""
+    proc = _snakemake("weights", "-n", "--forceall", "-p", "--configfile", "config/demo.yaml",
+                      "--config", "backbone={weights: none}")
+    [command] = [line for line in proc.stdout.splitlines()
+                 if "init_model.py" in line and line.startswith("Shell command")][:1]
+    assert "--weights" not in command and "--source-class-names" not in command, command
+    assert "''" not in command, command
+
+
 def test_dry_run_default_config(tmp_path):
     # The real config reads dataset.root; a directory with the annotation files is enough
     # for planning the jobs.

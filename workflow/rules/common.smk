@@ -135,8 +135,9 @@ def source_class_names():
 
 
 def optional_flag(flag, name):
-    """A param: ``flag <input.name>`` when the rule has that input, else nothing."""
-    return lambda wildcards, input: f"{flag} {shlex.quote(input[name])}" if name in input.keys() else ""
+    """A param: ``flag <input.name>`` when the rule has that input (a named input given as
+    [], as `backbone.weights: none` gives the init rule's weights, is none), else nothing."""
+    return lambda wildcards, input: f"{flag} {shlex.quote(input[name])}" if input.get(name) else ""
 
 
 # ---------------------------------------------------------------------------- training

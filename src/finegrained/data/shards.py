@@ -50,8 +50,8 @@ from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
 from finegrained.data.readers import image_file
 from finegrained.errors import ON_BAD_IMAGE, DataError
-from finegrained.fileio import (atomic_output, parquet_bytes, reserve, room_for, sha256_file,
-                                write_json, write_reserved)
+from finegrained.fileio import (atomic_output, parquet_bytes, read_json, reserve, room_for,
+                                sha256_file, write_json, write_reserved)
 
 SHARD_METADATA_KEY = b"finegrained.shard"
 #: Per-crop columns of the rectangle that holds image pixels (x, y, w, h in the S x S crop).
@@ -340,7 +340,7 @@ def write_split_index(shard_meta_paths: Sequence[str | os.PathLike],
         if skipped_path.name not in files:
             raise DataError(record_path(meta_path), "the shard's record lists no skipped "
                                                     "report", value=skipped_path.name)
-        skipped = json.loads(skipped_path.read_text())
+        skipped = read_json(skipped_path, "shard skipped report")
         entry["skipped"] = len(skipped)
         skipped_all.extend({**s, "shard": _relative(meta_path, base)} for s in skipped)
         shards.append(entry)

@@ -11,7 +11,6 @@ The test split is read here and nowhere else in the workflow.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -25,7 +24,8 @@ from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
 from finegrained.evaluate import metrics as M
 from finegrained.evaluate.views import VIEWS, average_scores, make_view_logits, view_boxes
-from finegrained.fileio import atomic_output, sha256_file, write_json
+from finegrained.fileio import atomic_output, check_sha256, read_json, sha256_file, write_json
+from finegrained.locks import exclusive
 from finegrained.models.loading import trained_model
 from finegrained.provenance import SOURCE_DIR, provenance
 
@@ -64,6 +64,7 @@ def _json_float(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
+@exclusive("out_dir")
 def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_summary, out_dir,
                    source_dir=SOURCE_DIR, log_fn: Callable[[str], None] | None = print) -> dict:
     """Evaluate the trained ``weights`` on the test split; write predictions and metrics.
@@ -78,11 +79,15 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
     ([true, predicted, count], 20 most frequent), ``protocol`` (select_by, refit, trained_on,
     train_count: the images the model was trained on), ``provenance`` (config_hash of the
     train job, package versions, git revision of ``source_dir``, device, sha256 of the test
-    shard index and of the weights).
+    shard index, of the weights and of the predictions written beside it).
+
+    The weights must be those the train job recorded in ``train_summary`` (their sha256).
     """
     log = log_fn or (lambda _: None)
     label = settings["regime"] + settings.get("variant", "")
-    summary = json.loads(Path(train_summary).read_text())
+    summary = read_json(train_summary, "train summary")
+    check_sha256(weights, summary.get("weights_sha256"), train_summary,
+                 f"rerun the job that wrote both (delete {train_summary} and rerun snakemake)")
     protocol = settings["protocol"]
     if bool(summary.get("refit")) != protocol["refit"] or (
             summary.get("select_by", "val_top1") != protocol["select_by"]):
@@ -120,6 +125,7 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
     out_dir = Path(out_dir)
     with atomic_output(out_dir / "predictions.parquet") as tmp:
         pq.write_table(pa.table(columns), tmp)
+        predictions_sha256 = sha256_file(tmp)
 
     top_labels, top_probs = predictions[SUMMARY_VIEW]
     predicted = top_labels[:, 0]
@@ -145,6 +151,7 @@ def run_evaluation(settings: Mapping, *, test_index, weights, classes, train_sum
             **provenance(config_hash=summary.get("config_hash"), shard_indexes={"test": test_index},
                          source_dir=source_dir, weights=weights),
             "shard_index_sha256": sha256_file(test_index),
+            "predictions_sha256": predictions_sha256,
         },
     }
     write_json(out_dir / "metrics.json", result)

@@ -51,6 +51,9 @@ def weights_sha256(weights: str | os.PathLike) -> str:
     """The sha256 of a weights file, for the run's provenance. A downloaded file is checked
     against the hash recorded beside it (``<file>.sha256``) first: trusted on first use, it
     must not change afterwards."""
+    if not os.fspath(weights):
+        raise WeightsError("the weights file named is an empty path (backbone.weights: none "
+                           "starts from random weights and names no file)")
     if not Path(weights).is_file():
         raise WeightsError(f"{weights}: weights file not found")
     if sha256_record(weights).is_file():

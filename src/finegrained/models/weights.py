@@ -9,10 +9,18 @@ big_vision's ``merge_params``): start from the freshly initialised model, take e
 pretrained tensor whose name and shape fit, keep the classifier head (and whatever
 ``dont_load`` names) from the initialisation, and report every tensor that does not fit in
 one error rather than the first one.
+
+Every ``.safetensors`` file the pipeline writes (:func:`save_weights`) carries in its
+metadata the sha256 of its own content (:data:`CONTENT_KEY`: the header without that key,
+in canonical form, then the tensor bytes), and every read checks it (:func:`read_tensors`),
+so a weights file whose bytes changed after its job wrote it (init, pretrained, trained,
+a checkpoint's phase weights) is refused, naming the file, wherever it is read. Files made
+elsewhere carry no such record and are read as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +37,8 @@ from finegrained.fileio import atomic_output
 log = logging.getLogger(__name__)
 
 PICKLED_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+#: The metadata key holding a file's own content hash (see the module docstring).
+CONTENT_KEY = "finegrained.content_sha256"
 
 CONVERT_HINT = (
     "convert it once on your side with torch and safetensors installed:\n"
@@ -56,12 +66,42 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     if suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
+        raw = path.read_bytes()
         try:
-            return dict(load_file(path))
+            tensors = dict(load(raw))
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
+        _check_content(path, raw)
+        return tensors
     return _read_npz(path)
+
+
+def _split(raw: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed) and its tensor bytes."""
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def _content_sha256(header: Mapping, data: bytes) -> str:
+    """The sha256 of a file's header (without :data:`CONTENT_KEY`, canonical JSON) and data."""
+    metadata = {k: v for k, v in header.get("__metadata__", {}).items() if k != CONTENT_KEY}
+    canonical = {k: v for k, v in header.items() if k != "__metadata__"}
+    if metadata:
+        canonical["__metadata__"] = metadata
+    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def _check_content(path: Path, raw: bytes) -> None:
+    """Refuse a file whose bytes differ from those its writer hashed (no record: as is)."""
+    header, data = _split(raw)
+    recorded = header.get("__metadata__", {}).get(CONTENT_KEY)
+    if recorded is not None and recorded != (actual := _content_sha256(header, data)):
+        raise WeightsError(f"{path}: changed since it was written: its content hashes to "
+                           f"{actual}, the file records {recorded}; rerun the job that "
+                           f"writes it (or delete it)")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -93,9 +133,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
     try:
         with safe_open(path, framework="numpy") as f:
-            return dict(f.metadata() or {})
+            metadata = dict(f.metadata() or {})
     except Exception as exc:
         raise WeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
+    metadata.pop(CONTENT_KEY, None)
+    return metadata
 
 
 def weights_metadata(*, arch: str, num_classes: int, class_names: Sequence[str] | None = None,
@@ -139,7 +181,8 @@ def save_weights(path: str | os.PathLike, flat: Mapping[str, Any], *,
 
 def _deterministic_safetensors(tensors: Mapping[str, np.ndarray],
                                metadata: Mapping[str, str] | None) -> bytes:
-    """The safetensors bytes of ``tensors`` with a header in sorted key order.
+    """The safetensors bytes of ``tensors`` with a header in sorted key order and the
+    file's content hash (:data:`CONTENT_KEY`) in its metadata.
 
     safetensors keeps the metadata in a hash map, so its key order (and so the file's bytes)
     changes from one process to the next; equal weights must give equal files (hashes in
@@ -148,11 +191,11 @@ def _deterministic_safetensors(tensors: Mapping[str, np.ndarray],
     """
     from safetensors.numpy import save
     raw = save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
+    header, data = _split(raw)
+    header.setdefault("__metadata__", {})[CONTENT_KEY] = _content_sha256(header, data)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + size:]
+    return len(text).to_bytes(8, "little") + text + data
 
 
 def _shape(array) -> tuple[int, ...]:

@@ -21,14 +21,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
-import os
-from pathlib import Path
 from typing import Mapping, Sequence
 
 from finegrained.errors import ConfigError, DataError
-from finegrained.fileio import sha256_file, write_json
-from finegrained.provenance import provenance
 from finegrained.plan.regimes import job_settings, settings_hash
 from finegrained.plan.selection import RULES, selection_key
 from finegrained.plan.variants import format_variant, join_variants, parse_variant
@@ -101,17 +96,6 @@ def chosen_train_variant(selection: Mapping, variant: str) -> str:
     return join_variants(selection["chosen"], variant)
 
 
-def chosen_train_files(selection_path: str | os.PathLike, train_root: str | os.PathLike,
-                       regime: str, variant: str) -> tuple[Path, Path]:
-    """``(weights, summary.json)`` of the chosen train job under ``train_root``."""
-    selection = json.loads(Path(selection_path).read_text())
-    if selection.get("regime") != regime:
-        raise DataError(selection_path, f"a selection for {selection.get('regime')!r}, "
-                                        f"not for {regime!r}")
-    train_dir = Path(train_root) / f"{regime}{chosen_train_variant(selection, variant)}"
-    return train_dir / "weights.safetensors", train_dir / "summary.json"
-
-
 def check_protocol(config: Mapping) -> None:
     """What the schema cannot say: a sweep names trained regimes, and not the L-BFGS probe
     (it chooses its L2 strength on validation itself, from ``l2_grid``)."""
@@ -158,21 +142,6 @@ def select(regime: str, candidates: Mapping[str, Sequence[Mapping]],
                     f"best epoch",
             "chosen": best["variant"], "chosen_overrides": best["overrides"],
             "candidates": rows}
-
-
-def write_selection(regime: str, candidates: Mapping[str, Sequence[str | os.PathLike]],
-                    out: str | os.PathLike, select_by: str = "val_top1") -> dict:
-    """:func:`select` on the train summaries at ``candidates`` (grid point -> one summary.json
-    path per replicate), written to ``out`` with provenance (the summaries' sha256)."""
-    summaries = {variant: [json.loads(Path(p).read_text()) for p in paths]
-                 for variant, paths in candidates.items()}
-    selection = select(regime, summaries, select_by)
-    selection["provenance"] = {
-        **provenance(device=False),
-        "train_summaries_sha256": {str(p): sha256_file(p)
-                                   for paths in candidates.values() for p in paths}}
-    write_json(out, selection)
-    return selection
 
 
 # ---------------------------------------------------------------------------- refit

@@ -81,9 +81,12 @@ def rule_resources(config: Mapping, family: str, gpu: int | None = None,
 def device_environment(config: Mapping) -> dict[str, str]:
     """What the device launcher of every JAX job reads besides its GPU count (environment
     variables, so changing them reruns no job): GPU rules on the CPU on purpose, GPU memory
-    preallocation, the persistent compilation cache, extra XLA flags."""
+    preallocation, the persistent compilation cache, extra XLA flags, and whether a job
+    waits for a running copy of itself (:mod:`finegrained.locks`)."""
     train = config["resources"]["train"]
     env = {"FINEGRAINED_ALLOW_CPU": "1" if train["allow_cpu"] else "0"}
+    if train["wait_for_lock"]:
+        env["FINEGRAINED_WAIT_FOR_LOCK"] = "1"
     if train["gpu_memory_fraction"]:
         env["FINEGRAINED_GPU_MEM_FRACTION"] = f"{train['gpu_memory_fraction']:g}"
     if train["compilation_cache"]:

@@ -15,7 +15,6 @@ percent; one colour per regime, the same in every figure.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -25,7 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.parquet as pq
 
-from finegrained.fileio import atomic_output
+from finegrained.fileio import atomic_output, read_json
+from finegrained.report import records
 
 #: Test-time views in reading order, with the names a reader sees.
 VIEW_LABELS = {"center": "centre crop", "ten_crop": "10-crop", "multi_scale": "multi-scale"}
@@ -41,10 +41,6 @@ PALETTE = plt.get_cmap("tab10").colors
 
 # ---------------------------------------------------------------------------- inputs
 
-def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def read_history(path: str | os.PathLike) -> dict[str, list]:
     """A ``history.parquet`` as columns (one row per epoch, or per L2 strength for L-BFGS)."""
     return pq.read_table(path).to_pydict()
@@ -54,7 +50,9 @@ def load_runs(summary: Mapping, root: str | os.PathLike = ".") -> dict[str, list
     """Per regime (summary order), its evaluated runs with their files read: each run of
     ``summary["regimes"][regime]["runs"]`` plus ``metrics_data``, ``history_data`` and
     ``train_summary_data`` (paths in the summary are relative to ``root``, the project
-    root); a file that is missing reads as None."""
+    root), each checked (:mod:`finegrained.report.records`: the metrics' types and ranges,
+    the history against the hash its summary records); a file that is missing reads as
+    None."""
     root = Path(root)
 
     def read(path, reader):
@@ -64,9 +62,11 @@ def load_runs(summary: Mapping, root: str | os.PathLike = ".") -> dict[str, list
 
     out = {}
     for regime, entry in summary["regimes"].items():
-        out[regime] = [dict(run, metrics_data=read(run.get("metrics"), read_json),
-                            history_data=read(run.get("history"), read_history),
-                            train_summary_data=read(run.get("train_summary"), read_json))
+        out[regime] = [dict(run, metrics_data=read(run.get("metrics"), records.read_metrics),
+                            history_data=read(run.get("history"), lambda p: read_history(
+                                records.checked_history(p))),
+                            train_summary_data=read(run.get("train_summary"),
+                                                    records.read_train_summary))
                        for run in entry["runs"]]
     return out
 

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from finegrained.data.manifest import read_classes
 from finegrained.data.shards import ShardReader
+from finegrained.report import records
 from finegrained.report.figures import STYLE, save
 from finegrained.plan.augment import is_augmented
 
@@ -75,7 +76,7 @@ def confused_pairs(metrics: Mapping, predictions_path, test_index, classes_path,
     called the other one (red frame, with its confidence), then correctly recognised crops
     of that other species (green frame). Crops come from the test shards."""
     names = read_classes(classes_path).column("common_name").to_pylist()
-    predictions = pq.read_table(predictions_path).to_pydict()
+    predictions = pq.read_table(records.checked_predictions(predictions_path, metrics)).to_pydict()
     examples = confusion_examples(predictions, metrics.get("confused_pairs") or [], names,
                                   view=metrics.get("summary_view", CONFUSION_VIEW),
                                   n_pairs=n_pairs, n_wrong=n_wrong, n_right=n_right)
@@ -166,7 +167,7 @@ def augmentation_grid(train_index, stats_path, augment: Mapping, image_size: int
     import jax
 
     from finegrained.train.augment import Augmentation, augment_batch, lighting_from_stats
-    from finegrained.report.figures import read_json
+    from finegrained.fileio import read_json
 
     reader = ShardReader(train_index)
     labels = reader.labels

@@ -10,6 +10,9 @@ A run is a ``results/<run_name>/`` folder. For each evaluation there (``<regime>
   the train (+ refit) and evaluate jobs;
 - ``train/<job>/summary.json``: the best validation top-1 (model selection).
 
+Each file is read checked (:mod:`finegrained.report.records`): a value out of its range or
+of the wrong type is an error naming the file and the key, never a cell of the table.
+
 ``<job>`` is the training job the evaluation read: ``<regime>`` (with its seed), or for a swept regime the
 grid point chosen on validation (``train_variant`` of the metrics, e.g.
 ``full_finetune+epochs=10``), which the regime cell names.
@@ -21,13 +24,15 @@ runs, then the regimes in the order of ``finegrained.plan.regimes.REGIMES``.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from finegrained.errors import DataError
 from finegrained.plan.jobs import VIEWS
 from finegrained.report import tables
+from finegrained.report.records import (count, fraction, read_metrics, read_train_summary,
+                                        seconds)
 from finegrained.report.throughput import read_benchmark
 from finegrained.plan.regimes import REGIMES
 
@@ -37,14 +42,13 @@ VIEW_TITLES = {"center": "centre", "ten_crop": "10-crop", "multi_scale": "multi-
 def benchmark_seconds(path: str | os.PathLike) -> float | None:
     """Wall seconds of a job from its Snakemake benchmark TSV (None when absent)."""
     bench = read_benchmark(path)
-    return None if bench is None else bench.get("s")
+    return None if bench is None or "s" not in bench else seconds(bench["s"], path, "s")
 
 
 def _val_top1(summary: Path) -> float | None:
     if not summary.exists():
         return None
-    value = json.loads(summary.read_text()).get("best_val_top1")
-    return None if value is None else float(value)
+    return read_train_summary(summary).get("best_val_top1")
 
 
 def _regimes(run_dir: Path) -> list[str]:
@@ -60,7 +64,7 @@ def run_rows(label: str, run_dir: str | os.PathLike) -> list[dict]:
     run_dir = Path(run_dir)
     rows = []
     for name in _regimes(run_dir):
-        metrics = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
+        metrics = read_metrics(run_dir / "eval" / name / "metrics.json")
         regime = name.partition("+")[0]
         replicate = name[len(regime):]               # '' or '+seed=N'
         chosen = metrics.get("train_variant") or ""
@@ -151,12 +155,29 @@ def markdown_job_times(runs: Iterable[tuple[str, str | os.PathLike]]) -> str:
 
 def replicate_rows(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of a run's replicate table (``report/tables/regime_views.csv``: mean, std
-    and 95 % interval over its seeds, per regime, view and metric)."""
-    with open(Path(run_dir) / "report" / "tables" / "regime_views.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    numbers = ("mean", "std", "ci95_low", "ci95_high")
-    return [{**row, "n": int(row["n"]),
-             **{k: None if row[k] == "" else float(row[k]) for k in numbers}} for row in rows]
+    and 95 % interval over its seeds, per regime, view and metric), each number checked:
+    ``n`` a whole number >= 1, the rest fractions (std and interval empty for one seed)."""
+    path = Path(run_dir) / "report" / "tables" / "regime_views.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise DataError(path, "replicate table not found") from None
+    out = []
+    for line, row in enumerate(rows, start=2):
+        where = f"{path}:{line}"
+
+        def number(key, parse):
+            text = row.get(key)
+            try:
+                return None if text == "" else parse(text)
+            except (TypeError, ValueError):
+                raise DataError(where, f"{key} is {text!r}, not a number") from None
+        parsed = {"n": count(number("n", int), where, "n", minimum=1)}
+        for key in ("mean", "std", "ci95_low", "ci95_high"):
+            parsed[key] = fraction(number(key, float), where, key, optional=key != "mean")
+        out.append({**row, **parsed})
+    return out
 
 
 def markdown_replicates(runs: Iterable[tuple[str, str | os.PathLike]]) -> str:

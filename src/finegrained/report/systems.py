@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from finegrained.report.figures import PALETTE, STYLE, read_history, save
+from finegrained.report.records import checked_history
 from finegrained.report.tables import FRACTION, mean_ci
 
 
@@ -28,14 +29,15 @@ def collect(train_root: str | os.PathLike, regimes: Sequence[str], systems: Sequ
             variants: Sequence[str]) -> dict[str, dict[str, list[dict]]]:
     """``{regime: {system: [history columns of each replicate]}}`` from
     ``<train_root>/<regime>+system=<name><replicate>/history.parquet`` (``variants``: the
-    replicate suffixes, '' and '+seed=N'; the seed comes first in a variant)."""
+    replicate suffixes, '' and '+seed=N'; the seed comes first in a variant), each checked
+    against the hash its summary records."""
     out: dict[str, dict[str, list[dict]]] = {}
     for regime in regimes:
         for system in systems:
             runs = []
             for variant in variants:
                 path = Path(train_root) / f"{regime}{variant}+system={system}" / "history.parquet"
-                runs.append(read_history(path))
+                runs.append(read_history(checked_history(path)))
             out.setdefault(regime, {})[system] = runs
     return out
 

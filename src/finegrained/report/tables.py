@@ -11,21 +11,23 @@ table over replicate seeds (mean, sample std and a 95 % Student-t confidence int
 
 Paths are as the workflow names them (relative to its working directory); top-1/top-5 are
 fractions. With one replicate, std and the interval are null: one seed says nothing about
-the spread.
+the spread. Every metrics.json and train summary is read checked
+(:mod:`finegrained.report.records`): a value out of range or of the wrong type stops the
+summary, naming the file and the key.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from finegrained.fileio import atomic_output, read_json, sha256_file, write_json
 from finegrained.plan.jobs import VIEWS
-from finegrained.fileio import atomic_output, sha256_file, write_json
 from finegrained.provenance import provenance
+from finegrained.report.records import count, read_metrics, read_train_summary
 
 METRICS = ("top1", "top5")
 CONFIDENCE = 0.95
@@ -72,7 +74,7 @@ def summarize(metrics_by_regime: Mapping[str, Sequence[Mapping]]) -> list[dict]:
         if not runs:
             continue
         protocol = "; ".join(dict.fromkeys(protocol_label(run) for run in runs))
-        names = list(runs[0]["views"])
+        names = [v for v in runs[0]["views"] if all(v in run["views"] for run in runs)]
         for view in sorted(names, key=lambda v: (VIEWS + (v,)).index(v)):
             for metric in METRICS:
                 values = [float(run["views"][view][metric]) for run in runs]
@@ -139,8 +141,10 @@ def run_record(results_dir: str, metrics_path: str, metrics: Mapping) -> dict:
     variant = metrics.get("variant", "")
     train_variant = metrics.get("train_variant", variant)
     train = f"{results_dir}/train/{regime}{train_variant}"
-    summary = json.loads(Path(train, "summary.json").read_text())
-    return {"seed": summary["settings"]["seed"], "variant": variant,
+    summary_path = Path(train, "summary.json")
+    summary = read_train_summary(summary_path)
+    seed = count((summary.get("settings") or {}).get("seed"), summary_path, "settings.seed")
+    return {"seed": seed, "variant": variant,
             "train_variant": train_variant, "metrics": metrics_path,
             "predictions": str(Path(metrics_path).with_name("predictions.parquet")),
             "history": f"{train}/history.parquet", "train_summary": f"{train}/summary.json",
@@ -154,12 +158,12 @@ def write_summary(*, run_name: str, results_dir: str, metrics_paths: Sequence[st
     sweep selections (regimes in the order of ``metrics_paths``)."""
     selections = {}
     for path in selection_paths:
-        selection = json.loads(Path(path).read_text())
+        selection = read_json(path, "sweep selection")
         selections[selection["regime"]] = selection
     regimes: dict[str, dict] = {}
     metrics_by_regime: dict[str, list] = {}
     for path in metrics_paths:
-        metrics = json.loads(Path(path).read_text())
+        metrics = read_metrics(path)
         regime = metrics["regime"]
         entry = regimes.setdefault(regime, {"runs": [], "selection": selections.get(regime)})
         entry["runs"].append(run_record(results_dir, str(path), metrics))

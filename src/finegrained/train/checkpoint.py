@@ -10,7 +10,12 @@ saving and come back as numpy, so a checkpoint does not depend on the device mes
 
 Orbax writes each step into a temporary directory and renames it when complete (atomic);
 the newest ``keep`` checkpoints are kept, and leftover temporary directories of a killed
-save are removed when the manager opens.
+save are removed when the manager opens. A step that cannot be read whole later (a data
+file or its metadata lost or torn) is set aside beside the folder, the log names it, and
+the run resumes from the newest step that reads whole, or starts afresh when none does
+(:func:`restore_checkpoint`); nothing of a step is used unless all of it was read. A
+finished phase's record (``done.json`` and its weights) that cannot be read is likewise
+set aside and the phase redone from its checkpoints (:func:`read_finished_phase`).
 
 A job's checkpoint folder records what it was made from (:func:`claim`): the job's settings
 and the sha256 of its input files. A rerun with other settings or inputs (a lowered ``lr``,
@@ -20,18 +25,23 @@ always the run its settings describe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from finegrained import distributed
-from finegrained.fileio import sha256_file, write_json
+from finegrained.errors import DataError, WeightsError
+from finegrained.fileio import read_json, sha256_file, write_json
 
 import jax
 import numpy as np
@@ -80,6 +90,16 @@ class Checkpointer:
         target = _to_host(like)
         return self.manager.restore(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(target)))["arrays"]
+
+    def set_aside(self, step: int) -> Path:
+        """Move step ``step`` out of the folder, to ``<folder>.step-<step>.unreadable-<time>``
+        beside it (only process 0 moves; every process then sees the folder without it)."""
+        aside = _aside_name(self.directory, f"step-{step}.unreadable")
+        if distributed.is_main_process():
+            os.replace(self.directory / str(step), aside)
+        distributed.barrier(f"set-aside/{self.directory}/{step}")
+        self.manager.reload()
+        return aside
 
     def restore_saved(self, step: int) -> dict:
         """The arrays of checkpoint ``step`` as they were saved (numpy), without a target."""
@@ -146,6 +166,11 @@ def describe_change(old: Mapping | None, new: Mapping, limit: int = 3) -> str:
     return "other settings or inputs: " + "; ".join(shown) + more
 
 
+def _aside_name(directory: Path, what: str) -> Path:
+    return directory.with_name(f"{directory.name}.{what}-{time.strftime('%Y%m%dT%H%M%S')}"
+                               f"-{os.getpid()}")
+
+
 def claim(directory: str | os.PathLike, expected: Mapping,
           log: Callable[[str], None] = print) -> Path | None:
     """Make ``directory`` the checkpoint folder of the job whose :func:`fingerprint` is
@@ -157,12 +182,11 @@ def claim(directory: str | os.PathLike, expected: Mapping,
     aside = None
     if directory.is_dir() and any(directory.iterdir()):
         try:
-            found = json.loads(record.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            found = read_json(record, "checkpoint fingerprint")
+        except DataError:            # none, or torn: not known to be this job's
             found = None
         if found != expected:
-            aside = directory.with_name(f"{directory.name}.set-aside-"
-                                        f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+            aside = _aside_name(directory, "set-aside")
             os.replace(directory, aside)
             log(f"checkpoints in {directory} were made with {describe_change(found, expected)}: "
                 f"set aside as {aside.name}, not resumed; training starts afresh")
@@ -208,19 +232,101 @@ def save_checkpoint(ckpt: Checkpointer | None, state, progress: Progress,
     ckpt.save(progress.step, state_arrays(state, best_flat), dataclasses.asdict(progress))
 
 
-def restore_checkpoint(ckpt: Checkpointer, state, best_like: Callable[[], dict]):
-    """``(state, progress, best)`` from the latest checkpoint (the state's arrays on the
-    host, in ``state``'s structure), or None when there is none. ``best_like`` gives the
-    structure of the best weights (called only when the checkpoint holds them)."""
-    step = ckpt.latest_step()
-    if step is None:
+def restore_checkpoint(ckpt: Checkpointer, state, best_like: Callable[[], dict],
+                       log: Callable[[str], None] = print):
+    """``(state, progress, best)`` from the newest checkpoint that reads whole (the state's
+    arrays on the host, in ``state``'s structure), or None when there is none. ``best_like``
+    gives the structure of the best weights (called only when the checkpoint holds them).
+
+    A step that fails to read (on any process) is set aside (:meth:`Checkpointer.set_aside`)
+    and logged, and the next older one tried; when none is left the run starts afresh."""
+    with _quiet_asyncio():
+        return _restore_newest_readable(ckpt, state, best_like, log)
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    """Keep the echoes of a failed read out of the log while checkpoints are read: orbax's
+    pending tasks log the same error again, as a long traceback, when they are collected
+    (done here, before the logger is restored), and a read finishing after its event loop
+    closed raises "Event loop is closed" where nothing can catch it. The log line of
+    :func:`restore_checkpoint` says what failed, once."""
+    logger, previous_hook = logging.getLogger("asyncio"), sys.unraisablehook
+    level = logger.level
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous_hook(unraisable)
+
+    logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous_hook
+        logger.setLevel(level)
+
+
+def _restore_newest_readable(ckpt: Checkpointer, state, best_like, log):
+    for step in sorted(ckpt.manager.all_steps(), reverse=True):
+        problem = None
+        try:
+            meta = ckpt.restore_meta(step)
+            like = best_like() if meta.get("best") is not None else None
+            arrays = ckpt.restore_arrays(step, state_arrays(state, like))
+            progress = Progress(**meta)
+        except MemoryError:
+            raise
+        except Exception as exc:   # orbax and tensorstore raise many kinds for a lost file
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if distributed.any_process(problem is not None, f"restore/{ckpt.directory}/{step}"):
+            aside = ckpt.set_aside(step)
+            older = ckpt.latest_step()
+            log(f"checkpoint step {step} in {ckpt.directory} cannot be read "
+                f"({problem or 'on another process'}): set aside as {aside.name}; "
+                + (f"trying step {older}" if older is not None else
+                   "no readable checkpoint is left, training starts afresh"))
+            continue
+        state = state.replace(step=arrays["step"], params=arrays["params"],
+                              stats=arrays["stats"], opt_state=arrays["opt_state"])
+        return state, progress, arrays.get("best")
+    return None
+
+
+def read_finished_phase(directory: str | os.PathLike,
+                        log: Callable[[str], None] = print) -> tuple[dict, dict] | None:
+    """``(record, final weights)`` of a phase an earlier attempt finished (its ``done.json``
+    and ``done.safetensors``), or None. A record that cannot be read whole, or whose best
+    weights (``best.safetensors``) cannot, is set aside and logged (the phase is then redone
+    from its checkpoints) rather than failing every rerun."""
+    from finegrained.models.weights import read_tensors   # not needed by the loop's imports
+
+    directory = Path(directory)
+    files = [directory / name for name in ("done.json", "done.safetensors", "best.safetensors")]
+    if not (files[0].exists() and files[1].exists()):
         return None
-    meta = ckpt.restore_meta(step)
-    like = best_like() if meta.get("best") is not None else None
-    arrays = ckpt.restore_arrays(step, state_arrays(state, like))
-    state = state.replace(step=arrays["step"], params=arrays["params"], stats=arrays["stats"],
-                          opt_state=arrays["opt_state"])
-    return state, Progress(**meta), arrays.get("best")
+    problem = None
+    try:
+        record = read_json(files[0], "finished phase record")
+        weights = read_tensors(files[1])
+        if record.get("best") is not None:
+            read_tensors(files[2])
+    except (DataError, WeightsError) as exc:
+        problem = exc
+    if not distributed.any_process(problem is not None, f"finished/{directory}"):
+        return record, weights
+    aside = _aside_name(directory, "finished.unreadable")
+    if distributed.is_main_process():
+        aside.mkdir()
+        for path in files:
+            if path.exists():
+                os.replace(path, aside / path.name)
+    distributed.barrier(f"finished-aside/{directory}")
+    log(f"{problem or 'unreadable on another process'}: the record of finished phase "
+        f"{directory.name} is set aside as {aside.name}; the phase is redone from its checkpoints")
+    return None
 
 
 class StopFlag:

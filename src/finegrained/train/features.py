@@ -1,9 +1,10 @@
 """The feature cache: the frozen backbone run once over a split, its outputs kept on disk.
 
 For each layer a job extracts, the cache holds one float16 (or float32) NPY in the job's
-folder plus an ``index.json`` (shape, dtype, layer, sha256 of the weights and of the shard
-index it read, the view and the labels' file). The workflow runs one job for the pooled
-layers of a split and one per boundary map (``plan.paths.cache_index``)::
+folder plus an ``index.json`` (shape, dtype and sha256 of each array file it wrote, the
+sha256 of the weights and of the shard index it read, the view and the labels' file). The
+workflow runs one job for the pooled layers of a split and one per boundary map
+(``plan.paths.cache_index``)::
 
     features/train/stage4.npy                  [V*N, C]      pooled output of stage4
     features/train/labels.npy                  [V*N] int32
@@ -21,12 +22,12 @@ from ``fold_in(key(seed), v)``; a single un-augmented view is the evaluation vie
 sees, so a cached run and an online run read the same inputs.
 
 :class:`FeatureReader` serves one layer with the ShardReader interface (``len``,
-``labels``, ``gather``), memory-mapped.
+``labels``, ``gather``), memory-mapped; with ``verify`` (``shards.verify``, as for the
+shards) it first checks the array and labels files against the sha256 the index records.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -37,11 +38,14 @@ import numpy as np
 from finegrained.data.manifest import class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
-from finegrained.fileio import atomic_output, sha256_file, write_json
+from finegrained.fileio import (HashingWriter, atomic_output, check_sha256, read_json,
+                                sha256_file, write_json)
+from finegrained.locks import exclusive
 from finegrained.models import loading
 from finegrained.plan.paths import MAP_SUFFIX, layer_stem
 from finegrained.train.augment import (Augmentation, Lighting, augment_batch, center_crop,
                                        lighting_from_stats)
+from finegrained.train.validation import require_examples
 
 
 def layer_file(layer: str) -> str:
@@ -85,13 +89,14 @@ def _extract_fn(model, layers: Sequence[str], image_size: int, crop_fraction: fl
     return lambda images, key: extract(state, images, key)
 
 
+@exclusive("out_dir")
 def run_features_job(settings: Mapping, *, shard_index, init_weights, stats, classes, out_dir,
                      log_fn: Callable[[str], None] | None = print) -> dict:
     """The features rule: the frozen pretrained backbone over one split (settings:
     :func:`finegrained.plan.jobs.features`); writes the cache, returns its index."""
     model = loading.load(init_weights, settings["model"], len(class_names(classes)))
     augment = Augmentation.from_dict(settings["augment"])
-    lighting = (lighting_from_stats(json.loads(Path(stats).read_text()))
+    lighting = (lighting_from_stats(read_json(stats, "colour statistics"))
                 if augment.pca_lighting > 0 else None)
     return extract_features(
         model, shard_index, out_dir, layers=settings["layers"],
@@ -116,6 +121,7 @@ def extract_features(model, shard_index: str | os.PathLike, out_dir: str | os.Pa
     """
     log = log_fn or (lambda _: None)
     reader = ShardReader(shard_index, verify=verify)
+    require_examples(len(reader), shard_index, reader.index.get("split"))
     model.eval()
     n = len(reader)
     num_views = max(views, 1)
@@ -142,19 +148,14 @@ def extract_features(model, shard_index: str | os.PathLike, out_dir: str | os.Pa
         log(f"features: view {v + 1}/{num_views} of {n} images done")
     labels = np.tile(reader.labels, num_views).astype(np.int32)
 
-    files = {}
-    for layer in layers:
-        path = out_dir / layer_file(layer)
-        with atomic_output(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, arrays[layer])
-        files[layer] = {"file": path.name, "shape": list(arrays[layer].shape),
-                        "dtype": np_dtype.name}
-    with atomic_output(out_dir / "labels.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, labels)
+    files = {layer: {"file": layer_file(layer), "shape": list(arrays[layer].shape),
+                     "dtype": np_dtype.name,
+                     "sha256": _save_array(out_dir / layer_file(layer), arrays[layer])}
+             for layer in layers}
     index = {
-        "layers": files, "labels": "labels.npy", "count": int(n), "views": num_views,
+        "layers": files, "labels": "labels.npy",
+        "labels_sha256": _save_array(out_dir / "labels.npy", labels),
+        "count": int(n), "views": num_views,
         "augmented": aug is not None, "image_size": image_size,
         "eval_crop_fraction": eval_crop_fraction, "seed": seed, "arch": model.arch,
         "weights_sha256": weights_sha256,
@@ -164,22 +165,30 @@ def extract_features(model, shard_index: str | os.PathLike, out_dir: str | os.Pa
     return index
 
 
+def _save_array(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` as an NPY atomically; the sha256 of the bytes written."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            writer = HashingWriter(f)
+            np.save(writer, array)
+    return writer.hexdigest()
+
+
 class FeatureReader:
     """One cached layer of a split, with the source interface of the training loop.
 
     ``weights`` and ``shard_index``, when given, are the files the reading job was given:
     a cache made from other weights or another version of the split is refused (as a shard
     whose bytes changed is), so a cache left over from before a change is never trained on.
+    With ``verify`` the layer's array and the labels must have the sha256 the index records
+    (the features job hashed them as it wrote them).
     """
 
     def __init__(self, index_path: str | os.PathLike, layer: str, *,
                  weights: str | os.PathLike | None = None,
-                 shard_index: str | os.PathLike | None = None):
+                 shard_index: str | os.PathLike | None = None, verify: bool = False):
         self.index_path = Path(index_path)
-        try:
-            self.index = json.loads(self.index_path.read_text())
-        except FileNotFoundError:
-            raise DataError(self.index_path, "feature index not found") from None
+        self.index = read_json(self.index_path, "feature index")
         for what, path, key in (("weights", weights, "weights_sha256"),
                                 ("shard index", shard_index, "shard_index_sha256")):
             if path is not None and self.index.get(key) != (got := sha256_file(path)):
@@ -192,6 +201,12 @@ class FeatureReader:
                             f"{sorted(self.index['layers'])}")
         self.layer = layer
         entry = self.index["layers"][layer]
+        if verify:
+            remedy = "rebuild the cache (snakemake --forcerun features feature_map)"
+            check_sha256(self.index_path.parent / entry["file"], entry.get("sha256"),
+                         self.index_path, remedy)
+            check_sha256(self.index_path.parent / self.index["labels"],
+                         self.index.get("labels_sha256"), self.index_path, remedy)
         self.features = np.load(self.index_path.parent / entry["file"], mmap_mode="r")
         self.labels = np.load(self.index_path.parent / self.index["labels"])
         if len(self.features) != len(self.labels) or list(self.features.shape) != entry["shape"]:

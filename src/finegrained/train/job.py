@@ -27,7 +27,6 @@ process 0 logs and writes files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -42,19 +41,21 @@ from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
-from finegrained.fileio import atomic_output, sha256_file, write_json
+from finegrained.fileio import atomic_output, check_sha256, read_json, sha256_file, write_json
+from finegrained.locks import exclusive
 from finegrained.models import flatten_state, loading
 from finegrained.models.params import assign_state
 from finegrained.models.weights import read_tensors, save_weights, weights_metadata
 from finegrained.plan.selection import better
 from finegrained.provenance import provenance
 from finegrained.train.augment import lighting_from_stats
-from finegrained.train.checkpoint import claim, fingerprint
+from finegrained.train.checkpoint import claim, fingerprint, read_finished_phase
 from finegrained.train.features import FeatureReader
 from finegrained.train.input_pipeline import ConcatSource
 from finegrained.train.loop import fit
 from finegrained.train.probe import fit_probe
 from finegrained.train.settings import TrainSettings
+from finegrained.train.validation import require_examples
 
 
 @dataclasses.dataclass
@@ -88,8 +89,9 @@ class Phases:
 def _sources(phase: Mapping, train_index, val_index, feature_indexes, verify: bool,
              init_weights=None, refit: bool = False):
     """The phase's train and val sources: the shards, or the feature cache (checked against
-    the init weights and shard indexes this job was given). A refit trains on both splits
-    and validates on none."""
+    the init weights and shard indexes this job was given, and with ``verify`` its files
+    against its index). A refit trains on both splits and validates on none; otherwise an
+    empty validation split is an error."""
     inp = phase["input"]
     if inp["kind"] == "cache":
         indexes = (feature_indexes or {}).get(inp["layer"])
@@ -97,11 +99,14 @@ def _sources(phase: Mapping, train_index, val_index, feature_indexes, verify: bo
             raise DataError("features", f"phase {phase['name']} reads the feature cache of "
                             f"{inp['layer']}, but no index of it was given")
         train, val = (FeatureReader(indexes[split], inp["layer"], weights=init_weights,
-                                    shard_index=index)
+                                    shard_index=index, verify=verify)
                       for split, index in (("train", train_index), ("val", val_index)))
     else:
         train, val = ShardReader(train_index, verify=verify), ShardReader(val_index, verify=verify)
-    return (ConcatSource(train, val), None) if refit else (train, val)
+    if refit:
+        return ConcatSource(train, val), None
+    require_examples(len(val), val_index, "val")
+    return train, val
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -114,13 +119,14 @@ def _write_history(path: Path, rows: list[dict]) -> None:
         pq.write_table(table, tmp)
 
 
-def _finished_phase(directory: Path, model) -> dict | None:
+def _finished_phase(directory: Path, model, log) -> dict | None:
     """A phase finished by an earlier attempt: load its final state, return its record."""
-    record, weights = directory / "done.json", directory / "done.safetensors"
-    if not (record.exists() and weights.exists()):
+    finished = read_finished_phase(directory, log)
+    if finished is None:
         return None
-    assign_state(model, read_tensors(weights))
-    return json.loads(record.read_text())
+    record, weights = finished
+    assign_state(model, weights)
+    return record
 
 
 def _mark_finished(directory: Path, model, record: dict) -> None:
@@ -149,7 +155,9 @@ def probe_head(phase: Mapping, model, probe: Mapping | None, init_weights) -> di
         raise DataError("probe", f"phase {phase['name']} starts from the "
                         f"{want['regime']}{want['variant']} job's head, but no probe "
                         f"weights were given")
-    summary = json.loads(Path(probe["summary"]).read_text())
+    summary = read_json(probe["summary"], "probe summary")
+    check_sha256(probe["weights"], summary.get("weights_sha256"), probe["summary"],
+                 f"rerun the {want['regime']}{want['variant']} job that writes both")
     refit = bool(want.get("refit", False))
     problems = []
     if recipe_hash(summary) != want["config_hash"]:
@@ -197,6 +205,7 @@ def solve_probe(phase: Mapping, model, train, val, log: Callable[[str], None]) -
             "best_weights": flat if probe["best"] is not None else None}
 
 
+@exclusive("checkpoint_dir")
 def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_dir,
             checkpoint_dir, init_weights=None, feature_indexes=None, probe=None,
             log_fn: Callable[[str], None] | None = print) -> dict:
@@ -206,7 +215,8 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     ``probe``: ``{"weights", "summary"}`` of the linear probe job a ``probe_head`` phase
     reads. With ``settings["refit"]`` (:func:`finegrained.plan.protocol.refit_settings`) every
     phase trains on train + validation for the epochs chosen before, and the model written
-    is the final one.
+    is the final one. One copy of a job runs at a time (:func:`finegrained.locks.exclusive`
+    on ``checkpoint_dir``).
     """
     t0 = time.perf_counter()
     main = distributed.is_main_process()
@@ -216,7 +226,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     names = manifest_class_names(classes)
     model = loading.start_model(settings["model"], init=settings["init"], seed=settings["seed"],
                                 num_classes=len(names), init_weights=init_weights)
-    stats_dict = json.loads(Path(stats).read_text())
+    stats_dict = read_json(stats, "colour statistics")
     checkpoint_dir = Path(checkpoint_dir)
     inputs = {"init_weights": init_weights, "train_index": train_index, "val_index": val_index,
               "stats": stats, "classes": classes,
@@ -231,7 +241,7 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
     phases = Phases()
     for i, phase in enumerate(settings["phases"]):
         phase_dir = checkpoint_dir / f"{i}-{phase['name']}"
-        record = _finished_phase(phase_dir, model)
+        record = _finished_phase(phase_dir, model, log)
         if record is None:
             if phase["kind"] == "probe_head":
                 result = probe_head(phase, model, probe, init_weights)
@@ -310,6 +320,8 @@ def write_outputs(settings: Mapping, model, phases: Phases, *, out_dir: Path, na
         "best_val_top1": None if best is None else best.row["val_top1"],
         "best_val_loss": None if best is None else best.row["val_loss"],
         "best": None if best is None else best.row, "final": rows[-1] if rows else None,
+        "weights_sha256": sha256_file(out_dir / "weights.safetensors"),
+        "history_sha256": sha256_file(out_dir / "history.parquet"),
         "epochs_run": len(rows), "phase_epochs": phases.epochs, "head_from": phases.head_from,
         "num_classes": len(names),
         "wall_seconds": seconds, "config_hash": settings["config_hash"],

@@ -107,8 +107,9 @@ def fit(model: nnx.Module, train_source: Any, val_source: Any | None,
     ``settings.epochs`` (a refit repeating a chosen epoch). Without ``val_source`` no
     validation runs: no best row, no best weights, no early stopping.
 
-    With ``checkpoint_dir``, resumes from the latest checkpoint there (bit-identically:
-    same data order, same augmentation, same state), checkpoints every
+    With ``checkpoint_dir``, resumes from the newest checkpoint there that reads whole (an
+    unreadable one is set aside and logged; bit-identically: same data order, same
+    augmentation, same state), checkpoints every
     ``settings.checkpoint_every_steps`` and at every epoch end, and on SIGTERM checkpoints
     and raises :class:`Preempted`. A non-finite loss, or a non-finite parameter before a
     checkpoint or at an epoch end, raises :class:`NonFinite` naming ``label``, epoch and
@@ -209,7 +210,7 @@ def resume(training: Training, ckpt: Checkpointer | None, model: nnx.Module, lab
     """The progress and best weights of the latest checkpoint (its state put on the mesh),
     or a fresh start."""
     if ckpt is not None:
-        restored = restore_checkpoint(ckpt, training.state, lambda: flatten_state(model))
+        restored = restore_checkpoint(ckpt, training.state, lambda: flatten_state(model), log)
         if restored is not None:
             state, progress, best_weights = restored
             training.state = training.to_mesh(jax.tree_util.tree_map(jnp.asarray, state))

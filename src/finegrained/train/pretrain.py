@@ -22,7 +22,8 @@ from finegrained import distributed
 from finegrained.data.manifest import class_names as manifest_class_names
 from finegrained.data.shards import ShardReader
 from finegrained.errors import DataError
-from finegrained.fileio import write_json
+from finegrained.fileio import read_json, write_json
+from finegrained.locks import exclusive
 from finegrained.models import flatten_state, loading
 from finegrained.models.weights import save_weights, weights_metadata
 from finegrained.train.augment import lighting_from_stats
@@ -31,6 +32,7 @@ from finegrained.train.loop import fit
 from finegrained.train.settings import TrainSettings
 
 
+@exclusive("checkpoint_dir", "out_weights")
 def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
              stats_json: str | os.PathLike, classes: str | os.PathLike, *, model: Mapping,
              settings: TrainSettings, out_weights: str | os.PathLike,
@@ -51,8 +53,7 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         if len(reader) and int(reader.labels.max()) >= num_classes:
             raise DataError(reader.index_path, f"label {int(reader.labels.max())} is not one "
                             f"of the {num_classes} classes of {classes}")
-    with open(stats_json) as f:
-        stats = json.load(f)
+    stats = read_json(stats_json, "colour statistics")
     lighting = lighting_from_stats(stats) if settings.augment.pca_lighting > 0 else None
 
     arch, width = model["arch"], model["width"]

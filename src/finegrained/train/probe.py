@@ -7,7 +7,9 @@ on the training features and scored on the validation split; the best by ``selec
 (:mod:`finegrained.plan.selection`) is kept. Without a validation split (a refit on train +
 validation) the grid holds the one strength chosen before. Features are centred and scaled
 by the training statistics for conditioning; the returned ``W, b`` act on the raw features, so they drop
-into the model's ``head`` Linear as they are.
+into the model's ``head`` Linear as they are. Non-finite features, or a head that comes out
+non-finite, stop the fit with :class:`~finegrained.train.loop.NonFinite` (as SGD training
+does): no NaN head is ever written.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 
 from finegrained.plan.selection import better
+from finegrained.train.loop import NonFinite
 
 
 def _objective(w_and_b, x, y, l2):
@@ -83,6 +86,12 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None
                          f"{list(l2_grid)}: give the one chosen strength")
     log = log_fn or (lambda _: None)
     x = np.asarray(train_x, np.float32)
+    for split, values in (("training", x), ("validation", val_x)):
+        bad = 0 if values is None else int(np.size(values) - np.isfinite(values).sum())
+        if bad:
+            raise NonFinite(f"linear probe: {bad} of the {split} features are NaN or infinite "
+                            f"(a damaged feature cache, or activations beyond float16); no "
+                            f"head was fitted")
     mean, std = x.mean(0), x.std(0) + 1e-6
     xs = jnp.asarray((x - mean) / std)
     ty = jnp.asarray(train_y, jnp.int32)
@@ -108,5 +117,8 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None
     # Undo the standardisation: x_s W = (x - mean) / std W  =>  W' = W / std, b' = b - mean W'.
     kernel = w / std[:, None]
     bias = b - mean @ kernel
+    if not (np.isfinite(kernel).all() and np.isfinite(bias).all()):
+        raise NonFinite(f"linear probe: the head fitted at l2 {row['l2']:g} is not finite; no "
+                        f"weights were written")
     return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32),
             "l2": row["l2"], "best": row if val_x is not None else None, "history": rows}

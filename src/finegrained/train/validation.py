@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from finegrained.errors import DataError
 from finegrained.train.input_pipeline import Prefetcher, as_source
 from finegrained.train.sharding import local_rows, shard_batch
 from finegrained.train.steps import TrainState
@@ -17,6 +18,16 @@ from finegrained.train.steps import TrainState
 def round_up(n: int, k: int) -> int:
     """``n`` rounded up to a multiple of ``k`` (a batch every device gets rows of)."""
     return int(math.ceil(n / k) * k)
+
+
+def require_examples(count: int, index_path, split: str | None) -> None:
+    """Refuse a split with no images, naming its index: a validation split is empty when no
+    class has the two training images it takes to give one to validation, and an empty split
+    would score every epoch 0 (or fail deep in the features job)."""
+    if count == 0:
+        why = (" (no class has 2 or more training images, so dataset.val_fraction put none "
+               "in validation: use classes with more images)" if split == "val" else "")
+        raise DataError(index_path, f"the {split} split has no images{why}")
 
 
 def validate(state: TrainState, source: Any, eval_metrics: Callable, batch_size: int,
