@@ -68,7 +68,11 @@ test-slurm: install
 	SLURM_TEST_DIR=$(SLURM_TEST_DIR) tests/workflow/slurm/cluster.sh start
 	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf FINEGRAINED_SLURM_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/workflow/test_slurm.py
 
+# The workflow catalog's checks: rule files as snakefmt leaves them, and Snakemake's linter.
+SNAKEFMT ?= snakefmt==2.1.0
 lint: install
+	$(PIP) install -q "$(SNAKEFMT)"
+	$(VENV)/bin/snakefmt --check Snakefile workflow
 	$(SNAKEMAKE) --lint --configfile config/demo.yaml
 	$(SNAKEMAKE) --lint
 

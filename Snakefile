@@ -20,7 +20,10 @@ FINEGRAINED_DIR = Path(str(workflow.current_basedir))
 sys.path.insert(0, str(FINEGRAINED_DIR / "src"))
 import finegrained  # noqa: E402
 
-if Path(finegrained.__file__).resolve().parent != (FINEGRAINED_DIR / "src" / "finegrained").resolve():
+if (
+    Path(finegrained.__file__).resolve().parent
+    != (FINEGRAINED_DIR / "src" / "finegrained").resolve()
+):
     raise WorkflowError(
         f"the finegrained library imported is {Path(finegrained.__file__).parent}, not this "
         f"workflow's {FINEGRAINED_DIR / 'src' / 'finegrained'}: another checkout or an installed "

@@ -289,16 +289,21 @@ def test_hue_jitter_in_augment_batch(images):
 
 
 def test_the_jax_free_is_augmented_agrees_with_the_augmentation():
-    """The workflow asks a config block (no JAX on the head node), the job its Augmentation."""
-    from finegrained.plan.schema import validate_config
-    from finegrained.plan.augment import is_augmented
+    """The workflow asks a config block (no JAX on the head node), the job its Augmentation.
+    Every setting is the schema's and is one of the two kinds the planning layer knows (a
+    crop range, or a magnitude whose zero disables it): a new setting cannot be missed."""
+    from finegrained.plan.augment import CROP_RANGES, RANDOM_MAGNITUDES, is_augmented
+    from finegrained.plan.schema import SCHEMA, validate_config
 
+    fields = [f.name for f in dataclasses.fields(Augmentation)]
+    assert fields == list(SCHEMA["$defs"]["augment"]["properties"])
     off = dataclasses.asdict(Augmentation.none())
+    ranges = [name for name in fields if isinstance(off[name], tuple)]
+    assert (tuple(ranges), tuple(n for n in fields if n not in ranges)) == (
+        CROP_RANGES, RANDOM_MAGNITUDES)
     schema_default = validate_config({})["features"]["augment"]
-    cases = [(off, False), (schema_default, True), ({**off, "flip": 0.5}, True),
-             ({**off, "crop_area": [0.5, 1.0]}, True), ({**off, "aspect_ratio": [0.9, 1.0]}, True)]
-    cases += [({**off, name: 0.1}, True) for name in ("scale_jitter", "rotation", "brightness",
-                                                       "contrast", "saturation", "hue",
-                                                       "pca_lighting")]
+    cases = [(off, False), (schema_default, True)]
+    cases += [({**off, name: [0.5, 1.0]}, True) for name in ranges]
+    cases += [({**off, name: 0.1}, True) for name in fields if name not in ranges]
     for case, expected in cases:
         assert is_augmented(case) == is_augmented(Augmentation.from_dict(case)) == expected, case

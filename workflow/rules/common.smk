@@ -11,12 +11,21 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from finegrained.data.readers import (DATASET_FORMATS, annotation_files, check_image_paths,
-                                      dataset_root_problem)
+from finegrained.data.readers import (
+    DATASET_FORMATS,
+    annotation_files,
+    check_image_paths,
+    dataset_root_problem,
+)
 from finegrained.errors import DataError
 from finegrained.plan import jobs, paths, protocol, targets
 from finegrained.plan.regimes import REGIMES
-from finegrained.plan.resources import family_threads, jax_conda_env, rule_resources, shell_prefix
+from finegrained.plan.resources import (
+    family_threads,
+    jax_conda_env,
+    rule_resources,
+    shell_prefix,
+)
 from finegrained.plan.schema import validate_config
 from finegrained.plan.variants import VARIANT_PATTERN
 
@@ -27,7 +36,11 @@ protocol.check_protocol(config)
 # shell finds), or in the rule's conda env; either way with this checkout's library.
 USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 shell.prefix(
-    shell_prefix(config, FINEGRAINED_DIR / "src", None if USES_CONDA else Path(sys.executable).parent)
+    shell_prefix(
+        config,
+        FINEGRAINED_DIR / "src",
+        None if USES_CONDA else Path(sys.executable).parent,
+    )
 )
 
 DATASETS = list(paths.DATASETS)
@@ -99,7 +112,9 @@ def annotation_inputs(wildcards):
             check_image_paths(cfg["format"], root)
         except DataError as exc:
             raise WorkflowError(f"{key}.root: {exc}") from None
-    return [str(path) for path in annotation_files(cfg["format"], root, all_optional=demo)]
+    return [
+        str(path) for path in annotation_files(cfg["format"], root, all_optional=demo)
+    ]
 
 
 def dataset_root(wildcards, input):
@@ -116,7 +131,9 @@ def shard_outputs():
 def split_shard_files(kind):
     """Input function: every shard file of one kind ('meta', 'skipped', 'record', 'images')
     of a split."""
-    return lambda wildcards: paths.split_shard_files(config, wildcards.dataset, wildcards.split, kind)
+    return lambda wildcards: paths.split_shard_files(
+        config, wildcards.dataset, wildcards.split, kind
+    )
 
 
 # ---------------------------------------------------------------------------- weights
@@ -136,8 +153,11 @@ def source_class_names():
 
 def optional_flag(flag, name):
     """A param: ``flag <input.name>`` when the rule has that input (a named input given as
-    [], as `backbone.weights: none` gives the init rule's weights, is none), else nothing."""
-    return lambda wildcards, input: f"{flag} {shlex.quote(input[name])}" if input.get(name) else ""
+    [], as `backbone.weights: none` gives the init rule's weights, is none), else nothing.
+    """
+    return lambda wildcards, input: (
+        f"{flag} {shlex.quote(input[name])}" if input.get(name) else ""
+    )
 
 
 # ---------------------------------------------------------------------------- training
@@ -173,7 +193,10 @@ def feature_args(wildcards, input):
         return ""
     layers = targets.feature_indexes(config, wildcards.regime, wildcards.variant)
     given = iter(input.features)
-    indexes = {layer: {split: next(given) for split in by_split} for layer, by_split in layers.items()}
+    indexes = {
+        layer: {split: next(given) for split in by_split}
+        for layer, by_split in layers.items()
+    }
     return f"--features {shlex.quote(json.dumps(indexes))}"
 
 
@@ -183,7 +206,9 @@ def model_args(wildcards, input):
     if "selection" in input.keys():
         train_root = Path(input.summary[0]).parent.parent
         return f"--selection {shlex.quote(input.selection)} --train-root {shlex.quote(str(train_root))}"
-    weights = f"--weights {shlex.quote(input.weights)} " if "weights" in input.keys() else ""
+    weights = (
+        f"--weights {shlex.quote(input.weights)} " if "weights" in input.keys() else ""
+    )
     return f"{weights}--train-summary {shlex.quote(input.summary)}"
 
 

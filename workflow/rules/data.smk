@@ -10,18 +10,18 @@ rule demo_dataset:
             name=[name for name, _ in DATASET_FORMATS["nabirds"].annotation_names()],
         ),
         images=directory(results("demo_data/{dataset}/images")),
-    params:
-        settings=lambda wc: job_json(jobs.dataset_block(config, wc.dataset)["demo"]),
-        out_dir=lambda wc, output: Path(output.images).parent,
     log:
         results("logs/demo_dataset/{dataset}.log"),
     benchmark:
         results("benchmarks/demo_dataset/{dataset}.tsv")
+    conda:
+        "../../envs/data.yaml"
     threads: 1
     resources:
         **rule_resources(config, "data"),
-    conda:
-        "../../envs/data.yaml"
+    params:
+        settings=lambda wc: job_json(jobs.dataset_block(config, wc.dataset)["demo"]),
+        out_dir=lambda wc, output: Path(output.images).parent,
     shell:
         "python {input.script:q} --settings {params.settings:q} --out {params.out_dir:q}"
         " --variant {wildcards.dataset} > {log:q} 2>&1"
@@ -39,19 +39,19 @@ rule manifests:
         taxonomy=results("data/{dataset}/manifest/taxonomy.parquet"),
         skipped=results("data/{dataset}/manifest/skipped.json"),
         report=results("data/{dataset}/manifest/report.json"),
-    params:
-        settings=lambda wc: job_json(jobs.manifests(config, wc.dataset)),
-        root=dataset_root,
-        out_dir=lambda wc, output: Path(output.train).parent,
     log:
         results("logs/manifests/{dataset}.log"),
     benchmark:
         results("benchmarks/manifests/{dataset}.tsv")
+    conda:
+        "../../envs/data.yaml"
     threads: 1
     resources:
         **rule_resources(config, "data"),
-    conda:
-        "../../envs/data.yaml"
+    params:
+        settings=lambda wc: job_json(jobs.manifests(config, wc.dataset)),
+        root=dataset_root,
+        out_dir=lambda wc, output: Path(output.train).parent,
     shell:
         "python {input.script:q} --settings {params.settings:q} --root {params.root:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
@@ -64,21 +64,23 @@ rule crop_shard:
         annotations=annotation_inputs,
     output:
         **shard_outputs(),
-    params:
-        settings=lambda wc: job_json(jobs.crop_shard(config, wc.dataset, wc.split)),
-        root=dataset_root,
-        images=lambda wc, output: (
-            f"--out-images {shlex.quote(output.images)}" if "images" in output.keys() else ""
-        ),
     log:
         results("logs/crop_shard/{dataset}/{split}/{shard}.log"),
     benchmark:
         results("benchmarks/crop_shard/{dataset}/{split}/{shard}.tsv")
+    conda:
+        "../../envs/data.yaml"
     threads: family_threads(config, "data")
     resources:
         **rule_resources(config, "data"),
-    conda:
-        "../../envs/data.yaml"
+    params:
+        settings=lambda wc: job_json(jobs.crop_shard(config, wc.dataset, wc.split)),
+        root=dataset_root,
+        images=lambda wc, output: (
+            f"--out-images {shlex.quote(output.images)}"
+            if "images" in output.keys()
+            else ""
+        ),
     shell:
         "python {input.script:q} --settings {params.settings:q} --manifest {input.manifest:q}"
         " --root {params.root:q} --shard {wildcards.shard} --out-meta {output.meta:q}"
@@ -102,11 +104,11 @@ rule shard_index:
         results("logs/shard_index/{dataset}/{split}.log"),
     benchmark:
         results("benchmarks/shard_index/{dataset}/{split}.tsv")
+    conda:
+        "../../envs/data.yaml"
     threads: 1
     resources:
         **rule_resources(config, "light"),
-    conda:
-        "../../envs/data.yaml"
     shell:
         "python {input.script:q} --split {wildcards.split} --out {output:q} {input.metas:q}"
         " > {log:q} 2>&1"
@@ -122,11 +124,11 @@ rule channel_stats:
         results("logs/channel_stats/{dataset}.log"),
     benchmark:
         results("benchmarks/channel_stats/{dataset}.tsv")
+    conda:
+        "../../envs/data.yaml"
     threads: 1
     resources:
         **rule_resources(config, "data"),
-    conda:
-        "../../envs/data.yaml"
     shell:
         "python {input.script:q} --index {input.index:q} --out {output:q} > {log:q} 2>&1"
 

@@ -10,19 +10,21 @@ rule evaluate_regime:
     output:
         metrics=results("eval/{regime}{variant}/metrics.json"),
         predictions=results("eval/{regime}{variant}/predictions.parquet"),
-    params:
-        settings=lambda wc: job_json(jobs.evaluate_regime(config, wc.regime, wc.variant)),
-        model=model_args,
-        out_dir=lambda wc, output: Path(output.metrics).parent,
     log:
         results("logs/evaluate/{regime}{variant}.log"),
     benchmark:
         results("benchmarks/evaluate/{regime}{variant}.tsv")
+    conda:
+        jax_conda_env(config)
     threads: family_threads(config, "train")
     resources:
         **rule_resources(config, "train"),
-    conda:
-        jax_conda_env(config)
+    params:
+        settings=lambda wc: job_json(
+            jobs.evaluate_regime(config, wc.regime, wc.variant)
+        ),
+        model=model_args,
+        out_dir=lambda wc, output: Path(output.metrics).parent,
     shell:
         on_devices(
             "python {input.script:q} --settings {params.settings:q} --test-index {input.test:q}"
@@ -43,19 +45,22 @@ rule summarize:
         selections=selection_targets(),
     output:
         summary=results("report/summary.json"),
-        csv=report(results("report/tables/regime_views.csv"),
-                   caption="../report/regime_views_table.rst", category="Tables"),
+        csv=report(
+            results("report/tables/regime_views.csv"),
+            caption="../report/regime_views_table.rst",
+            category="Tables",
+        ),
         md=results("report/tables/regime_views.md"),
+    log:
+        results("logs/summarize.log"),
+    conda:
+        "../../envs/report.yaml"
+    resources:
+        **rule_resources(config, "light"),
     params:
         run_name=config["run_name"],
         results_dir=lambda wc, output: Path(output.summary).parents[1],
         out_dir=lambda wc, output: Path(output.summary).parent,
-    log:
-        results("logs/summarize.log"),
-    resources:
-        **rule_resources(config, "light"),
-    conda:
-        "../../envs/report.yaml"
     shell:
         "python {input.script:q} --run-name {params.run_name:q} --results-dir {params.results_dir:q}"
         " --metrics {input.metrics:q} --selections {input.selections:q}"

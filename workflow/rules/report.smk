@@ -15,24 +15,32 @@ rule report_results:
         regime_views_svg=results("report/figures/regime_views.svg"),
         tta_gain=report_figure("tta_gain", "tta_gain", "Test accuracy"),
         tta_gain_svg=results("report/figures/tta_gain.svg"),
-        taxonomy_levels=report_figure("taxonomy_levels", "taxonomy_levels", "Test accuracy"),
+        taxonomy_levels=report_figure(
+            "taxonomy_levels", "taxonomy_levels", "Test accuracy"
+        ),
         taxonomy_levels_svg=results("report/figures/taxonomy_levels.svg"),
-        throughput=report(results("report/tables/throughput.csv"),
-                          caption="../report/throughput.rst", category="Tables"),
+        throughput=report(
+            results("report/tables/throughput.csv"),
+            caption="../report/throughput.rst",
+            category="Tables",
+        ),
         throughput_md=results("report/tables/throughput.md"),
-    params:
-        figures=lambda wc, output: Path(output.learning_curves).parent,
-        tables=lambda wc, output: Path(output.throughput).parent,
-        benchmarks=lambda wc, output: run_folder(output.notebook, "report/notebooks/results.ipynb") / "benchmarks",
     log:
         results("logs/report/results.log"),
     benchmark:
         results("benchmarks/report/results.tsv")
+    conda:
+        "../../envs/report.yaml"
     threads: 1
     resources:
         **rule_resources(config, "light"),
-    conda:
-        "../../envs/report.yaml"
+    params:
+        figures=lambda wc, output: Path(output.learning_curves).parent,
+        tables=lambda wc, output: Path(output.throughput).parent,
+        benchmarks=lambda wc, output: run_folder(
+            output.notebook, "report/notebooks/results.ipynb"
+        )
+        / "benchmarks",
     shell:
         "python -m papermill --no-progress-bar --log-output -k python3"
         " {input.notebook:q} {output.notebook:q} -r summary {input.summary:q}"
@@ -54,17 +62,17 @@ rule report_examples:
         confused_pairs_svg=results("report/figures/confused_pairs.svg"),
         augmentation=report_figure("augmentation", "augmentation", "Examples"),
         augmentation_svg=results("report/figures/augmentation.svg"),
-    params:
-        figures=lambda wc, output: Path(output.augmentation).parent,
     log:
         results("logs/report/examples.log"),
     benchmark:
         results("benchmarks/report/examples.tsv")
+    conda:
+        "../../envs/report.yaml"
     threads: 1
     resources:
         **rule_resources(config, "light"),
-    conda:
-        "../../envs/report.yaml"
+    params:
+        figures=lambda wc, output: Path(output.augmentation).parent,
     shell:
         "python -m papermill --no-progress-bar --log-output -k python3"
         " {input.notebook:q} {output.notebook:q} -r summary {input.summary:q}"
@@ -89,20 +97,23 @@ rule report_systems:
         systems=report_figure("systems", "systems", "Training systems"),
         systems_svg=results("report/figures/systems.svg"),
         table=results("report/tables/systems.md"),
-    params:
-        train_root=lambda wc, output: run_folder(output.notebook, "report/notebooks/systems.ipynb") / "train",
-        figures=lambda wc, output: Path(output.systems).parent,
-        tables=lambda wc, output: Path(output.table).parent,
-        comparison=json.dumps(protocol.systems_comparison(config)),
     log:
         results("logs/report/systems.log"),
     benchmark:
         results("benchmarks/report/systems.tsv")
+    conda:
+        "../../envs/report.yaml"
     threads: 1
     resources:
         **rule_resources(config, "light"),
-    conda:
-        "../../envs/report.yaml"
+    params:
+        train_root=lambda wc, output: run_folder(
+            output.notebook, "report/notebooks/systems.ipynb"
+        )
+        / "train",
+        figures=lambda wc, output: Path(output.systems).parent,
+        tables=lambda wc, output: Path(output.table).parent,
+        comparison=json.dumps(protocol.systems_comparison(config)),
     shell:
         "python -m papermill --no-progress-bar --log-output -k python3"
         " {input.notebook:q} {output.notebook:q} -r train_root {params.train_root:q}"

@@ -12,18 +12,18 @@ rule features:
         classes=results("data/target/manifest/classes.parquet"),
     output:
         index=results("features/{split}/index.json"),
-    params:
-        settings=lambda wc: job_json(jobs.features(config, wc.split)),
-        out_dir=lambda wc, output: Path(output.index).parent,
     log:
         results("logs/features/{split}.log"),
     benchmark:
         results("benchmarks/features/{split}.tsv")
+    conda:
+        jax_conda_env(config)
     threads: family_threads(config, "train")
     resources:
         **rule_resources(config, "train"),
-    conda:
-        jax_conda_env(config)
+    params:
+        settings=lambda wc: job_json(jobs.features(config, wc.split)),
+        out_dir=lambda wc, output: Path(output.index).parent,
     shell:
         on_devices(
             "python {input.script:q} --settings {params.settings:q} --index {input.index:q}"
@@ -37,15 +37,15 @@ rule features:
 use rule features as feature_map with:
     output:
         index=results("features/{split}/{stage}.map/index.json"),
-    params:
-        settings=lambda wc: job_json(jobs.features(config, wc.split, f"{wc.stage}:map")),
-        out_dir=lambda wc, output: Path(output.index).parent,
     log:
         results("logs/features/{split}/{stage}.map.log"),
     benchmark:
         results("benchmarks/features/{split}/{stage}.map.tsv")
     wildcard_constraints:
         stage=r"[a-z]+\d*",
+    params:
+        settings=lambda wc: job_json(jobs.features(config, wc.split, f"{wc.stage}:map")),
+        out_dir=lambda wc, output: Path(output.index).parent,
 
 
 rule train_regime:
@@ -60,6 +60,15 @@ rule train_regime:
         weights=results("train/{regime}{variant}/weights.safetensors"),
         history=results("train/{regime}{variant}/history.parquet"),
         summary=results("train/{regime}{variant}/summary.json"),
+    log:
+        results("logs/train/{regime}{variant}.log"),
+    benchmark:
+        results("benchmarks/train/{regime}{variant}.tsv")
+    conda:
+        jax_conda_env(config)
+    threads: family_threads(config, "train")
+    resources:
+        **rule_resources(config, "train"),
     params:
         settings=lambda wc: job_json(jobs.train_regime(config, wc.regime, wc.variant)),
         chosen="",
@@ -67,18 +76,11 @@ rule train_regime:
         features=feature_args,
         probe=probe_args,
         checkpoints=lambda wc, output: checkpoint_dir(
-            output.weights, f"train/{wc.regime}{wc.variant}/weights.safetensors", f"{wc.regime}{wc.variant}"
+            output.weights,
+            f"train/{wc.regime}{wc.variant}/weights.safetensors",
+            f"{wc.regime}{wc.variant}",
         ),
         out_dir=lambda wc, output: Path(output.weights).parent,
-    log:
-        results("logs/train/{regime}{variant}.log"),
-    benchmark:
-        results("benchmarks/train/{regime}{variant}.tsv")
-    threads: family_threads(config, "train")
-    resources:
-        **rule_resources(config, "train"),
-    conda:
-        jax_conda_env(config)
     shell:
         on_devices(
             "python {input.script:q} --settings {params.settings:q} {params.chosen}"
@@ -91,19 +93,23 @@ rule train_regime:
 # A sweep's choice on validation; the evaluation of each replicate opens the chosen point.
 rule select_sweep:
     input:
-        unpack(lambda wc: {f"c{i}": paths for i, paths in enumerate(sweep_candidates(wc).values())}),
+        unpack(
+            lambda wc: {
+                f"c{i}": paths for i, paths in enumerate(sweep_candidates(wc).values())
+            }
+        ),
         script=script_path("select_sweep.py"),
     output:
         selection=results("select/{regime}.json"),
+    log:
+        results("logs/select/{regime}.log"),
+    conda:
+        "../../envs/report.yaml"
+    resources:
+        **rule_resources(config, "light"),
     params:
         candidates=lambda wc: json.dumps(sweep_candidates(wc)),
         settings=job_json(jobs.select_sweep(config)),
-    log:
-        results("logs/select/{regime}.log"),
-    resources:
-        **rule_resources(config, "light"),
-    conda:
-        "../../envs/report.yaml"
     shell:
         "python {input.script:q} --regime {wildcards.regime} --candidates {params.candidates:q}"
         " --settings {params.settings:q} --out {output.selection:q} > {log:q} 2>&1"
@@ -124,16 +130,18 @@ use rule train_regime as refit_regime with:
         weights=results("refit/{regime}{variant}/weights.safetensors"),
         history=results("refit/{regime}{variant}/history.parquet"),
         summary=results("refit/{regime}{variant}/summary.json"),
-    params:
-        settings=lambda wc: job_json(jobs.refit_regime(config, wc.regime, wc.variant)),
-        chosen=model_args,
-        checkpoints=lambda wc, output: checkpoint_dir(
-            output.weights, f"refit/{wc.regime}{wc.variant}/weights.safetensors", f"refit-{wc.regime}{wc.variant}"
-        ),
     log:
         results("logs/refit/{regime}{variant}.log"),
     benchmark:
         results("benchmarks/refit/{regime}{variant}.tsv")
+    params:
+        settings=lambda wc: job_json(jobs.refit_regime(config, wc.regime, wc.variant)),
+        chosen=model_args,
+        checkpoints=lambda wc, output: checkpoint_dir(
+            output.weights,
+            f"refit/{wc.regime}{wc.variant}/weights.safetensors",
+            f"refit-{wc.regime}{wc.variant}",
+        ),
 
 
 rule train:

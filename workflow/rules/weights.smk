@@ -16,17 +16,17 @@ if paths.is_url(config["backbone"]["weights"]):
         output:
             weights=backbone_weights_file(),
             sha256=backbone_weights_record(),
-        params:
-            settings=job_json(jobs.fetch_weights(config)),
         log:
             f"resources/logs/fetch_weights/{Path(backbone_weights_file()).relative_to(paths.WEIGHTS_DIR)}.log",
         benchmark:
             f"resources/benchmarks/fetch_weights/{Path(backbone_weights_file()).relative_to(paths.WEIGHTS_DIR)}.tsv"
+        conda:
+            "../../envs/data.yaml"
         threads: 1
         resources:
             **rule_resources(config, "light"),
-        conda:
-            "../../envs/data.yaml"
+        params:
+            settings=job_json(jobs.fetch_weights(config)),
         shell:
             "python {input.script:q} --settings {params.settings:q} --out {output.weights:q}"
             " > {log:q} 2>&1"
@@ -42,19 +42,20 @@ rule pretrain:
     output:
         weights=results("pretrain/weights.safetensors"),
         metrics=results("pretrain/metrics.json"),
-    params:
-        settings=job_json(jobs.pretrain(config)),
-        checkpoints=lambda wc, output: checkpoint_dir(
-            output.weights, "pretrain/weights.safetensors", "pretrain"),
     log:
         results("logs/pretrain.log"),
     benchmark:
         results("benchmarks/pretrain.tsv")
+    conda:
+        jax_conda_env(config)
     threads: family_threads(config, "train")
     resources:
         **rule_resources(config, "train"),
-    conda:
-        jax_conda_env(config)
+    params:
+        settings=job_json(jobs.pretrain(config)),
+        checkpoints=lambda wc, output: checkpoint_dir(
+            output.weights, "pretrain/weights.safetensors", "pretrain"
+        ),
     shell:
         on_devices(
             "python {input.script:q} --settings {params.settings:q} --train-index {input.train:q}"
@@ -74,19 +75,19 @@ rule init_target_model:
     output:
         weights=results("weights/init.safetensors"),
         report=results("weights/init_report.json"),
-    params:
-        settings=job_json(jobs.init_target_model(config)),
-        weights=optional_flag("--weights", "weights"),
-        names=optional_flag("--source-class-names", "source_names"),
     log:
         results("logs/init_target_model.log"),
     benchmark:
         results("benchmarks/init_target_model.tsv")
+    conda:
+        jax_conda_env(config, 0)
     threads: 1
     resources:
         **rule_resources(config, "train", gpu=0),
-    conda:
-        jax_conda_env(config, 0)
+    params:
+        settings=job_json(jobs.init_target_model(config)),
+        weights=optional_flag("--weights", "weights"),
+        names=optional_flag("--source-class-names", "source_names"),
     shell:
         on_devices(
             "python {input.script:q} --settings {params.settings:q} --classes {input.classes:q}"
