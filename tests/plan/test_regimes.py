@@ -224,3 +224,45 @@ def test_settings_hash_is_stable_and_sensitive():
     changed = _config(train={"image_size": 192})
     assert regimes.job_settings(changed, "scratch")["config_hash"] != a["config_hash"]
 
+
+
+def test_a_vit_takes_the_vit_presets_under_the_configs_own_keys():
+    """For a vit_* backbone each regime's preset becomes the schema's ViT preset (AdamW,
+    layer-wise decay, MAE's partial fine-tuning), and a key the config sets still wins."""
+    config = _config(backbone={"arch": "vit_base_patch16"},
+                     regime_settings={"full_finetune": {"lr": 0.001}})
+    full = config["regime_settings"]["full_finetune"]
+    assert (full["optimizer"], full["lr"], full["layer_decay"], full["weight_decay"]) == (
+        "adamw", 0.001, 0.65, 0.05)
+    assert full["epochs"] == 30                          # the regime's own preset below
+    assert config["regime_settings"]["partial_finetune"]["freeze_up_to"] == "block-5"
+    assert config["regime_settings"]["linear_probe"]["solver"] == "lbfgs"
+    cnn = _config()["regime_settings"]["full_finetune"]
+    assert cnn["optimizer"] == "momentum" and cnn["layer_decay"] is None
+
+
+def test_layer_decay_gives_each_trained_stage_its_rate_from_the_top():
+    config = _config(backbone={"arch": "vit_small_patch14", "stage_depths": [3]},
+                     regime_settings={"partial_finetune": {"freeze_up_to": "block-2",
+                                                           "layer_decay": 0.5}})
+    full = regimes.job_settings(config, "full_finetune")["phases"][0]["train_settings"]
+    assert full["param_groups"] == [["stem/.*", 0.65 ** 4], ["block0/.*", 0.65 ** 3],
+                                    ["block1/.*", 0.65 ** 2], ["block2/.*", 0.65],
+                                    ["norm/.*", 1.0]]
+    partial = regimes.job_settings(config, "partial_finetune")["phases"][0]
+    assert partial["train_settings"]["param_groups"] == [
+        ["(stem|block0|block1)/.*", 0.0], ["block2/.*", 0.5], ["norm/.*", 1.0]]
+    assert partial["input"]["layer"] == "block1:map"     # the tokens after the frozen part
+
+
+def test_relative_blocks_count_from_the_top_and_are_refused_past_the_depth():
+    vit = archs.architecture("vit_tiny_patch16")
+    assert vit.frozen_stages("block-1", [4]) == ["stem", "block0", "block1", "block2", "block3"]
+    assert vit.frozen_stages("block-4", [4]) == ["stem", "block0"]
+    assert vit.frozen_stages("block1") == ["stem", "block0", "block1"]
+    assert vit.frozen_stages("stride16") == vit.body_stages()        # the whole backbone
+    with pytest.raises(ConfigError, match="'block-5' is not a choice of vit_tiny_patch16"):
+        _config(backbone={"arch": "vit_tiny_patch16", "stage_depths": [4]},
+                regime_settings={"partial_finetune": {"freeze_up_to": "block-5"}})
+    with pytest.raises(ConfigError, match="'block1' is not a choice of resnet50"):
+        _config(regime_settings={"partial_finetune": {"freeze_up_to": "block1"}})

@@ -44,10 +44,10 @@ def splits(tmp_path_factory):
     return train, val
 
 
-def _groups(freeze_up_to):
-    return regimes.param_groups({"arch": "resnet18", "stage_depths": None}, {
+def _groups(freeze_up_to, arch="resnet18", stage_depths=None):
+    return regimes.param_groups({"arch": arch, "stage_depths": stage_depths}, {
         "param_groups": [], "freeze_up_to": freeze_up_to, "freeze_stem": False,
-        "backbone_lr_mult": 1.0})
+        "backbone_lr_mult": 1.0, "layer_decay": None})
 
 
 def _reader(path):
@@ -88,6 +88,38 @@ def test_cached_partial_finetune_equals_the_online_frozen_part(splits, tmp_path)
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], abs=1e-4)
         assert ra["val_top1"] == rb["val_top1"]
     fa, fb = flatten_state(cached), flatten_state(online)
+    for key in fa:
+        np.testing.assert_allclose(fa[key], fb[key], atol=1e-4, err_msg=key)
+
+
+def test_a_vit_trains_on_cached_tokens_as_on_its_online_frozen_blocks(splits, tmp_path):
+    """The boundary of a ViT is its tokens after block k: cached once, the upper blocks
+    train on them exactly as with the lower blocks run inside each step, drop path and all
+    (its masks are drawn per stage, so both draw the same)."""
+    def tiny_vit():
+        return build_model("vit_tiny_patch16", 4, width=8, stage_depths=[2], rngs=nnx.Rngs(0),
+                           drop_path_rate=0.3)
+    for split, index in (("train", splits[0]), ("val", splits[1])):
+        extract_features(tiny_vit(), index, tmp_path / split, layers=["block0:map"],
+                         image_size=32, eval_crop_fraction=0.875, dtype="float32")
+    groups = tuple(map(tuple, _groups("block0", "vit_tiny_patch16", [2])))
+    assert groups == (("(stem|block0)/.*", 0.0),)
+    cached, online = tiny_vit(), tiny_vit()
+    a = fit(cached, FeatureReader(tmp_path / "train" / "index.json", "block0:map"),
+            FeatureReader(tmp_path / "val" / "index.json", "block0:map"),
+            dataclasses.replace(BASE, param_groups=groups, start="block0", optimizer="adamw",
+                                lr=1e-3), log_fn=None)
+    b = fit(online, _reader(splits[0]), _reader(splits[1]),
+            dataclasses.replace(BASE, param_groups=groups, cut="block0", optimizer="adamw",
+                                lr=1e-3), log_fn=None)
+    assert FeatureReader(tmp_path / "train" / "index.json", "block0:map").gather(
+        np.arange(2)).shape == (2, 1 + 4, 24)                      # class token + 2 x 2 patches
+    for ra, rb in zip(a.history, b.history):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-4)
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], abs=1e-4)
+    fa, fb = flatten_state(cached), flatten_state(online)
+    frozen = [k for k in fa if k.startswith(("stem/", "block0/"))]
+    assert frozen and all(np.array_equal(fa[k], flatten_state(tiny_vit())[k]) for k in frozen)
     for key in fa:
         np.testing.assert_allclose(fa[key], fb[key], atol=1e-4, err_msg=key)
 

@@ -298,11 +298,12 @@ def vit_from_config(config, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float
                              **settings)
 
 
-#: The two families' conventions. google ViT (``google/vit-*``, patch 16): 224 px
-#: pretraining (grid 14), LayerNorm eps 1e-12, pixels scaled to [-1, 1], class-token head.
-#: DINOv2 (``facebook/dinov2-*``, patch 14): 518 px (grid 37), LayerScale, eps 1e-6,
-#: ImageNet mean/std, class token + patch mean head.
-GOOGLE_VIT = dict(layerscale=False, stored_grid=14, layer_norm_eps=1e-12, pool="cls",
+#: The two families' conventions. google ViT (``google/vit-*``, patch 16; DINO's
+#: ``facebook/dino-vits8`` at patch 8 has the same layout): 224 px pretraining (a grid of
+#: 224 / patch), LayerNorm eps 1e-12, pixels scaled to [-1, 1], class-token head. DINOv2
+#: (``facebook/dinov2-*``, patch 14): 518 px (grid 37), LayerScale, eps 1e-6, ImageNet
+#: mean/std, class token + patch mean head.
+GOOGLE_VIT = dict(layerscale=False, layer_norm_eps=1e-12, pool="cls",
                   input_recipe=INCEPTION_RECIPE)
 DINOV2 = dict(layerscale=True, stored_grid=37, layer_norm_eps=1e-6, pool="cls+mean",
               input_recipe=TORCHVISION_RECIPE)
@@ -320,7 +321,7 @@ def scaled_width(width: int, num_heads: int, multiplier: int) -> int:
 def _vit(size: str, patch_size: int, registers: int = 0):
     arch = f"vit_{size}_patch{patch_size}" + (f"_reg{registers}" if registers else "")
     width, depth, heads = SIZES[size]
-    family = DINOV2 if patch_size == 14 else GOOGLE_VIT
+    family = DINOV2 if patch_size == 14 else dict(GOOGLE_VIT, stored_grid=224 // patch_size)
 
     def build(num_classes: int, *, width: int = 64, stage_depths=None,
               registers: int = registers, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -343,6 +344,8 @@ def _vit(size: str, patch_size: int, registers: int = 0):
     return build
 
 
+vit_tiny_patch8 = _vit("tiny", 8)
+vit_small_patch8 = _vit("small", 8)
 vit_tiny_patch16 = _vit("tiny", 16)
 vit_small_patch16 = _vit("small", 16)
 vit_base_patch16 = _vit("base", 16)

@@ -13,7 +13,7 @@ Freezing, for every architecture: ``freeze_up_to: stem`` freezes the stem;
 ``strideK`` freezes every stage whose output is at most 1/K of the input resolution (the
 same resolution in ResNet and MobileNetV2; a ViT's every stage is at its patch stride, so
 ``stride16``/``stride32`` freeze a /16 or /14 ViT whole); ``blockK`` (ViTs) freezes the
-stem and blocks 0..K. The last frozen stage is the forward cut point and the cached
+stem and blocks 0..K, ``block-K`` counted from the top (``block-1``: every block). The last frozen stage is the forward cut point and the cached
 boundary.
 """
 
@@ -59,14 +59,21 @@ class Architecture:
     weight_layouts: tuple[str, ...] = ()
     #: How many of the last body stages the features rule pools by default.
     default_pooled: int = 2
+    #: The schema's presets for this family (``$defs/<presets>_presets``), which replace
+    #: the regimes' presets below the config's own keys; None: the regimes' presets.
+    presets: str | None = None
 
     def body_stages(self, stage_depths: Sequence[int] | None = None) -> list[str]:
         return list(self.stages(stage_depths))
 
+    def blocks(self, stage_depths: Sequence[int] | None = None) -> list[str]:
+        """The stages ``freeze_up_to: blockK`` names (none without block freezing)."""
+        return [s for s in self.stages(stage_depths) if self.block_freezing
+                and re.fullmatch(r"block\d+", s)]
+
     def freeze_choices(self, stage_depths: Sequence[int] | None = None) -> list[str]:
-        blocks = [s for s in self.stages(stage_depths) if self.block_freezing
-                  and re.fullmatch(r"block\d+", s)]
-        return ["stem", *STRIDE_CHOICES, *blocks]
+        blocks = self.blocks(stage_depths)
+        return ["stem", *STRIDE_CHOICES, *blocks, *(f"block-{k}" for k in range(1, len(blocks) + 1))]
 
     def frozen_stages(self, freeze_up_to: str | None,
                       stage_depths: Sequence[int] | None = None) -> list[str]:
@@ -81,7 +88,9 @@ class Architecture:
         if freeze_up_to == "stem":
             return ["stem"]
         if freeze_up_to.startswith("block"):
-            return stages[:stages.index(freeze_up_to) + 1]
+            k = int(freeze_up_to[len("block"):])
+            last = self.blocks(stage_depths)[k]        # block-1: the last one
+            return stages[:stages.index(last) + 1]
         k = int(freeze_up_to[len("stride"):])
         frozen = [s for s in stages if strides[s] <= k]
         if not frozen:
@@ -122,9 +131,10 @@ def _vit_stages(patch: int, depth: int) -> Stages:
 
 
 def _vit(size: str, patch: int, registers: int = 0) -> Architecture:
-    """google ViT conventions at patch 16 (AugReg / ImageNet-21k weights: pixels to [-1, 1],
-    class-token head); DINOv2's at patch 14 (ImageNet mean/std, LayerScale, class token +
-    patch mean head), with ``registers`` register tokens ("reg4")."""
+    """google ViT conventions at patch 16 and 8 (AugReg / ImageNet-21k weights, DINO's /8:
+    pixels to [-1, 1], class-token head); DINOv2's at patch 14 (ImageNet mean/std,
+    LayerScale, class token + patch mean head), with ``registers`` register tokens
+    ("reg4")."""
     name = f"vit_{size}_patch{patch}" + (f"_reg{registers}" if registers else "")
     dinov2 = patch == 14
     pool = "cls+mean" if dinov2 else "cls"
@@ -134,7 +144,7 @@ def _vit(size: str, patch: int, registers: int = 0) -> Architecture:
                         input_recipe="torchvision" if dinov2 else "inception",
                         runtime_options=("drop_path_rate",),
                         weight_options={"pool": (pool, pool)}, config_options=("pool",),
-                        weight_layouts=(layout,), default_pooled=1)
+                        weight_layouts=(layout,), default_pooled=1, presets="vit")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -149,6 +159,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                      weight_options={"batch_norm": (True, False)},
                      weight_layouts=("tf_mobilenet_v2",)),
         *(_vit(size, patch) for patch in (16, 14) for size in VIT_DEPTHS),
+        _vit("tiny", 8), _vit("small", 8),
         *(_vit(size, 14, registers=4) for size in ("small", "base", "large")),
     )}
 

@@ -114,16 +114,23 @@ def render_reference() -> str:
               f"these keys; the defaults below are the schema's, and each regime's preset "
               f"(next table) replaces some of them.\n",
               _table(_rows(schema, regime, "")), ""]
+    parts += ["### Presets\n", "What each regime's preset sets (empty: the regime key's "
+              "default). " + _presets(settings)]
+    vit = defs["vit_presets"]
+    parts += ["### ViT presets\n", f"{_text(vit)} " + _presets(vit["properties"])]
+    parts += _architectures()
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _presets(settings: dict) -> str:
+    """Each preset's description, then one table of what each sets."""
     names = list(settings)
     keys = list(dict.fromkeys(k for n in names for k in settings[n].get("default", {})))
     rows = [f"| `{k}` | " + " | ".join(
         _preset(settings[n].get("default", {}).get(k)) for n in names) + " |" for k in keys]
-    parts += ["### Presets\n", "What each regime's preset sets (empty: the regime key's "
-              "default). " + " ".join(f"`{n}`: {_text(settings[n])}" for n in names) + "\n",
-              "| key | " + " | ".join(f"`{n}`" for n in names) + " |",
-              "|---|" + "---|" * len(names), *rows, ""]
-    parts += _architectures()
-    return "\n".join(parts).rstrip() + "\n"
+    return "\n".join([" ".join(f"`{n}`: {_text(settings[n])}" for n in names) + "\n",
+                      "| key | " + " | ".join(f"`{n}`" for n in names) + " |",
+                      "|---|" + "---|" * len(names), *rows, ""])
 
 
 def _architectures() -> list[str]:

@@ -71,18 +71,23 @@ def freezes_all(backbone: Mapping, freeze_up_to: str | None) -> bool:
 
 def param_groups(backbone: Mapping, regime: Mapping[str, Any]) -> list[list]:
     """``[regex, lr_mult]`` pairs of a regime: the user's first, then the frozen stages,
-    the stem (``freeze_stem``), the head at x1, and the rest at ``backbone_lr_mult``."""
+    the stem (``freeze_stem``), then the trained body stages at ``backbone_lr_mult`` (each
+    decayed from the top by ``layer_decay``), the head at x1."""
     groups = [list(g) for g in regime["param_groups"]]
     frozen = frozen_stages(backbone, regime["freeze_up_to"])
     if regime["freeze_stem"] and "stem" not in frozen:
         frozen = ["stem", *frozen]
     if frozen:
         groups.append([f"({'|'.join(frozen)})/.*", 0.0])
-    if len(frozen) < len(body_stages(backbone)):
-        mult = regime["backbone_lr_mult"]
-        if mult is None or float(mult) != 1.0:
-            groups.append(["head/.*", 1.0])
-            groups.append([".*", mult])
+    stages = body_stages(backbone)
+    mult = regime["backbone_lr_mult"]
+    if len(frozen) < len(stages) and regime["layer_decay"] is not None and mult:
+        # from the top: the last body stage at lr x mult, each one below at layer_decay more
+        groups += [[f"{stage}/.*", float(mult) * regime["layer_decay"] ** (len(stages) - 1 - k)]
+                   for k, stage in enumerate(stages) if stage not in frozen]
+    elif len(frozen) < len(stages) and (mult is None or float(mult) != 1.0):
+        groups.append(["head/.*", 1.0])
+        groups.append([".*", mult])
     return groups
 
 

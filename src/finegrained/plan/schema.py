@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from finegrained.errors import ConfigError, WeightsError
-from finegrained.plan.archs import architecture
+from finegrained.plan.archs import ARCHITECTURES, architecture
 from finegrained.plan.paths import download_path, is_url
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
@@ -138,6 +138,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     schema = SCHEMA if schema is None else schema
     given_source = isinstance(config.get("pretrain"), Mapping) and "dataset" in config["pretrain"]
     coerce_types(config, schema)
+    _apply_family_presets(config, schema)
     errors = sorted(_validator_with_defaults(schema).iter_errors(config),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -148,6 +149,25 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     _check_cross_field(config, given_source=given_source)
     return config
+
+
+def _apply_family_presets(config: dict, schema: Mapping) -> None:
+    """For an architecture with presets of its own (a ViT: ``$defs/vit_presets``), put them
+    under each regime's config block: a key the config sets wins over them, and they win
+    over the regime's preset."""
+    backbone = config.get("backbone")
+    arch = backbone.get("arch") if isinstance(backbone, Mapping) else None
+    arch = arch or schema["properties"]["backbone"]["properties"]["arch"]["default"]
+    family = ARCHITECTURES[arch].presets if arch in ARCHITECTURES else None
+    if family is None:
+        return
+    settings = config.setdefault("regime_settings", {})
+    if not isinstance(settings, dict):
+        return                          # the validator names it
+    for regime, preset in schema["$defs"][f"{family}_presets"]["properties"].items():
+        given = settings.get(regime, {})
+        if isinstance(given, Mapping):
+            settings[regime] = merge(preset["default"], given)
 
 
 def _check_regexes(config: Mapping[str, Any]) -> None:
