@@ -41,7 +41,7 @@ def _data_command(workdir: Path, root: Path, on_bad_image: str, fmt: str, *, siz
                   test_shards: int = 2) -> tuple[list[str], dict]:
     config = {"run_name": "bad", "dataset": {"format": "nabirds", "root": str(root),
                                              "on_bad_image": on_bad_image, "val_fraction": 0.25},
-              "crop": {"size": size},
+              "crop": {"size": size}, "train": {"image_size": size},
               "shards": {"format": fmt, "num_shards": {"train": 1, "val": 1, "test": test_shards}}}
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))

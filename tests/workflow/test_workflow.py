@@ -161,12 +161,23 @@ def test_url_paths_stay_under_resources_weights():
     assert with_port.startswith("resources/weights/h.org-") and with_port.endswith("/w.safetensors")
 
 
+#: A YAML alias bomb in `seeds:`, under 1 KB: 9^8 values once its aliases are expanded.
+BOMB = "seeds:\n" + "".join(
+    f"  - &{name} [{', '.join([f'*{below}' if below else '1'] * 9)}]\n"
+    for below, name in zip([None, *"abcdefg"], "abcdefgh"))
+
+
 def test_unrunnable_values_stop_the_dry_run(tmp_path):
     bad = tmp_path / "bad.yaml"
     for config, key in [({"dataset": {"val_fraction": 0}}, "dataset.val_fraction"),
                         ({"backbone": {"weights": "https://h.org/../../x.safetensors"}},
-                         "backbone.weights")]:
-        bad.write_text(yaml.safe_dump(config))
+                         "backbone.weights"),
+                        ("regime_settings: {linear_probe: {l2_grid: [.nan, .inf]}}",
+                         "regime_settings.linear_probe.l2_grid.0: nan is not a finite"),
+                        ({"train": {"image_size": 300}}, "train.image_size 300 is larger "
+                                                          "than crop.size 72"),
+                        (BOMB, "seeds: holds more than 100,000 values")]:
+        bad.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
         proc = _snakemake("all", "-n", "--configfile", "config/demo.yaml", str(bad), check=False)
         assert proc.returncode != 0 and key in proc.stdout + proc.stderr
         assert "rule " not in proc.stdout            # no job planned
@@ -319,7 +330,8 @@ def data_run(tmp_path_factory):
     generate_demo_dataset(root, variant="target", num_classes=2, train_per_class=4,
                           test_per_class=2, min_side=64, max_side=80, seed=2)
     config = {"run_name": "r", "dataset": {"root": str(root), "val_fraction": 0.25},
-              "crop": {"size": 32}, "shards": {"num_shards": {"train": 2, "val": 1, "test": 2}}}
+              "crop": {"size": 32}, "train": {"image_size": 32},
+              "shards": {"num_shards": {"train": 2, "val": 1, "test": 2}}}
     (work / "c.yaml").write_text(yaml.safe_dump(config))
     config["shards"]["num_shards"]["test"] = 3
     (work / "c3.yaml").write_text(yaml.safe_dump(config))

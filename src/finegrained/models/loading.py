@@ -88,5 +88,6 @@ def trained_model(weights: str | os.PathLike, class_names: Sequence[str]):
 def model_metadata(model: Mapping, weights: str | os.PathLike | None) -> dict:
     """What a weights file of this model records to be loaded again: width, stage depths
     and the parameter-shaping options (for ``models.weights.weights_metadata``)."""
+    options = weight_options(model["arch"], weights, model.get("options"))
     return {"width": str(model["width"]), "stage_depths": json.dumps(model["stage_depths"]),
-            **weight_options(model["arch"], weights, model.get("options"))}
+            **{key: json.dumps(value) for key, value in options.items()}}

@@ -118,6 +118,7 @@ def write_target_init(classes_path: str | os.PathLike, out_weights: str | os.Pat
         arch=kwargs["arch"], num_classes=len(names), class_names=names,
         input_recipe=model.input_recipe.name, source=report["weights"] or "random init",
         **({"source_sha256": report["weights_sha256"]} if "weights_sha256" in report else {}),
-        width=kwargs.get("width", 64), stage_depths=kwargs.get("stage_depths"), **options))
+        width=kwargs.get("width", 64), stage_depths=kwargs.get("stage_depths"),
+        **{key: json.dumps(value) for key, value in options.items()}))
     write_json(out_report, report)
     return report

@@ -12,6 +12,7 @@ number, a boolean or null, such text is read as one first (:func:`coerce_types`)
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
-from finegrained.errors import ConfigError, WeightsError
+from finegrained.errors import ConfigError, WeightsError, shorten
 from finegrained.plan.archs import ARCHITECTURES, architecture
 from finegrained.plan.paths import download_path, is_url
 
@@ -136,19 +137,64 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate ``config`` in place (text read as numbers where the schema says so, defaults
     filled in) and return it; ConfigError names every problem once."""
     schema = SCHEMA if schema is None else schema
+    _check_size(config)
     given_source = isinstance(config.get("pretrain"), Mapping) and "dataset" in config["pretrain"]
     coerce_types(config, schema)
+    _check_finite(config)
     _apply_family_presets(config, schema)
     errors = sorted(_validator_with_defaults(schema).iter_errors(config),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = list(dict.fromkeys(f"  {_dotted(e.absolute_path)}: {e.message}" for e in errors))
+        lines = list(dict.fromkeys(f"  {_dotted(e.absolute_path)}: {shorten(e.message)}"
+                                   for e in errors))
         if any(e.validator == "type" and isinstance(e.instance, str) for e in errors):
             lines.append("  (text where the schema wants a number, true/false or null: write "
                          "the value itself, e.g. --config 'resources={train: {gpu: 1}}')")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     _check_cross_field(config, given_source=given_source)
     return config
+
+
+#: The most values a config may hold, counted as if every YAML alias were written out: a
+#: few aliases nested in each other ("billion laughs") expand a 1 KB file to millions.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_size(config: Mapping) -> None:
+    """Refuse a config that expands past :data:`MAX_CONFIG_VALUES` values, naming the
+    top-level key where the count ran out (before anything walks it whole)."""
+    budget = MAX_CONFIG_VALUES
+
+    def count(value) -> None:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise OverflowError
+        children = (value.values() if isinstance(value, Mapping)
+                    else value if isinstance(value, (list, tuple)) else ())
+        for child in children:
+            count(child)
+
+    for key, value in config.items():
+        try:
+            count(value)
+        except (OverflowError, RecursionError):
+            raise ConfigError(f"{key}: holds more than {MAX_CONFIG_VALUES:,} values once its "
+                              f"YAML aliases (&name / *name) are expanded; write the values "
+                              f"out, or fewer") from None
+
+
+def _check_finite(value, path=()) -> None:
+    """Every number in the config is finite: YAML's ``.nan`` and ``.inf`` (or ``nan`` given
+    on the command line) pass a schema's bounds, and fail later or write a NaN model."""
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            _check_finite(child, (*path, key))
+    elif isinstance(value, (list, tuple)):
+        for i, child in enumerate(value):
+            _check_finite(child, (*path, i))
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{_dotted(path)}: {value!r} is not a finite number")
 
 
 def _apply_family_presets(config: dict, schema: Mapping) -> None:
@@ -181,6 +227,23 @@ def _check_regexes(config: Mapping[str, Any]) -> None:
             except re.error as err:
                 raise ConfigError(f"{where}.param_groups.{i}: {pattern!r} is not a regular "
                                   f"expression: {err}") from None
+
+
+def _check_views(config: Mapping[str, Any]) -> None:
+    """No view larger than the stored crops (the target's; the source's when the backbone
+    is pretrained here), unless ``crop.allow_upsampling``."""
+    crop = config["crop"]
+    if crop["allow_upsampling"]:
+        return
+    pretrains = config["backbone"]["weights"] == "pretrain"
+    for key in ("train", "pretrain") if pretrains else ("train",):
+        size = config[key]["image_size"]
+        if size > crop["size"]:
+            raise ConfigError(
+                f"{key}.image_size {size} is larger than crop.size {crop['size']}: every view "
+                f"would be the stored crop upsampled {size / crop['size']:.2g}x (no detail "
+                f"gained); raise crop.size (the crop phase reruns) or lower {key}.image_size, "
+                f"or set crop.allow_upsampling: true")
 
 
 def _check_architecture(config: Mapping[str, Any]) -> None:
@@ -221,6 +284,7 @@ def _check_cross_field(config: Mapping[str, Any], *, given_source: bool = True) 
         except WeightsError as exc:
             raise ConfigError(str(exc)) from None
     _check_regexes(config)
+    _check_views(config)
     if config["regimes"] and config["dataset"]["val_fraction"] == 0:
         raise ConfigError(
             f"dataset.val_fraction is 0, so the validation split is empty, but every regime "
