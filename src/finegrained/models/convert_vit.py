@@ -264,17 +264,17 @@ def vit_config(tensors: Mapping[str, np.ndarray], *, head_dim: int = 64) -> ViTC
     The number of heads is not in any tensor shape: it is ``width // head_dim``, and every
     google ViT and DINOv2 size (Ti/S/B/L/g) uses 64-dimensional heads.
     """
-    from finegrained.models.convert import detect_layout
-
-    layout = detect_layout(tensors.keys())
-    if layout in HF_LAYOUTS:
+    layout = detect_hf_layout(tensors.keys())
+    if layout is not None:
         flat = hf_vit_to_flat(tensors)
         family = dict(FAMILY_SETTINGS[layout])
-    elif layout == "ours":
+    elif any(name.startswith("stem/") for name in tensors):        # our own flat names
+        layout = "ours"
         flat, family = dict(tensors), dict(layer_norm_eps=None, pos_antialias=None,
                                            input_recipe=None, pool=None)
     else:
-        raise WeightsError(f"weights in {layout} layout are not a ViT")
+        raise WeightsError("these weights are neither a Hugging Face ViT/DINOv2 layout nor "
+                           "our own flat names: not a ViT")
     required = ("stem/patch/kernel", "stem/pos_embed", "block0/mlp/fc1/kernel")
     missing = [name for name in required if name not in flat]
     if missing:
