@@ -272,7 +272,7 @@ COORDINATOR_VAR, NUM_PROCESSES_VAR, PROCESS_ID_VAR = (
 LOCAL_DEVICE_IDS_VAR = "JAX_LOCAL_DEVICE_IDS"
 #: Seconds the other tasks have to end by themselves once one has failed, before they are
 #: killed (after a SIGTERM the launcher passed on: while they may still checkpoint).
-FAILED_GRACE_S, STOPPING_GRACE_S = 5.0, 120.0
+FAILED_GRACE_S, STOPPING_GRACE_S = 2.0, 120.0
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -395,7 +395,7 @@ def run_local_tasks(command: Sequence[str], envs: Sequence[tuple[dict[str, str],
 def _supervise(procs: Sequence[subprocess.Popen], received: list[int], log) -> int:
     failed: tuple[int, int] | None = None
     deadline = None
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):
         if failed is None:
             failed = next(((i, p.returncode) for i, p in enumerate(procs)
                            if p.returncode not in (None, 0)), None)

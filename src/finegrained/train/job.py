@@ -327,6 +327,7 @@ def write_outputs(settings: Mapping, model, phases: Phases, *, out_dir: Path, na
         "init_weights_sha256": (sha256_file(inputs["init_weights"]) if inputs["init_weights"]
                                 else None),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
         "provenance": provenance(
             config_hash=settings["config_hash"],
             shard_indexes={"train": inputs["train_index"], "val": inputs["val_index"]},

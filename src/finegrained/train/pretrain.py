@@ -99,6 +99,7 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         # after the first epoch, which includes compilation
         "train_images_per_second": float(np.median(later)),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
         "settings": settings.to_dict(),
         "history": history,
     }
