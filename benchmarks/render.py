@@ -390,6 +390,34 @@ def compile_cache_section(r: dict) -> str:
         "running it (the device check's figure).", ""])
 
 
+def communication_section(r: dict) -> str:
+    """Local SGD against sync on 1 and 2 processes (benchmarks/communication.py)."""
+    systems = list(next(iter(r["layouts"].values()))["step_seconds"])
+    rows = []
+    for name, layout in r["layouts"].items():
+        for system in systems:
+            saved = layout["saved_per_step_seconds"].get(system)
+            rows.append([name, system, stat(layout["step_seconds"][system], " s"),
+                         _num(layout["communication_per_step_seconds"][system]) + " s",
+                         "" if saved is None else _num(saved) + " s"])
+    exchanges = [[name, f"{layout['gradient_bytes'] / 1e6:.2f} MB",
+                  stat(layout["allreduce_gradients_seconds"], " s"),
+                  f"{layout['copies_bytes'] / 1e6:.2f} MB",
+                  stat(layout["average_copies_seconds"], " s")]
+                 for name, layout in r["layouts"].items()]
+    return "\n".join([
+        f"**CPU figures.** {r['model']}; processes x CPU devices; blocks of "
+        f"{r['block_steps']} steps. Communication per step: sync's step time less a step's "
+        f"computation (from the two local SGD runs, t_H = c + a / H), local SGD's average "
+        f"a / H; saved: sync's step time less local SGD's.", "",
+        table(["processes x devices", "system", "s / step", "communication / step",
+               "saved / step"], rows), "",
+        "The exchanges alone (a mean over the data axis into a replicated result):", "",
+        table(["processes x devices", "gradients", "all-reduce", "local SGD copies",
+               "average"], exchanges), "",
+        *[f"- {note}" for note in r.get("notes", [])], ""])
+
+
 def generic_section(r: dict) -> str:
     rows = [[k, _num(v) if not isinstance(v, dict) else stat(v)] for k, v in r.items()
             if k not in ("benchmark", "title", "date", "command", "machine", "wall_seconds")
@@ -409,6 +437,8 @@ SECTIONS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("inat_zero_shot_cub50", "Zero-shot iNat MobileNetV2 on cub50", inat_section),
     ("compile_cache", "Compilation cache (issue #16)", compile_cache_section),
     ("device_check", "GPU device check (issue #16)", device_check_section),
+    ("communication", "Communication per step: local SGD and sync on 1 and 2 processes "
+                      "(issue #30, CPU)", communication_section),
 ]
 
 

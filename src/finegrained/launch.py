@@ -463,7 +463,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             srun = srun_command(args.nodes, args.tasks_per_node, args.gpus, args.cpus_per_task,
                                 argv)
             log(" ".join(srun[:srun.index(sys.executable)]) + " ...")
-            os.execvpe(srun[0], srun, dict(environ))
+            try:
+                os.execvpe(srun[0], srun, dict(environ))
+            except OSError as exc:
+                raise LeaseError(f"cannot start the job's {args.nodes * args.tasks_per_node} "
+                                 f"tasks with srun in SLURM job {environ['SLURM_JOB_ID']}: "
+                                 f"{exc.strerror}") from None
         tasks = args.tasks_per_node if route == "local" else 1
         envs = task_environments(tasks, args.gpus, mem_fraction=args.mem_fraction, log=log,
                                  environ=environ)
