@@ -30,7 +30,7 @@ WHY := $(if $(GPU),as GPU=$(GPU) asks,$(if $(filter cuda12,$(DETECTED_GPU)),nvid
 STAMP := $(VENV)/.installed-$(JAX_BUILD)
 
 .PHONY: install jax-build demo test test-demo test-slurm lint dry-run report bench cub50 \
-	clean-demo device-bundle device-check
+	cub50-vit clean-demo device-bundle device-check
 
 jax-build:
 	@echo "JAX build: $(JAX_BUILD) ($(WHY)); for the $(OTHER_BUILD) build: make <target> GPU=$(OTHER_BUILD)"
@@ -86,7 +86,7 @@ report: install
 # them): each script writes benchmarks/results/<name>.json, then render.py regenerates
 # docs/benchmarks.md from every result. A few minutes each on 2 cores.
 BENCHMARKS := crop_throughput input_pipeline augment_cpu linear_probe train_step end_to_end \
-	mobilenet_cpu inat_zero_shot_cub50 compile_cache communication
+	mobilenet_cpu vit_cpu inat_zero_shot_cub50 compile_cache communication
 bench: install
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 	$(PY) benchmarks/render.py
@@ -132,6 +132,19 @@ cub50: install
 	    --run "ImageNet, 112 px, seeds=results/cub50_imagenet_112px_seeds" \
 	    --replicates "iNat birds, 112 px=results/cub50_inat_112px_lpft" \
 	    --replicates "ImageNet, 112 px=results/cub50_imagenet_112px_seeds"
+
+# The ViT rows of docs/results-cub50.md (issue #27): DINOv2 ViT-S/14 and ViT-B/16 (ImageNet-21k)
+# from the Hugging Face Hub, downloaded once on first use (the development machines have no
+# network: not run there). The linear probe of each at 224 px, then the table; `snakemake all`
+# with the same config files runs the five regimes (on a GPU: docs/results-cub50.md).
+CUB50_VITS := dinov2:cub50_dinov2_vits14 vit-b16:cub50_vit_b16_in21k
+cub50-vit: install
+	@for pair in $(CUB50_VITS); do overlay=$${pair%%:*}; run=$${pair##*:}; \
+	    $(SNAKEMAKE) results/$$run/eval/linear_probe/metrics.json $(CUB50) \
+	        config/examples/cub50-$$overlay.yaml --cores $(CORES) || exit 1; done
+	$(PY) scripts/results_table.py --update docs/results-cub50.md --marker vit-table --levels leaf \
+	    --run "DINOv2 ViT-S/14, 224 px=results/cub50_dinov2_vits14" \
+	    --run "ViT-B/16 ImageNet-21k, 224 px=results/cub50_vit_b16_in21k"
 
 clean-demo:
 	rm -rf results/demo

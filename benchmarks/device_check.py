@@ -52,16 +52,22 @@ from finegrained.launch import cache_env  # noqa: E402  (standard library only: 
 STORED, IMAGE = 256, 224
 #: Batch per configuration for a GPU of 80-141 GB (config/examples/gpu.yaml's choices).
 GPU_BATCH = {("resnet50", "bfloat16"): 256, ("resnet50", "float32"): 128,
-             ("mobilenet_v2", "bfloat16"): 512, ("mobilenet_v2", "float32"): 256}
+             ("mobilenet_v2", "bfloat16"): 512, ("mobilenet_v2", "float32"): 256,
+             ("vit_base_patch16", "bfloat16"): 256, ("vit_small_patch14", "bfloat16"): 256}
+#: The ViTs whose training step and feature extraction the check measures (issue #27):
+#: ViT-B/16 (AugReg) and DINOv2 ViT-S/14, at 224 px.
+VITS = ("vit_base_patch16", "vit_small_patch14")
+FEATURES_BATCH = 1024
 XLA_CANDIDATES = ["--xla_gpu_enable_latency_hiding_scheduler=true",
                   "--xla_gpu_triton_gemm_any=true",
                   "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUDNN,CUSTOM_CALL",
                   "--xla_gpu_autotune_level=0"]
 #: Seconds each section is expected to take on an H100/H200 (skipped below that).
-ESTIMATE_S = {"environment": 5, "mobilenet_reference": 40, "train": 200, "ten_crop": 50,
-              "compile_cache": 90, "batch_memory": 90, "xla_flags": 120}
+ESTIMATE_S = {"environment": 5, "mobilenet_reference": 40, "train": 300, "ten_crop": 50,
+              "features": 60, "compile_cache": 90, "batch_memory": 90, "xla_flags": 120}
 TARGETS = {"resnet50_bfloat16_images_per_s": 5000, "mobilenet_v2_bfloat16_images_per_s": 8000,
-           "input_wait_fraction": 0.05}
+           "vit_base_patch16_bfloat16_images_per_s": 3000,
+           "vit_small_patch14_features_images_per_s": 10000, "input_wait_fraction": 0.05}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -243,8 +249,33 @@ def ten_crop(args: dict) -> dict:
             "peak_memory_bytes": peak_memory(), "device": str(jax.devices()[0])}
 
 
+def features(args: dict) -> dict:
+    """The features rule's pass (the frozen backbone to its pooled output, float16 cache)
+    over random shards, timed on its second run."""
+    import jax
+
+    from finegrained.train.features import extract_features
+    from finegrained.train.steps import resolve_compute_dtype, set_compute_dtype
+
+    folder = Path(args["data"])
+    index = write_random_shards(folder / "shards", args["images"], args["stored"],
+                                args["classes"])
+    model = random_model(args["arch"], args["width"], args["classes"], args.get("stage_depths"))
+    set_compute_dtype(model, resolve_compute_dtype(args["dtype"]))
+    layer = model.stage_names[-2]
+    kwargs = dict(layers=[layer], image_size=args["image"], eval_crop_fraction=0.875,
+                  batch_size=args["batch"], dtype="float16")
+    extract_features(model, index, folder / "warm", **kwargs)          # compile
+    start = time.perf_counter()
+    extract_features(model, index, folder / "timed", **kwargs)
+    seconds = time.perf_counter() - start
+    return {"arch": args["arch"], "dtype": args["dtype"], "batch": args["batch"],
+            "layer": layer, "images_per_second": args["images"] / seconds,
+            "peak_memory_bytes": peak_memory(), "device": str(jax.devices()[0])}
+
+
 SECTIONS = {"environment": environment, "mobilenet_reference": mobilenet_reference,
-            "train": train, "ten_crop": ten_crop}
+            "train": train, "ten_crop": ten_crop, "features": features}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -323,10 +354,10 @@ class Check:
     # --- the sizes of a run
     def train_args(self, arch: str, dtype: str, **extra) -> dict:
         if self.smoke:       # the same code at toy sizes: shallow networks, 32 px, 4 steps
+            depths = {"resnet50": [1, 1, 1, 1], "vit_base_patch16": [2], "vit_small_patch14": [2]}
             args = {"arch": "resnet18" if arch == "resnet50" else arch, "width": 8,
-                    "stage_depths": [1, 1, 1, 1] if arch == "resnet50" else None,
-                    "image": 32, "stored": 36, "batch": 8, "images": 32, "epochs": 2,
-                    "classes": 10}
+                    "stage_depths": depths.get(arch), "image": 32, "stored": 36, "batch": 8,
+                    "images": 32, "epochs": 2, "classes": 10}
         else:
             batch = GPU_BATCH[(arch, dtype)]
             args = {"arch": arch, "width": 64, "image": IMAGE, "stored": STORED, "batch": batch,
@@ -346,12 +377,17 @@ class Check:
                 "mobilenet_reference", {"weights": str(weights), "networks": 1 if self.smoke else 2}))
         else:
             self.result["skipped"]["mobilenet_reference"] = f"no weights in {weights}"
-        configs = ([("resnet50", "bfloat16"), ("mobilenet_v2", "float32")] if self.smoke else
-                   [(a, d) for d in ("bfloat16", "float32") for a in ("resnet50", "mobilenet_v2")])
+        configs = ([("resnet50", "bfloat16"), ("mobilenet_v2", "float32"),
+                    ("vit_small_patch14", "bfloat16")] if self.smoke else
+                   [(a, d) for d in ("bfloat16", "float32") for a in ("resnet50", "mobilenet_v2")]
+                   + [(vit, "bfloat16") for vit in VITS])
         self.section("train", lambda: {f"{arch}/{dtype}": self.child("train", self.train_args(
             arch, dtype)) for arch, dtype in configs})
         self.section("ten_crop", lambda: self.child("ten_crop", self.train_args(
             "resnet50", "bfloat16", images=64 if self.smoke else 2048)))
+        self.section("features", lambda: {vit: self.child("features", self.train_args(
+            vit, "bfloat16", batch=8 if self.smoke else FEATURES_BATCH,
+            images=32 if self.smoke else 8 * FEATURES_BATCH)) for vit in VITS})
         self.section("compile_cache", self.compile_cache)
         self.section("batch_memory", self.batch_memory)
         self.section("xla_flags", self.xla_flags)
@@ -402,6 +438,9 @@ def verdict(result: dict) -> dict:
         return row.get("images_per_second")
 
     r50, mnv2 = ips("resnet50/bfloat16"), ips("mobilenet_v2/bfloat16")
+    vitb = ips("vit_base_patch16/bfloat16")
+    features = (result["sections"].get("features") or {}).get("result", {})
+    dinov2 = (features.get("vit_small_patch14") or {}).get("images_per_second")
     waits = [row.get("input_wait_fraction") for row in train_rows.values()
              if isinstance(row, dict) and row.get("input_wait_fraction") is not None]
     return {"resnet50_bfloat16_images_per_s": r50,
@@ -410,6 +449,12 @@ def verdict(result: dict) -> dict:
             "mobilenet_v2_bfloat16_images_per_s": mnv2,
             "mobilenet_v2_target_met": None if mnv2 is None or result["smoke"] else
             mnv2 >= TARGETS["mobilenet_v2_bfloat16_images_per_s"],
+            "vit_base_patch16_bfloat16_images_per_s": vitb,
+            "vit_base_patch16_target_met": None if vitb is None or result["smoke"] else
+            vitb >= TARGETS["vit_base_patch16_bfloat16_images_per_s"],
+            "vit_small_patch14_features_images_per_s": dinov2,
+            "vit_small_patch14_features_target_met": None if dinov2 is None or result["smoke"]
+            else dinov2 >= TARGETS["vit_small_patch14_features_images_per_s"],
             "max_input_wait_fraction": max(waits) if waits else None}
 
 

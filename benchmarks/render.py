@@ -349,6 +349,15 @@ def device_check_section(r: dict) -> str:
         if v:
             out += [f"**{title}** ({v.get('arch')} {v.get('dtype')}, batch {v.get('batch')}): "
                     f"{_num(v.get('images_per_second'))} images/s.", ""]
+    feats = (sections.get("features") or {}).get("result") or {}
+    if feats:
+        rows = [[k, v.get("dtype"), v.get("batch"), v.get("layer"),
+                 _num(v.get("images_per_second")), _gb(v.get("peak_memory_bytes")),
+                 v.get("error", "")] for k, v in feats.items()]
+        out += ["**Feature extraction** (the features rule's pass: 224 px centre crop, frozen "
+                "backbone to its pooled output, float16 cache written):", "",
+                table(["model", "dtype", "batch", "layer", "images/s", "peak memory", "error"],
+                      rows), ""]
     cache = (sections.get("compile_cache") or {}).get("result")
     if cache:
         out += [f"**Compilation cache**: first step {_num(cache.get('cold_first_step_s'))} s "
@@ -366,11 +375,28 @@ def device_check_section(r: dict) -> str:
     if verdict:
         out += [f"Targets: ResNet-50 bf16 >= 5,000 images/s: "
                 f"{met(verdict.get('resnet50_target_met'))}; MobileNetV2 bf16 >= 8,000: "
-                f"{met(verdict.get('mobilenet_v2_target_met'))}; input wait < 5 %: largest "
-                f"{_num(verdict.get('max_input_wait_fraction'))}.", ""]
+                f"{met(verdict.get('mobilenet_v2_target_met'))}; ViT-B/16 bf16 train step >= "
+                f"3,000: {met(verdict.get('vit_base_patch16_target_met'))}; DINOv2 ViT-S/14 "
+                f"features >= 10,000: {met(verdict.get('vit_small_patch14_features_target_met'))}"
+                f"; input wait < 5 %: largest {_num(verdict.get('max_input_wait_fraction'))}.",
+                ""]
     if r.get("skipped"):
         out += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()) + ".", ""]
     return "\n".join(out)
+
+
+def vit_cpu_section(r: dict) -> str:
+    rows = [[arch, stat(v["train_step_images_per_s"]), _num(v.get("train_gflops_per_image")),
+             stat(v["features_images_per_s"]),
+             f"{v['recipe']['optimizer']}, lr {v['recipe']['lr']:g}"]
+            for arch, v in r["results"].items()]
+    return "\n".join([
+        f"{r['backend']} backend, 224 px from {r['stored_size']}-px crops, {r['dtype']}, batch "
+        f"{r['batch']}, {r['repeats']} timed calls after one compiling call (median [min, max] "
+        f"images/s). Training step: the pipeline's jitted step with each model's full "
+        f"fine-tuning recipe; features: the features rule's pass to the pooled output.", "",
+        table(["model", "train step images/s", "train GFLOPs/image", "features images/s",
+               "recipe"], rows)])
 
 
 def compile_cache_section(r: dict) -> str:
@@ -434,6 +460,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("train_step", "5. Training step", train_step_section),
     ("end_to_end", "6. End to end", end_to_end_section),
     ("mobilenet_cpu", "MobileNetV2 depthwise convolutions on the CPU", mobilenet_section),
+    ("vit_cpu", "ViT-S/16 and ViT-B/16 beside ResNet-50 on the CPU", vit_cpu_section),
     ("inat_zero_shot_cub50", "Zero-shot iNat MobileNetV2 on cub50", inat_section),
     ("compile_cache", "Compilation cache (issue #16)", compile_cache_section),
     ("device_check", "GPU device check (issue #16)", device_check_section),

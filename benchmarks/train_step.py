@@ -62,8 +62,9 @@ def cpu_peak_flops() -> dict | None:
 
 
 def prepare_step(arch: str, batch: int, compute_dtype: str, augment=None, lighting=None,
-                 seed: int = 0):
-    """``(step, args)``: the pipeline's jitted train step for ``arch`` and one batch."""
+                 seed: int = 0, recipe: dict | None = None):
+    """``(step, args)``: the pipeline's jitted train step for ``arch`` and one batch
+    (``recipe``: settings other than the schema's defaults, e.g. a ViT's optimizer)."""
     from flax import nnx
     from finegrained.models import build_model
     from finegrained.train.augment import Augmentation
@@ -74,7 +75,7 @@ def prepare_step(arch: str, batch: int, compute_dtype: str, augment=None, lighti
     model = build_model(arch, NUM_CLASSES, rngs=nnx.Rngs(seed))
     settings = default_settings(epochs=1, batch_size=batch, compute_dtype=compute_dtype,
                                 image_size=224, augment=augment or Augmentation.none(),
-                                num_devices=1)
+                                num_devices=1, **(recipe or {}))
     run = prepare(model, batch * 10, settings, lighting=lighting)
     rng = np.random.default_rng(seed)
     data = shard_batch({"image": rng.integers(0, 256, (batch, STORED, STORED, 3), np.uint8),

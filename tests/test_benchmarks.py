@@ -112,6 +112,8 @@ def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path, repo_root):
     so the script cannot rot before a GPU is lent."""
     import subprocess
 
+    import device_check
+
     bundle = tmp_path / "bundle"
     weights = repo_root.parent / "shared" / "weights"
     if (weights / "expected_outputs.json").exists():
@@ -123,7 +125,8 @@ def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path, repo_root):
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    expected = {"environment", "train", "ten_crop", "compile_cache", "batch_memory", "xla_flags"}
+    expected = {"environment", "train", "ten_crop", "features", "compile_cache", "batch_memory",
+                "xla_flags"}
     if bundle.exists():
         expected.add("mobilenet_reference")
         reference = result["sections"]["mobilenet_reference"]["result"]
@@ -140,9 +143,16 @@ def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path, repo_root):
                for row in train.values())
     cache = result["sections"]["compile_cache"]["result"]
     assert cache["cold_first_step_s"] > cache["warm_first_step_s"] > 0
+    assert "vit_small_patch14/bfloat16" in train                     # the ViT rows (#27)
+    features = result["sections"]["features"]["result"]
+    assert set(features) == set(device_check.VITS)
+    assert all(row["images_per_second"] > 0 and row["layer"] == "norm"
+               for row in features.values())
     assert result["verdict"]["resnet50_target_met"] is None          # toy sizes judge nothing
+    assert result["verdict"]["vit_small_patch14_features_target_met"] is None
     section = render.device_check_section(result)
     assert "Smoke run" in section and "Compilation cache" in section
+    assert "Feature extraction" in section and "ViT-B/16 bf16 train step" in section
 
 
 def test_the_device_check_measures_the_batch_sizes_of_the_gpu_config(repo_root):

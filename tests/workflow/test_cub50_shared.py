@@ -132,3 +132,13 @@ def test_cub50_example_configs_validate(repo_root):
                             examples / "cub50-112px-sgd-probe-augmented.yaml")
     probe = augmented["regime_settings"]["linear_probe"]
     assert probe["solver"] == "sgd" and probe["augment"]["crop_area"] == [0.25, 1.0]
+    # the ViT rows `make cub50-vit` fills where the Hub can be reached (#27)
+    for overlay, arch, pool in (("cub50-dinov2.yaml", "vit_small_patch14", "cls+mean"),
+                                ("cub50-vit-b16.yaml", "vit_base_patch16", "cls")):
+        vit = load_config(default, examples / "cub50.yaml", examples / overlay)
+        backbone, full = vit["backbone"], vit["regime_settings"]["full_finetune"]
+        assert (backbone["arch"], backbone["pool"]) == (arch, pool)
+        assert backbone["weights"].startswith("https://huggingface.co/")
+        assert (full["optimizer"], full["layer_decay"], full["backbone_lr_mult"]) == (
+            "adamw", 0.65, 1.0)
+        assert vit["regime_settings"]["two_stage"]["head_from"] == "linear_probe"

@@ -105,9 +105,9 @@ def test_a_shard_edited_after_cropping_stops_the_rerun_naming_it(corrupt_dataset
     log = (tmp_path / "results" / "bad" / "logs" / "shard_index" / "target" / "train.log")
     recorded = json.loads((shards / "shard-00000.record.json").read_text())["files"]
     assert log.read_text() == (
-        f"error: results/bad/data/target/shards/train/shard-00000.npy: was changed after its "
-        f"crop job wrote it: its sha256 is "
-        f"{sha256_file(shard)}, shard-00000.record.json records "
+        f"error: results/bad/data/target/shards/train/shard-00000.npy: changed since it was "
+        f"written: its sha256 is "
+        f"{sha256_file(shard)}, its crop job's record shard-00000.record.json records "
         f"{recorded[shard.name]['sha256']}; delete the shard's files and rerun the crop phase "
         f"to rebuild it\n")
     assert not (shards / "index.json").exists()

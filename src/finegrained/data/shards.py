@@ -50,8 +50,8 @@ from finegrained.data.imageio import decode_crop
 from finegrained.data.manifest import read_manifest
 from finegrained.data.readers import image_file
 from finegrained.errors import ON_BAD_IMAGE, DataError
-from finegrained.fileio import (atomic_output, parquet_bytes, read_json, reserve, room_for,
-                                sha256_file, write_json, write_reserved)
+from finegrained.fileio import (atomic_output, check_sha256, parquet_bytes, read_json, reserve,
+                                room_for, sha256_file, write_json, write_reserved)
 
 SHARD_METADATA_KEY = b"finegrained.shard"
 #: Per-crop columns of the rectangle that holds image pixels (x, y, w, h in the S x S crop).
@@ -296,10 +296,7 @@ def read_shard_record(meta_path: str | os.PathLike) -> dict:
         if actual != size:
             raise DataError(file, f"is {actual:,} bytes, its crop job wrote {size:,} "
                                   f"({path.name}): truncated or replaced since; {fix}")
-        got = sha256_file(file)
-        if got != digest:
-            raise DataError(file, f"was changed after its crop job wrote it: its sha256 is "
-                                  f"{got}, {path.name} records {digest}; {fix}")
+        check_sha256(file, digest, f"its crop job's record {path.name}", fix)
     return record
 
 
