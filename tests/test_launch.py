@@ -227,12 +227,28 @@ while not out.with_suffix(".stop").exists():
 """
 
 
+_LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_left():
+    """A launcher a failed test left running is stopped (its tasks go with it)."""
+    yield
+    while _LAUNCHED:
+        proc = _LAUNCHED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _start_tasks(tmp_path, ids, *, gpus=1, tasks=2, codes=None, **extra):
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "finegrained.launch", "--gpus", str(gpus),
          "--tasks-per-node", str(tasks), "--", sys.executable, "-c", TASK, str(tmp_path),
          json.dumps(codes or {})],
         env=_env(tmp_path, ids, **extra), stderr=subprocess.PIPE, text=True)
+    _LAUNCHED.append(proc)
+    return proc
 
 
 def _told(tmp_path, proc, tasks=2, timeout=60.0) -> list[dict]:

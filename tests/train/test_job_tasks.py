@@ -47,6 +47,20 @@ def job(tmp_path_factory):
             "--init-weights", str(inputs["init_weights"])]
 
 
+_LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_launcher_left():
+    """A launcher a failed test left running is stopped (its tasks go with it)."""
+    yield
+    while _LAUNCHED:
+        proc = _LAUNCHED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _start(job, tasks: int, run: Path, checkpoints: Path) -> tuple[subprocess.Popen, Path]:
     """The launcher with ``tasks`` tasks of 4 / tasks CPU devices, its output in a log file
     as the rule's `> {log} 2>&1` puts it."""
@@ -61,6 +75,7 @@ def _start(job, tasks: int, run: Path, checkpoints: Path) -> tuple[subprocess.Po
             [sys.executable, "-m", "finegrained.launch", "--gpus", "0", "--tasks-per-node",
              str(tasks), "--", *job, "--checkpoint-dir", str(checkpoints), "--out-dir", str(run)],
             env=env, stdout=out, stderr=subprocess.STDOUT)
+    _LAUNCHED.append(proc)
     return proc, log
 
 
