@@ -16,11 +16,13 @@ Per layout:
   training exchanges every step;
 - ``average_copies_seconds``: one average of the local SGD copies (parameters, BatchNorm
   statistics and momentum), what local SGD exchanges every H steps;
-- ``saved_per_step_seconds``: sync's step time minus local SGD's; taken apart
-  (``derived``: from t_H = c + a / H of the two local SGD runs, a step's computation c and
-  one average of the copies a), ``communication_per_step_seconds``: sync's t_sync - c (its
-  gradient all-reduce and the BatchNorm statistics it reduces over the whole batch, layer
-  by layer), local SGD's a / H.
+- ``saved_per_step_seconds``: sync's step time minus local SGD's.
+
+Then ``cross_process_seconds_per_step``: each system's step time on two processes less on
+one (the same 4 devices and batch): what its exchanges cost once they cross processes, sync's
+every step (the gradient all-reduce, and the BatchNorm statistics it reduces over the whole
+batch, layer by layer), local SGD's every H steps (plus each step's loss and accuracy); and
+``cross_process_saved_per_step_seconds``: sync's less local SGD's.
 
 Between processes the exchanges cross a TCP socket (gloo); in one process they are copies in
 shared memory. Both processes share this machine's cores, so these are CPU figures, not a
@@ -152,21 +154,22 @@ def run_layout(tasks: int, blocks: int, calls: int, folder: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def per_step(layout: dict) -> None:
-    """What local SGD saves per step, measured (sync's step time minus local SGD's) and
-    taken apart: from the two local SGD step times t_H = c + a / H, a step's computation c
-    and one average of the copies a; sync's communication per step is then t_sync - c (its
-    gradient all-reduce and the BatchNorm statistics it reduces over the whole batch)."""
-    t = {name: s["median"] for name, s in layout["step_seconds"].items()}
-    average = (t["local_sgd_h4"] - t["local_sgd_h16"]) / (1 / 4 - 1 / 16)
-    compute = t["local_sgd_h16"] - average / 16
-    layout["saved_per_step_seconds"] = {name: t["sync"] - t[name] for name in t
-                                        if name != "sync"}
-    layout["derived"] = {"compute_per_step_seconds": compute,
-                         "average_round_seconds": average}
-    layout["communication_per_step_seconds"] = {
-        name: t["sync"] - compute if mode == "sync" else average / every
-        for name, (mode, every) in SYSTEMS.items()}
+def per_step(layouts: dict) -> dict:
+    """What crossing a process boundary costs each system per step (its step time on two
+    processes less on one, the same 4 devices), and what local SGD saves of it: sync's cost
+    less local SGD's. Within each layout, ``saved_per_step_seconds``: sync's step time less
+    local SGD's."""
+    one, two = (
+        {name: s["median"] for name, s in layout["step_seconds"].items()}
+        for layout in layouts.values())
+    for layout in layouts.values():
+        t = {name: s["median"] for name, s in layout["step_seconds"].items()}
+        layout["saved_per_step_seconds"] = {name: round(t["sync"] - t[name], 4) for name in t
+                                            if name != "sync"}
+    cross = {name: round(two[name] - one[name], 4) for name in one}
+    return {"cross_process_seconds_per_step": cross,
+            "cross_process_saved_per_step_seconds": {
+                name: round(cross["sync"] - cross[name], 4) for name in cross if name != "sync"}}
 
 
 def main(argv=None) -> int:
@@ -184,12 +187,10 @@ def main(argv=None) -> int:
         layouts = {f"{tasks} x {DEVICES // tasks}": run_layout(tasks, args.blocks, args.calls,
                                                                Path(tmp))
                    for tasks in (1, 2)}
-    for layout in layouts.values():
-        per_step(layout)
     payload = {
         "model": f"resnet18 width {WIDTH}, {IMAGE} px, batch {BATCH} ({BATCH // DEVICES} per "
                  f"device), float32, {CLASSES} classes",
-        "cpu_figures": True, "block_steps": BLOCK, "layouts": layouts,
+        "cpu_figures": True, "block_steps": BLOCK, "layouts": layouts, **per_step(layouts),
         "notes": ["CPU figures: both processes share this machine's cores and exchange over "
                   "loopback TCP (gloo); no network and no GPU are measured",
                   "the exchanges are timed alone (a mean over the data axis into a replicated "
@@ -200,9 +201,10 @@ def main(argv=None) -> int:
     for name, layout in layouts.items():
         print(f"{name}: step s {json.dumps({k: v['median'] for k, v in layout['step_seconds'].items()})}; "
               f"all-reduce {layout['allreduce_gradients_seconds']['median']} s, average "
-              f"{layout['average_copies_seconds']['median']} s; saved per step "
-              f"{json.dumps(layout['saved_per_step_seconds'])}; communication per step "
-              f"{json.dumps(layout['communication_per_step_seconds'])}", file=sys.stderr)
+              f"{layout['average_copies_seconds']['median']} s", file=sys.stderr)
+    print(f"crossing processes, s per step: {json.dumps(payload['cross_process_seconds_per_step'])}; "
+          f"saved by local SGD: {json.dumps(payload['cross_process_saved_per_step_seconds'])}",
+          file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -418,26 +418,25 @@ def compile_cache_section(r: dict) -> str:
 
 def communication_section(r: dict) -> str:
     """Local SGD against sync on 1 and 2 processes (benchmarks/communication.py)."""
-    systems = list(next(iter(r["layouts"].values()))["step_seconds"])
-    rows = []
-    for name, layout in r["layouts"].items():
-        for system in systems:
-            saved = layout["saved_per_step_seconds"].get(system)
-            rows.append([name, system, stat(layout["step_seconds"][system], " s"),
-                         _num(layout["communication_per_step_seconds"][system]) + " s",
-                         "" if saved is None else _num(saved) + " s"])
+    layouts = r["layouts"]
+    names = list(layouts)
+    systems = list(layouts[names[0]]["step_seconds"])
+    rows = [[system, *[stat(layouts[n]["step_seconds"][system], " s") for n in names],
+             _num(r["cross_process_seconds_per_step"][system]) + " s",
+             _num(r["cross_process_saved_per_step_seconds"][system]) + " s"
+             if system in r["cross_process_saved_per_step_seconds"] else ""]
+            for system in systems]
     exchanges = [[name, f"{layout['gradient_bytes'] / 1e6:.2f} MB",
                   stat(layout["allreduce_gradients_seconds"], " s"),
                   f"{layout['copies_bytes'] / 1e6:.2f} MB",
                   stat(layout["average_copies_seconds"], " s")]
-                 for name, layout in r["layouts"].items()]
+                 for name, layout in layouts.items()]
     return "\n".join([
-        f"**CPU figures.** {r['model']}; processes x CPU devices; blocks of "
-        f"{r['block_steps']} steps. Communication per step: sync's step time less a step's "
-        f"computation (from the two local SGD runs, t_H = c + a / H), local SGD's average "
-        f"a / H; saved: sync's step time less local SGD's.", "",
-        table(["processes x devices", "system", "s / step", "communication / step",
-               "saved / step"], rows), "",
+        f"**CPU figures.** {r['model']}; processes x CPU devices; s / step over blocks of "
+        f"{r['block_steps']} steps. Crossing processes: a system's step time on "
+        f"{names[-1]} less on {names[0]}; saved: sync's less local SGD's.", "",
+        table(["system", *[f"s / step, {n}" for n in names], "crossing processes / step",
+               "saved by local SGD / step"], rows), "",
         "The exchanges alone (a mean over the data axis into a replicated result):", "",
         table(["processes x devices", "gradients", "all-reduce", "local SGD copies",
                "average"], exchanges), "",
