@@ -12,11 +12,16 @@ host writes).
 Where the processes come from, first match wins:
 
 - ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0) with ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``: explicit, e.g. a launcher of one's own or the localhost test;
-- SLURM with more than one task in the step (``SLURM_NTASKS`` > 1 inside ``srun``): jax's
-  SLURM cluster detection (coordinator on the step's first node, port from the job id);
+  ``JAX_PROCESS_ID``: explicit, as :mod:`finegrained.launch` starts the tasks of a training
+  job on one machine (``resources.train.tasks_per_node``), or a launcher of one's own;
+- SLURM with more than one task in the step (``SLURM_NTASKS`` > 1 inside ``srun``, as the
+  launcher starts them in an allocation): jax's SLURM cluster detection (coordinator on the
+  step's first node, port from the job id; ``JAX_LOCAL_DEVICE_IDS`` from the launcher keeps
+  the GPUs a task leased);
 - otherwise a single process, and nothing here changes anything.
 
+What one process does for all (a lock, claiming the checkpoint folder) goes through
+:func:`on_main`: the others wait for it and stop quietly when it failed (:class:`PeerFailed`).
 On the CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``).
 """
 
