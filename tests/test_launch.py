@@ -304,10 +304,12 @@ def test_one_failing_task_ends_the_job_with_its_code_and_leaves_no_process(tmp_p
     assert not (tmp_path / "task0.sigterm").exists()     # killed, not asked to checkpoint
 
 
-def test_a_sigterm_to_the_launcher_reaches_every_task(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_sigterm_to_the_launcher_reaches_every_task(tmp_path, signum):
+    """SIGTERM (preemption) or SIGINT: every task gets a SIGTERM, to checkpoint and stop."""
     proc = _start_tasks(tmp_path, "0,1")
     told = _told(tmp_path, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     assert proc.wait(timeout=60) == 1
     assert (tmp_path / "task0.sigterm").exists() and (tmp_path / "task1.sigterm").exists()
     assert not any(_alive(t["pid"]) for t in told)

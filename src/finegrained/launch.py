@@ -52,8 +52,8 @@ one data-parallel run by :mod:`finegrained.distributed`, each leasing ``--gpus``
 - otherwise, on this machine (``N`` must be 1): ``K`` child processes with
   ``JAX_COORDINATOR_ADDRESS`` (a free local port), ``JAX_NUM_PROCESSES`` and
   ``JAX_PROCESS_ID``, their GPUs leased in one go and split among them. The launcher waits
-  for all: a SIGTERM (or SIGINT, SIGHUP) it gets goes to every task (they checkpoint at the
-  same step and stop); when one task fails the others are given a few seconds to end, then
+  for all: a SIGTERM (or SIGINT, SIGHUP) it gets goes to every task as a SIGTERM (they
+  checkpoint at the same step and stop); when one task fails the others are given a few seconds to end, then
   killed; the first failure's exit code is the job's; a task whose launcher dies is killed
   by the kernel (``PR_SET_PDEATHSIG``), so none is left behind.
 
@@ -365,11 +365,11 @@ def run_local_tasks(command: Sequence[str], envs: Sequence[tuple[dict[str, str],
     procs: list[subprocess.Popen] = []
     received: list[int] = []
 
-    def forward(signum, frame):
+    def forward(signum, frame):     # every task checkpoints and stops (SIGTERM)
         received.append(signum)
         for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signum)
+                proc.send_signal(signal.SIGTERM)
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
     try:
