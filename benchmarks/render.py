@@ -396,7 +396,7 @@ def vit_cpu_section(r: dict) -> str:
         f"images/s). Training step: the pipeline's jitted step with each model's full "
         f"fine-tuning recipe; features: the features rule's pass to the pooled output.", "",
         table(["model", "train step images/s", "train GFLOPs/image", "features images/s",
-               "recipe"], rows)])
+               "recipe"], rows), ""])
 
 
 def compile_cache_section(r: dict) -> str:
