@@ -86,7 +86,7 @@ report: install
 # them): each script writes benchmarks/results/<name>.json, then render.py regenerates
 # docs/benchmarks.md from every result. A few minutes each on 2 cores.
 BENCHMARKS := crop_throughput input_pipeline augment_cpu linear_probe train_step end_to_end \
-	mobilenet_cpu vit_cpu inat_zero_shot_cub50 compile_cache
+	mobilenet_cpu vit_cpu inat_zero_shot_cub50 compile_cache communication
 bench: install
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 	$(PY) benchmarks/render.py

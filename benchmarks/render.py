@@ -416,6 +416,33 @@ def compile_cache_section(r: dict) -> str:
         "running it (the device check's figure).", ""])
 
 
+def communication_section(r: dict) -> str:
+    """Local SGD against sync on 1 and 2 processes (benchmarks/communication.py)."""
+    layouts = r["layouts"]
+    names = list(layouts)
+    systems = list(layouts[names[0]]["step_seconds"])
+    rows = [[system, *[stat(layouts[n]["step_seconds"][system], " s") for n in names],
+             _num(r["cross_process_seconds_per_step"][system]) + " s",
+             _num(r["cross_process_saved_per_step_seconds"][system]) + " s"
+             if system in r["cross_process_saved_per_step_seconds"] else ""]
+            for system in systems]
+    exchanges = [[name, f"{layout['gradient_bytes'] / 1e6:.2f} MB",
+                  stat(layout["allreduce_gradients_seconds"], " s"),
+                  f"{layout['copies_bytes'] / 1e6:.2f} MB",
+                  stat(layout["average_copies_seconds"], " s")]
+                 for name, layout in layouts.items()]
+    return "\n".join([
+        f"**CPU figures.** {r['model']}; processes x CPU devices; s / step over blocks of "
+        f"{r['block_steps']} steps. Crossing processes: a system's step time on "
+        f"{names[-1]} less on {names[0]}; saved: sync's less local SGD's.", "",
+        table(["system", *[f"s / step, {n}" for n in names], "crossing processes / step",
+               "saved by local SGD / step"], rows), "",
+        "The exchanges alone (a mean over the data axis into a replicated result):", "",
+        table(["processes x devices", "gradients", "all-reduce", "local SGD copies",
+               "average"], exchanges), "",
+        *[f"- {note}" for note in r.get("notes", [])], ""])
+
+
 def generic_section(r: dict) -> str:
     rows = [[k, _num(v) if not isinstance(v, dict) else stat(v)] for k, v in r.items()
             if k not in ("benchmark", "title", "date", "command", "machine", "wall_seconds")
@@ -436,6 +463,8 @@ SECTIONS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("inat_zero_shot_cub50", "Zero-shot iNat MobileNetV2 on cub50", inat_section),
     ("compile_cache", "Compilation cache (issue #16)", compile_cache_section),
     ("device_check", "GPU device check (issue #16)", device_check_section),
+    ("communication", "Communication per step: local SGD and sync on 1 and 2 processes "
+                      "(issue #30, CPU)", communication_section),
 ]
 
 

@@ -156,3 +156,43 @@ def test_two_processes_train_like_one(tmp_path, mode):
     diff = compare_runs(tmp_path / "single.json",
                         [tmp_path / f"multi{i}.json" for i in range(2)])
     print(f"two processes vs one: max train-loss difference {diff:.3g}")
+
+
+def test_an_error_every_process_meets_is_printed_once(monkeypatch, capsys):
+    """Process 0 prints every expected error; another process stays quiet about one that
+    every process meets alike (a preemption, process 0's refusal), and names itself in
+    another."""
+    from finegrained import job_runner
+    from finegrained.errors import DataError
+    from finegrained.train.loop import Preempted
+
+    def failing(exc):
+        def body():
+            raise exc
+        return body
+
+    monkeypatch.setattr(job_runner, "_process", lambda: (1, 2))
+    assert job_runner.run(failing(Preempted("job: SIGTERM at epoch 1, step 3"))) == 1
+    assert job_runner.run(failing(distributed.PeerFailed("process 0 of 2 failed"))) == 1
+    assert capsys.readouterr().err == ""
+    assert job_runner.run(failing(DataError("a.json", "torn"))) == 1
+    assert capsys.readouterr().err == "error: process 1 of 2: a.json: torn\n"
+    monkeypatch.setattr(job_runner, "_process", lambda: (0, 2))
+    assert job_runner.run(failing(Preempted("job: SIGTERM at epoch 1, step 3"))) == 1
+    assert capsys.readouterr().err == "error: job: SIGTERM at epoch 1, step 3\n"
+
+
+def test_a_batch_the_devices_cannot_split_is_one_error_of_every_process():
+    from types import SimpleNamespace
+
+    from finegrained.errors import ConfigError, Everywhere
+    from finegrained.train.sharding import check_batch_size
+
+    mesh = SimpleNamespace(devices=np.array([SimpleNamespace(process_index=i // 2)
+                                             for i in range(4)]))
+    with pytest.raises(ConfigError, match=r"global batch size 6 is not divisible by the 4 "
+                                          r"devices of the 'data' mesh axis, in 2 processes; "
+                                          r"pick a multiple of 4") as caught:
+        check_batch_size(6, mesh)
+    assert isinstance(caught.value, Everywhere)
+    check_batch_size(8, mesh)

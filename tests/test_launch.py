@@ -202,3 +202,157 @@ def test_the_compilation_cache_is_hit_by_a_second_process(tmp_path):
     assert hits == 0 and misses >= 1
     assert len([p for p in cache.iterdir() if p.name.endswith("-cache")]) == misses
     assert job() == (misses, 0)                # read back, nothing compiled
+
+
+# ---------------------------------------------------------------------------- several tasks
+
+# A task: write what it was told, then end with its code from argv[2] ({process id: code}),
+# or wait until told to stop (a file), ending with 1 on SIGTERM after marking it.
+TASK = """
+import json, os, pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1]) / f"task{os.environ['JAX_PROCESS_ID']}"
+def stopped(signum, frame):
+    out.with_suffix(".sigterm").touch()
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stopped)
+keys = ("CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "FINEGRAINED_GPUS")
+out.with_suffix(".json").write_text(json.dumps({"pid": os.getpid(),
+                                                **{k: os.environ.get(k) for k in keys}}))
+code = json.loads(sys.argv[2]).get(os.environ["JAX_PROCESS_ID"])
+if code is not None:
+    sys.exit(code)
+while not out.with_suffix(".stop").exists():
+    time.sleep(0.05)
+"""
+
+
+_LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_left():
+    """A launcher a failed test left running is stopped (its tasks go with it)."""
+    yield
+    while _LAUNCHED:
+        proc = _LAUNCHED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start_tasks(tmp_path, ids, *, gpus=1, tasks=2, codes=None, **extra):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finegrained.launch", "--gpus", str(gpus),
+         "--tasks-per-node", str(tasks), "--", sys.executable, "-c", TASK, str(tmp_path),
+         json.dumps(codes or {})],
+        env=_env(tmp_path, ids, **extra), stderr=subprocess.PIPE, text=True)
+    _LAUNCHED.append(proc)
+    return proc
+
+
+def _told(tmp_path, proc, tasks=2, timeout=60.0) -> list[dict]:
+    """What each task wrote once all have started."""
+    paths = [tmp_path / f"task{i}.json" for i in range(tasks)]
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() and p.read_text() for p in paths):
+        assert time.monotonic() < deadline, "the tasks never started"
+        time.sleep(0.05)
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie no longer does)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_local_tasks_are_joined_by_the_coordinator_and_split_the_leased_gpus(tmp_path):
+    """Two tasks of two GPUs on a four-GPU machine: one coordinator, process ids 0 and 1,
+    disjoint GPUs (leased in one go), each told its own count and local device ids."""
+    proc = _start_tasks(tmp_path, "0,1,2,3", gpus=2)
+    told = _told(tmp_path, proc)
+    for i in range(2):
+        (tmp_path / f"task{i}.stop").touch()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert [t["JAX_PROCESS_ID"] for t in told] == ["0", "1"]
+    assert {t["JAX_NUM_PROCESSES"] for t in told} == {"2"}
+    [address] = {t["JAX_COORDINATOR_ADDRESS"] for t in told}
+    assert address.startswith("127.0.0.1:") and int(address.split(":")[1]) > 0
+    gpus = [t["CUDA_VISIBLE_DEVICES"].split(",") for t in told]
+    assert sorted(gpus[0] + gpus[1]) == ["0", "1", "2", "3"]
+    assert {t["JAX_LOCAL_DEVICE_IDS"] for t in told} == {"0,1"}
+    assert {t["FINEGRAINED_GPUS"] for t in told} == {"2"}
+    # On the CPU: no GPU, no device ids.
+    (tmp_path / "cpu").mkdir()
+    cpu = _start_tasks(tmp_path / "cpu", "0,1", gpus=0)
+    told = _told(tmp_path / "cpu", cpu)
+    for i in range(2):
+        (tmp_path / "cpu" / f"task{i}.stop").touch()
+    assert cpu.wait(timeout=60) == 0
+    assert [(t["CUDA_VISIBLE_DEVICES"], t["JAX_LOCAL_DEVICE_IDS"]) for t in told] == [("", None)] * 2
+
+
+def test_one_failing_task_ends_the_job_with_its_code_and_leaves_no_process(tmp_path):
+    proc = _start_tasks(tmp_path, "0,1", codes={"1": 3})
+    told = _told(tmp_path, proc)
+    assert proc.wait(timeout=60) == 3
+    assert "task 1 of 2 ended with exit code 3" in proc.stderr.read()
+    assert not any(_alive(t["pid"]) for t in told)
+    assert not (tmp_path / "task0.sigterm").exists()     # killed, not asked to checkpoint
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_sigterm_to_the_launcher_reaches_every_task(tmp_path, signum):
+    """SIGTERM (preemption) or SIGINT: every task gets a SIGTERM, to checkpoint and stop."""
+    proc = _start_tasks(tmp_path, "0,1")
+    told = _told(tmp_path, proc)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == 1
+    assert (tmp_path / "task0.sigterm").exists() and (tmp_path / "task1.sigterm").exists()
+    assert not any(_alive(t["pid"]) for t in told)
+
+
+def test_the_tasks_of_a_killed_launcher_are_killed_too(tmp_path):
+    proc = _start_tasks(tmp_path, "0,1")
+    told = _told(tmp_path, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(_alive(t["pid"]) for t in told):
+        assert time.monotonic() < deadline, "a task outlived its launcher"
+        time.sleep(0.05)
+
+
+def test_where_the_tasks_of_a_job_start():
+    route = launch.task_route
+    assert route(1, 1, {"SLURM_JOB_ID": "7"}) == "one"
+    assert route(1, 2, {}) == "local"
+    # the batch script of the job (the SLURM plugin drops the step's variables), or salloc
+    assert route(2, 4, {"SLURM_JOB_ID": "7"}) == "srun"
+    # inside the step srun started: one of its 8 tasks
+    assert route(2, 4, {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8"}) == "task"
+    # inside a step of one task (srun --pty bash): this machine's processes
+    assert route(1, 2, {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"}) == "local"
+    with pytest.raises(launch.LeaseError, match=r"spans 2 nodes \(resources.train.nodes: 2\), "
+                                                r"which needs SLURM"):
+        route(2, 1, {})
+    assert launch.srun_command(2, 4, 1, 8, ["--gpus", "1", "--", "python", "x.py"]) == [
+        "srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--kill-on-bad-exit=1",
+        "--cpus-per-task=8", "--gres=gpu:4", sys.executable, "-m", "finegrained.launch",
+        "--gpus", "1", "--", "python", "x.py"]
+    assert "--gres" not in " ".join(launch.srun_command(1, 2, 0, None, []))
+    # each step of an allocation leases among its own GPUs
+    assert launch.default_lock_dir({launch.LOCK_DIR_VAR: "/l", "SLURM_JOB_ID": "7",
+                                    "SLURM_STEP_ID": "3"}) == Path("/l/slurm-7.3")
+
+
+def test_several_nodes_outside_slurm_stop_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "finegrained.launch", "--gpus", "0", "--nodes", "2", "--",
+         sys.executable, "-c", "print('ran')"],
+        env=_env(tmp_path, "0"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: this job spans 2 nodes") and proc.stderr.count("\n") == 1

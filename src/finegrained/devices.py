@@ -37,7 +37,7 @@ def check_backend(requested: int, *, allow_cpu: bool = False, job: str = "this j
     unless ``allow_cpu``: then the log says the GPU rule runs on the CPU on purpose."""
     import jax
 
-    devices = list(jax.devices() if devices is None else devices)
+    devices = list(jax.local_devices() if devices is None else devices)   # this process's
     gpus = [d for d in devices if d.platform in ("gpu", "cuda", "rocm")]
     platform = devices[0].platform if devices else "none"
     if requested <= 0 or len(gpus) >= requested:

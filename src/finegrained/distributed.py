@@ -12,18 +12,23 @@ host writes).
 Where the processes come from, first match wins:
 
 - ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0) with ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``: explicit, e.g. a launcher of one's own or the localhost test;
-- SLURM with more than one task in the step (``SLURM_NTASKS`` > 1 inside ``srun``): jax's
-  SLURM cluster detection (coordinator on the step's first node, port from the job id);
+  ``JAX_PROCESS_ID``: explicit, as :mod:`finegrained.launch` starts the tasks of a training
+  job on one machine (``resources.train.tasks_per_node``), or a launcher of one's own;
+- SLURM with more than one task in the step (``SLURM_NTASKS`` > 1 inside ``srun``, as the
+  launcher starts them in an allocation): jax's SLURM cluster detection (coordinator on the
+  step's first node, port from the job id; ``JAX_LOCAL_DEVICE_IDS`` from the launcher keeps
+  the GPUs a task leased);
 - otherwise a single process, and nothing here changes anything.
 
+What one process does for all (a lock, claiming the checkpoint folder) goes through
+:func:`on_main`: the others wait for it and stop quietly when it failed (:class:`PeerFailed`).
 On the CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import jax
 
@@ -32,6 +37,7 @@ NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
 AGREE_TIMEOUT_MS = 10 * 60 * 1000
 _own_previous_key: str | None = None
+T = TypeVar("T")
 
 
 def launch_settings(env: Mapping[str, str] | None = None) -> dict | None:
@@ -65,6 +71,11 @@ def initialize(env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+def is_initialized() -> bool:
+    """Whether this process has joined others (:func:`initialize` did)."""
+    return jax.distributed.is_initialized()
+
+
 def is_multiprocess() -> bool:
     return jax.process_count() > 1
 
@@ -84,6 +95,44 @@ def barrier(name: str) -> None:
     ``name`` must be unique for the run."""
     if is_multiprocess():
         _client().wait_at_barrier(f"finegrained/{name}", AGREE_TIMEOUT_MS)
+
+
+class PeerFailed(RuntimeError):
+    """What the other processes raise when a step process 0 takes alone failed there (the
+    job's lock, its checkpoint folder): process 0 prints the error, they end quietly."""
+
+
+#: Seconds of each wait of :func:`on_main`'s other processes (they wait again until told).
+_HEAR_POLL_MS = 60 * 1000
+
+
+def on_main(name: str, step: Callable[[], T]) -> T | None:
+    """Run ``step`` in process 0 only and tell the others how it went: its result in process
+    0 (its exception raised there), None in the others, which wait for it as long as it
+    takes (a lock it waits for) and raise :class:`PeerFailed` when it failed. ``name`` must be
+    unique for the run. In a single process: ``step()``."""
+    if not is_multiprocess():
+        return step()
+    client, key = _client(), f"finegrained/main/{name}"
+    if is_main_process():
+        try:
+            result = step()
+        except BaseException:
+            client.key_value_set(key, "failed")
+            raise
+        client.key_value_set(key, "ok")
+        return result
+    while True:
+        try:
+            outcome = client.blocking_key_value_get(key, _HEAR_POLL_MS)
+            break
+        except jax.errors.JaxRuntimeError as exc:
+            if "DEADLINE_EXCEEDED" not in str(exc):
+                raise
+    if outcome != "ok":
+        raise PeerFailed(f"process 0 of {jax.process_count()} failed at {name} (its error is "
+                         f"in the log)")
+    return None
 
 
 def any_process(flag: bool, name: str) -> bool:

@@ -47,6 +47,11 @@ class ConfigError(ValueError):
     """A configuration value that the code cannot act on."""
 
 
+class Everywhere:
+    """Mixin of an error that every process of a job of several processes raises alike (a
+    stop they agreed on, a value they all computed): only process 0 prints it."""
+
+
 class StorageError(OSError):
     """An output that does not fit: the disk is full, the quota or the file-size limit
     reached. Names the file, the bytes it needs and the bytes free where it goes."""

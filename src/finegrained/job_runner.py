@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from finegrained.errors import ConfigError, DataError, StorageError, WeightsError
+from finegrained.errors import ConfigError, DataError, Everywhere, StorageError, WeightsError
 from finegrained.fileio import NO_ROOM, read_json
 
 Main = Callable[[argparse.Namespace], object]
@@ -49,17 +49,45 @@ def expected_errors() -> tuple[type[BaseException], ...]:
         from finegrained.train.loop import NonFinite, Preempted
     except ImportError:
         return (ConfigError, DataError, StorageError, WeightsError)
-    return (ConfigError, DataError, StorageError, WeightsError, NonFinite, Preempted)
+    return (ConfigError, DataError, StorageError, WeightsError, NonFinite, Preempted,
+            _peer_failed())
+
+
+def _peer_failed() -> type[BaseException]:
+    try:
+        from finegrained.distributed import PeerFailed
+    except ImportError:
+        return Everywhere
+    return PeerFailed
+
+
+def _process() -> tuple[int, int]:
+    """This process's index and the count of the job's processes ((0, 1) without JAX, or
+    before they are joined)."""
+    if "jax" not in sys.modules:
+        return 0, 1
+    import jax
+    from finegrained.distributed import is_initialized
+    return (jax.process_index(), jax.process_count()) if is_initialized() else (0, 1)
 
 
 def run(body: Callable[[], object]) -> int:
     """Call ``body``; an expected error becomes ``error: ...`` on stderr and exit code 1, as
     does a write that found no room where no writer named the file and sizes
-    (:func:`finegrained.fileio.room_for` does)."""
+    (:func:`finegrained.fileio.room_for` does).
+
+    In a job of several processes, an error every process meets alike
+    (:class:`finegrained.errors.Everywhere`: a preemption, a non-finite loss, a checkpoint of
+    another layout), or the end of a step only process 0 took, is printed by process 0
+    alone; another expected error names the process that met it."""
     try:
         body()
     except expected_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        process, count = _process()
+        if process == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        elif not isinstance(exc, (Everywhere, _peer_failed())):
+            print(f"error: process {process} of {count}: {exc}", file=sys.stderr, flush=True)
         return 1
     except OSError as exc:
         if exc.errno not in NO_ROOM:
@@ -92,7 +120,7 @@ def runs_on_devices(parse_args: Callable[[Sequence[str] | None], argparse.Namesp
             def job():
                 from finegrained import devices, distributed
                 distributed.initialize()
-                devices.check_job_devices(log=log)
+                devices.check_job_devices(log=log if distributed.is_main_process() else None)
                 main(args)
 
             return run(job)

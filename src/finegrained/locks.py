@@ -136,8 +136,13 @@ def hold(folder: str | os.PathLike, *, wait: bool | None = None,
 
 def exclusive(*names: str):
     """Decorator of a job function: hold the lock (:func:`hold`) of the folder that the
-    first of its arguments ``names`` given (not None) names, for the whole call, in process
-    0 of a multi-process job (the process that writes)."""
+    first of its arguments ``names`` given (not None) names, for the whole call.
+
+    In a job of several processes (:mod:`finegrained.distributed`) one copy is all of them:
+    process 0 (the one that writes) holds the lock, the others never touch it and start
+    once it holds it; when process 0 refuses (another copy runs) they end too, quietly
+    (:class:`finegrained.distributed.PeerFailed`), without waiting at a collective for a
+    process that has gone."""
     def decorate(job):
         signature = inspect.signature(job)
 
@@ -145,14 +150,12 @@ def exclusive(*names: str):
         def locked(*args, **kwargs):
             arguments = signature.bind(*args, **kwargs).arguments
             folder = next((arguments[n] for n in names if arguments.get(n) is not None), None)
-            if folder is None or not _is_main_process():
+            if folder is None:
                 return job(*args, **kwargs)
-            with hold(folder):
+            from finegrained import distributed   # JAX: only the jobs that use this import it
+            with contextlib.ExitStack() as stack:
+                distributed.on_main(f"lock/{lock_path(folder)}",
+                                    lambda: stack.enter_context(hold(folder)))
                 return job(*args, **kwargs)
         return locked
     return decorate
-
-
-def _is_main_process() -> bool:
-    from finegrained import distributed   # JAX: only the jobs that use this import it
-    return distributed.is_main_process()

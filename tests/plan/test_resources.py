@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from finegrained.plan.schema import load_config
-from finegrained.plan.resources import (device_environment, jax_conda_env, rule_resources,
-                                   shell_prefix)
+from finegrained.plan.schema import load_config, validate_config
+from finegrained.plan.resources import (device_environment, family_threads, jax_conda_env,
+                                        rule_resources, shell_prefix)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,48 @@ def test_jax_rules_take_the_cuda_env_only_when_they_ask_for_a_gpu(base):
     assert jax_conda_env(_config(base, gpu=1)) == "../../envs/jax-cuda12.yaml"
     assert jax_conda_env(_config(base, gpu=1), gpu=0) == "../../envs/jax.yaml"
     assert jax_conda_env(_config(base, gpu=0)) == "../../envs/jax.yaml"
+
+
+def test_a_training_rule_of_one_task_asks_for_what_it_always_did(base):
+    res = rule_resources(_config(base, gpu=2), "train", environ={}, distributed=True)
+    assert (res["gpu"], res["lease_gpus"], res["mem_mb"](None, 1)) == (2, 2, 32000)
+    assert (res["nodes"], res["launch_tasks_per_node"], res["cpus_per_task"]) == (1, 1, 8)
+    assert not {"mpi", "tasks", "tasks_per_node", "slurm_extra"} & set(res)
+    assert family_threads(_config(base, gpu=2), "train", distributed=True) == 8
+
+
+def test_tasks_on_one_node_share_its_gpus_one_each(base):
+    """One node, four tasks of one GPU: the node's 4 GPUs (`gpu`, which a workstation's
+    --resources gpu=4 counts, --gpus=4 under SLURM), a task's memory and threads four
+    times, and the plugin's MPI mode: --ntasks-per-node=4, the command run once."""
+    config = _config(base, gpu=4, tasks_per_node=4)
+    res = rule_resources(config, "train", environ={}, distributed=True)
+    assert (res["gpu"], res["lease_gpus"]) == (4, 1)
+    assert (res["nodes"], res["launch_tasks_per_node"], res["tasks_per_node"]) == (1, 4, 4)
+    assert (res["mpi"], res["cpus_per_task"], res["mem_mb"](None, 2)) == ("srun", 8, 4 * 32000 * 2)
+    assert family_threads(config, "train", distributed=True) == 32
+    # the feature and evaluation jobs stay one task on the node's GPUs
+    features = rule_resources(config, "train", environ={})
+    assert (features["gpu"], features["lease_gpus"], features["mem_mb"](None, 1)) == (4, 4, 32000)
+    assert not {"nodes", "mpi", "tasks_per_node", "cpus_per_task"} & set(features)
+    assert family_threads(config, "train") == 8
+
+
+def test_several_nodes_ask_for_gpus_per_node(base):
+    """--gpus counts a job's GPUs, which SLURM may spread unevenly over the nodes: two nodes
+    ask --gpus-per-node (slurm_extra), or --gres, which SLURM counts per node anyway."""
+    res = rule_resources(_config(base, gpu=4, gpu_model="a100", nodes=2, tasks_per_node=4),
+                         "train", environ={}, distributed=True)
+    assert res["slurm_extra"] == "--gpus-per-node=a100:4" and res["lease_gpus"] == 1
+    assert not {"gpu", "gpu_model", "gres"} & set(res)
+    assert (res["nodes"], res["tasks_per_node"], res["mpi"]) == (2, 4, "srun")
+    gres = rule_resources(_config(base, {"gpu_request": "gres"}, gpu=4, nodes=2),
+                          "train", environ={}, distributed=True)
+    # one task per node: --ntasks=2, not the plugin's reading of `tasks` as tasks per GPU
+    assert (gres["gres"], gres["lease_gpus"], gres["tasks"], gres["tasks_per_gpu"]) == (
+        "gpu:4", 4, 2, 0)
+    assert "tasks_per_node" not in gres and "slurm_extra" not in gres
+
+
+def test_tasks_on_the_cpu_need_no_gpu_count():
+    validate_config({"resources": {"train": {"gpu": 0, "tasks_per_node": 3}}})

@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+#: The launcher's task layout of a training rule run as one task (the demo's 2 threads).
+ONE_TASK = " --nodes 1 --tasks-per-node 1 --cpus-per-task 2"
 
 # Runs Snakemake with JAX (and friends) unimportable and without the pip-installed
 # finegrained: the Snakefile must find the library in src/ on its own.
@@ -71,7 +73,8 @@ def test_the_snakefile_loads_without_jax_or_the_installed_package(tmp_path):
                       "train_regime": "5", "evaluate_regime": "5", "summarize": "1",
                       "report_results": "1", "report_examples": "1", "all": "1",
                       "total": "39"}, counts
-    assert len(re.findall(r"finegrained.launch --gpus 0 -- python \S+/train.py", out)) == 5
+    assert len(re.findall(rf"finegrained.launch --gpus 0{ONE_TASK} -- python \S+/train.py",
+                          out)) == 5
     assert '"regime": "two_stage"' in out and '"phases": [' in out
 
 
@@ -92,7 +95,8 @@ def test_resources_come_from_the_rule_family_and_the_cluster_settings(tmp_path):
     for resource in ("gpu=1", "gpu_model=a100", "lease_gpus=1", "runtime=60",
                      "slurm_partition=gpuq", "slurm_account=birds", "mem_mb=8000"):
         assert resource in train, train
-    assert re.search(r"python -m finegrained.launch --gpus 1 -- python \S+/train.py", train)
+    assert re.search(rf"python -m finegrained.launch --gpus 1{ONE_TASK} -- python \S+/train.py",
+                     train)
     crop = _job(out, "crop_shard")
     assert "slurm_partition=short" in crop and "gpu=0" in crop and "gpu_model" not in crop
     init = _job(out, "init_target_model")
@@ -107,6 +111,63 @@ def test_resources_come_from_the_rule_family_and_the_cluster_settings(tmp_path):
     assert "gres=gpu:a100:1" in train and "lease_gpus=1" in train
     assert not re.search(r"\bgpu=|gpu_model=", train), train
     assert "gres=" not in _job(gres, "crop_shard")
+
+
+def _sbatch(resources: dict, threads: int) -> str:
+    """The sbatch line the SLURM executor plugin writes for a job of these resources (its
+    own functions, attempt 1), after checking ``slurm_extra`` as it does."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+
+    class Resources(dict):
+        def __getattr__(self, name):
+            try:
+                return self[name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    values = Resources({k: v(None, 1) if callable(v) else v for k, v in resources.items()})
+    job = SimpleNamespace(resources=values, threads=threads)
+    validate_slurm_extra(job)
+    params = {"run_uuid": "run", "slurm_logfile": "log", "comment_str": "rule_train_regime",
+              "account": "", "partition": "", "workdir": None}
+    return " ".join((get_submit_command(job, params) + set_gres_string(job)).split())
+
+
+def test_a_training_job_of_two_nodes_is_one_slurm_job_of_their_tasks(tmp_path):
+    """2 nodes x 4 GPUs, one task per GPU: the train job asks SLURM for one allocation of
+    8 tasks (the plugin's MPI mode, so its command runs once and the launcher starts the
+    tasks under srun), 4 GPUs and 4 tasks' memory per node; the features job stays one task
+    on one node's 4 GPUs; and a single task is submitted as before."""
+    from finegrained.plan.resources import family_threads, rule_resources
+    from finegrained.plan.schema import load_config
+
+    layout = {"resources": {"train": {"gpu": 4, "nodes": 2, "tasks_per_node": 4}}}
+    out = _run([*_demo(tmp_path, layout), "-n", "-p", "all"], cwd=tmp_path, plain=True)
+    train = _job(out, "train_regime")
+    for resource in ("nodes=2", "tasks_per_node=4", "mpi=srun", "slurm_extra=--gpus-per-node=4",
+                     "lease_gpus=1", "cpus_per_task=2", "mem_mb=32000"):
+        assert resource in train, train
+    assert re.search(r"finegrained.launch --gpus 1 --nodes 2 --tasks-per-node 4 "
+                     r"--cpus-per-task 2 -- python \S+/train.py", train), train
+    assert "nodes=" not in _job(out, "features") and "gpu=4" in _job(out, "features")
+
+    config = load_config(REPO / "config" / "config.yaml", overrides=layout)
+    sbatch = _sbatch(rule_resources(config, "train", environ={}, distributed=True),
+                     family_threads(config, "train", distributed=True))
+    assert sbatch == ("sbatch --parsable --job-name run --output log --export=ALL --comment "
+                      "rule_train_regime -t 720 --mem 128000 --nodes=2 --ntasks-per-node=4 "
+                      "--cpus-per-task=8 --gpus-per-node=4"), sbatch
+    gres = load_config(REPO / "config" / "config.yaml",
+                       overrides={**layout, "cluster": {"gpu_request": "gres"}})
+    assert _sbatch(rule_resources(gres, "train", environ={}, distributed=True), 32).endswith(
+        "--nodes=2 --ntasks-per-node=4 --cpus-per-task=8 --gres=gpu:4")
+    single = load_config(REPO / "config" / "config.yaml")
+    assert _sbatch(rule_resources(single, "train", environ={}, distributed=True), 8).endswith(
+        "-t 720 --mem 32000 --nodes=1 --cpus-per-task=8 --gpus=1")
 
 
 def test_the_slurm_profile_asks_for_nothing_twice_and_names_no_partition():
@@ -130,7 +191,7 @@ def test_refit_and_the_probe_head_are_file_edges_of_the_dag(tmp_path):
     assert len(evaluation) == 5
     assert all(re.search(r"--weights results/demo/refit/\w+/weights.safetensors", e)
                for e in evaluation), evaluation
-    jobs = re.findall(r"--gpus 0 -- python \S+/train.py .*", out)
+    jobs = re.findall(rf"--gpus 0{ONE_TASK} -- python \S+/train.py .*", out)
     train = [line for line in jobs if '"regime": "two_stage"' in line
              and "--out-dir results/demo/train/" in line]
     assert len(train) == 1 and "--probe-weights results/demo/train/linear_probe/weights" in train[0]
@@ -160,7 +221,7 @@ def test_systems_train_each_sgd_regime_per_system_and_seed_and_draw_one_figure(t
     # 2 regimes x 2 seeds + full_finetune x 3 systems x 2 seeds; evaluations of the 4 only
     assert counts["train_regime"] == "10" and counts["evaluate_regime"] == "4", counts
     assert counts["report_systems"] == "1", counts
-    train = re.findall(r"--gpus 0 -- python \S+/train.py .*", out)
+    train = re.findall(rf"--gpus 0{ONE_TASK} -- python \S+/train.py .*", out)
     local = [t for t in train if "--out-dir results/demo/train/full_finetune+seed=1+system=local_sgd_h4" in t]
     assert len(local) == 1
     assert '"parallel": {"average_every": 4, "average_opt_state": true, "mode": "local_sgd"}' in local[0]

@@ -21,6 +21,7 @@ the profile's retry must resume from that checkpoint. Then:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -84,11 +85,14 @@ def _slurm_jobs(ids) -> dict[str, dict]:
 
 
 class Canceller(threading.Thread):
-    """Waits for the full_finetune SLURM job to run and write a checkpoint, then scancels it."""
+    """Waits for the SLURM job of train job ``name`` (regime and variant) to run and write a
+    checkpoint, then scancels it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, name: str = CANCELLED_JOB, variant: str = ""):
         super().__init__(daemon=True)
         self.run_dir, self.done = run_dir, threading.Event()
+        self.comment = f"rule_train_regime_wildcards_{name}_{variant}"
+        self.folder = f"{name}{variant}"
         self.cancelled: dict | None = None
 
     def run(self):
@@ -99,11 +103,9 @@ class Canceller(threading.Thread):
                 time.sleep(1)
                 continue
             running = [line.split("|") for line in queue.splitlines()]
-            job = next((jid for jid, comment in running
-                        if comment.startswith("rule_train_regime") and CANCELLED_JOB in comment),
-                       None)
+            job = next((jid for jid, comment in running if comment == self.comment), None)
             steps = sorted(int(p.name) for p in
-                           self.run_dir.glob(f"checkpoints/{CANCELLED_JOB}/*/*")
+                           self.run_dir.glob(f"checkpoints/{glob.escape(self.folder)}/*/*")
                            if p.name.isdigit())
             if job and steps:
                 subprocess.run(["scancel", job], check=True)
@@ -208,7 +210,7 @@ def test_gpu_rules_got_one_gpu_each(runs):
     assert gpu_logs
     for log in set(gpu_logs):
         text = (REPO / log).read_text()
-        assert re.search(r"\[finegrained\.gpus\] GPU\(s\) \d of SLURM job \d+'s GPUs \d "
+        assert re.search(r"\[finegrained\.launch\] GPU\(s\) \d of SLURM job \d+'s GPUs \d "
                          r"leased", text), (log, text[:500])
 
 
@@ -288,3 +290,75 @@ def test_two_srun_tasks_train_like_one_process(tmp_path, mode):
     assert proc.returncode == 0, proc.stdout + proc.stderr + outputs
     diff = compare_runs(tmp_path / "single.json", [tmp_path / f"multi{i}.json" for i in range(2)])
     print(f"two srun tasks vs one process: max train-loss difference {diff:.3g}")
+
+
+TASKS_VARIANT = "+seed=1"
+#: One training job (full_finetune, seed 1) run as two SLURM tasks of one CPU device each,
+#: and as its reference, one local process of two CPU devices; small enough for the node.
+TASKS = "resources={train: {gpu: 2, tasks_per_node: 2, threads: 1, mem_mb: 2000, allow_cpu: true}}"
+ONE_PROCESS = ("resources={train: {gpu: 1, threads: 1, mem_mb: 2000, allow_cpu: true, "
+               "xla_flags: '--xla_force_host_platform_device_count=2'}}")
+
+
+def test_a_training_job_of_two_tasks_is_one_slurm_job_and_trains_like_one_process(runs, tmp_path):
+    """`resources.train.tasks_per_node: 2` with two GPUs: the profile submits one SLURM job of
+    2 tasks (one node, --gpus=2), its launcher starts them with srun and each leases one of
+    the job's GPUs; scancelled after its first checkpoint, the retry (again 2 tasks) resumes
+    from it; its history equals one local process with the same two (CPU) devices. The
+    data, pretraining and init are the main runs' (a new seed adds only this job)."""
+    name = f"{CANCELLED_JOB}{TASKS_VARIANT}"
+    local = _snakemake(LOCAL, "seeds=[0, 1]", ONE_PROCESS, "--cores", "2",
+                       target=f"results/{LOCAL}/train/{name}/summary.json",
+                       log=tmp_path / "one.log")
+    assert local.wait() == 0, (tmp_path / "one.log").read_text()[-5000:]
+
+    canceller = Canceller(REPO / "results" / CLUSTER, CANCELLED_JOB, TASKS_VARIANT)
+    canceller.start()
+    cluster = _snakemake(CLUSTER, "seeds=[0, 1]", TASKS, "--profile", "profiles/slurm",
+                         "--slurm-status-command", "squeue", "--slurm-no-account",
+                         "--slurm-keep-successful-logs",
+                         "--slurm-init-seconds-before-status-checks", "5",
+                         target=f"results/{CLUSTER}/train/{name}/summary.json",
+                         log=tmp_path / "tasks.log")
+    code = cluster.wait()
+    canceller.done.set()
+    console = (tmp_path / "tasks.log").read_text()
+    assert code == 0, console[-5000:]
+    assert canceller.cancelled, "the two-task job was never caught running with a checkpoint"
+
+    # One Snakemake job, two SLURM jobs (the cancelled one and its retry), 2 tasks each.
+    assert {j["rule"] for j in _jobs(console) if not j["local"]} == {"train_regime"}
+    records = _slurm_jobs(re.findall(r"submitted with SLURM jobid (\d+)", console))
+    assert len(records) == 2 and canceller.cancelled["slurm_jobid"] in records
+    for jid, rec in records.items():
+        assert (rec["NumNodes"], rec["NumTasks"], rec.get("TresPerJob")) == (
+            "1", "2", "gres:gpu:2"), rec
+        assert rec["JobState"] == ("CANCELLED" if jid == canceller.cancelled["slurm_jobid"]
+                                   else "COMPLETED"), rec
+    log = (REPO / "results" / CLUSTER / "logs" / "train" / f"{name}.log").read_text()
+    assert "[finegrained.launch] srun --nodes=1 --ntasks=2 --ntasks-per-node=2" in log, log[:3000]
+    leased = re.findall(r"\[finegrained\.launch\] GPU\(s\) (\d) of SLURM job \d+'s GPUs 0,1 "
+                        r"leased", log)
+    assert sorted(leased) == ["0", "1"], log[:3000]
+    resumed = [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", log)]
+    assert resumed and resumed[0] >= canceller.cancelled["checkpoint_step"], (resumed, log[:3000])
+    assert [line for line in log.splitlines() if line.startswith("error:")] == []
+
+    one, two = (_rows(REPO / "results" / run / "train" / name) for run in (LOCAL, CLUSTER))
+    assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) >= 2
+    for a, b in zip(one, two):
+        for key in ("train_loss", "val_loss"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+        assert (a["train_top1"], a["val_top1"]) == (b["train_top1"], b["val_top1"]), (a, b)
+    summaries = [json.loads((REPO / "results" / run / "train" / name / "summary.json")
+                            .read_text()) for run in (LOCAL, CLUSTER)]
+    assert [(s["devices"], s["processes"]) for s in summaries] == [("2 x cpu", 1), ("2 x cpu", 2)]
+    print(f"two SLURM tasks vs one process of 2 devices: max train-loss difference "
+          f"{max(abs(a['train_loss'] - b['train_loss']) for a, b in zip(one, two)):.3g}; "
+          f"cancelled SLURM job {canceller.cancelled['slurm_jobid']} after checkpoint step "
+          f"{canceller.cancelled['checkpoint_step']}, the retry resumed at step {resumed[0]}")
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+    return pq.read_table(run_dir / "history.parquet").to_pylist()

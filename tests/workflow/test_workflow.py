@@ -116,6 +116,16 @@ UNRUNNABLE = [
     ({"backbone": {"weights": "https:///x.safetensors"}}, "backbone.weights", "host"),
     ({"backbone": {"weights": "http://h.org/x.safetensors"}}, "backbone.weights_allow_http",
      "plain http"),
+    ({"resources": {"train": {"nodes": 0}}}, "resources.train.nodes",
+     "less than the minimum of 1"),
+    ({"resources": {"train": {"gpu": 3, "tasks_per_node": 2}}}, "resources.train.tasks_per_node",
+     "does not divide resources.train.gpu 3"),
+    ({"resources": {"train": {"gpu": 1, "tasks_per_node": 2}}}, "resources.train.tasks_per_node",
+     "each task leases gpu / tasks_per_node"),
+    ({"resources": {"train": {"nodes": 2}}, "train": {"num_devices": 4}}, "train.num_devices",
+     "a training job runs as 2 tasks (resources.train.nodes 2 x tasks_per_node 1)"),
+    ({"resources": {"train": {"gpu": 0, "tasks_per_node": 2}}, "pretrain": {"num_devices": 1}},
+     "pretrain.num_devices", "whose mesh spans every device of every task"),
 ]
 
 

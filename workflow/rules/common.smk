@@ -75,10 +75,18 @@ def job_json(settings):
     return json.dumps(settings, sort_keys=True)
 
 
-def on_devices(command):
+def on_devices(command, distributed=False):
     """The shell command of a JAX job, run by the device launcher (finegrained.launch): it
-    leases the rule's `lease_gpus` GPUs (none: the CPU) and runs `command` on them."""
-    return f"python -m finegrained.launch --gpus {{resources.lease_gpus}} -- {command}"
+    leases the rule's `lease_gpus` GPUs (none: the CPU) and runs `command` on them; for a
+    training rule (`distributed`), as `nodes` x `launch_tasks_per_node` tasks (under srun in
+    a SLURM allocation, else processes of this machine), each leasing `lease_gpus`."""
+    tasks = (
+        " --nodes {resources.nodes} --tasks-per-node {resources.launch_tasks_per_node}"
+        " --cpus-per-task {resources.cpus_per_task}"
+        if distributed
+        else ""
+    )
+    return f"python -m finegrained.launch --gpus {{resources.lease_gpus}}{tasks} -- {command}"
 
 
 def report_figure(name, caption, subcategory):

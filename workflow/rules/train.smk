@@ -66,9 +66,9 @@ rule train_regime:
         results("benchmarks/train/{regime}{variant}.tsv")
     conda:
         jax_conda_env(config)
-    threads: family_threads(config, "train")
+    threads: family_threads(config, "train", distributed=True)
     resources:
-        **rule_resources(config, "train"),
+        **rule_resources(config, "train", distributed=True),
     params:
         settings=lambda wc: job_json(jobs.train_regime(config, wc.regime, wc.variant)),
         chosen="",
@@ -86,7 +86,8 @@ rule train_regime:
             "python {input.script:q} --settings {params.settings:q} {params.chosen}"
             " --train-index {input.train:q} --val-index {input.val:q} --stats {input.stats:q}"
             " --classes {input.classes:q} {params.init} {params.features} {params.probe}"
-            " --checkpoint-dir {params.checkpoints:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+            " --checkpoint-dir {params.checkpoints:q} --out-dir {params.out_dir:q} > {log:q} 2>&1",
+            distributed=True,
         )
 
 

@@ -48,9 +48,9 @@ rule pretrain:
         results("benchmarks/pretrain.tsv")
     conda:
         jax_conda_env(config)
-    threads: family_threads(config, "train")
+    threads: family_threads(config, "train", distributed=True)
     resources:
-        **rule_resources(config, "train"),
+        **rule_resources(config, "train", distributed=True),
     params:
         settings=job_json(jobs.pretrain(config)),
         checkpoints=lambda wc, output: checkpoint_dir(
@@ -61,7 +61,8 @@ rule pretrain:
             "python {input.script:q} --settings {params.settings:q} --train-index {input.train:q}"
             " --val-index {input.val:q} --stats {input.stats:q} --classes {input.classes:q}"
             " --checkpoint-dir {params.checkpoints:q} --out-weights {output.weights:q}"
-            " --out-metrics {output.metrics:q} > {log:q} 2>&1"
+            " --out-metrics {output.metrics:q} > {log:q} 2>&1",
+            distributed=True,
         )
 
 

@@ -265,9 +265,32 @@ def _check_architecture(config: Mapping[str, Any]) -> None:
                               f"is not a choice of {arch.name}: {choices} or null")
 
 
+def _check_tasks(config: Mapping[str, Any]) -> None:
+    """A training job of several tasks (``resources.train.nodes`` x ``tasks_per_node``) can
+    run: each task leases a whole share of its node's GPUs, and the mesh spans every device
+    of every task (no ``num_devices`` picks the first few)."""
+    train = config["resources"]["train"]
+    per_node, gpu = train["tasks_per_node"], train["gpu"]
+    if gpu and gpu % per_node:
+        raise ConfigError(f"resources.train.tasks_per_node {per_node} does not divide "
+                          f"resources.train.gpu {gpu} (the GPUs of a node): each task leases "
+                          f"gpu / tasks_per_node of them; on GPUs run one task per GPU "
+                          f"(tasks_per_node: {gpu})")
+    tasks = train["nodes"] * per_node
+    if tasks == 1:
+        return
+    for where in ("train", "pretrain"):
+        if config[where]["num_devices"] is not None:
+            raise ConfigError(f"{where}.num_devices is {config[where]['num_devices']}, but a "
+                              f"training job runs as {tasks} tasks (resources.train.nodes "
+                              f"{train['nodes']} x tasks_per_node {per_node}), whose mesh spans "
+                              f"every device of every task: set {where}.num_devices to null")
+
+
 def _check_cross_field(config: Mapping[str, Any], *, given_source: bool = True) -> None:
     """Rules JSON Schema cannot say clearly."""
     _check_architecture(config)
+    _check_tasks(config)
     backbone = config["backbone"]
     weights = backbone["weights"]
     if is_url(weights):

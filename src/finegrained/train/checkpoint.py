@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from finegrained import distributed
-from finegrained.errors import DataError, WeightsError
+from finegrained.errors import ConfigError, DataError, Everywhere, WeightsError
 from finegrained.fileio import read_json, sha256_file, write_json
 
 import jax
@@ -197,8 +197,12 @@ def claim(directory: str | os.PathLike, expected: Mapping,
 
 # ---------------------------------------------------------------------------- the loop's state
 
-class Preempted(RuntimeError):
+class Preempted(Everywhere, RuntimeError):
     """SIGTERM arrived (SLURM preemption or time limit); a checkpoint was written."""
+
+
+class LayoutChanged(Everywhere, ConfigError):
+    """A checkpoint written by another number of processes or devices than this run's."""
 
 
 @dataclasses.dataclass
@@ -213,6 +217,35 @@ class Progress:
     best: dict | None = None        # the history row of the best validation epoch
     stale_epochs: int = 0           # epochs since the best (early stopping)
     done: bool = False
+    processes: int | None = None    # the layout that wrote it (None: a checkpoint from
+    devices: int | None = None      # before layouts were recorded)
+
+
+def run_layout(mesh) -> dict[str, int]:
+    """The processes and mesh devices of this run, as :class:`Progress` records them."""
+    return {"processes": jax.process_count(), "devices": int(mesh.devices.size)}
+
+
+def _describe_layout(layout: Mapping) -> str:
+    processes, devices = layout["processes"], layout["devices"]
+    return (f"{processes} process{'es' if processes != 1 else ''} with {devices} "
+            f"device{'s' if devices != 1 else ''}{' in all' if processes != 1 else ''}")
+
+
+def check_layout(meta: Mapping, layout: Mapping, directory: Path, step: int) -> None:
+    """Refuse (:class:`LayoutChanged`) to resume checkpoint ``step`` (its JSON ``meta``) on
+    another layout than the one that wrote it: local SGD keeps one copy of the model per
+    device, and synchronous training on other devices would not continue bit-identically."""
+    written = {"processes": meta.get("processes"), "devices": meta.get("devices")}
+    if None in written.values() or written == dict(layout):
+        return
+    raise LayoutChanged(
+        f"{directory}: checkpoint step {step} was written by {_describe_layout(written)}, this "
+        f"run has {_describe_layout(layout)}; a run resumes only on the layout that wrote it "
+        f"(local SGD keeps a copy of the model per device, and synchronous training would not "
+        f"continue bit-identically): rerun with {written['processes']} process(es) "
+        f"(resources.train.nodes x tasks_per_node) and {written['devices']} device(s) in all, "
+        f"or remove {directory} to start afresh")
 
 
 def state_arrays(state, best: dict | None) -> dict:
@@ -233,15 +266,17 @@ def save_checkpoint(ckpt: Checkpointer | None, state, progress: Progress,
 
 
 def restore_checkpoint(ckpt: Checkpointer, state, best_like: Callable[[], dict],
-                       log: Callable[[str], None] = print):
+                       log: Callable[[str], None] = print, layout: Mapping | None = None):
     """``(state, progress, best)`` from the newest checkpoint that reads whole (the state's
     arrays on the host, in ``state``'s structure), or None when there is none. ``best_like``
     gives the structure of the best weights (called only when the checkpoint holds them).
 
     A step that fails to read (on any process) is set aside (:meth:`Checkpointer.set_aside`)
-    and logged, and the next older one tried; when none is left the run starts afresh."""
+    and logged, and the next older one tried; when none is left the run starts afresh. A
+    step written by another ``layout`` (:func:`run_layout`) than this run's is refused
+    (:func:`check_layout`), before its arrays are read."""
     with _quiet_asyncio():
-        return _restore_newest_readable(ckpt, state, best_like, log)
+        return _restore_newest_readable(ckpt, state, best_like, log, layout)
 
 
 @contextlib.contextmanager
@@ -269,18 +304,10 @@ def _quiet_asyncio():
         logger.setLevel(level)
 
 
-def _restore_newest_readable(ckpt: Checkpointer, state, best_like, log):
+def _restore_newest_readable(ckpt: Checkpointer, state, best_like, log, layout):
     for step in sorted(ckpt.manager.all_steps(), reverse=True):
-        problem = None
-        try:
-            meta = ckpt.restore_meta(step)
-            like = best_like() if meta.get("best") is not None else None
-            arrays = ckpt.restore_arrays(step, state_arrays(state, like))
-            progress = Progress(**meta)
-        except MemoryError:
-            raise
-        except Exception as exc:   # orbax and tensorstore raise many kinds for a lost file
-            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        read = _read_step(ckpt, step, state, best_like, layout)
+        problem = read if isinstance(read, str) else None
         if distributed.any_process(problem is not None, f"restore/{ckpt.directory}/{step}"):
             aside = ckpt.set_aside(step)
             older = ckpt.latest_step()
@@ -289,10 +316,27 @@ def _restore_newest_readable(ckpt: Checkpointer, state, best_like, log):
                 + (f"trying step {older}" if older is not None else
                    "no readable checkpoint is left, training starts afresh"))
             continue
+        arrays, progress = read
         state = state.replace(step=arrays["step"], params=arrays["params"],
                               stats=arrays["stats"], opt_state=arrays["opt_state"])
         return state, progress, arrays.get("best")
     return None
+
+
+def _read_step(ckpt: Checkpointer, step: int, state, best_like, layout):
+    """``(arrays, progress)`` of checkpoint ``step``, or why it cannot be read (a string).
+    Its layout is checked once its JSON has been read, before its arrays are."""
+    try:
+        meta = ckpt.restore_meta(step)
+        if layout is not None:
+            check_layout(meta, layout, ckpt.directory, step)
+        like = best_like() if meta.get("best") is not None else None
+        arrays = ckpt.restore_arrays(step, state_arrays(state, like))
+        return arrays, Progress(**meta)
+    except (MemoryError, LayoutChanged):
+        raise
+    except Exception as exc:   # orbax and tensorstore raise many kinds for a lost file
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
 def read_finished_phase(directory: str | os.PathLike,

@@ -234,9 +234,8 @@ def run_job(settings: Mapping, *, train_index, val_index, stats, classes, out_di
                  for layer, by_split in sorted((feature_indexes or {}).items())
                  for split, path in by_split.items()},
               **{f"probe_{k}": v for k, v in (probe or {}).items()}}
-    if main:
-        claim(checkpoint_dir, fingerprint(settings, inputs), log)
-    distributed.barrier(f"claimed/{label}")
+    distributed.on_main(f"claim/{label}",
+                        lambda: claim(checkpoint_dir, fingerprint(settings, inputs), log))
 
     phases = Phases()
     for i, phase in enumerate(settings["phases"]):
@@ -328,6 +327,7 @@ def write_outputs(settings: Mapping, model, phases: Phases, *, out_dir: Path, na
         "init_weights_sha256": (sha256_file(inputs["init_weights"]) if inputs["init_weights"]
                                 else None),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
         "provenance": provenance(
             config_hash=settings["config_hash"],
             shard_indexes={"train": inputs["train_index"], "val": inputs["val_index"]},

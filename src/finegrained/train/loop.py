@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finegrained.errors import ConfigError
+from finegrained.errors import ConfigError, Everywhere
 from finegrained.models.params import flatten_state
 from finegrained.plan.selection import better
 from finegrained.train import local_sgd, optim
 from finegrained.train.augment import Lighting
 from finegrained.train.checkpoint import (Checkpointer, Preempted, Progress, StopFlag,
-                                          restore_checkpoint, save_checkpoint)
+                                          restore_checkpoint, run_layout, save_checkpoint)
 from finegrained.train.input_pipeline import Prefetcher, as_source, epoch_batches
 from finegrained.train.precision import cast_floats, nbytes
 from finegrained.train.settings import TrainSettings
@@ -50,7 +50,7 @@ TIMING_FIELDS = ("images_per_second", "seconds", "input_wait_fraction", "first_s
                  "wall_seconds", "eval_seconds")
 
 
-class NonFinite(RuntimeError):
+class NonFinite(Everywhere, RuntimeError):
     """The training loss, or a parameter, statistic or optimizer moment, became NaN or
     infinite; the run stops at once, before any such value reaches a checkpoint."""
 
@@ -208,15 +208,17 @@ def prepare(model: nnx.Module, num_train: int, settings: TrainSettings, *, mesh=
 def resume(training: Training, ckpt: Checkpointer | None, model: nnx.Module, label: str,
            log: Callable[[str], None]) -> tuple[Progress, dict | None]:
     """The progress and best weights of the latest checkpoint (its state put on the mesh),
-    or a fresh start."""
+    or a fresh start. A checkpoint of another layout (processes, devices) is refused."""
+    layout = run_layout(training.mesh)
     if ckpt is not None:
-        restored = restore_checkpoint(ckpt, training.state, lambda: flatten_state(model), log)
+        restored = restore_checkpoint(ckpt, training.state, lambda: flatten_state(model), log,
+                                      layout)
         if restored is not None:
             state, progress, best_weights = restored
             training.state = training.to_mesh(jax.tree_util.tree_map(jnp.asarray, state))
             log(f"{label}: resumed from checkpoint at step {progress.step}")
-            return progress, best_weights
-    return Progress(), None
+            return dataclasses.replace(progress, **layout), best_weights
+    return Progress(**layout), None
 
 
 class EpochSteps:
@@ -405,8 +407,9 @@ def check_state(training: Training, label: str, epoch: int, step: int,
 
 
 def _progress_bar(total: int, desc: str):
-    """A tqdm bar on a terminal (steps, loss, images/s); None in logs."""
-    if not sys.stderr.isatty():
+    """A tqdm bar on a terminal (steps, loss, images/s), drawn by process 0 only; None in
+    logs."""
+    if not sys.stderr.isatty() or jax.process_index() != 0:
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)

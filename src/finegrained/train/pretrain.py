@@ -64,12 +64,10 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         f"{jax.device_count()} x {jax.devices()[0].platform}")
     run_dir = None
     if checkpoint_dir is not None:
-        if main:
-            claim(checkpoint_dir, fingerprint(
-                {"model": dict(model), "train_settings": settings.to_dict()},
-                {"train_index": train_index, "val_index": val_index, "stats": stats_json,
-                 "classes": classes}), log)
-        distributed.barrier("pretrain-claimed")
+        distributed.on_main("pretrain-claimed", lambda: claim(checkpoint_dir, fingerprint(
+            {"model": dict(model), "train_settings": settings.to_dict()},
+            {"train_index": train_index, "val_index": val_index, "stats": stats_json,
+             "classes": classes}), log))
         run_dir = Path(checkpoint_dir) / "run"
     history = fit(net, train, val, settings, log_fn=log, lighting=lighting,
                   checkpoint_dir=run_dir, label="pretrain").history
@@ -101,6 +99,7 @@ def pretrain(train_index: str | os.PathLike, val_index: str | os.PathLike,
         # after the first epoch, which includes compilation
         "train_images_per_second": float(np.median(later)),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
         "settings": settings.to_dict(),
         "history": history,
     }

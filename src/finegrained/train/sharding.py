@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from finegrained.errors import ConfigError, Everywhere
+
 DATA_AXIS = "data"
 
 
@@ -35,11 +37,18 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+class BatchSizeError(Everywhere, ConfigError):
+    """A global batch the devices of the mesh cannot split evenly (every process meets it)."""
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if batch_size % n:
-        raise ValueError(f"global batch size {batch_size} is not divisible by the "
-                         f"{n} devices of the '{DATA_AXIS}' mesh axis; pick a multiple of {n}")
+        processes = len({d.process_index for d in mesh.devices.flat})
+        across = f", in {processes} processes" if processes > 1 else ""
+        raise BatchSizeError(f"global batch size {batch_size} is not divisible by the {n} "
+                             f"devices of the '{DATA_AXIS}' mesh axis{across}; pick a multiple "
+                             f"of {n}")
 
 
 def local_rows(batch_size: int, mesh: Mesh) -> slice:
