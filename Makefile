@@ -50,14 +50,19 @@ demo: install
 	$(SNAKEMAKE) all --configfile config/demo.yaml --cores $(CORES)
 	@echo; $(PY) scripts/show_results.py results/demo --report-command "make report"
 
+# The test suite in TEST_WORKERS pytest-xdist processes (TEST_WORKERS=1: in this one): each
+# test file goes whole to one of them (its fixtures are made once), files with `slow` tests
+# first (tests/conftest.py). Both targets end with the 15 slowest tests.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
-	$(PY) -m pytest -q -m "not demo" tests
+	$(PYTEST) -m "not demo" tests
 
 # The real demo configuration trained through Snakemake, a kill -9 and the resumed rerun
 # (about 10 minutes on 2 cores; CI runs it after `make test`).
 test-demo: install
-	$(PY) -m pytest -q -m demo tests
+	$(PY) -m pytest -q --durations=15 -m demo tests
 
 # The pipeline on a real SLURM (about 40 min on a busy 2-core machine; not in `make test`):
 # as root, installs Debian's slurm-wlm + munge if missing, starts a one-node cluster with

@@ -167,6 +167,9 @@ def mobilenet_reference(args: dict) -> dict:
         want = np.asarray(reference["float_logits_full"], np.float32)
         top5 = [e["index"] for e in reference["float_forward_top5"]]
         rows, logits_of = {}, {}
+        # compiled whole, as training and evaluation run it (one program per form and dtype
+        # rather than one per layer shape)
+        forward = nnx.jit(lambda model, x: model(x))
         for impl in ("shifted", "grouped"):
             model = nnx.eval_shape(lambda: build_model("mobilenet_v2", classes, rngs=nnx.Rngs(0),
                                                        depthwise_impl=impl))
@@ -174,7 +177,7 @@ def mobilenet_reference(args: dict) -> dict:
             for dtype in ("float32", "bfloat16"):
                 if dtype == "bfloat16":
                     set_compute_dtype(model, jnp.bfloat16)
-                logits = logits_of[impl, dtype] = np.asarray(model(bird), np.float32)[0]
+                logits = logits_of[impl, dtype] = np.asarray(forward(model, bird), np.float32)[0]
                 got = [int(i) for i in np.argsort(-logits)[:5]]
                 rows[f"{impl}/{dtype}"] = {
                     "top5": got, "top5_matches": got == top5, "top1_matches": got[0] == top5[0],
@@ -354,7 +357,8 @@ class Check:
     # --- the sizes of a run
     def train_args(self, arch: str, dtype: str, **extra) -> dict:
         if self.smoke:       # the same code at toy sizes: shallow networks, 32 px, 4 steps
-            depths = {"resnet50": [1, 1, 1, 1], "vit_base_patch16": [2], "vit_small_patch14": [2]}
+            depths = {"resnet50": [1, 1, 1, 1], "mobilenet_v2": [1] * 7, "vit_base_patch16": [2],
+                      "vit_small_patch14": [2]}
             args = {"arch": "resnet18" if arch == "resnet50" else arch, "width": 8,
                     "stage_depths": depths.get(arch), "image": 32, "stored": 36, "batch": 8,
                     "images": 32, "epochs": 2, "classes": 10}

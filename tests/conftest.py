@@ -3,7 +3,11 @@ tests that need it skip cleanly on a user's fresh clone where it is absent."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,30 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FINEGRAINED_SHARED", REPO_ROOT.parent / "shared"))
+
+# --- one persistent compilation cache for the whole session ------------------------------
+# Compiling dominates most tests on a CPU, and many compile the same programs (the same tiny
+# networks at the same shapes, a training run and its resumed rerun, the workflow's jobs).
+# JAX's persistent compilation cache, set here through the environment before JAX is first
+# imported, serves them all: this process, every subprocess the tests start (training
+# scripts, Snakemake jobs that set no cache of their own) and the pytest-xdist workers,
+# which inherit it from the controller. A cache entry is keyed by the program, the
+# compile options (the cache's own path among them) and the JAX version, so a hit is the
+# program the test would have compiled. The folder is new and removed with the session
+# unless FINEGRAINED_TEST_JAX_CACHE names one to keep between sessions.
+TEST_CACHE_VAR = "FINEGRAINED_TEST_JAX_CACHE"
+if "jax" in sys.modules:      # pragma: no cover - a plugin imported JAX before this file
+    raise RuntimeError("tests/conftest.py must set the compilation cache before JAX starts")
+if not os.environ.get(TEST_CACHE_VAR):
+    _session_cache = tempfile.mkdtemp(prefix="finegrained-test-jax-cache-")
+    os.environ[TEST_CACHE_VAR] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
+from finegrained.launch import cache_env  # noqa: E402  (standard library only: no JAX)
+# Programs that compile in under a second are not written: most tests compile hundreds of
+# small ones that no other test repeats, and writing each costs more than it could save.
+for _k, _v in {**cache_env(os.environ[TEST_CACHE_VAR]),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}.items():
+    os.environ.setdefault(_k, _v)
 
 
 def _shared_path(*parts: str) -> Path:
@@ -74,3 +102,12 @@ def _random_model(arch: str, num_classes: int = 5, *, seed: int = 0, **kw):
 def random_model():
     """A factory: ``random_model("resnet18", width=8, stage_depths=[1, 1, 1, 1], seed=0)``."""
     return _random_model
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Test files holding a test marked ``slow`` run first (in their own order): with
+    pytest-xdist (`make test`: ``-n 2 --dist loadfile --no-loadscope-reorder``) each file
+    goes whole to one worker in this order, so the long files start early and the short
+    ones fill in beside them, instead of one long file running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
