@@ -1,5 +1,5 @@
-"""The embedded demo trains every transfer regime, each beats chance clearly, transfer from
-the pretrained source model beats scratch, and a train job killed with -9 mid-epoch resumes
+"""The embedded demo trains and evaluates every transfer regime, each beats chance clearly,
+transfer from the pretrained source model beats scratch on the test split, and a train job killed with -9 mid-epoch resumes
 through Snakemake to bit-identical weights and history.
 
 About 10 minutes on 2 cores: `make test-demo` runs these (marker `demo`), `make test` the rest;
@@ -45,7 +45,7 @@ def _fail_with_logs(proc, workdir: Path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    proc = _snakemake(workdir, "train")
+    proc = _snakemake(workdir, "evaluate")
     if proc.returncode != 0:
         _fail_with_logs(proc, workdir)
     return workdir
@@ -53,14 +53,23 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.demo
 def test_every_regime_beats_chance_and_transfer_beats_scratch(demo_run):
-    top1 = {}
+    """Chance is 0.1 (10 species). The comparison with scratch is made on the 200 test photos:
+    the best of 20 epochs' validation top-1 on 40 photos is too noisy (and biased to the regime
+    with the most epochs) to order regimes: on an Intel Xeon scratch's best is 0.75 on val and
+    the linear probe's 0.70, while on test they are 0.54 and 0.715."""
+    val_top1, test_top1 = {}, {}
     for regime in REGIMES:
         summary = json.loads((demo_run / "results/demo/train" / regime / "summary.json").read_text())
-        top1[regime] = summary["best_val_top1"]
+        val_top1[regime] = summary["best_val_top1"]
+        metrics = json.loads((demo_run / "results/demo/eval" / regime / "metrics.json").read_text())
+        assert metrics["n_test"] == 200
+        test_top1[regime] = {view: m["top1"] for view, m in metrics["views"].items()}
     chance = 1 / 10
-    assert all(v >= chance + 0.3 for v in top1.values()), top1
+    assert all(v >= chance + 0.3 for v in val_top1.values()), val_top1
+    assert all(t["center"] >= chance + 0.3 for t in test_top1.values()), test_top1
     for regime in ("linear_probe", "partial_finetune", "full_finetune", "two_stage"):
-        assert top1[regime] > top1["scratch"], top1
+        for view in ("center", "ten_crop"):
+            assert test_top1[regime][view] > test_top1["scratch"][view] + 0.05, (view, test_top1)
 
 
 def _comparable(path: Path):
