@@ -12,9 +12,11 @@ SNAKEMAKE := $(VENV)/bin/snakemake
 # Rules call `python scripts/...`: put the project environment first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 CORES ?= 2
-# Test-only reference implementation for the ResNet weight-conversion tests.
-# `make test TORCH=` skips it (those tests then skip).
+# Test-only reference implementations: PyTorch for the ResNet weight-conversion tests,
+# Hugging Face transformers (on PyTorch) for the ViT and DINOv2 ones. `make test TORCH=`
+# or `TRANSFORMERS=` skips one (its tests then skip).
 TORCH ?= torch==2.13.0
+TRANSFORMERS ?= transformers==5.25.0
 # Where pip looks for it; e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on a machine
 # whose default index would bring the CUDA build.
 TORCH_INDEX ?=
@@ -57,10 +59,11 @@ TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
+	@if [ -n "$(TORCH)" ] && [ -n "$(TRANSFORMERS)" ]; then $(PIP) install -q "$(TRANSFORMERS)" || echo "note: $(TRANSFORMERS) not installable; the ViT reference tests will skip"; fi
 	$(PYTEST) -m "not demo" tests
 
 # The real demo configuration trained through Snakemake, a kill -9 and the resumed rerun
-# (about 10 minutes on 2 cores; CI runs it after `make test`).
+# with the ViT demo at 48 px (about 9 minutes on 2 cores; CI runs it after `make test`).
 test-demo: install
 	$(PY) -m pytest -q --durations=15 -m demo tests
 

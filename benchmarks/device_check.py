@@ -429,7 +429,11 @@ class Check:
                 break
             args = self.train_args("resnet50", "bfloat16")
             args["images"] = args["batch"] * (4 if self.smoke else 12)
-            rows[flags or "(none)"] = self.child("train", args, {"XLA_FLAGS": flags})
+            # each candidate on top of the machine's own flags (none on a GPU machine; the
+            # test suite's on the CPU)
+            machine = os.environ.get("XLA_FLAGS", "")
+            rows[flags or "(none)"] = self.child("train", args, {
+                "XLA_FLAGS": " ".join(filter(None, [machine, flags]))})
         return rows
 
 

@@ -40,6 +40,13 @@ for _k, _v in {**cache_env(os.environ[TEST_CACHE_VAR]),
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}.items():
     os.environ.setdefault(_k, _v)
 
+# --- XLA's CPU backend at optimisation level 0 in every process of the suite -------------
+# (tests/helpers/xla.py says why; FINEGRAINED_TEST_XLA_FLAGS= runs at the default level).
+from helpers.xla import TEST_FLAGS_VAR, test_flags  # noqa: E402
+os.environ[TEST_FLAGS_VAR] = test_flags()
+if test_flags() not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), test_flags()]))
+
 
 def _shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
@@ -105,9 +112,13 @@ def random_model():
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Test files holding a test marked ``slow`` run first (in their own order): with
-    pytest-xdist (`make test`: ``-n 2 --dist loadfile --no-loadscope-reorder``) each file
-    goes whole to one worker in this order, so the long files start early and the short
+    """Test files holding a test marked ``slow`` run first, the longest first (a mark's
+    ``seconds``, as `make test`'s list of the slowest tests gives them; 30 unless said):
+    with pytest-xdist (`make test`: ``-n 2 --dist loadfile --no-loadscope-reorder``) each
+    file goes whole to one worker in this order, so the long files start early and the short
     ones fill in beside them, instead of one long file running alone at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    cost: dict[Path, float] = {}
+    for item in items:
+        for mark in item.iter_markers("slow"):
+            cost[item.path] = max(cost.get(item.path, 0), mark.kwargs.get("seconds", 30))
+    items.sort(key=lambda item: -cost.get(item.path, 0))

@@ -106,6 +106,7 @@ def test_read_benchmarks_sums_jobs_per_rule(tmp_path):
     assert out["job_seconds_total"] == 15.0 and "features" in out["missing_rules"]
 
 
+@pytest.mark.slow(seconds=110)
 def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path, repo_root):
     """The GPU device check's smoke mode on this machine's CPU: the same code path as on
     a GPU (children per section, the loop on disk shards, the shared compilation cache),

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from finegrained import distributed
+from helpers.xla import xla_flags
 
 WORKER = textwrap.dedent('''
     import json, os, sys
@@ -77,7 +78,7 @@ def _gloo_available() -> bool:
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env.update(extra)
     return env
 
@@ -119,6 +120,7 @@ def test_launch_settings_from_the_environment():
         distributed.launch_settings({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
 
 
+@pytest.mark.slow(seconds=50)
 @pytest.mark.parametrize("mode", ["sync", "local_sgd"])
 def test_two_processes_train_like_one(tmp_path, mode):
     """Also local SGD: the per-device copies (stacked over the data axis that spans both

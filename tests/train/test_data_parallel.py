@@ -10,10 +10,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from helpers.xla import xla_flags
 
 SCRIPT = textwrap.dedent('''
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = "@XLA_FLAGS@"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import sys
     sys.path.insert(0, sys.argv[1])
@@ -63,7 +64,7 @@ SCRIPT = textwrap.dedent('''
     else:
         raise AssertionError("a batch of 6 on 4 devices must be refused")
     print("OK max param difference", worst)
-''')
+''').replace("@XLA_FLAGS@", xla_flags(4))
 
 
 def test_sharded_step_matches_single_device(tmp_path):

@@ -211,6 +211,7 @@ def _same_model(a, b):
     return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow(seconds=30)
 def test_a_damaged_checkpoint_falls_back_to_the_newest_readable_step(inputs, tmp_path):
     """A lost orbax data file or meta/metadata gave a raw ValueError/FileNotFoundError on
     every rerun: the unreadable step is set aside (logged, named), the rerun resumes from

@@ -24,6 +24,7 @@ from finegrained.models.weights import read_tensors
 from finegrained.plan import regimes
 from finegrained.train.loop import TIMING_FIELDS
 from helpers.training import job_inputs, tiny_job_config
+from helpers.xla import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL = "full_finetune/main"
@@ -67,7 +68,7 @@ def _start(job, tasks: int, run: Path, checkpoints: Path) -> tuple[subprocess.Po
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "JAX_", "FINEGRAINED_", "XLA_"))}
     env.update(PYTHONPATH=str(REPO / "src"),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // tasks}",
+               XLA_FLAGS=xla_flags(4 // tasks),
                FINEGRAINED_GPU_LOCK_DIR=str(run.parent / "gpu-locks"))
     log = run.parent / f"{run.name}.log"
     with open(log, "w") as out:
@@ -104,6 +105,7 @@ def runs(job, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow(seconds=80)
 def test_two_tasks_train_like_one_process_and_only_process_0_writes(runs):
     one, two = (_history(runs[n]["run"]) for n in (1, 2))
     assert [r["step"] for r in two] == [r["step"] for r in one] == [3, 6, 9]

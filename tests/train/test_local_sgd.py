@@ -18,10 +18,11 @@ import pytest
 
 from finegrained.errors import ConfigError
 from finegrained.train.local_sgd import SYNC, Parallel
+from helpers.xla import xla_flags
 
 PRELUDE = textwrap.dedent('''
     import os, sys, json, signal
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = "@XLA_FLAGS@"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
     import dataclasses
@@ -42,7 +43,7 @@ PRELUDE = textwrap.dedent('''
 
     def comparable(history):
         return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
-''')
+''').replace("@XLA_FLAGS@", xla_flags(4))
 
 
 def _run(script: str, *args: str) -> str:

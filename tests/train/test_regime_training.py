@@ -182,6 +182,7 @@ def _comparable(history):
     return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
 
 
+@pytest.mark.slow(seconds=45)
 @pytest.mark.parametrize("precision", [FLOAT32, Precision("bfloat16", "stochastic", "bfloat16")],
                          ids=["float32", "bfloat16-stochastic"])
 def test_sigterm_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(splits, tmp_path, precision):

@@ -78,6 +78,7 @@ def _probe_top1(weights_file, splits) -> float:
     return float(np.mean(np.argmax(logits, -1) == test_y))
 
 
+@pytest.mark.slow(seconds=40)
 def test_cub50_linear_probe_inat_beats_imagenet(shared_weights, subset):
     splits = subset
     assert len(splits["train"][1]) == 30 * NUM_SPECIES

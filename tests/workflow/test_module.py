@@ -55,6 +55,7 @@ def host(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow(seconds=90)
 def test_every_file_of_the_module_lands_under_the_prefix(host):
     written = {p.relative_to(host).parts[0] for p in host.iterdir()}
     # The host's own files, Snakemake's metadata, the module's outputs, and the compilation

@@ -62,6 +62,7 @@ def tiny_run(tmp_path_factory):
     return workdir / "results" / "tiny"
 
 
+@pytest.mark.slow(seconds=130)
 def test_manifests_and_shards_agree(tiny_run):
     data = tiny_run / "data" / "target"
     counts = {}
