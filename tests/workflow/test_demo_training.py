@@ -1,6 +1,6 @@
 """The embedded demo trains and evaluates every transfer regime, each beats chance clearly,
-transfer from the pretrained source model beats scratch on the test split, and a train job killed with -9 mid-epoch resumes
-through Snakemake to bit-identical weights and history.
+transfer from the pretrained source model beats scratch on the test split, and a train job
+killed with -9 mid-epoch resumes through Snakemake to bit-identical weights and history.
 
 About 6 minutes on 2 cores: `make test-demo` runs these (marker `demo`), `make test` the rest;
 CI runs both."""
