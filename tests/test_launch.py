@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from finegrained import launch
+from helpers.processes import stop_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -234,11 +235,7 @@ _LAUNCHED: list[subprocess.Popen] = []
 def _no_launcher_left():
     """A launcher a failed test left running is stopped (its tasks go with it)."""
     yield
-    while _LAUNCHED:
-        proc = _LAUNCHED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stop_all(_LAUNCHED)
 
 
 def _start_tasks(tmp_path, ids, *, gpus=1, tasks=2, codes=None, **extra):

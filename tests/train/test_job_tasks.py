@@ -25,6 +25,7 @@ from finegrained.plan import regimes
 from finegrained.train.loop import TIMING_FIELDS
 from helpers.training import job_inputs, tiny_job_config
 from helpers.xla import xla_flags
+from helpers.processes import stop_all
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL = "full_finetune/main"
@@ -55,11 +56,7 @@ _LAUNCHED: list[subprocess.Popen] = []
 def _no_launcher_left():
     """A launcher a failed test left running is stopped (its tasks go with it)."""
     yield
-    while _LAUNCHED:
-        proc = _LAUNCHED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stop_all(_LAUNCHED)
 
 
 def _start(job, tasks: int, run: Path, checkpoints: Path) -> tuple[subprocess.Popen, Path]:
