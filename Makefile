@@ -56,6 +56,9 @@ demo: install
 # test file goes whole to one of them (its fixtures are made once), files with `slow` tests
 # first (tests/conftest.py). Both targets end with the 15 slowest tests.
 TEST_WORKERS ?= 2
+# The suite compiles at XLA's CPU optimisation level 0 (tests/helpers/xla.py); the demo tests
+# train for minutes, as `make demo` does, at the default level.
+TEST_XLA_DEFAULT := FINEGRAINED_TEST_XLA_FLAGS=
 PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" || echo "note: $(TORCH) not installable; torch reference tests will skip"; fi
@@ -65,7 +68,7 @@ test: install
 # The real demo configuration trained through Snakemake, a kill -9 and the resumed rerun
 # with the ViT demo at 48 px (about 9 minutes on 2 cores; CI runs it after `make test`).
 test-demo: install
-	$(PY) -m pytest -q --durations=15 -m demo tests
+	$(TEST_XLA_DEFAULT) $(PY) -m pytest -q --durations=15 -m demo tests
 
 # The pipeline on a real SLURM (about 40 min on a busy 2-core machine; not in `make test`):
 # as root, installs Debian's slurm-wlm + munge if missing, starts a one-node cluster with
