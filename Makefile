@@ -66,7 +66,7 @@ test: install
 	$(PYTEST) -m "not demo" tests
 
 # The real demo configuration trained through Snakemake, a kill -9 and the resumed rerun
-# with the ViT demo at 48 px (about 9 minutes on 2 cores; CI runs it after `make test`).
+# with the ViT demo at 48 px (about 11 minutes on 2 cores; CI runs it after `make test`).
 test-demo: install
 	$(TEST_XLA_DEFAULT) $(PY) -m pytest -q --durations=15 -m demo tests
 

@@ -2,7 +2,7 @@
 transfer from the pretrained source model beats scratch on the test split, and a train job
 killed with -9 mid-epoch resumes through Snakemake to bit-identical weights and history.
 
-About 6 minutes on 2 cores: `make test-demo` runs these (marker `demo`), `make test` the rest;
+About 7 minutes on 2 cores: `make test-demo` runs these (marker `demo`), `make test` the rest;
 CI runs both."""
 
 from __future__ import annotations
