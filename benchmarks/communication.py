@@ -159,13 +159,13 @@ def per_step(layouts: dict) -> dict:
     processes less on one, the same 4 devices), and what local SGD saves of it: sync's cost
     less local SGD's. Within each layout, ``saved_per_step_seconds``: sync's step time less
     local SGD's."""
-    one, two = (
-        {name: s["median"] for name, s in layout["step_seconds"].items()}
-        for layout in layouts.values())
+    medians = []
     for layout in layouts.values():
         t = {name: s["median"] for name, s in layout["step_seconds"].items()}
         layout["saved_per_step_seconds"] = {name: round(t["sync"] - t[name], 4) for name in t
                                             if name != "sync"}
+        medians.append(t)
+    one, two = medians
     cross = {name: round(two[name] - one[name], 4) for name in one}
     return {"cross_process_seconds_per_step": cross,
             "cross_process_saved_per_step_seconds": {

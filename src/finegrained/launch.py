@@ -53,9 +53,9 @@ one data-parallel run by :mod:`finegrained.distributed`, each leasing ``--gpus``
   ``JAX_COORDINATOR_ADDRESS`` (a free local port), ``JAX_NUM_PROCESSES`` and
   ``JAX_PROCESS_ID``, their GPUs leased in one go and split among them. The launcher waits
   for all: a SIGTERM (or SIGINT, SIGHUP) it gets goes to every task as a SIGTERM (they
-  checkpoint at the same step and stop); when one task fails the others are given a few seconds to end, then
-  killed; the first failure's exit code is the job's; a task whose launcher dies is killed
-  by the kernel (``PR_SET_PDEATHSIG``), so none is left behind.
+  checkpoint at the same step and stop); when one task fails the others are given a few
+  seconds to end, then killed; the first failure's exit code is the job's; a task whose
+  launcher dies is killed by the kernel (``PR_SET_PDEATHSIG``), so none is left behind.
 
 Standard library only: it runs in any of the workflow's environments before JAX exists.
 """
